@@ -1,0 +1,32 @@
+//! Read, verify and write eStargz blobs.
+//!
+//! An eStargz blob is an ordinary tar.gz made of many gzip members, ending with a table of
+//! contents (`stargz.index.json`) and a footer that points at it. The TOC lists every file
+//! with the compressed offsets and digests of its chunks, so a reader with random access to
+//! the compressed bytes can read any byte range of any file, verified, without the rest.
+//!
+//! - [`footer`]: the 51-byte (and legacy 47-byte) footer.
+//! - [`toc`]: the TOC's JSON form and the validated file tree ([`Toc`], [`TocEntry`]).
+//! - [`reader`]: [`EstargzReader`] over anything with random access ([`ReadAt`]).
+//! - [`writer`]: converting a tar or tar.gz stream into an eStargz blob ([`convert`]).
+//!
+//! This crate does no network I/O and is not async: callers bring the bytes.
+
+pub mod digest;
+pub mod error;
+pub mod footer;
+pub mod reader;
+pub mod toc;
+pub mod writer;
+
+pub use digest::Sha256Digest;
+pub use error::{Error, Result};
+pub use footer::{footer_bytes, parse_footer, Footer, FooterKind, FOOTER_SIZE, LEGACY_FOOTER_SIZE};
+pub use reader::{
+    decode_toc_member, decompress_chunk, EstargzReader, OpenOptions, ReadAt, VerifyReport,
+};
+pub use toc::{
+    normalize_name, Chunk, EntryKind, JsonEntry, JsonToc, Limits, Toc, TocEntry,
+    NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME,
+};
+pub use writer::{convert, ConvertOptions, ConvertOutput, Progress};

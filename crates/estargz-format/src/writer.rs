@@ -1,0 +1,984 @@
+//! Converting a tar or tar.gz stream into an eStargz blob.
+//!
+//! The input is spooled (uncompressed) to a temporary file while its entries are indexed and
+//! their digests computed. The output is then planned as a list of gzip members whose
+//! boundaries depend only on the entries and the chunk size: one member starts at the blob's
+//! beginning and at every chunk of every non-empty regular file, and the tar headers that
+//! follow a chunk ride in that chunk's member. Members are compressed independently, in
+//! parallel, and written in order, so the output is byte-identical whatever the number of
+//! threads. The original tar headers are copied verbatim, so every entry (PAX records, long
+//! names, xattrs) extracts exactly as before.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Condvar, Mutex};
+
+use flate2::read::MultiGzDecoder;
+use flate2::{Compression, GzBuilder};
+use sha2::{Digest as _, Sha256};
+
+use crate::digest::Sha256Digest;
+use crate::error::{Error, Result};
+use crate::footer::footer_bytes;
+use crate::toc::{
+    format_mtime, normalize_name, EntryKind, JsonEntry, JsonToc, Limits, Toc, LANDMARK_CONTENTS,
+    NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME,
+};
+
+const BLOCK: u64 = 512;
+
+/// How to convert.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Largest chunk of a file's content in one gzip member (default 4 MiB).
+    pub chunk_size: u64,
+    /// gzip level, 0-9 (default 9, as the reference).
+    pub compression_level: u32,
+    /// Paths to move to the front of the layer, before `.prefetch.landmark`, in this order.
+    pub prioritized_files: Vec<String>,
+    /// Compression threads; 0 means one per available core. Does not change the output.
+    pub threads: usize,
+    /// Directory for the temporary spool file (default: the system temp directory).
+    pub spool_dir: Option<PathBuf>,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            chunk_size: 4 << 20,
+            compression_level: 9,
+            prioritized_files: Vec::new(),
+            threads: 0,
+            spool_dir: None,
+        }
+    }
+}
+
+/// Receives progress of a conversion. Both counters are running totals.
+pub trait Progress {
+    /// Bytes of the (possibly compressed) input consumed so far.
+    fn input(&self, _bytes: u64) {}
+    /// Bytes of eStargz output written so far.
+    fn output(&self, _bytes: u64) {}
+}
+
+impl Progress for () {}
+
+/// What a conversion produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvertOutput {
+    /// sha256 of the blob (the layer digest in a manifest).
+    pub blob_digest: Sha256Digest,
+    /// Size of the blob.
+    pub blob_size: u64,
+    /// sha256 of the TOC JSON (the `containerd.io/snapshot/stargz/toc.digest` annotation).
+    pub toc_digest: Sha256Digest,
+    /// sha256 of the uncompressed tar (the layer's DiffID in the image config).
+    pub diff_id: Sha256Digest,
+    /// Size of the uncompressed tar (`io.containers.estargz.uncompressed-size`).
+    pub uncompressed_size: u64,
+    /// Offset of the TOC's gzip member.
+    pub toc_offset: u64,
+    /// Tar entries in the output (landmark included, TOC excluded).
+    pub entries: usize,
+    /// Chunks over all files.
+    pub chunks: usize,
+    /// Entries placed before `.prefetch.landmark`.
+    pub prioritized: usize,
+    /// Prioritized paths that the layer does not contain.
+    pub missing_prioritized: Vec<String>,
+}
+
+/// One input entry, indexed in the spool file.
+struct InEntry {
+    /// Start of this entry's headers (extension headers included).
+    seg_start: u64,
+    data_start: u64,
+    data_len: u64,
+    /// End of the padded data.
+    seg_end: u64,
+    norm: String,
+    kind: EntryKind,
+    /// The TOC entry, without offsets and chunk fields.
+    json: JsonEntry,
+    chunk_digests: Vec<Sha256Digest>,
+    /// Normalized hardlink target.
+    link_norm: Option<String>,
+}
+
+/// An entry of the output, in output order.
+#[derive(Clone, Copy)]
+enum OutItem {
+    Input(usize),
+    Landmark(&'static str),
+}
+
+enum Part {
+    Spool { start: u64, len: u64 },
+    Bytes(Vec<u8>),
+}
+
+#[derive(Default)]
+struct Member {
+    parts: Vec<Part>,
+    len: u64,
+}
+
+impl Member {
+    fn push(&mut self, part: Part) {
+        let n = match &part {
+            Part::Spool { len, .. } => *len,
+            Part::Bytes(b) => b.len() as u64,
+        };
+        if n > 0 {
+            self.len += n;
+            self.parts.push(part);
+        }
+    }
+}
+
+/// Converts a tar (or gzip-compressed tar) stream into an eStargz blob written to `output`.
+pub fn convert<R: Read, W: Write>(
+    input: R,
+    output: W,
+    opts: &ConvertOptions,
+    progress: &dyn Progress,
+) -> Result<ConvertOutput> {
+    let limits = Limits::default();
+    if opts.chunk_size < 4096 || opts.chunk_size > limits.max_chunk_size {
+        return Err(Error::InvalidOption(format!(
+            "chunk size {} is outside 4096..={} bytes",
+            opts.chunk_size, limits.max_chunk_size
+        )));
+    }
+    if opts.compression_level > 9 {
+        return Err(Error::InvalidOption(format!(
+            "gzip level {} is outside 0..=9",
+            opts.compression_level
+        )));
+    }
+    let spool = match &opts.spool_dir {
+        Some(dir) => tempfile::tempfile_in(dir),
+        None => tempfile::tempfile(),
+    }
+    .map_err(|e| Error::io("creating the spool file", e))?;
+
+    let entries = spool_and_index(input, &spool, opts.chunk_size, progress)?;
+    let (order, prioritized, missing) = plan_order(&entries, &opts.prioritized_files);
+
+    // Validate the tree with the reader's rules before spending time compressing: the writer
+    // must never produce a TOC the reader refuses.
+    let draft = build_toc(&entries, &order, opts.chunk_size, |_| 0);
+    Toc::from_json(&draft, u64::MAX, &limits)?;
+
+    let (members, chunk_members) = plan_members(&entries, &order, opts.chunk_size);
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        opts.threads
+    };
+
+    let mut out = CountingWriter::new(output);
+    let mut diff = Sha256::new();
+    let mut member_offsets = Vec::with_capacity(members.len());
+    compress_members(
+        &members,
+        &spool,
+        opts.compression_level,
+        threads,
+        |compressed, raw| {
+            member_offsets.push(out.count);
+            diff.update(raw);
+            out.write_all(compressed)
+                .map_err(|e| Error::io("writing the eStargz blob", e))?;
+            progress.output(out.count);
+            Ok(())
+        },
+    )?;
+
+    let toc = build_toc(&entries, &order, opts.chunk_size, |(item, chunk)| {
+        member_offsets[chunk_members[&(item, chunk)]]
+    });
+    let mut json = Vec::new();
+    {
+        let fmt = serde_json::ser::PrettyFormatter::with_indent(b"\t");
+        let mut ser = serde_json::Serializer::with_formatter(&mut json, fmt);
+        serde::Serialize::serialize(&toc, &mut ser)
+            .map_err(|e| Error::io("serializing the TOC", io::Error::other(e)))?;
+    }
+    let toc_digest = Sha256Digest::of(&json);
+    let mut toc_raw = tar_header(TOC_TAR_NAME, json.len() as u64);
+    toc_raw.extend_from_slice(&json);
+    toc_raw.resize(round_up(toc_raw.len() as u64) as usize, 0);
+    toc_raw.extend_from_slice(&[0u8; 1024]);
+    let toc_offset = out.count;
+    let toc_member = gzip(&toc_raw, opts.compression_level)?;
+    diff.update(&toc_raw);
+    out.write_all(&toc_member)
+        .and_then(|_| out.write_all(&footer_bytes(toc_offset)))
+        .and_then(|_| out.flush())
+        .map_err(|e| Error::io("writing the eStargz blob", e))?;
+    progress.output(out.count);
+
+    let uncompressed_size = members.iter().map(|m| m.len).sum::<u64>() + toc_raw.len() as u64;
+    Ok(ConvertOutput {
+        blob_digest: Sha256Digest::from(out.hasher),
+        blob_size: out.count,
+        toc_digest,
+        diff_id: Sha256Digest::from(diff),
+        uncompressed_size,
+        toc_offset,
+        entries: order.len(),
+        chunks: chunk_members.len(),
+        prioritized,
+        missing_prioritized: missing,
+    })
+}
+
+fn landmark_entry_json(name: &str) -> JsonEntry {
+    JsonEntry {
+        name: name.to_string(),
+        kind: "reg".into(),
+        size: 1,
+        mod_time: format_mtime(0),
+        mode: 0o644,
+        digest: Sha256Digest::of(&[LANDMARK_CONTENTS]).to_string(),
+        ..Default::default()
+    }
+}
+
+/// Builds the TOC for the planned order; `offset_of((item, chunk))` gives a chunk's member
+/// offset.
+fn build_toc(
+    entries: &[InEntry],
+    order: &[OutItem],
+    chunk_size: u64,
+    offset_of: impl Fn((usize, usize)) -> u64,
+) -> JsonToc {
+    let mut out = Vec::with_capacity(order.len() + 8);
+    let mut last_user: HashMap<u32, String> = HashMap::new();
+    let mut last_group: HashMap<u32, String> = HashMap::new();
+    for (item, o) in order.iter().enumerate() {
+        let (mut head, digests) = match *o {
+            OutItem::Input(i) => (entries[i].json.clone(), entries[i].chunk_digests.clone()),
+            OutItem::Landmark(name) => (
+                landmark_entry_json(name),
+                vec![Sha256Digest::of(&[LANDMARK_CONTENTS])],
+            ),
+        };
+        // Names are written once per id, as the reference does; readers carry them forward.
+        if last_user.get(&head.uid) == Some(&head.user_name) {
+            head.user_name.clear();
+        } else {
+            last_user.insert(head.uid, head.user_name.clone());
+        }
+        if last_group.get(&head.gid) == Some(&head.group_name) {
+            head.group_name.clear();
+        } else {
+            last_group.insert(head.gid, head.group_name.clone());
+        }
+        let size = head.size;
+        let name = head.name.clone();
+        for (ci, digest) in digests.iter().enumerate() {
+            let chunk_offset = ci as u64 * chunk_size;
+            let len = chunk_size.min(size - chunk_offset);
+            let mut e = if ci == 0 {
+                std::mem::take(&mut head)
+            } else {
+                JsonEntry {
+                    name: name.clone(),
+                    kind: "chunk".into(),
+                    ..Default::default()
+                }
+            };
+            e.offset = offset_of((item, ci));
+            e.chunk_offset = chunk_offset;
+            e.chunk_size = if len == chunk_size { len } else { 0 };
+            e.chunk_digest = digest.to_string();
+            out.push(e);
+        }
+        if digests.is_empty() {
+            out.push(head);
+        }
+    }
+    JsonToc {
+        version: 1,
+        entries: out,
+    }
+}
+
+fn round_up(n: u64) -> u64 {
+    n.div_ceil(BLOCK) * BLOCK
+}
+
+fn tar_header(name: &str, size: u64) -> Vec<u8> {
+    let mut h = tar::Header::new_ustar();
+    // Names here are short constants; set_path cannot fail for them.
+    let _ = h.set_path(name);
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    h.as_bytes().to_vec()
+}
+
+/// Reads the input into the spool file and indexes its entries.
+fn spool_and_index<R: Read>(
+    input: R,
+    spool: &File,
+    chunk_size: u64,
+    progress: &dyn Progress,
+) -> Result<Vec<InEntry>> {
+    let counted = CountingReader {
+        inner: input,
+        count: 0,
+        progress,
+    };
+    let mut buffered = BufReader::with_capacity(1 << 20, counted);
+    let head = buffered
+        .fill_buf()
+        .map_err(|e| Error::io("reading the input", e))?;
+    let decoded: Box<dyn Read + '_> = if head.starts_with(&[0x1f, 0x8b]) {
+        Box::new(MultiGzDecoder::new(buffered))
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        return Err(Error::BadInputTar {
+            detail: "the input is zstd-compressed; only tar and tar.gz layers are supported"
+                .into(),
+        });
+    } else {
+        Box::new(buffered)
+    };
+    let mut tee = Tee {
+        inner: decoded,
+        out: BufWriter::with_capacity(1 << 20, spool),
+    };
+    let mut index = Vec::new();
+    {
+        let mut archive = tar::Archive::new(&mut tee);
+        let iter = archive.entries().map_err(|e| bad_tar(None, e))?;
+        let mut seg_start = 0u64;
+        let mut by_name: HashMap<String, usize> = HashMap::new();
+        let mut link_targets: HashSet<String> = HashSet::new();
+        let mut dropped: HashSet<usize> = HashSet::new();
+        for entry in iter {
+            let mut entry = entry.map_err(|e| bad_tar(None, e))?;
+            let et = entry.header().entry_type();
+            if et.is_pax_global_extensions() {
+                // Global headers belong to what follows; keep them in the next segment.
+                io::copy(&mut entry, &mut io::sink()).map_err(|e| bad_tar(None, e))?;
+                continue;
+            }
+            let raw_name = String::from_utf8(entry.path_bytes().into_owned()).map_err(|e| {
+                Error::BadInputTar {
+                    detail: format!(
+                        "entry name {:?} is not UTF-8, which a TOC cannot represent",
+                        String::from_utf8_lossy(e.as_bytes())
+                    ),
+                }
+            })?;
+            let mut e = index_entry(&mut entry, raw_name, seg_start, chunk_size)?;
+            seg_start = e.seg_end;
+            if skip_generated(&e.norm) {
+                continue;
+            }
+            if let Some(&prev) = by_name.get(&e.norm) {
+                let prev_e: &InEntry = &index[prev];
+                match (prev_e.kind, e.kind) {
+                    (EntryKind::Dir, EntryKind::Dir) => {}
+                    (a, b) if a != EntryKind::Dir && b != EntryKind::Dir => {
+                        if link_targets.contains(&e.norm) {
+                            return Err(Error::BadInputTar {
+                                detail: format!(
+                                    "{:?} is replaced by a later entry after a hardlink was made to it; \
+                                     such a layer cannot be represented faithfully",
+                                    e.norm
+                                ),
+                            });
+                        }
+                        // Tar semantics: the later entry wins. Drop the earlier one.
+                        dropped.insert(prev);
+                    }
+                    (a, b) => {
+                        return Err(Error::DuplicateEntry {
+                            name: e.norm.clone(),
+                            first: a.as_str(),
+                            second: b.as_str(),
+                        })
+                    }
+                }
+            }
+            if let Some(t) = &e.link_norm {
+                link_targets.insert(t.clone());
+            }
+            by_name.insert(e.norm.clone(), index.len());
+            if e.kind == EntryKind::Reg && e.json.size == 0 {
+                e.chunk_digests.clear();
+            }
+            index.push(e);
+        }
+        if !dropped.is_empty() {
+            let mut i = 0;
+            index.retain(|_| {
+                i += 1;
+                !dropped.contains(&(i - 1))
+            });
+        }
+    }
+    let Tee { mut out, .. } = tee;
+    out.flush()
+        .map_err(|e| Error::io("writing the spool file", e))?;
+    drop(out);
+    // A tar that ends without padding or end-of-archive blocks is still read; pad the spool
+    // so every segment is whole.
+    if let Some(last) = index.last() {
+        let len = spool
+            .metadata()
+            .map_err(|e| Error::io("reading the spool file size", e))?
+            .len();
+        if len < last.seg_end {
+            spool
+                .set_len(last.seg_end)
+                .map_err(|e| Error::io("padding the spool file", e))?;
+        }
+    }
+    Ok(index)
+}
+
+fn skip_generated(norm: &str) -> bool {
+    norm == TOC_TAR_NAME || norm == PREFETCH_LANDMARK || norm == NO_PREFETCH_LANDMARK
+}
+
+fn bad_tar(name: Option<&str>, e: io::Error) -> Error {
+    Error::BadInputTar {
+        detail: match name {
+            Some(n) => format!("entry {n:?}: {e}"),
+            None => e.to_string(),
+        },
+    }
+}
+
+fn index_entry<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    raw_name: String,
+    seg_start: u64,
+    chunk_size: u64,
+) -> Result<InEntry> {
+    let name = raw_name.as_str();
+    let et = entry.header().entry_type();
+    let data_start = entry.raw_file_position();
+    let data_len = entry.size();
+    let kind = match et {
+        tar::EntryType::Regular | tar::EntryType::Continuous
+            if name.ends_with('/') && data_len == 0 =>
+        {
+            EntryKind::Dir
+        }
+        tar::EntryType::Regular | tar::EntryType::Continuous => EntryKind::Reg,
+        tar::EntryType::Link => EntryKind::Hardlink,
+        tar::EntryType::Symlink => EntryKind::Symlink,
+        tar::EntryType::Char => EntryKind::Char,
+        tar::EntryType::Block => EntryKind::Block,
+        tar::EntryType::Directory => EntryKind::Dir,
+        tar::EntryType::Fifo => EntryKind::Fifo,
+        other => {
+            return Err(Error::BadInputTar {
+                detail: format!(
+                    "entry {name:?} has tar type {:?} ({other:?}), which container layers do not use",
+                    et.as_byte() as char
+                ),
+            })
+        }
+    };
+    let norm = normalize_name(name).map_err(|d| Error::PathTraversal {
+        name: name.to_string(),
+        detail: d.to_string(),
+    })?;
+    let header = entry.header().clone();
+    let mut pax: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    if let Some(exts) = entry.pax_extensions().map_err(|e| bad_tar(Some(name), e))? {
+        for ext in exts {
+            let ext = ext.map_err(|e| bad_tar(Some(name), e))?;
+            if let Ok(k) = ext.key() {
+                pax.insert(k.to_string(), ext.value_bytes().to_vec());
+            }
+        }
+    }
+    let pax_str = |k: &str| pax.get(k).and_then(|v| std::str::from_utf8(v).ok());
+    let num = |r: io::Result<u64>, what: &str| -> Result<u64> {
+        r.map_err(|e| bad_tar(Some(name), io::Error::other(format!("{what}: {e}"))))
+    };
+    let id = |v: u64, what: &str| -> Result<u32> {
+        u32::try_from(v).map_err(|_| Error::BadInputTar {
+            detail: format!("entry {name:?}: {what} {v} does not fit in 32 bits"),
+        })
+    };
+    let mtime = match pax_str("mtime") {
+        Some(s) => parse_pax_time(s).ok_or_else(|| Error::BadInputTar {
+            detail: format!("entry {name:?}: PAX mtime {s:?} is not a number"),
+        })?,
+        None => num(header.mtime(), "mtime")? as i64,
+    };
+    let user_name = match pax_str("uname") {
+        Some(s) => s.to_string(),
+        None => header
+            .username()
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+            .to_string(),
+    };
+    let group_name = match pax_str("gname") {
+        Some(s) => s.to_string(),
+        None => header
+            .groupname()
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+            .to_string(),
+    };
+    let xattrs: BTreeMap<String, Vec<u8>> = pax
+        .iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("SCHILY.xattr.")
+                .map(|x| (x.to_string(), v.clone()))
+        })
+        .collect();
+    let link_name = match entry.link_name_bytes() {
+        Some(l) if matches!(kind, EntryKind::Symlink | EntryKind::Hardlink) => {
+            String::from_utf8(l.into_owned()).map_err(|_| Error::BadInputTar {
+                detail: format!("entry {name:?} has a link target that is not UTF-8"),
+            })?
+        }
+        _ => String::new(),
+    };
+    let link_norm = if kind == EntryKind::Hardlink {
+        Some(normalize_name(&link_name).map_err(|d| Error::BadHardlink {
+            name: name.to_string(),
+            target: link_name.clone(),
+            detail: d.to_string(),
+        })?)
+    } else {
+        None
+    };
+    let (dev_major, dev_minor) = if matches!(kind, EntryKind::Char | EntryKind::Block) {
+        (
+            header.device_major().ok().flatten().unwrap_or(0),
+            header.device_minor().ok().flatten().unwrap_or(0),
+        )
+    } else {
+        (0, 0)
+    };
+    let mode = header
+        .mode()
+        .map_err(|e| bad_tar(Some(name), e))?;
+
+    // Read the content (it also lands in the spool) and compute the file and chunk digests.
+    let mut file_hash = Sha256::new();
+    let mut chunk_hash = Sha256::new();
+    let mut chunk_digests = Vec::new();
+    let mut in_chunk = 0u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let want = buf.len().min((chunk_size - in_chunk) as usize);
+        let n = entry
+            .read(&mut buf[..want])
+            .map_err(|e| bad_tar(Some(name), e))?;
+        if n == 0 {
+            break;
+        }
+        file_hash.update(&buf[..n]);
+        chunk_hash.update(&buf[..n]);
+        in_chunk += n as u64;
+        total += n as u64;
+        if in_chunk == chunk_size {
+            chunk_digests.push(Sha256Digest::from(std::mem::take(&mut chunk_hash)));
+            in_chunk = 0;
+        }
+    }
+    if in_chunk > 0 {
+        chunk_digests.push(Sha256Digest::from(chunk_hash));
+    }
+    if total != data_len {
+        return Err(Error::BadInputTar {
+            detail: format!("entry {name:?} is truncated: {total} of {data_len} bytes"),
+        });
+    }
+    let is_reg = kind == EntryKind::Reg;
+    let json = JsonEntry {
+        name: raw_name.clone(),
+        kind: kind.as_str().into(),
+        size: if is_reg { data_len } else { 0 },
+        mod_time: format_mtime(mtime),
+        link_name,
+        mode: mode & 0o7777,
+        uid: id(num(header.uid(), "uid")?, "uid")?,
+        gid: id(num(header.gid(), "gid")?, "gid")?,
+        user_name,
+        group_name,
+        dev_major,
+        dev_minor,
+        xattrs,
+        digest: if is_reg && data_len > 0 {
+            Sha256Digest::from(file_hash).to_string()
+        } else {
+            String::new()
+        },
+        ..Default::default()
+    };
+    Ok(InEntry {
+        seg_start,
+        data_start,
+        data_len,
+        seg_end: data_start + round_up(data_len),
+        norm,
+        kind,
+        json,
+        chunk_digests: if is_reg { chunk_digests } else { Vec::new() },
+        link_norm,
+    })
+}
+
+/// Parses a PAX time ("1700000000.5"), rounded to the nearest second as the reference does.
+fn parse_pax_time(s: &str) -> Option<i64> {
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    let secs: i64 = int.parse().ok()?;
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let round_up = frac.as_bytes().first().is_some_and(|&d| d >= b'5');
+    Some(if round_up {
+        if secs < 0 || int.starts_with('-') {
+            secs
+        } else {
+            secs + 1
+        }
+    } else {
+        secs
+    })
+}
+
+/// Orders the output: prioritized files (with the parents and hardlink targets they need),
+/// then the landmark, then everything else in input order.
+fn plan_order(entries: &[InEntry], prioritized: &[String]) -> (Vec<OutItem>, usize, Vec<String>) {
+    let mut by_name: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        by_name.entry(e.norm.as_str()).or_default().push(i);
+    }
+    let mut placed = vec![false; entries.len()];
+    let mut order = Vec::with_capacity(entries.len() + 1);
+    let mut missing = Vec::new();
+    for p in prioritized {
+        let Ok(norm) = normalize_name(p.trim_start_matches('/')) else {
+            missing.push(p.clone());
+            continue;
+        };
+        let Some(list) = by_name.get(norm.as_str()) else {
+            missing.push(p.clone());
+            continue;
+        };
+        for &i in list {
+            place(i, entries, &by_name, &mut placed, &mut order);
+        }
+    }
+    let n_prioritized = order.len();
+    if n_prioritized > 0 {
+        order.push(OutItem::Landmark(PREFETCH_LANDMARK));
+    } else {
+        order.insert(0, OutItem::Landmark(NO_PREFETCH_LANDMARK));
+    }
+    for (i, done) in placed.iter().enumerate() {
+        if !done {
+            order.push(OutItem::Input(i));
+        }
+    }
+    (order, n_prioritized, missing)
+}
+
+fn place(
+    start: usize,
+    entries: &[InEntry],
+    by_name: &HashMap<&str, Vec<usize>>,
+    placed: &mut [bool],
+    order: &mut Vec<OutItem>,
+) {
+    // Explicit stack: hardlink chains in hostile input must not overflow the call stack.
+    let mut stack = vec![(start, false)];
+    while let Some((i, ready)) = stack.pop() {
+        if placed[i] {
+            continue;
+        }
+        if ready {
+            placed[i] = true;
+            order.push(OutItem::Input(i));
+            continue;
+        }
+        stack.push((i, true));
+        let e = &entries[i];
+        let mut deps: Vec<usize> = Vec::new();
+        let mut end = 0;
+        while let Some(pos) = e.norm[end..].find('/') {
+            end += pos;
+            if let Some(l) = by_name.get(&e.norm[..end]) {
+                deps.extend(l.iter().copied().filter(|&j| j < i));
+            }
+            end += 1;
+        }
+        if let Some(t) = &e.link_norm {
+            if let Some(l) = by_name.get(t.as_str()) {
+                deps.extend(l.iter().copied().filter(|&j| j < i));
+            }
+        }
+        for d in deps.into_iter().rev() {
+            if !placed[d] {
+                stack.push((d, false));
+            }
+        }
+    }
+}
+
+/// Splits the output into gzip members; returns them and, per (output item, chunk), the member
+/// holding that chunk.
+fn plan_members(
+    entries: &[InEntry],
+    order: &[OutItem],
+    chunk_size: u64,
+) -> (Vec<Member>, HashMap<(usize, usize), usize>) {
+    let mut members = Vec::new();
+    let mut chunk_members = HashMap::new();
+    let mut cur = Member::default();
+    let close = |cur: &mut Member, members: &mut Vec<Member>| {
+        let m = std::mem::take(cur);
+        if m.len > 0 {
+            members.push(m);
+        }
+    };
+    for (item, o) in order.iter().enumerate() {
+        match *o {
+            OutItem::Input(i) => {
+                let e = &entries[i];
+                cur.push(Part::Spool {
+                    start: e.seg_start,
+                    len: e.data_start - e.seg_start,
+                });
+                if e.kind == EntryKind::Reg && e.data_len > 0 {
+                    let mut off = 0;
+                    let mut ci = 0;
+                    while off < e.data_len {
+                        let len = chunk_size.min(e.data_len - off);
+                        close(&mut cur, &mut members);
+                        chunk_members.insert((item, ci), members.len());
+                        cur.push(Part::Spool {
+                            start: e.data_start + off,
+                            len,
+                        });
+                        off += len;
+                        ci += 1;
+                    }
+                    let data_end = e.data_start + e.data_len;
+                    cur.push(Part::Spool {
+                        start: data_end,
+                        len: e.seg_end - data_end,
+                    });
+                } else {
+                    cur.push(Part::Spool {
+                        start: e.data_start,
+                        len: e.seg_end - e.data_start,
+                    });
+                }
+            }
+            OutItem::Landmark(name) => {
+                cur.push(Part::Bytes(tar_header(name, 1)));
+                close(&mut cur, &mut members);
+                chunk_members.insert((item, 0), members.len());
+                let mut data = vec![0u8; BLOCK as usize];
+                data[0] = LANDMARK_CONTENTS;
+                cur.push(Part::Bytes(data));
+            }
+        }
+    }
+    close(&mut cur, &mut members);
+    (members, chunk_members)
+}
+
+fn gzip(raw: &[u8], level: u32) -> Result<Vec<u8>> {
+    // mtime 0 and OS "unknown" as the reference writes them; the bytes depend on nothing else.
+    let mut enc = GzBuilder::new()
+        .mtime(0)
+        .operating_system(255)
+        .write(Vec::with_capacity(raw.len() / 2 + 64), Compression::new(level));
+    enc.write_all(raw)
+        .and_then(|_| enc.finish())
+        .map_err(|e| Error::io("compressing", e))
+}
+
+fn member_bytes(m: &Member, spool: &File) -> Result<Vec<u8>> {
+    let mut raw = vec![0u8; m.len as usize];
+    let mut at = 0usize;
+    for p in &m.parts {
+        match p {
+            Part::Spool { start, len } => {
+                let dst = &mut raw[at..at + *len as usize];
+                spool
+                    .read_exact_at(dst, *start)
+                    .map_err(|e| Error::io("reading the spool file", e))?;
+                at += *len as usize;
+            }
+            Part::Bytes(b) => {
+                raw[at..at + b.len()].copy_from_slice(b);
+                at += b.len();
+            }
+        }
+    }
+    Ok(raw)
+}
+
+fn lock(m: &Mutex<Pipeline>) -> std::sync::MutexGuard<'_, Pipeline> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Pipeline {
+    next: usize,
+    written: usize,
+    done: BTreeMap<usize, (Vec<u8>, Vec<u8>)>,
+    failed: Option<Error>,
+    stop: bool,
+}
+
+/// Compresses members on `threads` workers and hands them to `sink` in order. At most
+/// `2 * threads` members are in memory at once.
+fn compress_members(
+    members: &[Member],
+    spool: &File,
+    level: u32,
+    threads: usize,
+    mut sink: impl FnMut(&[u8], &[u8]) -> Result<()>,
+) -> Result<()> {
+    let threads = threads.clamp(1, 256);
+    let window = threads * 2;
+    let state = Mutex::new(Pipeline {
+        next: 0,
+        written: 0,
+        done: BTreeMap::new(),
+        failed: None,
+        stop: false,
+    });
+    let cv = Condvar::new();
+    std::thread::scope(|s| -> Result<()> {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let idx = {
+                    let mut st = lock(&state);
+                    loop {
+                        if st.stop || st.failed.is_some() || st.next >= members.len() {
+                            return;
+                        }
+                        if st.next < st.written + window {
+                            break;
+                        }
+                        st = cv.wait(st).unwrap_or_else(|p| p.into_inner());
+                    }
+                    st.next += 1;
+                    st.next - 1
+                };
+                let result = member_bytes(&members[idx], spool)
+                    .and_then(|raw| gzip(&raw, level).map(|c| (c, raw)));
+                let mut st = lock(&state);
+                match result {
+                    Ok(pair) => {
+                        st.done.insert(idx, pair);
+                    }
+                    Err(e) => {
+                        st.failed.get_or_insert(e);
+                    }
+                }
+                cv.notify_all();
+            });
+        }
+        let result = (|| {
+            for idx in 0..members.len() {
+                let (compressed, raw) = {
+                    let mut st = lock(&state);
+                    loop {
+                        if let Some(e) = st.failed.take() {
+                            return Err(e);
+                        }
+                        if let Some(pair) = st.done.remove(&idx) {
+                            break pair;
+                        }
+                        st = cv.wait(st).unwrap_or_else(|p| p.into_inner());
+                    }
+                };
+                sink(&compressed, &raw)?;
+                lock(&state).written = idx + 1;
+                cv.notify_all();
+            }
+            Ok(())
+        })();
+        lock(&state).stop = true;
+        cv.notify_all();
+        result
+    })
+}
+
+struct Tee<'a, R> {
+    inner: R,
+    out: BufWriter<&'a File>,
+}
+
+impl<R: Read> Read for Tee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.out.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+struct CountingReader<'a, R> {
+    inner: R,
+    count: u64,
+    progress: &'a dyn Progress,
+}
+
+impl<R: Read> Read for CountingReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        self.progress.input(self.count);
+        Ok(n)
+    }
+}
+
+struct CountingWriter<W> {
+    inner: W,
+    count: u64,
+    hasher: Sha256,
+}
+
+impl<W: Write> CountingWriter<W> {
+    fn new(inner: W) -> Self {
+        CountingWriter {
+            inner,
+            count: 0,
+            hasher: Sha256::new(),
+        }
+    }
+}
+
+impl<W: Write> Write for CountingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}

@@ -1,0 +1,193 @@
+//! Round trips: tar -> eStargz -> every entry read back through the reader equals the tar.
+
+use std::io::Read;
+use std::process::Command;
+
+use estargz_format::{
+    convert, ConvertOptions, EntryKind, EstargzReader, OpenOptions, Sha256Digest,
+    NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME,
+};
+use estargz_testutil::{assert_matches_tar, synthetic_tar, SMALL_CHUNK};
+
+fn conv(tar: &[u8], opts: &ConvertOptions) -> (Vec<u8>, estargz_format::ConvertOutput) {
+    let mut out = Vec::new();
+    let info = convert(tar, &mut out, opts, &()).expect("convert");
+    (out, info)
+}
+
+fn small_opts(threads: usize) -> ConvertOptions {
+    ConvertOptions {
+        chunk_size: SMALL_CHUNK,
+        compression_level: 6,
+        threads,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn synthetic_layer_round_trips_byte_for_byte() {
+    let tar = synthetic_tar();
+    for opts in [small_opts(2), ConvertOptions::default()] {
+        let (blob, info) = conv(&tar, &opts);
+        let reader = EstargzReader::open(
+            &blob[..],
+            &OpenOptions {
+                expected_toc_digest: Some(info.toc_digest),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let n = assert_matches_tar(&reader, &tar);
+        assert!(n >= 36, "compared only {n} entries");
+        let report = reader.verify(|_| {}).unwrap();
+        assert!(report.chunks as usize == info.chunks);
+        // The huge file spans several chunks with either chunk size.
+        let huge = reader.toc().lookup("srv/huge.bin").unwrap();
+        assert!(reader.toc().entry(huge).chunks.len() >= 3);
+        // Hardlinks share the target's entry and raise its link count.
+        let again = reader.toc().lookup("srv/huge-again").unwrap();
+        assert_eq!(reader.toc().resolve(again), huge);
+        assert_eq!(reader.toc().entry(huge).num_link, 2);
+        assert_eq!(reader.toc().entry(again).kind, EntryKind::Hardlink);
+        // User names are written once per uid and carried forward by the reader.
+        let f = reader.toc().lookup("srv/many-chunks").unwrap();
+        assert_eq!(reader.toc().entry(f).user_name, "alice");
+        assert_eq!(reader.toc().entry(f).group_name, "staff");
+        assert!(reader.toc().no_prefetch_landmark().is_some());
+        assert!(reader.toc().prefetch_landmark().is_none());
+    }
+}
+
+#[test]
+fn digests_and_sizes_describe_the_blob() {
+    let tar = synthetic_tar();
+    let (blob, info) = conv(&tar, &small_opts(2));
+    assert_eq!(info.blob_digest, Sha256Digest::of(&blob));
+    assert_eq!(info.blob_size, blob.len() as u64);
+    let mut plain = Vec::new();
+    flate2::read::MultiGzDecoder::new(&blob[..])
+        .read_to_end(&mut plain)
+        .unwrap();
+    assert_eq!(info.diff_id, Sha256Digest::of(&plain));
+    assert_eq!(info.uncompressed_size, plain.len() as u64);
+    // The uncompressed stream is a tar whose last file is the TOC, whose digest is announced.
+    let mut ar = tar::Archive::new(&plain[..]);
+    let mut names = Vec::new();
+    let mut toc_json = Vec::new();
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = String::from_utf8(e.path_bytes().into_owned()).unwrap();
+        if name == TOC_TAR_NAME {
+            e.read_to_end(&mut toc_json).unwrap();
+        }
+        names.push(name);
+    }
+    assert_eq!(names.last().unwrap(), TOC_TAR_NAME);
+    assert_eq!(names[0], NO_PREFETCH_LANDMARK);
+    assert_eq!(Sha256Digest::of(&toc_json), info.toc_digest);
+    // And every original entry extracts identically from the output stream.
+    let orig = estargz_testutil::expected_from_tar(&tar);
+    let mut conv = estargz_testutil::expected_from_tar(&plain);
+    conv.remove(TOC_TAR_NAME);
+    conv.remove(NO_PREFETCH_LANDMARK);
+    assert_eq!(orig, conv);
+}
+
+#[test]
+fn output_is_identical_for_any_thread_count_and_input_compression() {
+    let tar = synthetic_tar();
+    let (one, _) = conv(&tar, &small_opts(1));
+    let (four, _) = conv(&tar, &small_opts(4));
+    assert!(one == four, "1 and 4 threads gave different bytes");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar).unwrap();
+    let (from_gz, _) = conv(&gz.finish().unwrap(), &small_opts(3));
+    assert!(one == from_gz, "tar and tar.gz input gave different bytes");
+}
+
+#[test]
+fn blobs_are_ordinary_tar_gz_for_system_tools() {
+    let (blob, _) = conv(&synthetic_tar(), &small_opts(2));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("layer.tar.gz");
+    std::fs::write(&path, &blob).unwrap();
+    let gz = Command::new("gzip")
+        .arg("-t")
+        .arg(&path)
+        .status()
+        .expect("gzip must be installed");
+    assert!(gz.success(), "gzip -t rejected the blob");
+    let out = Command::new("tar")
+        .arg("-tzf")
+        .arg(&path)
+        .output()
+        .expect("tar must be installed");
+    assert!(out.status.success(), "tar -tzf failed: {out:?}");
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(listing.contains("srv/huge.bin"));
+    assert!(listing.lines().last().unwrap().ends_with(TOC_TAR_NAME));
+}
+
+#[test]
+fn prioritized_files_come_first_with_their_parents() {
+    let tar = synthetic_tar();
+    let opts = ConvertOptions {
+        prioritized_files: vec![
+            "/srv/many-chunks".into(),
+            "srv/huge-again".into(),
+            "usr/bin/ping".into(),
+            "does/not/exist".into(),
+        ],
+        ..small_opts(2)
+    };
+    let (blob, info) = conv(&tar, &opts);
+    assert_eq!(info.missing_prioritized, vec!["does/not/exist".to_string()]);
+    let reader = EstargzReader::open(&blob[..], &OpenOptions::default()).unwrap();
+    assert_matches_tar(&reader, &tar);
+    let toc = reader.toc();
+    let names: Vec<&str> = toc
+        .prioritized()
+        .iter()
+        .map(|&i| toc.entry(i).name.as_str())
+        .collect();
+    // Parents first, and the hardlink's target before the hardlink.
+    assert_eq!(
+        names,
+        vec![
+            "srv",
+            "srv/many-chunks",
+            "srv/huge.bin",
+            "srv/huge-again",
+            "usr/bin/ping"
+        ]
+    );
+    assert_eq!(info.prioritized, 5);
+    let lm = toc.prefetch_landmark().expect("prefetch landmark");
+    assert_eq!(toc.entry(lm).name, PREFETCH_LANDMARK);
+    assert!(toc.no_prefetch_landmark().is_none());
+    // The prefetch range covers every prioritized chunk and nothing after the landmark.
+    let end = toc.prefetch_size().unwrap();
+    for &i in &toc.prioritized() {
+        for c in &toc.entry(i).chunks {
+            assert!(c.compressed_end <= end);
+        }
+    }
+    let ls = toc.lookup("etc/hostname").unwrap();
+    assert!(toc.entry(ls).chunks[0].offset > end);
+}
+
+#[test]
+fn empty_layer_converts() {
+    let empty = tar::Builder::new(Vec::new()).into_inner().unwrap();
+    let (blob, info) = conv(&empty, &small_opts(1));
+    let reader = EstargzReader::open(&blob[..], &OpenOptions::default()).unwrap();
+    assert_eq!(info.entries, 1);
+    assert!(reader.toc().no_prefetch_landmark().is_some());
+}
+
+#[test]
+fn converting_an_estargz_blob_again_is_stable() {
+    let (blob, _) = conv(&synthetic_tar(), &small_opts(2));
+    let (again, _) = conv(&blob, &small_opts(2));
+    assert!(blob == again, "re-converting must drop the old TOC and landmark");
+}

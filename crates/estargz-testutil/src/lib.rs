@@ -1,0 +1,593 @@
+//! Test support shared by the crates' tests: a synthetic tar that covers every entry type and
+//! edge case a layer can hold, and an oracle that checks an eStargz blob against the tar it
+//! was made from, entry by entry and byte by byte.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use estargz_format::{normalize_name, EntryKind, EstargzReader, ReadAt};
+
+/// Chunk size the synthetic layer is designed around (files straddle it).
+pub const SMALL_CHUNK: u64 = 64 * 1024;
+
+fn pax(b: &mut tar::Builder<Vec<u8>>, records: &[(&str, &[u8])]) {
+    let mut data = Vec::new();
+    for (k, v) in records {
+        // "len key=value\n", where len counts itself.
+        let body_len = k.len() + v.len() + 3;
+        let mut len = body_len + 1;
+        while format!("{len}").len() + body_len != len {
+            len += 1;
+        }
+        data.extend_from_slice(format!("{len} {k}=").as_bytes());
+        data.extend_from_slice(v);
+        data.push(b'\n');
+    }
+    let mut h = tar::Header::new_ustar();
+    h.set_path("PaxHeaders/x").unwrap();
+    h.set_entry_type(tar::EntryType::XHeader);
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append(&h, &data[..]).unwrap();
+}
+
+struct E<'a> {
+    path: &'a str,
+    kind: tar::EntryType,
+    mode: u32,
+    uid: u64,
+    gid: u64,
+    user: &'a str,
+    group: &'a str,
+    mtime: u64,
+    link: &'a str,
+    dev: (u32, u32),
+    data: &'a [u8],
+}
+
+impl Default for E<'_> {
+    fn default() -> Self {
+        E {
+            path: "",
+            kind: tar::EntryType::Regular,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            user: "root",
+            group: "root",
+            mtime: 1_700_000_000,
+            link: "",
+            dev: (0, 0),
+            data: b"",
+        }
+    }
+}
+
+fn add(b: &mut tar::Builder<Vec<u8>>, e: E<'_>) {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(e.kind);
+    h.set_mode(e.mode);
+    h.set_uid(e.uid);
+    h.set_gid(e.gid);
+    h.set_username(e.user).unwrap();
+    h.set_groupname(e.group).unwrap();
+    h.set_mtime(e.mtime);
+    h.set_size(e.data.len() as u64);
+    if matches!(e.kind, tar::EntryType::Char | tar::EntryType::Block) {
+        h.set_device_major(e.dev.0).unwrap();
+        h.set_device_minor(e.dev.1).unwrap();
+    }
+    if e.link.is_empty() {
+        b.append_data(&mut h, e.path, e.data).unwrap();
+    } else {
+        b.append_link(&mut h, e.path, e.link).unwrap();
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so content does not compress away.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A tar holding every entry type and edge case a container layer can hold: empty and huge
+/// files across many chunks (of [`SMALL_CHUNK`] and of 4 MiB), files of exactly one chunk and
+/// one byte more, long and non-ASCII names, long link targets, hardlinks (to files, in other
+/// directories, to symlinks), symlinks (relative, absolute, dangling), character and block
+/// devices, fifos, xattrs (text, binary, opaque directories), whiteouts, setuid, setgid and
+/// sticky modes, large uids and gids, and extreme mtimes.
+pub fn synthetic_tar() -> Vec<u8> {
+    use tar::EntryType::*;
+    let mut b = tar::Builder::new(Vec::new());
+    let dir = |p| E {
+        path: p,
+        kind: Directory,
+        mode: 0o755,
+        ..Default::default()
+    };
+    add(&mut b, dir("./"));
+    add(&mut b, dir("etc/"));
+    add(
+        &mut b,
+        E {
+            path: "etc/hostname",
+            data: b"estargz\n",
+            ..Default::default()
+        },
+    );
+    add(
+        &mut b,
+        E {
+            path: "etc/empty",
+            ..Default::default()
+        },
+    );
+    add(
+        &mut b,
+        E {
+            path: "tmp/",
+            kind: Directory,
+            mode: 0o1777,
+            mtime: 0,
+            ..Default::default()
+        },
+    );
+    add(
+        &mut b,
+        E {
+            path: "srv/",
+            kind: Directory,
+            mode: 0o2750,
+            uid: 1000,
+            gid: 1000,
+            user: "alice",
+            group: "staff",
+            ..Default::default()
+        },
+    );
+    let one_chunk = noise(SMALL_CHUNK as usize, 1);
+    let one_more = noise(SMALL_CHUNK as usize + 1, 2);
+    let many = noise(SMALL_CHUNK as usize * 7 + 123, 3);
+    let huge = noise(9 * 1024 * 1024 + 17, 4);
+    let zeros = vec![0u8; 5 * 1024 * 1024];
+    for (p, d) in [
+        ("srv/one-chunk", &one_chunk),
+        ("srv/one-chunk-plus-one", &one_more),
+        ("srv/many-chunks", &many),
+        ("srv/huge.bin", &huge),
+        ("srv/zeros.img", &zeros),
+    ] {
+        add(
+            &mut b,
+            E {
+                path: p,
+                uid: 1000,
+                gid: 1000,
+                user: "alice",
+                group: "staff",
+                data: d,
+                ..Default::default()
+            },
+        );
+    }
+    add(
+        &mut b,
+        E {
+            path: "usr/bin/sudo-like",
+            mode: 0o4755,
+            data: b"#!/bin/sh\necho root\n",
+            ..Default::default()
+        },
+    );
+    add(
+        &mut b,
+        E {
+            path: "usr/bin/setgid-tool",
+            mode: 0o2711,
+            gid: 42,
+            group: "shadow",
+            data: b"\x7fELF fake",
+            ..Default::default()
+        },
+    );
+    add(
+        &mut b,
+        E {
+            path: "usr/share/big-ids",
+            uid: 4_000_000,
+            gid: 3_000_000,
+            user: "",
+            group: "",
+            mtime: 4_102_444_800, // 2100-01-01
+            data: b"ids beyond ustar's octal fields\n",
+            ..Default::default()
+        },
+    );
+    add(
+        &mut b,
+        E {
+            path: "usr/share/epoch",
+            mtime: 0,
+            mode: 0o000,
+            data: b"mode 000 and mtime 0\n",
+            ..Default::default()
+        },
+    );
+    let long_dir = "usr/share/".to_string() + &"d".repeat(120) + "/";
+    let long_name = long_dir.clone() + &"n".repeat(200) + ".txt";
+    add(&mut b, dir(&long_dir));
+    add(
+        &mut b,
+        E {
+            path: &long_name,
+            data: b"a name longer than 100 and 255 bytes in total\n",
+            ..Default::default()
+        },
+    );
+    add(&mut b, dir("données/"));
+    add(
+        &mut b,
+        E {
+            path: "données/日本語 ファイル.txt",
+            data: "non-ASCII: ü é 日本語 🦀\n".as_bytes(),
+            ..Default::default()
+        },
+    );
+    add(
+        &mut b,
+        E {
+            path: "données/spaces and\ttabs",
+            data: b"whitespace in names\n",
+            ..Default::default()
+        },
+    );
+    // Links.
+    add(
+        &mut b,
+        E {
+            path: "etc/hostname.link",
+            kind: Link,
+            link: "etc/hostname",
+            ..Default::default()
+        },
+    );
+    add(
+        &mut b,
+        E {
+            path: "srv/huge-again",
+            kind: Link,
+            link: "./srv/huge.bin",
+            ..Default::default()
+        },
+    );
+    add(
+        &mut b,
+        E {
+            path: "lib64",
+            kind: Symlink,
+            link: "usr/lib64",
+            mode: 0o777,
+            ..Default::default()
+        },
+    );
+    add(
+        &mut b,
+        E {
+            path: "etc/passwd-abs",
+            kind: Symlink,
+            link: "/etc/passwd",
+            mode: 0o777,
+            ..Default::default()
+        },
+    );
+    add(
+        &mut b,
+        E {
+            path: "etc/dangling",
+            kind: Symlink,
+            link: "../nowhere/at/all",
+            mode: 0o777,
+            ..Default::default()
+        },
+    );
+    let long_target = "/".to_string() + &"t".repeat(150) + "/target";
+    add(
+        &mut b,
+        E {
+            path: "etc/long-link",
+            kind: Symlink,
+            link: &long_target,
+            mode: 0o777,
+            ..Default::default()
+        },
+    );
+    add(
+        &mut b,
+        E {
+            path: "etc/link-to-symlink",
+            kind: Link,
+            link: "etc/dangling",
+            ..Default::default()
+        },
+    );
+    // Devices and fifos.
+    add(&mut b, dir("dev/"));
+    add(
+        &mut b,
+        E {
+            path: "dev/null",
+            kind: Char,
+            mode: 0o666,
+            dev: (1, 3),
+            ..Default::default()
+        },
+    );
+    add(
+        &mut b,
+        E {
+            path: "dev/sda",
+            kind: Block,
+            mode: 0o660,
+            gid: 6,
+            group: "disk",
+            dev: (8, 0),
+            ..Default::default()
+        },
+    );
+    add(
+        &mut b,
+        E {
+            path: "dev/big-dev",
+            kind: Char,
+            mode: 0o600,
+            dev: (511, 1_048_575),
+            ..Default::default()
+        },
+    );
+    add(
+        &mut b,
+        E {
+            path: "run/initctl",
+            kind: Fifo,
+            mode: 0o600,
+            ..Default::default()
+        },
+    );
+    // Xattrs (PAX SCHILY.xattr), text and binary, and an opaque directory.
+    pax(
+        &mut b,
+        &[
+            ("SCHILY.xattr.user.comment", b"hello xattr"),
+            (
+                "SCHILY.xattr.security.capability",
+                b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00",
+            ),
+        ],
+    );
+    add(
+        &mut b,
+        E {
+            path: "usr/bin/ping",
+            mode: 0o755,
+            data: b"ping with cap_net_raw",
+            ..Default::default()
+        },
+    );
+    pax(&mut b, &[("SCHILY.xattr.trusted.overlay.opaque", b"y")]);
+    add(
+        &mut b,
+        E {
+            path: "var/opaque/",
+            kind: Directory,
+            mode: 0o755,
+            ..Default::default()
+        },
+    );
+    // Fractional PAX mtime (rounded to the second).
+    pax(&mut b, &[("mtime", b"1700000000.75")]);
+    add(
+        &mut b,
+        E {
+            path: "var/opaque/fractional-mtime",
+            data: b"x",
+            ..Default::default()
+        },
+    );
+    // Whiteouts, as layers carry them in tar.
+    add(
+        &mut b,
+        E {
+            path: "var/.wh.deleted-file",
+            mode: 0o600,
+            ..Default::default()
+        },
+    );
+    add(
+        &mut b,
+        E {
+            path: "var/opaque/.wh..wh..opq",
+            mode: 0o600,
+            ..Default::default()
+        },
+    );
+    // A directory repeated later with other attributes: tar applies the later one.
+    add(
+        &mut b,
+        E {
+            path: "etc/",
+            kind: Directory,
+            mode: 0o750,
+            mtime: 1_600_000_000,
+            ..Default::default()
+        },
+    );
+    b.into_inner().unwrap()
+}
+
+/// What a tar entry means once extracted, for comparison.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected {
+    /// Entry kind.
+    pub kind: EntryKind,
+    /// Permission bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Modification time, whole seconds (the TOC's precision).
+    pub mtime: i64,
+    /// Symlink target or normalized hardlink target.
+    pub link: String,
+    /// Device numbers.
+    pub dev: (u32, u32),
+    /// Extended attributes.
+    pub xattrs: BTreeMap<String, Vec<u8>>,
+    /// File content (regular files and hardlinks to them).
+    pub content: Vec<u8>,
+}
+
+/// Reads a tar (or tar.gz) the way an extractor would: later entries replace earlier ones,
+/// repeated directories take the later attributes. Keys are normalized names.
+pub fn expected_from_tar(tar_bytes: &[u8]) -> BTreeMap<String, Expected> {
+    let raw: Box<dyn Read + '_> = if tar_bytes.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::read::MultiGzDecoder::new(tar_bytes))
+    } else {
+        Box::new(tar_bytes)
+    };
+    let mut ar = tar::Archive::new(raw);
+    let mut out: BTreeMap<String, Expected> = BTreeMap::new();
+    for entry in ar.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let h = entry.header().clone();
+        let name = String::from_utf8(entry.path_bytes().into_owned()).unwrap();
+        let norm = normalize_name(&name).unwrap();
+        let kind = match h.entry_type() {
+            tar::EntryType::Directory => EntryKind::Dir,
+            tar::EntryType::Link => EntryKind::Hardlink,
+            tar::EntryType::Symlink => EntryKind::Symlink,
+            tar::EntryType::Char => EntryKind::Char,
+            tar::EntryType::Block => EntryKind::Block,
+            tar::EntryType::Fifo => EntryKind::Fifo,
+            tar::EntryType::XGlobalHeader => continue,
+            _ => EntryKind::Reg,
+        };
+        let mut xattrs = BTreeMap::new();
+        let mut mtime = h.mtime().unwrap() as i64;
+        if let Some(exts) = entry.pax_extensions().unwrap() {
+            for ext in exts {
+                let ext = ext.unwrap();
+                let key = ext.key().unwrap().to_string();
+                if let Some(x) = key.strip_prefix("SCHILY.xattr.") {
+                    xattrs.insert(x.to_string(), ext.value_bytes().to_vec());
+                }
+                if key == "mtime" {
+                    let v: f64 = ext.value().unwrap().parse().unwrap();
+                    mtime = v.round() as i64;
+                }
+            }
+        }
+        let link = entry
+            .link_name_bytes()
+            .map(|l| String::from_utf8(l.into_owned()).unwrap())
+            .unwrap_or_default();
+        let mut content = Vec::new();
+        entry.read_to_end(&mut content).unwrap();
+        let (link, content) = match kind {
+            EntryKind::Hardlink => {
+                let t = normalize_name(&link).unwrap();
+                let c = out.get(&t).map(|e| e.content.clone()).unwrap_or_default();
+                (t, c)
+            }
+            EntryKind::Symlink => (link, Vec::new()),
+            _ => (String::new(), content),
+        };
+        let e = Expected {
+            kind,
+            mode: h.mode().unwrap() & 0o7777,
+            uid: h.uid().unwrap() as u32,
+            gid: h.gid().unwrap() as u32,
+            mtime,
+            link,
+            dev: (
+                h.device_major().ok().flatten().unwrap_or(0),
+                h.device_minor().ok().flatten().unwrap_or(0),
+            ),
+            xattrs,
+            content,
+        };
+        if norm.is_empty() {
+            continue;
+        }
+        out.insert(norm, e);
+    }
+    out
+}
+
+/// Checks that every entry of `tar_bytes` reads identically through the eStargz reader, and
+/// that the blob holds nothing else but landmarks and implied directories. Panics with the
+/// first difference. Returns the number of entries compared.
+pub fn assert_matches_tar<R: ReadAt>(reader: &EstargzReader<R>, tar_bytes: &[u8]) -> usize {
+    let expected = expected_from_tar(tar_bytes);
+    let toc = reader.toc();
+    for (name, exp) in &expected {
+        let idx = toc
+            .lookup(name)
+            .unwrap_or_else(|| panic!("{name:?} is in the tar but not in the eStargz TOC"));
+        let entry = toc.entry(idx);
+        assert_eq!(entry.kind, exp.kind, "{name:?}: kind");
+        let attrs = toc.entry(toc.resolve(idx));
+        if exp.kind != EntryKind::Hardlink {
+            assert_eq!(entry.mode, exp.mode, "{name:?}: mode");
+            assert_eq!(entry.uid, exp.uid, "{name:?}: uid");
+            assert_eq!(entry.gid, exp.gid, "{name:?}: gid");
+            assert_eq!(entry.mtime, exp.mtime, "{name:?}: mtime");
+            assert_eq!(entry.xattrs, exp.xattrs, "{name:?}: xattrs");
+        }
+        match exp.kind {
+            EntryKind::Symlink => assert_eq!(entry.link_name, exp.link, "{name:?}: target"),
+            EntryKind::Hardlink => {
+                assert_eq!(entry.link_name, exp.link, "{name:?}: hardlink target");
+                let t = toc.lookup(&exp.link).expect("hardlink target in TOC");
+                assert_eq!(toc.resolve(idx), toc.resolve(t), "{name:?}: same inode");
+            }
+            EntryKind::Char | EntryKind::Block => {
+                assert_eq!((entry.dev_major, entry.dev_minor), exp.dev, "{name:?}: dev")
+            }
+            _ => {}
+        }
+        if attrs.kind == EntryKind::Reg {
+            assert_eq!(attrs.size, exp.content.len() as u64, "{name:?}: size");
+            let data = reader.read_file(idx).unwrap();
+            assert!(data == exp.content, "{name:?}: content differs");
+            // Ranged reads across chunk boundaries.
+            if data.len() > 3 {
+                let mid = data.len() as u64 / 2 - 1;
+                let mut buf = vec![0u8; (data.len() / 2).min(200_000)];
+                let n = reader.read_at(idx, mid, &mut buf).unwrap();
+                assert_eq!(&buf[..n], &data[mid as usize..mid as usize + n], "{name:?}");
+            }
+        }
+    }
+    for e in toc.entries() {
+        if e.name.is_empty() || e.toc_index.is_none() {
+            continue;
+        }
+        let landmark = e.name == estargz_format::PREFETCH_LANDMARK
+            || e.name == estargz_format::NO_PREFETCH_LANDMARK;
+        assert!(
+            landmark || expected.contains_key(&e.name),
+            "{:?} is in the TOC but not in the tar",
+            e.name
+        );
+    }
+    expected.len()
+}
