@@ -510,7 +510,16 @@ fn index_entry<R: Read>(
         }
     }
     let pax_str = |k: &str| pax.get(k).and_then(|v| std::str::from_utf8(v).ok());
+    // GNU tar and Go read a numeric field that is all NULs or spaces as 0; so do we.
     let num = |r: io::Result<u64>, what: &str| -> Result<u64> {
+        let raw: &[u8] = match what {
+            "uid" => &header.as_old().uid,
+            "gid" => &header.as_old().gid,
+            _ => &header.as_old().mtime,
+        };
+        if r.is_err() && raw.iter().all(|&b| b == 0 || b == b' ') {
+            return Ok(0);
+        }
         r.map_err(|e| bad_tar(Some(name), io::Error::other(format!("{what}: {e}"))))
     };
     let id = |v: u64, what: &str| -> Result<u32> {

@@ -1,0 +1,375 @@
+//! Hostile and malformed input: every case ends in its own clear error, never a panic, and
+//! never in unverified bytes.
+
+use std::io::Write;
+
+use estargz_format::{
+    convert, decompress_chunk, footer_bytes, ConvertOptions, Error, EstargzReader, JsonToc,
+    Limits, OpenOptions, Sha256Digest, Toc, FOOTER_SIZE,
+};
+use estargz_testutil::{synthetic_tar, SMALL_CHUNK};
+
+fn good_blob() -> (Vec<u8>, u64) {
+    let mut out = Vec::new();
+    let opts = ConvertOptions {
+        chunk_size: SMALL_CHUNK,
+        compression_level: 1,
+        threads: 2,
+        ..Default::default()
+    };
+    let info = convert(&synthetic_tar()[..], &mut out, &opts, &()).unwrap();
+    (out, info.toc_offset)
+}
+
+fn toc_of(blob: &[u8]) -> JsonToc {
+    let r = EstargzReader::open(blob, &OpenOptions::default()).unwrap();
+    let off = r.footer().toc_offset as usize;
+    let member = &blob[off..blob.len() - FOOTER_SIZE];
+    let json = estargz_format::decode_toc_member(member, off as u64, &Limits::default()).unwrap();
+    serde_json::from_slice(&json).unwrap()
+}
+
+/// Rebuilds `blob` with the TOC JSON replaced by `json`.
+fn with_toc_json(blob: &[u8], toc_offset: u64, json: &[u8], declared: Option<u64>) -> Vec<u8> {
+    let mut out = blob[..toc_offset as usize].to_vec();
+    let mut h = tar::Header::new_ustar();
+    h.set_path("stargz.index.json").unwrap();
+    h.set_size(declared.unwrap_or(json.len() as u64));
+    h.set_mode(0o644);
+    h.set_cksum();
+    let mut raw = h.as_bytes().to_vec();
+    raw.extend_from_slice(json);
+    raw.resize(raw.len().div_ceil(512) * 512 + 1024, 0);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&raw).unwrap();
+    out.extend_from_slice(&gz.finish().unwrap());
+    out.extend_from_slice(&footer_bytes(toc_offset));
+    out
+}
+
+fn with_toc(edit: impl FnOnce(&mut JsonToc)) -> Result<EstargzReader<Vec<u8>>, Error> {
+    let (blob, off) = good_blob();
+    let mut toc = toc_of(&blob);
+    edit(&mut toc);
+    let json = serde_json::to_vec(&toc).unwrap();
+    EstargzReader::open(with_toc_json(&blob, off, &json, None), &OpenOptions::default())
+}
+
+fn find(toc: &JsonToc, name: &str) -> usize {
+    toc.entries.iter().position(|e| e.name == name).unwrap()
+}
+
+#[test]
+fn unmodified_toc_is_accepted() {
+    let r = with_toc(|_| {}).unwrap();
+    r.verify(|_| {}).unwrap();
+}
+
+#[test]
+fn path_traversal_is_refused() {
+    for bad in ["../etc/passwd", "etc/../../x", "/etc/shadow", "a\0b"] {
+        let e = with_toc(|t| t.entries[5].name = bad.into()).unwrap_err();
+        assert!(matches!(e, Error::PathTraversal { .. }), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn symlinked_parent_is_refused() {
+    // lib64 is a symlink in the synthetic layer: nothing may live below it.
+    let e = with_toc(|t| {
+        let i = find(t, "etc/hostname");
+        t.entries[i].name = "lib64/evil".into();
+        t.entries.retain(|e| e.name != "etc/hostname.link");
+        let lib = t.entries.iter().position(|e| e.name == "lib64").unwrap();
+        let evil = t.entries.remove(i);
+        t.entries.insert(lib + 1, evil);
+    })
+    .unwrap_err();
+    assert!(
+        matches!(e, Error::ParentNotDirectory { parent_kind: "symlink", .. }),
+        "{e}"
+    );
+}
+
+#[test]
+fn payload_beyond_the_toc_is_refused() {
+    let e = with_toc(|t| {
+        let i = find(t, "etc/hostname");
+        t.entries[i].offset = u64::MAX / 2;
+    })
+    .unwrap_err();
+    assert!(matches!(&e, Error::BadEntry { detail, .. } if detail.contains("not before the TOC")), "{e}");
+}
+
+#[test]
+fn overlapping_gapped_and_missing_chunks_are_refused() {
+    let shift = with_toc(|t| {
+        let i = find(t, "srv/many-chunks");
+        t.entries[i + 2].chunk_offset += 1;
+    })
+    .unwrap_err();
+    assert!(matches!(&shift, Error::BadEntry { detail, .. } if detail.contains("overlap or leave a gap")), "{shift}");
+    let missing = with_toc(|t| {
+        let i = find(t, "srv/many-chunks");
+        t.entries.remove(i + 3);
+    })
+    .unwrap_err();
+    assert!(matches!(&missing, Error::BadEntry { detail, .. } if detail.contains("gap")), "{missing}");
+    let last_missing = with_toc(|t| {
+        let i = find(t, "srv/many-chunks");
+        t.entries.remove(i + 7);
+    })
+    .unwrap_err();
+    assert!(matches!(&last_missing, Error::BadEntry { detail, .. } if detail.contains("cover")), "{last_missing}");
+    let orphan = with_toc(|t| {
+        let i = find(t, "srv/many-chunks");
+        let c = t.entries[i + 1].clone();
+        t.entries.insert(0, c);
+    })
+    .unwrap_err();
+    assert!(matches!(&orphan, Error::BadEntry { detail, .. } if detail.contains("does not follow")), "{orphan}");
+}
+
+#[test]
+fn huge_sizes_are_refused() {
+    let e = with_toc(|t| {
+        let i = find(t, "etc/hostname");
+        t.entries[i].size = 1 << 50;
+    })
+    .unwrap_err();
+    assert!(matches!(&e, Error::BadEntry { detail, .. } if detail.contains("exceeds the limit")), "{e}");
+    let e = with_toc(|t| {
+        let i = find(t, "etc/hostname");
+        t.entries[i].inner_offset = u64::MAX - 3;
+    })
+    .unwrap_err();
+    assert!(matches!(&e, Error::BadEntry { detail, .. } if detail.contains("exceeds the limit")), "{e}");
+}
+
+#[test]
+fn duplicates_and_bad_hardlinks_are_refused() {
+    let e = with_toc(|t| {
+        let i = find(t, "etc/hostname");
+        let mut dup = t.entries[i].clone();
+        dup.name = "./etc/hostname".into();
+        t.entries.push(dup);
+    })
+    .unwrap_err();
+    assert!(matches!(e, Error::DuplicateEntry { .. }), "{e}");
+    let e = with_toc(|t| {
+        let i = find(t, "etc/hostname.link");
+        t.entries[i].link_name = "etc/nope".into();
+    })
+    .unwrap_err();
+    assert!(matches!(e, Error::BadHardlink { .. }), "{e}");
+    let e = with_toc(|t| {
+        let i = find(t, "etc/hostname.link");
+        t.entries[i].link_name = "etc".into();
+    })
+    .unwrap_err();
+    assert!(matches!(&e, Error::BadHardlink { detail, .. } if detail.contains("directory")), "{e}");
+    // A hardlink to itself (a loop) has no earlier target.
+    let e = with_toc(|t| {
+        let i = find(t, "etc/hostname.link");
+        t.entries[i].link_name = "etc/hostname.link".into();
+    })
+    .unwrap_err();
+    assert!(matches!(e, Error::BadHardlink { .. }), "{e}");
+}
+
+#[test]
+fn malformed_fields_are_refused() {
+    let e = with_toc(|t| t.entries[3].kind = "socket".into()).unwrap_err();
+    assert!(matches!(&e, Error::BadEntry { detail, .. } if detail.contains("unknown type")));
+    let e = with_toc(|t| t.entries[3].mod_time = "yesterday".into()).unwrap_err();
+    assert!(matches!(&e, Error::BadEntry { detail, .. } if detail.contains("RFC 3339")));
+    let e = with_toc(|t| t.version = 2).unwrap_err();
+    assert!(matches!(e, Error::TocVersion(2)));
+    let e = with_toc(|t| {
+        let i = find(t, "etc/hostname");
+        t.entries[i].chunk_digest = "sha256:nothex".into();
+    })
+    .unwrap_err();
+    assert!(matches!(e, Error::BadDigest { .. }), "{e}");
+    let e = with_toc(|t| {
+        let i = find(t, "srv/many-chunks");
+        t.entries[i + 1].chunk_digest.clear();
+    })
+    .unwrap_err();
+    assert!(matches!(&e, Error::BadEntry { detail, .. } if detail.contains("cannot be verified")), "{e}");
+}
+
+#[test]
+fn wrong_chunk_digest_never_serves_bytes() {
+    let r = with_toc(|t| {
+        let i = find(t, "etc/hostname");
+        t.entries[i].chunk_digest = Sha256Digest::of(b"something else").to_string();
+    })
+    .unwrap();
+    let idx = r.toc().lookup("etc/hostname").unwrap();
+    let mut buf = [0u8; 4];
+    let e = r.read_at(idx, 0, &mut buf).unwrap_err();
+    assert!(matches!(e, Error::ChunkDigestMismatch { .. }), "{e}");
+    assert_eq!(buf, [0u8; 4], "no byte of an unverified chunk may be returned");
+    assert!(matches!(r.verify(|_| {}), Err(Error::ChunkDigestMismatch { .. })));
+}
+
+#[test]
+fn swapped_payload_offsets_are_caught_by_digests() {
+    let r = with_toc(|t| {
+        let a = find(t, "etc/hostname");
+        let b = find(t, "usr/bin/ping");
+        let (oa, ob) = (t.entries[a].offset, t.entries[b].offset);
+        t.entries[a].offset = ob;
+        t.entries[b].offset = oa;
+    })
+    .unwrap();
+    let idx = r.toc().lookup("etc/hostname").unwrap();
+    let e = r.read_file(idx).unwrap_err();
+    assert!(matches!(e, Error::ChunkDigestMismatch { .. }), "{e}");
+}
+
+#[test]
+fn toc_digest_must_match_when_expected() {
+    let (blob, _) = good_blob();
+    let e = EstargzReader::open(
+        &blob[..],
+        &OpenOptions {
+            expected_toc_digest: Some(Sha256Digest::of(b"other")),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::TocDigestMismatch { .. }), "{e}");
+}
+
+#[test]
+fn oversized_tocs_are_refused() {
+    let (blob, off) = good_blob();
+    let small = OpenOptions {
+        limits: Limits {
+            max_toc_size: 1024,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let e = EstargzReader::open(&blob[..], &small).unwrap_err();
+    assert!(matches!(e, Error::TocTooLarge { .. }), "{e}");
+    // A tar header that declares a gigantic TOC is refused before reading it.
+    let json = serde_json::to_vec(&toc_of(&blob)).unwrap();
+    let lying = with_toc_json(&blob, off, &json, Some(1 << 40));
+    let e = EstargzReader::open(&lying[..], &OpenOptions::default()).unwrap_err();
+    assert!(matches!(e, Error::TocTooLarge { .. }), "{e}");
+    // A gzip bomb in place of the TOC: decoding stops at the bound.
+    let zeros = vec![b' '; 8 << 20];
+    let mut bomb = format!("{{\"version\":1,\"entries\":[]}}").into_bytes();
+    bomb.extend_from_slice(&zeros);
+    let boom = with_toc_json(&blob, off, &bomb, None);
+    let opts = OpenOptions {
+        limits: Limits {
+            max_toc_size: 1 << 20,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let e = EstargzReader::open(&boom[..], &opts).unwrap_err();
+    assert!(matches!(e, Error::TocTooLarge { .. }), "{e}");
+}
+
+#[test]
+fn gzip_bomb_chunk_decodes_only_what_it_declares() {
+    // A member of 64 MiB of zeros compresses to ~64 KiB; the chunk claims 10 bytes.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(&vec![0u8; 64 << 20]).unwrap();
+    let member = gz.finish().unwrap();
+    let chunk = estargz_format::Chunk {
+        offset: 0,
+        compressed_end: member.len() as u64,
+        inner_offset: 0,
+        chunk_offset: 0,
+        size: 10,
+        digest: Sha256Digest::of(&[0u8; 10]),
+    };
+    assert_eq!(decompress_chunk(&member, "bomb", &chunk).unwrap(), vec![0u8; 10]);
+    let short = estargz_format::Chunk {
+        size: 100,
+        digest: Sha256Digest::of(&[0u8; 100]),
+        ..chunk
+    };
+    let e = decompress_chunk(&member[..12], "bomb", &short).unwrap_err();
+    assert!(matches!(e, Error::BadChunk { .. }), "{e}");
+}
+
+#[test]
+fn broken_footers_and_truncation_are_reported() {
+    let (blob, _) = good_blob();
+    let e = EstargzReader::open(&blob[..blob.len() - 1], &OpenOptions::default()).unwrap_err();
+    assert!(matches!(e, Error::BadFooter { .. }), "{e}");
+    let e = EstargzReader::open(&b"tiny"[..], &OpenOptions::default()).unwrap_err();
+    assert!(matches!(e, Error::BlobTooSmall { .. }), "{e}");
+    // A plain tar.gz is not an eStargz blob.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&synthetic_tar()).unwrap();
+    let plain = gz.finish().unwrap();
+    let e = EstargzReader::open(&plain[..], &OpenOptions::default()).unwrap_err();
+    assert!(matches!(e, Error::BadFooter { .. }), "{e}");
+    // Cutting the TOC member short.
+    let off = EstargzReader::open(&blob[..], &OpenOptions::default())
+        .unwrap()
+        .footer()
+        .toc_offset as usize;
+    let mut cut = blob[..off + 20].to_vec();
+    cut.extend_from_slice(&footer_bytes(off as u64));
+    let e = EstargzReader::open(&cut[..], &OpenOptions::default()).unwrap_err();
+    assert!(matches!(e, Error::BadTocMember { .. }), "{e}");
+    // Invalid JSON.
+    let e = Toc::parse(b"{not json", 100, &Limits::default()).unwrap_err();
+    assert!(matches!(e, Error::TocJson(_)), "{e}");
+}
+
+#[test]
+fn hostile_input_tars_are_refused_by_the_converter() {
+    let build = |name: &str, kind: tar::EntryType, link: Option<&str>| {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(0);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        // Bypass the tar crate's own path checks to write what an attacker would.
+        let raw = &mut h.as_old_mut().name;
+        raw[..name.len()].copy_from_slice(name.as_bytes());
+        if let Some(l) = link {
+            h.as_old_mut().linkname[..l.len()].copy_from_slice(l.as_bytes());
+        }
+        h.set_cksum();
+        b.append(&h, &[][..]).unwrap();
+        b.into_inner().unwrap()
+    };
+    let conv = |tar: Vec<u8>| convert(&tar[..], std::io::sink(), &Default::default(), &());
+    let e = conv(build("../escape", tar::EntryType::Regular, None)).unwrap_err();
+    assert!(matches!(e, Error::PathTraversal { .. }), "{e}");
+    let e = conv(build("/abs", tar::EntryType::Regular, None)).unwrap_err();
+    assert!(matches!(e, Error::PathTraversal { .. }), "{e}");
+    let e = conv(build("h", tar::EntryType::Link, Some("../../etc/shadow"))).unwrap_err();
+    assert!(matches!(e, Error::BadHardlink { .. }), "{e}");
+    let e = conv(build("h", tar::EntryType::Link, Some("missing"))).unwrap_err();
+    assert!(matches!(e, Error::BadHardlink { .. }), "{e}");
+    let e = conv(b"this is not a tar archive at all, just text".repeat(20)).unwrap_err();
+    assert!(matches!(e, Error::BadInputTar { .. }), "{e}");
+    let e = conv(vec![0x28, 0xb5, 0x2f, 0xfd, 0, 0]).unwrap_err();
+    assert!(matches!(&e, Error::BadInputTar { detail } if detail.contains("zstd")), "{e}");
+    // Truncated in the middle of a file's data.
+    let mut t = synthetic_tar();
+    t.truncate(300_000);
+    let e = conv(t).unwrap_err();
+    assert!(matches!(e, Error::BadInputTar { .. }), "{e}");
+    let opts = ConvertOptions {
+        chunk_size: 10,
+        ..Default::default()
+    };
+    let e = convert(&synthetic_tar()[..], std::io::sink(), &opts, &()).unwrap_err();
+    assert!(matches!(e, Error::InvalidOption(_)), "{e}");
+}
