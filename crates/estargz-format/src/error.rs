@@ -27,7 +27,9 @@ pub enum Error {
         size: u64,
     },
     /// Neither the 51-byte nor the legacy 47-byte footer was found.
-    #[error("no eStargz footer at the end of the blob ({detail}): not an eStargz blob, or truncated")]
+    #[error(
+        "no eStargz footer at the end of the blob ({detail}): not an eStargz blob, or truncated"
+    )]
     BadFooter {
         /// Why the footer was rejected.
         detail: String,

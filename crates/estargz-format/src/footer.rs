@@ -174,6 +174,9 @@ mod tests {
         ));
         let mut g = footer_bytes(5);
         g[20] = b'z';
-        assert!(matches!(parse_footer(&g, 100), Err(Error::BadFooter { .. })));
+        assert!(matches!(
+            parse_footer(&g, 100),
+            Err(Error::BadFooter { .. })
+        ));
     }
 }

@@ -74,7 +74,10 @@ impl<T: ReadAt + ?Sized> ReadAt for Arc<T> {
 }
 
 fn eof() -> io::Error {
-    io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the blob")
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "read past the end of the blob",
+    )
 }
 
 /// Decodes the gzip member that holds the TOC's tar entry and returns the TOC JSON bytes.
@@ -319,7 +322,9 @@ impl<R: ReadAt> EstargzReader<R> {
         }
         let end = e.size.min(offset.saturating_add(buf.len() as u64));
         let mut pos = offset;
-        let mut ci = e.chunks.partition_point(|c| c.chunk_offset + c.size <= offset);
+        let mut ci = e
+            .chunks
+            .partition_point(|c| c.chunk_offset + c.size <= offset);
         while pos < end {
             let c = &e.chunks[ci];
             let data = self.read_chunk(i, ci)?;

@@ -335,7 +335,8 @@ pub fn format_mtime(secs: i64) -> String {
     const MAX: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
     let t = OffsetDateTime::from_unix_timestamp(secs.clamp(MIN, MAX))
         .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-    t.format(&Rfc3339).unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+    t.format(&Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
 }
 
 /// Parses an RFC 3339 modification time into seconds and nanoseconds since the epoch.
@@ -664,7 +665,7 @@ impl Builder<'_> {
                 je.chunk_offset, size, file.size
             )));
         }
-        let span = size.checked_add(je.inner_offset).unwrap_or(u64::MAX);
+        let span = size.saturating_add(je.inner_offset);
         if span > self.limits.max_chunk_size {
             return Err(bad(format!(
                 "chunk of {size} bytes at inner offset {} exceeds the limit of {} bytes",
@@ -677,7 +678,9 @@ impl Builder<'_> {
             // Old stargz writers give only the file digest; one chunk covers the whole file.
             file.digest.unwrap_or(Sha256Digest([0; 32]))
         } else {
-            return Err(bad("chunk has no chunkDigest, so it cannot be verified".into()));
+            return Err(bad(
+                "chunk has no chunkDigest, so it cannot be verified".into()
+            ));
         };
         Ok(Chunk {
             offset: je.offset,

@@ -348,8 +348,7 @@ fn spool_and_index<R: Read>(
         Box::new(MultiGzDecoder::new(buffered))
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         return Err(Error::BadInputTar {
-            detail: "the input is zstd-compressed; only tar and tar.gz layers are supported"
-                .into(),
+            detail: "the input is zstd-compressed; only tar and tar.gz layers are supported".into(),
         });
     } else {
         Box::new(buffered)
@@ -486,14 +485,12 @@ fn index_entry<R: Read>(
         tar::EntryType::Block => EntryKind::Block,
         tar::EntryType::Directory => EntryKind::Dir,
         tar::EntryType::Fifo => EntryKind::Fifo,
-        other => {
-            return Err(Error::BadInputTar {
-                detail: format!(
-                    "entry {name:?} has tar type {:?} ({other:?}), which container layers do not use",
-                    et.as_byte() as char
-                ),
-            })
-        }
+        other => return Err(Error::BadInputTar {
+            detail: format!(
+                "entry {name:?} has tar type {:?} ({other:?}), which container layers do not use",
+                et.as_byte() as char
+            ),
+        }),
     };
     let norm = normalize_name(name).map_err(|d| Error::PathTraversal {
         name: name.to_string(),
@@ -583,9 +580,7 @@ fn index_entry<R: Read>(
     } else {
         (0, 0)
     };
-    let mode = header
-        .mode()
-        .map_err(|e| bad_tar(Some(name), e))?;
+    let mode = header.mode().map_err(|e| bad_tar(Some(name), e))?;
 
     // Read the content (it also lands in the spool) and compute the file and chunk digests.
     let mut file_hash = Sha256::new();
@@ -818,10 +813,10 @@ fn plan_members(
 
 fn gzip(raw: &[u8], level: u32) -> Result<Vec<u8>> {
     // mtime 0 and OS "unknown" as the reference writes them; the bytes depend on nothing else.
-    let mut enc = GzBuilder::new()
-        .mtime(0)
-        .operating_system(255)
-        .write(Vec::with_capacity(raw.len() / 2 + 64), Compression::new(level));
+    let mut enc = GzBuilder::new().mtime(0).operating_system(255).write(
+        Vec::with_capacity(raw.len() / 2 + 64),
+        Compression::new(level),
+    );
     enc.write_all(raw)
         .and_then(|_| enc.finish())
         .map_err(|e| Error::io("compressing", e))

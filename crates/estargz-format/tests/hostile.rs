@@ -4,8 +4,8 @@
 use std::io::Write;
 
 use estargz_format::{
-    convert, decompress_chunk, footer_bytes, ConvertOptions, Error, EstargzReader, JsonToc,
-    Limits, OpenOptions, Sha256Digest, Toc, FOOTER_SIZE,
+    convert, decompress_chunk, footer_bytes, ConvertOptions, Error, EstargzReader, JsonToc, Limits,
+    OpenOptions, Sha256Digest, Toc, FOOTER_SIZE,
 };
 use estargz_testutil::{synthetic_tar, SMALL_CHUNK};
 
@@ -52,7 +52,10 @@ fn with_toc(edit: impl FnOnce(&mut JsonToc)) -> Result<EstargzReader<Vec<u8>>, E
     let mut toc = toc_of(&blob);
     edit(&mut toc);
     let json = serde_json::to_vec(&toc).unwrap();
-    EstargzReader::open(with_toc_json(&blob, off, &json, None), &OpenOptions::default())
+    EstargzReader::open(
+        with_toc_json(&blob, off, &json, None),
+        &OpenOptions::default(),
+    )
 }
 
 fn find(toc: &JsonToc, name: &str) -> usize {
@@ -86,7 +89,13 @@ fn symlinked_parent_is_refused() {
     })
     .unwrap_err();
     assert!(
-        matches!(e, Error::ParentNotDirectory { parent_kind: "symlink", .. }),
+        matches!(
+            e,
+            Error::ParentNotDirectory {
+                parent_kind: "symlink",
+                ..
+            }
+        ),
         "{e}"
     );
 }
@@ -98,7 +107,10 @@ fn payload_beyond_the_toc_is_refused() {
         t.entries[i].offset = u64::MAX / 2;
     })
     .unwrap_err();
-    assert!(matches!(&e, Error::BadEntry { detail, .. } if detail.contains("not before the TOC")), "{e}");
+    assert!(
+        matches!(&e, Error::BadEntry { detail, .. } if detail.contains("not before the TOC")),
+        "{e}"
+    );
 }
 
 #[test]
@@ -108,26 +120,38 @@ fn overlapping_gapped_and_missing_chunks_are_refused() {
         t.entries[i + 2].chunk_offset += 1;
     })
     .unwrap_err();
-    assert!(matches!(&shift, Error::BadEntry { detail, .. } if detail.contains("overlap or leave a gap")), "{shift}");
+    assert!(
+        matches!(&shift, Error::BadEntry { detail, .. } if detail.contains("overlap or leave a gap")),
+        "{shift}"
+    );
     let missing = with_toc(|t| {
         let i = find(t, "srv/many-chunks");
         t.entries.remove(i + 3);
     })
     .unwrap_err();
-    assert!(matches!(&missing, Error::BadEntry { detail, .. } if detail.contains("gap")), "{missing}");
+    assert!(
+        matches!(&missing, Error::BadEntry { detail, .. } if detail.contains("gap")),
+        "{missing}"
+    );
     let last_missing = with_toc(|t| {
         let i = find(t, "srv/many-chunks");
         t.entries.remove(i + 7);
     })
     .unwrap_err();
-    assert!(matches!(&last_missing, Error::BadEntry { detail, .. } if detail.contains("cover")), "{last_missing}");
+    assert!(
+        matches!(&last_missing, Error::BadEntry { detail, .. } if detail.contains("cover")),
+        "{last_missing}"
+    );
     let orphan = with_toc(|t| {
         let i = find(t, "srv/many-chunks");
         let c = t.entries[i + 1].clone();
         t.entries.insert(0, c);
     })
     .unwrap_err();
-    assert!(matches!(&orphan, Error::BadEntry { detail, .. } if detail.contains("does not follow")), "{orphan}");
+    assert!(
+        matches!(&orphan, Error::BadEntry { detail, .. } if detail.contains("does not follow")),
+        "{orphan}"
+    );
 }
 
 #[test]
@@ -137,13 +161,19 @@ fn huge_sizes_are_refused() {
         t.entries[i].size = 1 << 50;
     })
     .unwrap_err();
-    assert!(matches!(&e, Error::BadEntry { detail, .. } if detail.contains("exceeds the limit")), "{e}");
+    assert!(
+        matches!(&e, Error::BadEntry { detail, .. } if detail.contains("exceeds the limit")),
+        "{e}"
+    );
     let e = with_toc(|t| {
         let i = find(t, "etc/hostname");
         t.entries[i].inner_offset = u64::MAX - 3;
     })
     .unwrap_err();
-    assert!(matches!(&e, Error::BadEntry { detail, .. } if detail.contains("exceeds the limit")), "{e}");
+    assert!(
+        matches!(&e, Error::BadEntry { detail, .. } if detail.contains("exceeds the limit")),
+        "{e}"
+    );
 }
 
 #[test]
@@ -167,7 +197,10 @@ fn duplicates_and_bad_hardlinks_are_refused() {
         t.entries[i].link_name = "etc".into();
     })
     .unwrap_err();
-    assert!(matches!(&e, Error::BadHardlink { detail, .. } if detail.contains("directory")), "{e}");
+    assert!(
+        matches!(&e, Error::BadHardlink { detail, .. } if detail.contains("directory")),
+        "{e}"
+    );
     // A hardlink to itself (a loop) has no earlier target.
     let e = with_toc(|t| {
         let i = find(t, "etc/hostname.link");
@@ -196,7 +229,10 @@ fn malformed_fields_are_refused() {
         t.entries[i + 1].chunk_digest.clear();
     })
     .unwrap_err();
-    assert!(matches!(&e, Error::BadEntry { detail, .. } if detail.contains("cannot be verified")), "{e}");
+    assert!(
+        matches!(&e, Error::BadEntry { detail, .. } if detail.contains("cannot be verified")),
+        "{e}"
+    );
 }
 
 #[test]
@@ -210,8 +246,14 @@ fn wrong_chunk_digest_never_serves_bytes() {
     let mut buf = [0u8; 4];
     let e = r.read_at(idx, 0, &mut buf).unwrap_err();
     assert!(matches!(e, Error::ChunkDigestMismatch { .. }), "{e}");
-    assert_eq!(buf, [0u8; 4], "no byte of an unverified chunk may be returned");
-    assert!(matches!(r.verify(|_| {}), Err(Error::ChunkDigestMismatch { .. })));
+    assert_eq!(
+        buf, [0u8; 4],
+        "no byte of an unverified chunk may be returned"
+    );
+    assert!(matches!(
+        r.verify(|_| {}),
+        Err(Error::ChunkDigestMismatch { .. })
+    ));
 }
 
 #[test]
@@ -262,7 +304,7 @@ fn oversized_tocs_are_refused() {
     assert!(matches!(e, Error::TocTooLarge { .. }), "{e}");
     // A gzip bomb in place of the TOC: decoding stops at the bound.
     let zeros = vec![b' '; 8 << 20];
-    let mut bomb = format!("{{\"version\":1,\"entries\":[]}}").into_bytes();
+    let mut bomb = br#"{"version":1,"entries":[]}"#.to_vec();
     bomb.extend_from_slice(&zeros);
     let boom = with_toc_json(&blob, off, &bomb, None);
     let opts = OpenOptions {
@@ -290,7 +332,10 @@ fn gzip_bomb_chunk_decodes_only_what_it_declares() {
         size: 10,
         digest: Sha256Digest::of(&[0u8; 10]),
     };
-    assert_eq!(decompress_chunk(&member, "bomb", &chunk).unwrap(), vec![0u8; 10]);
+    assert_eq!(
+        decompress_chunk(&member, "bomb", &chunk).unwrap(),
+        vec![0u8; 10]
+    );
     let short = estargz_format::Chunk {
         size: 100,
         digest: Sha256Digest::of(&[0u8; 100]),
@@ -360,7 +405,10 @@ fn hostile_input_tars_are_refused_by_the_converter() {
     let e = conv(b"this is not a tar archive at all, just text".repeat(20)).unwrap_err();
     assert!(matches!(e, Error::BadInputTar { .. }), "{e}");
     let e = conv(vec![0x28, 0xb5, 0x2f, 0xfd, 0, 0]).unwrap_err();
-    assert!(matches!(&e, Error::BadInputTar { detail } if detail.contains("zstd")), "{e}");
+    assert!(
+        matches!(&e, Error::BadInputTar { detail } if detail.contains("zstd")),
+        "{e}"
+    );
     // Truncated in the middle of a file's data.
     let mut t = synthetic_tar();
     t.truncate(300_000);

@@ -12,9 +12,12 @@ use estargz_format::{
 };
 use proptest::prelude::*;
 
+/// A blob, its TOC digest, and the expected content of each file.
+type Fixture = (Vec<u8>, Sha256Digest, BTreeMap<String, Vec<u8>>);
+
 /// A small layer (a few chunks) and the expected content of each file.
-fn fixture() -> &'static (Vec<u8>, Sha256Digest, BTreeMap<String, Vec<u8>>) {
-    static F: OnceLock<(Vec<u8>, Sha256Digest, BTreeMap<String, Vec<u8>>)> = OnceLock::new();
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
         let mut b = tar::Builder::new(Vec::new());
         let mut files = BTreeMap::new();
@@ -42,8 +45,20 @@ fn fixture() -> &'static (Vec<u8>, Sha256Digest, BTreeMap<String, Vec<u8>>) {
 
 fn arb_entry() -> impl Strategy<Value = JsonEntry> {
     let names = prop::sample::select(vec![
-        "a", "a/b", "./a/b/", "..", "../x", "/abs", "a//b", "a/./c", "", ".", "b", "a/b/c",
-        "stargz.index.json", ".prefetch.landmark",
+        "a",
+        "a/b",
+        "./a/b/",
+        "..",
+        "../x",
+        "/abs",
+        "a//b",
+        "a/./c",
+        "",
+        ".",
+        "b",
+        "a/b/c",
+        "stargz.index.json",
+        ".prefetch.landmark",
     ]);
     let kinds = prop::sample::select(vec![
         "dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk", "bogus",

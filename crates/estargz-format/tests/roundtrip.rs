@@ -189,5 +189,8 @@ fn empty_layer_converts() {
 fn converting_an_estargz_blob_again_is_stable() {
     let (blob, _) = conv(&synthetic_tar(), &small_opts(2));
     let (again, _) = conv(&blob, &small_opts(2));
-    assert!(blob == again, "re-converting must drop the old TOC and landmark");
+    assert!(
+        blob == again,
+        "re-converting must drop the old TOC and landmark"
+    );
 }

@@ -158,7 +158,9 @@ pub struct Digest(String);
 impl Digest {
     /// Parses and validates a digest.
     pub fn parse(s: &str) -> Result<Digest> {
-        let (alg, hex) = s.split_once(':').ok_or_else(|| Error::BadDigest(s.into()))?;
+        let (alg, hex) = s
+            .split_once(':')
+            .ok_or_else(|| Error::BadDigest(s.into()))?;
         let len = match alg {
             "sha256" => 64,
             "sha512" => 128,
@@ -267,10 +269,18 @@ pub struct Platform {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
     /// OS version (Windows).
-    #[serde(rename = "os.version", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "os.version",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub os_version: Option<String>,
     /// OS features.
-    #[serde(rename = "os.features", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "os.features",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub os_features: Option<Vec<String>>,
 }
 
@@ -340,7 +350,11 @@ pub struct Descriptor {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<Platform>,
     /// Artifact type.
-    #[serde(rename = "artifactType", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "artifactType",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub artifact_type: Option<String>,
     /// Fields this crate does not know, kept as they are.
     #[serde(flatten)]
@@ -373,7 +387,11 @@ pub struct Manifest {
     #[serde(rename = "mediaType", default, skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
     /// Artifact type.
-    #[serde(rename = "artifactType", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "artifactType",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub artifact_type: Option<String>,
     /// The image config.
     pub config: Descriptor,
@@ -401,7 +419,11 @@ pub struct Index {
     #[serde(rename = "mediaType", default, skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
     /// Artifact type.
-    #[serde(rename = "artifactType", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "artifactType",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub artifact_type: Option<String>,
     /// The manifests (or nested indexes).
     #[serde(default)]
@@ -465,10 +487,11 @@ pub struct ImageConfig {
 impl ImageConfig {
     /// Parses a config.
     pub fn from_slice(data: &[u8]) -> Result<ImageConfig> {
-        let raw: serde_json::Value = serde_json::from_slice(data).map_err(|source| Error::Json {
-            what: "image config".into(),
-            source,
-        })?;
+        let raw: serde_json::Value =
+            serde_json::from_slice(data).map_err(|source| Error::Json {
+                what: "image config".into(),
+                source,
+            })?;
         if !raw.is_object() {
             return Err(Error::BadConfig("not a JSON object".into()));
         }
@@ -681,7 +704,10 @@ impl OciLayout {
         let file = tempfile::Builder::new()
             .prefix(".tmp-blob-")
             .tempfile_in(&dir)
-            .map_err(io_err(format!("creating a temporary blob in {}", dir.display())))?;
+            .map_err(io_err(format!(
+                "creating a temporary blob in {}",
+                dir.display()
+            )))?;
         Ok(BlobWriter {
             file,
             hasher: Sha256::new(),
@@ -691,7 +717,11 @@ impl OciLayout {
     }
 
     /// Moves (or copies) a file into the layout as a blob, checking `expected` if given.
-    pub fn import_blob_file(&self, path: &Path, expected: Option<&Digest>) -> Result<(Digest, u64)> {
+    pub fn import_blob_file(
+        &self,
+        path: &Path,
+        expected: Option<&Digest>,
+    ) -> Result<(Digest, u64)> {
         let mut src = File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
         let mut w = self.blob_writer()?;
         io::copy(&mut src, &mut w).map_err(io_err(format!("copying {}", path.display())))?;
@@ -734,11 +764,19 @@ impl OciLayout {
                     Error::Resolve(format!(
                         "no image tagged {t:?} in {} (tags: {})",
                         self.name(),
-                        if tags.is_empty() { "none".into() } else { tags.join(", ") }
+                        if tags.is_empty() {
+                            "none".into()
+                        } else {
+                            tags.join(", ")
+                        }
                     ))
                 }),
             None => match index.manifests.len() {
-                1 => Ok(index.manifests.into_iter().next().unwrap_or_else(|| unreachable!())),
+                1 => Ok(index
+                    .manifests
+                    .into_iter()
+                    .next()
+                    .unwrap_or_else(|| unreachable!())),
                 0 => Err(Error::Resolve(format!("{} holds no image", self.name()))),
                 n => Err(Error::Resolve(format!(
                     "{} holds {n} images; name one as oci:DIR:TAG (tags: {})",
@@ -788,8 +826,10 @@ impl OciLayout {
 
 fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .map_err(io_err(format!("creating a temporary file in {}", dir.display())))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err(format!(
+        "creating a temporary file in {}",
+        dir.display()
+    )))?;
     tmp.write_all(data)
         .and_then(|_| tmp.as_file().sync_all())
         .map_err(io_err(format!("writing {}", path.display())))?;

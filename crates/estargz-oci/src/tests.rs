@@ -8,7 +8,14 @@ fn digests_parse_strictly() {
     assert_eq!(Digest::parse(D).unwrap().hex().len(), 64);
     let sha512 = format!("sha512:{}", "a".repeat(128));
     assert_eq!(Digest::parse(&sha512).unwrap().algorithm(), "sha512");
-    for bad in ["", "sha256:", "md5:abc", &D.to_uppercase(), &D[..70], "sha256:../../etc/passwd"] {
+    for bad in [
+        "",
+        "sha256:",
+        "md5:abc",
+        &D.to_uppercase(),
+        &D[..70],
+        "sha256:../../etc/passwd",
+    ] {
         assert!(Digest::parse(bad).is_err(), "{bad}");
     }
     assert!(serde_json::from_str::<Digest>("\"sha256:zz\"").is_err());
@@ -86,21 +93,30 @@ fn platforms() {
     };
     assert!(arm(Some("v8")).matches(&arm(None)));
     assert!(!arm(Some("v8")).matches(&arm(Some("v7"))));
-    assert!(!host.matches(&Platform { os: "windows".into(), ..host.clone() }));
+    assert!(!host.matches(&Platform {
+        os: "windows".into(),
+        ..host.clone()
+    }));
     assert_eq!(arm(Some("v8")).to_string(), "linux/arm64/v8");
 }
 
 #[test]
 fn layout_blobs_tags_and_corruption() {
     let dir = tempfile::tempdir().unwrap();
-    assert!(matches!(OciLayout::open(dir.path()), Err(Error::NotALayout(_))));
+    assert!(matches!(
+        OciLayout::open(dir.path()),
+        Err(Error::NotALayout(_))
+    ));
     let l = OciLayout::create(dir.path()).unwrap();
     let l = OciLayout::open(l.root()).unwrap();
     let (d, size) = l.write_blob(b"hello").unwrap();
     assert_eq!(size, 5);
     assert_eq!(l.read_blob(&d).unwrap(), b"hello");
     assert_eq!(l.write_blob(b"hello").unwrap().0, d);
-    assert!(matches!(l.read_blob_limited(&d, 2), Err(Error::TooLarge { .. })));
+    assert!(matches!(
+        l.read_blob_limited(&d, 2),
+        Err(Error::TooLarge { .. })
+    ));
     std::fs::write(l.blob_path(&d), b"HELLO").unwrap();
     assert!(matches!(l.read_blob(&d), Err(Error::DigestMismatch { .. })));
     assert!(matches!(
@@ -120,7 +136,11 @@ fn layout_blobs_tags_and_corruption() {
     l.set_tag(Some("one"), b.clone()).unwrap();
     assert_eq!(l.resolve(Some("one")).unwrap().digest, b.digest);
     assert_eq!(l.read_index().unwrap().manifests.len(), 2);
-    assert!(l.resolve(Some("three")).unwrap_err().to_string().contains("three"));
+    assert!(l
+        .resolve(Some("three"))
+        .unwrap_err()
+        .to_string()
+        .contains("three"));
 }
 
 #[test]
@@ -131,7 +151,11 @@ fn blob_writer_commits_or_vanishes() {
         let mut w = l.blob_writer().unwrap();
         w.write_all(b"abandoned").unwrap();
     }
-    let count = || std::fs::read_dir(dir.path().join("blobs/sha256")).unwrap().count();
+    let count = || {
+        std::fs::read_dir(dir.path().join("blobs/sha256"))
+            .unwrap()
+            .count()
+    };
     assert_eq!(count(), 0);
     let mut w = l.blob_writer().unwrap();
     w.write_all(b"kept").unwrap();
@@ -140,7 +164,11 @@ fn blob_writer_commits_or_vanishes() {
     assert_eq!(count(), 1);
     let file = dir.path().join("outside");
     std::fs::write(&file, b"imported").unwrap();
-    let (d2, _) = l.import_blob_file(&file, Some(&Digest::sha256_of(b"imported"))).unwrap();
+    let (d2, _) = l
+        .import_blob_file(&file, Some(&Digest::sha256_of(b"imported")))
+        .unwrap();
     assert_eq!(l.read_blob(&d2).unwrap(), b"imported");
-    assert!(l.import_blob_file(&file, Some(&Digest::sha256_of(b"other"))).is_err());
+    assert!(l
+        .import_blob_file(&file, Some(&Digest::sha256_of(b"other")))
+        .is_err());
 }

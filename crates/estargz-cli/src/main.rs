@@ -1,0 +1,105 @@
+//! `estargz`: convert, inspect and verify eStargz images and layers.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod image;
+mod layer;
+mod progress;
+
+/// Convert container images to eStargz (lazily pullable) and inspect or verify eStargz layers.
+///
+/// eStargz layers are ordinary tar.gz with a table of contents at the end, so a node can
+/// mount them and fetch only the files a container reads. Images stay runnable everywhere.
+///
+/// Examples:
+///   estargz convert oci:./debian:latest oci:./debian-esgz:latest
+///   estargz layer convert layer.tar layer.esgz --prioritize startup-files.txt
+///   estargz inspect layer.esgz
+///   estargz verify layer.esgz --toc-digest sha256:...
+#[derive(Parser)]
+#[command(name = "estargz", version, verbatim_doc_comment, max_term_width = 100)]
+struct Cli {
+    /// Log level: error, warn, info, debug or trace (RUST_LOG overrides).
+    #[arg(long, global = true, default_value = "warn")]
+    log_level: String,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Do not show progress bars.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert an image (every layer, every platform) to eStargz.
+    ///
+    /// SRC and DST are OCI image layouts written as oci:DIR or oci:DIR:TAG. Without a tag,
+    /// SRC must hold exactly one image. The converted image gets the TOC digest and
+    /// uncompressed-size annotations on each layer and a rewritten config (diff_ids).
+    #[command(verbatim_doc_comment)]
+    Convert(image::ConvertArgs),
+    /// Work on single layer blobs.
+    #[command(subcommand)]
+    Layer(LayerCommand),
+    /// Show an eStargz blob's footer, TOC digest, entries, chunking and prioritized files.
+    Inspect(layer::InspectArgs),
+    /// Check an eStargz blob: footer, TOC digest and every chunk. Exits 1 if anything fails.
+    Verify(layer::VerifyArgs),
+}
+
+#[derive(Subcommand)]
+enum LayerCommand {
+    /// Convert one layer (tar or tar.gz) into one eStargz blob.
+    Convert(layer::LayerConvertArgs),
+}
+
+fn init_logging(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let result: Result<ExitCode> = match &cli.command {
+        Command::Convert(args) => image::convert(args, cli.quiet),
+        Command::Layer(LayerCommand::Convert(args)) => layer::convert(args, cli.quiet),
+        Command::Inspect(args) => layer::inspect(args),
+        Command::Verify(args) => layer::verify(args, cli.quiet),
+    };
+    match result {
+        Ok(code) => code,
+        // `estargz inspect --json | head` is not an error.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! Converting whole images to eStargz.
+//!
+//! Walks an image (an index of platforms, or a single manifest), converts every layer with
+//! [`estargz_format::convert`], rewrites each config's `rootfs.diff_ids` and each manifest's
+//! layer descriptors (with the TOC digest and uncompressed-size annotations a lazy pull
+//! needs), and writes the result under a tag. A layer shared by several platforms or
+//! manifests is converted once. Layers that already are eStargz (a valid TOC whose digest
+//! matches their annotation) are kept as they are.
+//!
+//! Images are read from and written to OCI image layouts ([`estargz_oci::OciLayout`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufWriter, Write};
+use std::time::{Duration, Instant};
+
+use estargz_format::{ConvertOptions, EstargzReader, OpenOptions, Sha256Digest};
+use estargz_oci::{media_types, Descriptor, Digest, Index, Manifest, OciLayout, Platform};
+
+/// Manifest annotation holding a layer's TOC digest; containerd hands it to snapshotters.
+pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
+/// Manifest annotation holding a layer's uncompressed size.
+pub const UNCOMPRESSED_SIZE_ANNOTATION: &str = "io.containers.estargz.uncompressed-size";
+
+/// Errors of an image conversion.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading or writing the layout failed.
+    #[error(transparent)]
+    Oci(#[from] estargz_oci::Error),
+    /// A layer could not be converted.
+    #[error("layer {digest}: {source}")]
+    Layer {
+        /// Source layer digest.
+        digest: String,
+        /// What went wrong.
+        #[source]
+        source: estargz_format::Error,
+    },
+    /// The image is not something this converter understands.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Writing output failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being written.
+        context: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How to convert an image.
+#[derive(Debug, Clone, Default)]
+pub struct ImageConvertOptions {
+    /// Options for every layer.
+    pub layer: ConvertOptions,
+    /// Platforms to convert; empty means all. Other platforms are left out of the result.
+    pub platforms: Vec<Platform>,
+}
+
+/// What happened to one source layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerReport {
+    /// Source layer digest.
+    pub source: Digest,
+    /// Source layer size.
+    pub source_size: u64,
+    /// Converted layer digest.
+    pub digest: Digest,
+    /// Converted layer size.
+    pub size: u64,
+    /// TOC digest of the converted layer.
+    pub toc_digest: String,
+    /// Time spent converting (zero when kept).
+    pub elapsed: Duration,
+    /// The layer was already eStargz and was kept as is.
+    pub kept: bool,
+}
+
+/// What a conversion produced.
+#[derive(Debug, Clone)]
+pub struct ImageReport {
+    /// Descriptor of the converted image (index or manifest) as tagged in the destination.
+    pub root: Descriptor,
+    /// Every distinct source layer, in the order first seen.
+    pub layers: Vec<LayerReport>,
+    /// Platforms converted (none for a single-manifest image without platform in its config).
+    pub manifests: usize,
+}
+
+/// Receives progress events; every method has a no-op default.
+pub trait Events: Sync {
+    /// A layer conversion starts.
+    fn layer_started(&self, _source: &Digest, _size: u64) {}
+    /// Bytes of the source layer consumed so far.
+    fn layer_progress(&self, _source: &Digest, _bytes: u64) {}
+    /// A layer is done.
+    fn layer_done(&self, _report: &LayerReport) {}
+}
+
+impl Events for () {}
+
+struct LayerProgress<'a> {
+    events: &'a dyn Events,
+    source: &'a Digest,
+}
+
+impl estargz_format::Progress for LayerProgress<'_> {
+    fn input(&self, bytes: u64) {
+        self.events.layer_progress(self.source, bytes);
+    }
+}
+
+/// Converts the image tagged `src_tag` in `src` into `dst`, tagged `dst_tag`.
+pub fn convert_image(
+    src: &OciLayout,
+    src_tag: Option<&str>,
+    dst: &OciLayout,
+    dst_tag: Option<&str>,
+    opts: &ImageConvertOptions,
+    events: &dyn Events,
+) -> Result<ImageReport> {
+    let root = src.resolve(src_tag)?;
+    let mut conv = Converter {
+        src,
+        dst,
+        opts,
+        events,
+        layers: HashMap::new(),
+        order: Vec::new(),
+        manifests: 0,
+    };
+    let mut new_root = if media_types::is_index(&root.media_type) {
+        conv.index(&root)?
+    } else if media_types::is_manifest(&root.media_type) {
+        conv.manifest(&root)?
+    } else {
+        return Err(Error::Unsupported(format!(
+            "{} has media type {:?}, which is neither an image index nor a manifest",
+            root.digest, root.media_type
+        )));
+    };
+    if let Some(a) = new_root.annotations.as_mut() {
+        a.remove("org.opencontainers.image.ref.name");
+        if a.is_empty() {
+            new_root.annotations = None;
+        }
+    }
+    dst.set_tag(dst_tag, new_root.clone())?;
+    let layers = conv
+        .order
+        .iter()
+        .filter_map(|d| conv.layers.get(d).map(|c| c.report.clone()))
+        .collect();
+    Ok(ImageReport {
+        root: new_root,
+        layers,
+        manifests: conv.manifests,
+    })
+}
+
+struct Converted {
+    desc: Descriptor,
+    diff_id: Digest,
+    report: LayerReport,
+}
+
+struct Converter<'a> {
+    src: &'a OciLayout,
+    dst: &'a OciLayout,
+    opts: &'a ImageConvertOptions,
+    events: &'a dyn Events,
+    /// Converted layers by source digest.
+    layers: HashMap<Digest, Converted>,
+    order: Vec<Digest>,
+    manifests: usize,
+}
+
+impl Converter<'_> {
+    fn write_json(&self, bytes: &[u8], media_type: &str) -> Result<Descriptor> {
+        let (digest, size) = self.dst.write_blob(bytes)?;
+        Ok(Descriptor {
+            media_type: media_type.to_string(),
+            digest,
+            size,
+            urls: None,
+            annotations: None,
+            platform: None,
+            artifact_type: None,
+            extra: Default::default(),
+        })
+    }
+
+    fn wanted(&self, platform: Option<&Platform>) -> bool {
+        if self.opts.platforms.is_empty() {
+            return true;
+        }
+        match platform {
+            Some(p) => self.opts.platforms.iter().any(|w| w.matches(p)),
+            // Entries without a platform (attestations, artifacts) are not images to run.
+            None => false,
+        }
+    }
+
+    fn index(&mut self, desc: &Descriptor) -> Result<Descriptor> {
+        let index = self.src.read_index_blob(desc)?;
+        let mut manifests = Vec::new();
+        for m in &index.manifests {
+            if !self.wanted(m.platform.as_ref()) {
+                tracing::info!(digest = %m.digest, "platform not selected; left out");
+                continue;
+            }
+            let new = if media_types::is_index(&m.media_type) {
+                self.index(m)?
+            } else if media_types::is_manifest(&m.media_type) {
+                self.manifest(m)?
+            } else {
+                tracing::warn!(digest = %m.digest, media_type = %m.media_type, "not an image; left out");
+                continue;
+            };
+            manifests.push(new);
+        }
+        if manifests.is_empty() {
+            return Err(Error::Unsupported(format!(
+                "index {} has no manifest for the selected platforms",
+                desc.digest
+            )));
+        }
+        let new_index = Index {
+            schema_version: 2,
+            media_type: Some(media_types::OCI_INDEX.to_string()),
+            manifests,
+            ..index
+        };
+        let mut out = self.write_json(&new_index.to_vec(), media_types::OCI_INDEX)?;
+        out.annotations = desc.annotations.clone();
+        out.platform = desc.platform.clone();
+        Ok(out)
+    }
+
+    fn manifest(&mut self, desc: &Descriptor) -> Result<Descriptor> {
+        let manifest = self.src.read_manifest(desc)?;
+        let mut config = self.src.read_config(&manifest.config)?;
+        let diff_ids = config.diff_ids()?;
+        if diff_ids.len() != manifest.layers.len() {
+            return Err(Error::Unsupported(format!(
+                "manifest {} has {} layers but its config lists {} diff_ids",
+                desc.digest,
+                manifest.layers.len(),
+                diff_ids.len()
+            )));
+        }
+        let mut layers = Vec::with_capacity(manifest.layers.len());
+        let mut new_diff_ids = Vec::with_capacity(manifest.layers.len());
+        for (layer, diff_id) in manifest.layers.iter().zip(diff_ids) {
+            let (new, new_diff) = self.layer(layer, diff_id)?;
+            layers.push(new);
+            new_diff_ids.push(new_diff);
+        }
+        config.set_diff_ids(&new_diff_ids);
+        let config_desc = self.write_json(&config.to_vec(), media_types::OCI_CONFIG)?;
+        let new_manifest = Manifest {
+            schema_version: 2,
+            media_type: Some(media_types::OCI_MANIFEST.to_string()),
+            config: config_desc,
+            layers,
+            ..manifest
+        };
+        let mut out = self.write_json(&new_manifest.to_vec(), media_types::OCI_MANIFEST)?;
+        out.annotations = desc.annotations.clone();
+        out.platform = desc.platform.clone();
+        self.manifests += 1;
+        Ok(out)
+    }
+
+    /// Converts (or reuses) one layer; returns its new descriptor and DiffID.
+    fn layer(&mut self, layer: &Descriptor, diff_id: Digest) -> Result<(Descriptor, Digest)> {
+        if let Some(done) = self.layers.get(&layer.digest) {
+            return Ok((done.desc.clone(), done.diff_id.clone()));
+        }
+        if !media_types::is_layer(&layer.media_type) {
+            return Err(Error::Unsupported(format!(
+                "layer {} has media type {:?}, which is not a tar layer",
+                layer.digest, layer.media_type
+            )));
+        }
+        let (desc, report, diff) = match self.keep_estargz(layer, &diff_id)? {
+            Some(kept) => kept,
+            None => self.convert_layer(layer)?,
+        };
+        self.events.layer_done(&report);
+        self.layers.insert(
+            layer.digest.clone(),
+            Converted {
+                desc: desc.clone(),
+                diff_id: diff.clone(),
+                report,
+            },
+        );
+        self.order.push(layer.digest.clone());
+        Ok((desc, diff))
+    }
+
+    /// A layer that already is eStargz, with a TOC digest annotation that matches, is kept.
+    fn keep_estargz(
+        &self,
+        layer: &Descriptor,
+        diff_id: &Digest,
+    ) -> Result<Option<(Descriptor, LayerReport, Digest)>> {
+        let Some(annotated) = layer
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(TOC_DIGEST_ANNOTATION))
+        else {
+            return Ok(None);
+        };
+        if !media_types::is_gzip_layer(&layer.media_type) {
+            return Ok(None);
+        }
+        let Ok(expected) = annotated.parse::<Sha256Digest>() else {
+            return Ok(None);
+        };
+        let file = self.src.open_blob(&layer.digest)?;
+        let opts = OpenOptions {
+            expected_toc_digest: Some(expected),
+            ..Default::default()
+        };
+        if EstargzReader::open(&file, &opts).is_err() {
+            return Ok(None);
+        }
+        let (digest, size) = if self.src.root() == self.dst.root() {
+            (layer.digest.clone(), layer.size)
+        } else {
+            self.dst
+                .import_blob_file(&self.src.blob_path(&layer.digest), Some(&layer.digest))?
+        };
+        let mut desc = layer.clone();
+        desc.media_type = media_types::OCI_LAYER_GZIP.to_string();
+        desc.digest = digest.clone();
+        desc.size = size;
+        let report = LayerReport {
+            source: layer.digest.clone(),
+            source_size: layer.size,
+            digest,
+            size,
+            toc_digest: annotated.clone(),
+            elapsed: Duration::ZERO,
+            kept: true,
+        };
+        Ok(Some((desc, report, diff_id.clone())))
+    }
+
+    fn convert_layer(&self, layer: &Descriptor) -> Result<(Descriptor, LayerReport, Digest)> {
+        let start = Instant::now();
+        self.events.layer_started(&layer.digest, layer.size);
+        let input = self.src.open_blob(&layer.digest)?;
+        let mut writer = self.dst.blob_writer()?;
+        let out = {
+            let mut buffered = BufWriter::with_capacity(1 << 20, &mut writer);
+            let progress = LayerProgress {
+                events: self.events,
+                source: &layer.digest,
+            };
+            let out = estargz_format::convert(
+                std::io::BufReader::with_capacity(1 << 20, input),
+                &mut buffered,
+                &self.opts.layer,
+                &progress,
+            )
+            .map_err(|source| Error::Layer {
+                digest: layer.digest.to_string(),
+                source,
+            })?;
+            buffered.flush().map_err(|source| Error::Io {
+                context: format!("writing the converted layer of {}", layer.digest),
+                source,
+            })?;
+            out
+        };
+        let (digest, size) = writer.commit()?;
+        debug_assert_eq!(digest.as_str(), out.blob_digest.to_string());
+        let mut annotations: BTreeMap<String, String> =
+            layer.annotations.clone().unwrap_or_default();
+        annotations.insert(TOC_DIGEST_ANNOTATION.into(), out.toc_digest.to_string());
+        annotations.insert(
+            UNCOMPRESSED_SIZE_ANNOTATION.into(),
+            out.uncompressed_size.to_string(),
+        );
+        let desc = Descriptor {
+            media_type: media_types::OCI_LAYER_GZIP.to_string(),
+            digest: digest.clone(),
+            size,
+            urls: None,
+            annotations: Some(annotations),
+            platform: None,
+            artifact_type: None,
+            extra: Default::default(),
+        };
+        let diff = Digest::parse(&out.diff_id.to_string())?;
+        let report = LayerReport {
+            source: layer.digest.clone(),
+            source_size: layer.size,
+            digest,
+            size,
+            toc_digest: out.toc_digest.to_string(),
+            elapsed: start.elapsed(),
+            kept: false,
+        };
+        tracing::info!(source = %layer.digest, digest = %report.digest, toc = %report.toc_digest,
+            secs = report.elapsed.as_secs_f64(), "layer converted");
+        Ok((desc, report, diff))
+    }
+}
