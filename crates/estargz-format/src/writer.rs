@@ -485,12 +485,14 @@ fn index_entry<R: Read>(
         tar::EntryType::Block => EntryKind::Block,
         tar::EntryType::Directory => EntryKind::Dir,
         tar::EntryType::Fifo => EntryKind::Fifo,
-        other => return Err(Error::BadInputTar {
-            detail: format!(
-                "entry {name:?} has tar type {:?} ({other:?}), which container layers do not use",
-                et.as_byte() as char
-            ),
-        }),
+        other => {
+            let code = et.as_byte() as char;
+            return Err(Error::BadInputTar {
+                detail: format!(
+                    "entry {name:?} has tar type {code:?} ({other:?}), unused in layers"
+                ),
+            });
+        }
     };
     let norm = normalize_name(name).map_err(|d| Error::PathTraversal {
         name: name.to_string(),
