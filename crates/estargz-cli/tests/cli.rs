@@ -115,16 +115,7 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 }
 
 fn desc(media_type: &str, digest: Digest, size: u64) -> Descriptor {
-    Descriptor {
-        media_type: media_type.into(),
-        digest,
-        size,
-        urls: None,
-        annotations: None,
-        platform: None,
-        artifact_type: None,
-        extra: Default::default(),
-    }
+    Descriptor::new(media_type, digest, size)
 }
 
 /// Writes an image (config + manifest) of the given layer tars; returns the manifest descriptor.

@@ -183,16 +183,7 @@ struct Converter<'a> {
 impl Converter<'_> {
     fn write_json(&self, bytes: &[u8], media_type: &str) -> Result<Descriptor> {
         let (digest, size) = self.dst.write_blob(bytes)?;
-        Ok(Descriptor {
-            media_type: media_type.to_string(),
-            digest,
-            size,
-            urls: None,
-            annotations: None,
-            platform: None,
-            artifact_type: None,
-            extra: Default::default(),
-        })
+        Ok(Descriptor::new(media_type, digest, size))
     }
 
     fn wanted(&self, platform: Option<&Platform>) -> bool {
@@ -390,16 +381,8 @@ impl Converter<'_> {
             UNCOMPRESSED_SIZE_ANNOTATION.into(),
             out.uncompressed_size.to_string(),
         );
-        let desc = Descriptor {
-            media_type: media_types::OCI_LAYER_GZIP.to_string(),
-            digest: digest.clone(),
-            size,
-            urls: None,
-            annotations: Some(annotations),
-            platform: None,
-            artifact_type: None,
-            extra: Default::default(),
-        };
+        let mut desc = Descriptor::new(media_types::OCI_LAYER_GZIP, digest.clone(), size);
+        desc.annotations = Some(annotations);
         let diff = Digest::parse(&out.diff_id.to_string())?;
         let report = LayerReport {
             source: layer.digest.clone(),
