@@ -2,15 +2,13 @@
 //! OCI layouts (single manifest and multi-platform index).
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Output};
 
 use estargz_format::{EstargzReader, OpenOptions, Sha256Digest};
-use estargz_oci::{
-    media_types, Descriptor, Digest, ImageConfig, Index, Manifest, OciLayout, Platform,
-};
-use estargz_testutil::{assert_matches_tar, synthetic_tar};
+use estargz_oci::{media_types, Descriptor, Digest, ImageConfig, Index, Manifest, OciLayout};
+use estargz_testutil::{assert_matches_tar, synthetic_tar, write_oci_image};
 
 fn estargz(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_estargz"))
@@ -108,55 +106,6 @@ fn layer_convert_inspect_verify() {
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/blob"));
 }
 
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(data).unwrap();
-    gz.finish().unwrap()
-}
-
-fn desc(media_type: &str, digest: Digest, size: u64) -> Descriptor {
-    Descriptor::new(media_type, digest, size)
-}
-
-/// Writes an image (config + manifest) of the given layer tars; returns the manifest descriptor.
-fn write_image(layout: &OciLayout, layers: &[Vec<u8>], arch: &str) -> Descriptor {
-    let mut descs = Vec::new();
-    let mut diff_ids = Vec::new();
-    for (i, tar) in layers.iter().enumerate() {
-        diff_ids.push(format!("\"{}\"", Digest::sha256_of(tar)));
-        // Alternate compressed and uncompressed layers.
-        let (blob, mt) = if i % 2 == 0 {
-            (gzip(tar), media_types::OCI_LAYER_GZIP)
-        } else {
-            (tar.clone(), media_types::OCI_LAYER_TAR)
-        };
-        let (d, s) = layout.write_blob(&blob).unwrap();
-        descs.push(desc(mt, d, s));
-    }
-    let config = format!(
-        "{{\"architecture\":\"{arch}\",\"os\":\"linux\",\"config\":{{\"Env\":[\"PATH=/bin\"]}},\
-         \"rootfs\":{{\"type\":\"layers\",\"diff_ids\":[{}]}},\"history\":[{{\"created_by\":\"test\"}}]}}",
-        diff_ids.join(",")
-    );
-    let (cd, cs) = layout.write_blob(config.as_bytes()).unwrap();
-    let manifest = format!(
-        "{{\"schemaVersion\":2,\"mediaType\":\"{}\",\"config\":{},\"layers\":{},\"annotations\":{{\"keep\":\"me\"}}}}",
-        media_types::OCI_MANIFEST,
-        serde_json::to_string(&desc(media_types::OCI_CONFIG, cd, cs)).unwrap(),
-        serde_json::to_string(&descs).unwrap()
-    );
-    let (md, ms) = layout.write_blob(manifest.as_bytes()).unwrap();
-    let mut d = desc(media_types::OCI_MANIFEST, md, ms);
-    d.platform = Some(Platform {
-        architecture: arch.into(),
-        os: "linux".into(),
-        variant: None,
-        os_version: None,
-        os_features: None,
-    });
-    d
-}
-
 fn small_tar(name: &str, content: &[u8]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_gnu();
@@ -222,7 +171,7 @@ fn image_convert_single_manifest() {
         synthetic_tar(),
         small_tar("bin/hello", b"#!/bin/sh\necho hello\n"),
     ];
-    let m = write_image(&src, &layers, "amd64");
+    let m = write_oci_image(&src, &layers, "amd64");
     src.set_tag(Some("v1"), m).unwrap();
     let dst_dir = dir.path().join("dst");
     let out = ok(&[
@@ -280,8 +229,8 @@ fn image_convert_multi_platform_index() {
     let shared = small_tar("etc/shared", b"same on every platform\n");
     let amd = vec![shared.clone(), small_tar("bin/amd", b"amd64 binary")];
     let arm = vec![shared.clone(), small_tar("bin/arm", b"arm64 binary")];
-    let m1 = write_image(&src, &amd, "amd64");
-    let m2 = write_image(&src, &arm, "arm64");
+    let m1 = write_oci_image(&src, &amd, "amd64");
+    let m2 = write_oci_image(&src, &arm, "arm64");
     let index = Index {
         schema_version: 2,
         media_type: Some(media_types::OCI_INDEX.into()),
@@ -295,7 +244,7 @@ fn image_convert_multi_platform_index() {
         extra: Default::default(),
     };
     let (d, s) = src.write_blob(&index.to_vec()).unwrap();
-    src.set_tag(Some("multi"), desc(media_types::OCI_INDEX, d, s))
+    src.set_tag(Some("multi"), Descriptor::new(media_types::OCI_INDEX, d, s))
         .unwrap();
 
     let dst_dir = dir.path().join("dst");

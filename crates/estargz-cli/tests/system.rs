@@ -154,3 +154,54 @@ fn reference_converter_output_reads_and_verifies() {
         assert_eq!(l["kept"], true, "{l}");
     }
 }
+
+/// Our output through containerd's ordinary path: import unpacks every layer with overlayfs
+/// (checking each DiffID against the config) and runc runs a command from the image.
+#[test]
+fn converted_image_unpacks_and_runs_in_containerd() {
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = real_rootfs(dir.path());
+    let extra = {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        let msg = b"converted by estargz\n";
+        h.set_size(msg.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(1_700_000_000);
+        h.set_cksum();
+        b.append_data(&mut h, "etc/estargz-message", &msg[..])
+            .unwrap();
+        b.into_inner().unwrap()
+    };
+    let src_dir = dir.path().join("src");
+    let src = OciLayout::create(&src_dir).unwrap();
+    let arch = estargz_oci::Platform::host().architecture;
+    let m = estargz_testutil::write_oci_image(&src, &[rootfs, extra], &arch);
+    src.set_tag(Some("orig"), m).unwrap();
+    let dst_dir = dir.path().join("dst");
+    estargz(&[
+        "convert",
+        &format!("oci:{}:orig", src_dir.display()),
+        &format!("oci:{}:esgz", dst_dir.display()),
+        "--prioritize",
+        scripts().join("../python-startup.txt").to_str().unwrap(),
+    ]);
+    let out = Command::new("bash")
+        .arg(scripts().join("containerd-run.sh"))
+        .arg(&dst_dir)
+        .arg("esgz")
+        .args([
+            "/bin/sh",
+            "-c",
+            "cat /etc/estargz-message; /usr/bin/python3.11 -c 'print(6*7)'",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "containerd-run.sh failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("converted by estargz\n42\n"), "{stdout}");
+}

@@ -144,8 +144,10 @@ pub fn convert_image(
             root.digest, root.media_type
         )));
     };
+    // Names given to the source in its layout (by OCI or containerd) are not the result's.
     if let Some(a) = new_root.annotations.as_mut() {
-        a.remove("org.opencontainers.image.ref.name");
+        a.remove(estargz_oci::REF_NAME_ANNOTATION);
+        a.remove("io.containerd.image.name");
         if a.is_empty() {
             new_root.annotations = None;
         }

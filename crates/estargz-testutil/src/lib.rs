@@ -5,7 +5,10 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 
+use std::io::Write;
+
 use estargz_format::{normalize_name, EntryKind, EstargzReader, ReadAt};
+use estargz_oci::{media_types, Descriptor, Digest, OciLayout, Platform};
 
 /// Chunk size the synthetic layer is designed around (files straddle it).
 pub const SMALL_CHUNK: u64 = 64 * 1024;
@@ -590,4 +593,51 @@ pub fn assert_matches_tar<R: ReadAt>(reader: &EstargzReader<R>, tar_bytes: &[u8]
         );
     }
     expected.len()
+}
+
+/// gzip-compresses `data`.
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(data).unwrap();
+    gz.finish().unwrap()
+}
+
+/// Writes an image (config + manifest) of the given layer tars into `layout`, alternating
+/// gzip and uncompressed layers; returns the manifest descriptor (with its platform).
+pub fn write_oci_image(layout: &OciLayout, layers: &[Vec<u8>], arch: &str) -> Descriptor {
+    let mut descs = Vec::new();
+    let mut diff_ids = Vec::new();
+    for (i, tar) in layers.iter().enumerate() {
+        diff_ids.push(format!("\"{}\"", Digest::sha256_of(tar)));
+        // Alternate compressed and uncompressed layers.
+        let (blob, mt) = if i % 2 == 0 {
+            (gzip(tar), media_types::OCI_LAYER_GZIP)
+        } else {
+            (tar.clone(), media_types::OCI_LAYER_TAR)
+        };
+        let (d, s) = layout.write_blob(&blob).unwrap();
+        descs.push(Descriptor::new(mt, d, s));
+    }
+    let config = format!(
+        "{{\"architecture\":\"{arch}\",\"os\":\"linux\",\"config\":{{\"Env\":[\"PATH=/bin\"]}},\
+         \"rootfs\":{{\"type\":\"layers\",\"diff_ids\":[{}]}},\"history\":[{{\"created_by\":\"test\"}}]}}",
+        diff_ids.join(",")
+    );
+    let (cd, cs) = layout.write_blob(config.as_bytes()).unwrap();
+    let manifest = format!(
+        "{{\"schemaVersion\":2,\"mediaType\":\"{}\",\"config\":{},\"layers\":{},\"annotations\":{{\"keep\":\"me\"}}}}",
+        media_types::OCI_MANIFEST,
+        serde_json::to_string(&Descriptor::new(media_types::OCI_CONFIG, cd, cs)).unwrap(),
+        serde_json::to_string(&descs).unwrap()
+    );
+    let (md, ms) = layout.write_blob(manifest.as_bytes()).unwrap();
+    let mut d = Descriptor::new(media_types::OCI_MANIFEST, md, ms);
+    d.platform = Some(Platform {
+        architecture: arch.into(),
+        os: "linux".into(),
+        variant: None,
+        os_version: None,
+        os_features: None,
+    });
+    d
 }
