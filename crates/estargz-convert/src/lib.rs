@@ -9,6 +9,8 @@
 //!
 //! Images are read from and written to OCI image layouts ([`estargz_oci::OciLayout`]).
 
+#![warn(missing_docs)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufWriter, Write};
 use std::time::{Duration, Instant};

@@ -12,6 +12,8 @@
 //!
 //! This crate does no network I/O and is not async: callers bring the bytes.
 
+#![warn(missing_docs)]
+
 pub mod digest;
 pub mod error;
 pub mod footer;

@@ -5,6 +5,8 @@
 //! an OCI image layout directory (`oci-layout`, `index.json`, `blobs/<alg>/<hex>`) with
 //! atomic, digest-checked blob writes.
 
+#![warn(missing_docs)]
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, File};

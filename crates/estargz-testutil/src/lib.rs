@@ -2,6 +2,8 @@
 //! edge case a layer can hold, and an oracle that checks an eStargz blob against the tar it
 //! was made from, entry by entry and byte by byte.
 
+#![warn(missing_docs)]
+
 use std::collections::BTreeMap;
 use std::io::Read;
 
