@@ -194,3 +194,28 @@ fn converting_an_estargz_blob_again_is_stable() {
         "re-converting must drop the old TOC and landmark"
     );
 }
+
+#[test]
+fn inner_offset_selects_a_payload_inside_a_shared_member() {
+    // Writers may pack several small payloads into one gzip member (the reference's
+    // minimum-chunk-size mode); innerOffset says where each starts.
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(b"first-payload|second|third-payload").unwrap();
+    let member = gz.finish().unwrap();
+    let chunk = |inner: u64, size: u64, data: &[u8]| estargz_format::Chunk {
+        offset: 0,
+        compressed_end: member.len() as u64,
+        inner_offset: inner,
+        chunk_offset: 0,
+        size,
+        digest: Sha256Digest::of(data),
+    };
+    let second = estargz_format::decompress_chunk(&member, "f", &chunk(14, 6, b"second")).unwrap();
+    assert_eq!(second, b"second");
+    let third =
+        estargz_format::decompress_chunk(&member, "f", &chunk(21, 13, b"third-payload")).unwrap();
+    assert_eq!(third, b"third-payload");
+    // Past the end of the member: an error, not a short read.
+    assert!(estargz_format::decompress_chunk(&member, "f", &chunk(30, 13, b"x")).is_err());
+}
