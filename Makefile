@@ -6,6 +6,7 @@
 #   make build    release binaries in target/release
 #   make install  binaries into $(PREFIX)/bin
 
+SHELL  := /bin/bash
 CARGO  ?= cargo
 PREFIX ?= /usr/local
 # Cases per property test; raise for a longer fuzzing run (e.g. make test PROPTEST_CASES=100000).
@@ -28,8 +29,11 @@ check-fmt:
 lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+# Runs every test and ends with one summary line over all test binaries.
 unit:
-	$(CARGO) test --workspace --no-fail-fast
+	@mkdir -p target
+	set -o pipefail; $(CARGO) test --workspace --no-fail-fast 2>&1 | tee target/test.log
+	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' target/test.log
 
 test: deps check-fmt lint unit
 
