@@ -643,3 +643,48 @@ pub fn write_oci_image(layout: &OciLayout, layers: &[Vec<u8>], arch: &str) -> De
     });
     d
 }
+
+/// The repository's test scripts (`testdata/scripts`).
+pub fn scripts_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/scripts")
+}
+
+/// A real registry (Debian's `docker-registry`) on 127.0.0.1 with a free port, stopped and
+/// removed when dropped. Starting it fails the test if the package is missing.
+pub struct TestRegistry {
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    dir: tempfile::TempDir,
+}
+
+impl TestRegistry {
+    /// Starts a registry; with `basic_auth` it requires that user and password.
+    pub fn start(basic_auth: Option<(&str, &str)>) -> TestRegistry {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cmd = std::process::Command::new("bash");
+        cmd.arg(scripts_dir().join("registry.sh"))
+            .arg("start")
+            .arg(dir.path());
+        if let Some((u, p)) = basic_auth {
+            cmd.arg(format!("{u}:{p}"));
+        }
+        let out = cmd.output().expect("running registry.sh");
+        assert!(
+            out.status.success(),
+            "registry.sh start failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let addr = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        TestRegistry { addr, dir }
+    }
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(scripts_dir().join("registry.sh"))
+            .arg("stop")
+            .arg(self.dir.path())
+            .status();
+    }
+}

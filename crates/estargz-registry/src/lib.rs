@@ -1,0 +1,26 @@
+//! An OCI distribution client for lazy pulling and image conversion.
+//!
+//! - [`ImageRef`]: image references as users write them, normalized like Docker.
+//! - [`RegistryClient`]: manifests, whole blobs (streamed, digest checked), byte ranges
+//!   (multi-range when the registry answers it properly), pushes with cross-repository
+//!   mounts; retries with backoff and jitter, per-host connection limits.
+//! - [`Credentials`]: docker config credentials; bearer tokens are fetched from the
+//!   registry's `WWW-Authenticate` challenge and cached per scope.
+//! - [`HostsConfig`]: containerd's `hosts.toml` mirrors, TLS settings and headers.
+//!
+//! Every error names the registry, repository and object it concerns.
+
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod client;
+pub mod error;
+pub mod hosts;
+pub mod reference;
+mod tls;
+
+pub use auth::{parse_challenge, Challenge, Credential, Credentials};
+pub use client::{ClientConfig, PushOutcome, RegistryClient, RetryPolicy};
+pub use error::{Error, Result};
+pub use hosts::{Capabilities, HostsConfig, RegistryHost};
+pub use reference::ImageRef;

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# registry.sh start DIR [USER:PASSWORD] | stop DIR
+#
+# Starts a real registry (Debian's docker-registry, distribution 2.8) on 127.0.0.1 with a
+# free port, storing under DIR/data, logging to DIR/registry.log. With USER:PASSWORD it
+# requires htpasswd basic auth. `start` prints the address (127.0.0.1:PORT) on stdout.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+usage() { echo "usage: $0 start DIR [USER:PASSWORD] | stop DIR" >&2; exit 2; }
+[ $# -ge 2 ] || usage
+cmd=$1
+dir=$(mkdir -p "$2" && cd "$2" && pwd)
+
+case "$cmd" in
+start)
+    need docker-registry docker-registry
+    need python3 python3
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    mkdir -p "$dir/data"
+    auth=""
+    if [ $# -ge 3 ]; then
+        user=${3%%:*}; pass=${3#*:}
+        python3 -W ignore - "$user" "$pass" > "$dir/htpasswd" <<'PY'
+import crypt, sys
+print(f"{sys.argv[1]}:{crypt.crypt(sys.argv[2], crypt.mksalt(crypt.METHOD_BLOWFISH))}")
+PY
+        auth="auth:
+  htpasswd:
+    realm: estargz-test
+    path: $dir/htpasswd"
+    fi
+    cat > "$dir/config.yml" <<YML
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $dir/data
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:$port
+$auth
+YML
+    docker-registry serve "$dir/config.yml" > "$dir/registry.log" 2>&1 &
+    echo $! > "$dir/registry.pid"
+    for _ in $(seq 1 100); do
+        code=$(python3 -c "import urllib.request,sys
+try:
+    print(urllib.request.urlopen('http://127.0.0.1:$port/v2/', timeout=1).status)
+except urllib.error.HTTPError as e:
+    print(e.code)
+except Exception:
+    print(0)")
+        if [ "$code" = 200 ] || [ "$code" = 401 ]; then
+            echo "127.0.0.1:$port"
+            exit 0
+        fi
+        kill -0 "$(cat "$dir/registry.pid")" 2>/dev/null || break
+        sleep 0.1
+    done
+    tail -n 20 "$dir/registry.log" >&2 || true
+    die "docker-registry did not start (log: $dir/registry.log)"
+    ;;
+stop)
+    if [ -f "$dir/registry.pid" ]; then
+        pid=$(cat "$dir/registry.pid")
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+        rm -f "$dir/registry.pid"
+    fi
+    ;;
+*) usage ;;
+esac
