@@ -9,6 +9,10 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use estargz_convert::{convert_image, Events, ImageConvertOptions, LayerReport};
 use estargz_oci::{parse_layout_ref, Digest, OciLayout, Platform};
+use estargz_registry::{
+    pull_to_layout, push_from_layout, ClientConfig, CopyEvents, Credentials, HostsConfig, ImageRef,
+    RegistryClient,
+};
 use indicatif::{MultiProgress, ProgressBar};
 use serde_json::json;
 
@@ -18,11 +22,24 @@ use crate::progress::bytes_bar;
 /// Arguments of `estargz convert`.
 #[derive(Args)]
 pub struct ConvertArgs {
-    /// Source image: oci:DIR[:TAG].
+    /// Source image: a registry reference (python:3.12, host:5000/repo:tag,
+    /// repo@sha256:...) or an OCI layout (oci:DIR[:TAG]).
     pub src: String,
-    /// Destination image: oci:DIR[:TAG] (the layout is created if missing; DIR may be the
-    /// source's, to add a converted tag beside the original).
+    /// Destination image: a registry reference or an OCI layout (created if missing; DIR
+    /// may be the source's, to add a converted tag beside the original).
     pub dst: String,
+    /// Directory of containerd-style hosts.toml files (mirrors, CAs, client certificates);
+    /// repeatable. Default: /etc/containerd/certs.d when it exists.
+    #[arg(long, value_name = "DIR")]
+    pub hosts_dir: Vec<std::path::PathBuf>,
+    /// Registry (host[:port]) that may be reached over plain HTTP; repeatable. Loopback
+    /// registries always may.
+    #[arg(long, value_name = "HOST")]
+    pub insecure_registry: Vec<String>,
+    /// Where to stage images pulled from or pushed to a registry (default: a temporary
+    /// directory, removed afterwards).
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<std::path::PathBuf>,
     /// Convert only this platform (os/arch[/variant], e.g. linux/arm64/v8); repeatable.
     /// Default: every platform of an index.
     #[arg(long)]
@@ -47,23 +64,86 @@ fn parse_platform(s: &str) -> Result<Platform> {
     })
 }
 
-fn layout_ref(s: &str, create: bool) -> Result<(OciLayout, Option<String>)> {
-    let Some((dir, tag)) = parse_layout_ref(s) else {
-        bail!("{s:?} is not an image reference this version understands; write an OCI image layout as oci:DIR or oci:DIR:TAG");
-    };
-    let layout = if create {
-        OciLayout::open_or_create(&dir)
-    } else {
-        OciLayout::open(&dir)
+/// Where an image lives, as the user wrote it.
+enum Location {
+    Layout(OciLayout, Option<String>),
+    Registry(ImageRef),
+}
+
+fn location(s: &str, create: bool) -> Result<Location> {
+    if let Some((dir, tag)) = parse_layout_ref(s) {
+        let layout = if create {
+            OciLayout::open_or_create(&dir)
+        } else {
+            OciLayout::open(&dir)
+        }
+        .with_context(|| format!("opening OCI layout {}", dir.display()))?;
+        return Ok(Location::Layout(layout, tag));
     }
-    .with_context(|| format!("opening OCI layout {}", dir.display()))?;
-    Ok((layout, tag))
+    let image: ImageRef = s
+        .parse()
+        .with_context(|| format!("{s:?} is neither an image reference nor oci:DIR[:TAG]"))?;
+    Ok(Location::Registry(image))
+}
+
+fn registry_client(args: &ConvertArgs) -> Result<RegistryClient> {
+    let mut dirs = args.hosts_dir.clone();
+    let default_dir = std::path::Path::new("/etc/containerd/certs.d");
+    if dirs.is_empty() && default_dir.is_dir() {
+        dirs.push(default_dir.to_path_buf());
+    }
+    Ok(RegistryClient::new(ClientConfig {
+        credentials: Credentials::from_default_docker_config()
+            .context("reading registry credentials")?,
+        hosts: HostsConfig {
+            dirs,
+            insecure: args.insecure_registry.clone(),
+        },
+        ..Default::default()
+    }))
 }
 
 struct Bars {
     multi: MultiProgress,
     quiet: bool,
     bars: Mutex<HashMap<Digest, ProgressBar>>,
+}
+
+impl Bars {
+    fn start(&self, digest: &Digest, size: u64, verb: &str) {
+        let short: String = digest.hex().chars().take(12).collect();
+        let bar = bytes_bar(
+            Some(&self.multi),
+            Some(size),
+            format!("{verb} {short}"),
+            self.quiet,
+        );
+        if let Ok(mut b) = self.bars.lock() {
+            b.insert(digest.clone(), bar);
+        }
+    }
+    fn progress(&self, digest: &Digest, bytes: u64) {
+        if let Some(bar) = self.bars.lock().ok().and_then(|b| b.get(digest).cloned()) {
+            bar.set_position(bytes);
+        }
+    }
+    fn finish(&self, digest: &Digest) {
+        if let Some(bar) = self.bars.lock().ok().and_then(|mut b| b.remove(digest)) {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl CopyEvents for Bars {
+    fn blob_started(&self, digest: &Digest, size: u64) {
+        self.start(digest, size, "transfer");
+    }
+    fn blob_progress(&self, digest: &Digest, bytes: u64) {
+        self.progress(digest, bytes);
+    }
+    fn blob_done(&self, digest: &Digest, _skipped: bool) {
+        self.finish(digest);
+    }
 }
 
 impl Events for Bars {
@@ -98,8 +178,8 @@ impl Events for Bars {
 
 /// `estargz convert`.
 pub fn convert(args: &ConvertArgs, quiet: bool) -> Result<ExitCode> {
-    let (src, src_tag) = layout_ref(&args.src, false)?;
-    let (dst, dst_tag) = layout_ref(&args.dst, true)?;
+    let src = location(&args.src, false)?;
+    let dst = location(&args.dst, true)?;
     let platforms = args
         .platform
         .iter()
@@ -107,23 +187,86 @@ pub fn convert(args: &ConvertArgs, quiet: bool) -> Result<ExitCode> {
         .collect::<Result<Vec<_>>>()?;
     let opts = ImageConvertOptions {
         layer: args.flags.options()?,
-        platforms,
+        platforms: platforms.clone(),
     };
     let bars = Bars {
         multi: MultiProgress::new(),
         quiet: quiet || args.flags.json,
         bars: Mutex::new(HashMap::new()),
     };
+    let uses_registry =
+        matches!(src, Location::Registry(_)) || matches!(dst, Location::Registry(_));
+    // A staging layout for whatever lives in a registry; removed unless --work-dir.
+    let _tmp;
+    let staging = if uses_registry {
+        let dir = match &args.work_dir {
+            Some(d) => d.clone(),
+            None => {
+                let t = tempfile::tempdir().context("creating a staging directory")?;
+                let p = t.path().to_path_buf();
+                _tmp = t;
+                p
+            }
+        };
+        Some(OciLayout::open_or_create(&dir).context("creating the staging layout")?)
+    } else {
+        None
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let client = if uses_registry {
+        Some(registry_client(args)?)
+    } else {
+        None
+    };
+    let parallel = 4;
+    let (src_layout, src_tag) = match &src {
+        Location::Layout(l, t) => (l.clone(), t.clone()),
+        Location::Registry(image) => {
+            let (layout, client) = (
+                staging.as_ref().unwrap_or_else(|| unreachable!()),
+                client.as_ref().unwrap_or_else(|| unreachable!()),
+            );
+            runtime
+                .block_on(pull_to_layout(
+                    client, image, layout, "src", &platforms, parallel, &bars,
+                ))
+                .with_context(|| format!("pulling {image}"))?;
+            (layout.clone(), Some("src".to_string()))
+        }
+    };
+    let (dst_layout, dst_tag) = match &dst {
+        Location::Layout(l, t) => (l.clone(), t.clone()),
+        Location::Registry(_) => (
+            staging.clone().unwrap_or_else(|| unreachable!()),
+            Some("dst".to_string()),
+        ),
+    };
     let start = Instant::now();
     let report = convert_image(
-        &src,
+        &src_layout,
         src_tag.as_deref(),
-        &dst,
+        &dst_layout,
         dst_tag.as_deref(),
         &opts,
         &bars,
     )
     .with_context(|| format!("converting {} to {}", args.src, args.dst))?;
+    if let (Location::Registry(image), Some(client)) = (&dst, &client) {
+        runtime
+            .block_on(push_from_layout(
+                client,
+                &dst_layout,
+                "dst",
+                image,
+                parallel,
+                &bars,
+            ))
+            .with_context(|| format!("pushing {image}"))?;
+    }
     let _ = bars.multi.clear();
     if args.flags.json {
         let layers: Vec<_> = report

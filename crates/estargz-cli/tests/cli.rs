@@ -214,7 +214,7 @@ fn image_convert_single_manifest() {
     // Errors say what to do.
     let bad = estargz(&[
         "convert",
-        "docker.io/library/debian",
+        "Not A Reference!",
         &format!("oci:{}", p(&dst_dir)),
     ]);
     assert_eq!(bad.status.code(), Some(2));

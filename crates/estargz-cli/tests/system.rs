@@ -11,31 +11,16 @@ use estargz_oci::OciLayout;
 use estargz_testutil::{assert_matches_tar, synthetic_tar};
 
 fn scripts() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/scripts")
+    estargz_testutil::scripts_dir()
 }
 
 fn run_script(name: &str, args: &[&Path], env: &[(&str, &str)]) {
-    let mut cmd = Command::new("bash");
-    cmd.arg(scripts().join(name)).args(args);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {name}: {e}"));
-    assert!(
-        out.status.success(),
-        "{name} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|p| p.as_os_str()).collect();
+    estargz_testutil::run_script(name, &args, env);
 }
 
 fn real_rootfs(dir: &Path) -> Vec<u8> {
-    let path = dir.join("rootfs.tar");
-    run_script("rootfs.sh", &[&path], &[]);
-    std::fs::read(&path).unwrap()
+    estargz_testutil::real_rootfs_tar(dir)
 }
 
 fn estargz(args: &[&str]) -> String {

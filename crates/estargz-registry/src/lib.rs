@@ -14,6 +14,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod copy;
 pub mod error;
 pub mod hosts;
 pub mod reference;
@@ -21,6 +22,7 @@ mod tls;
 
 pub use auth::{parse_challenge, Challenge, Credential, Credentials};
 pub use client::{ClientConfig, PushOutcome, RegistryClient, RetryPolicy};
+pub use copy::{pull_to_layout, push_from_layout, CopyEvents};
 pub use error::{Error, Result};
 pub use hosts::{Capabilities, HostsConfig, RegistryHost};
 pub use reference::ImageRef;

@@ -688,3 +688,44 @@ impl Drop for TestRegistry {
             .status();
     }
 }
+
+/// Runs `testdata/scripts/NAME` with `args` and `env`; panics with its output if it fails.
+/// Returns its standard output.
+pub fn run_script(name: &str, args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> String {
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg(scripts_dir().join(name)).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {name}: {e}"));
+    assert!(
+        out.status.success(),
+        "{name} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Builds a real Debian root filesystem tar (`testdata/scripts/rootfs.sh`) at
+/// `dir/rootfs.tar` and returns its bytes.
+pub fn real_rootfs_tar(dir: &std::path::Path) -> Vec<u8> {
+    let path = dir.join("rootfs.tar");
+    run_script("rootfs.sh", &[path.as_os_str()], &[]);
+    std::fs::read(&path).expect("reading the rootfs tar")
+}
+
+/// A one-file tar layer.
+pub fn one_file_tar(name: &str, content: &[u8]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(content.len() as u64);
+    h.set_mode(0o644);
+    h.set_mtime(1_700_000_000);
+    h.set_cksum();
+    b.append_data(&mut h, name, content).expect("tar");
+    b.into_inner().expect("tar")
+}
