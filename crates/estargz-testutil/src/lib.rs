@@ -7,7 +7,11 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 
+mod proxy;
+
 use std::io::Write;
+
+pub use proxy::{Fault, FaultProxy};
 
 use estargz_format::{normalize_name, EntryKind, EstargzReader, ReadAt};
 use estargz_oci::{media_types, Descriptor, Digest, OciLayout, Platform};

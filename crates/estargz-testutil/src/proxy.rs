@@ -1,0 +1,249 @@
+//! A fault-injecting HTTP/1.1 proxy in front of a real registry, for tests.
+//!
+//! Faults apply to blob GETs (paths with `/blobs/sha256:`): one-shot faults from a queue,
+//! then an optional persistent fault, else the request passes through unchanged. Each
+//! connection carries one request (`Connection: close`), which keeps the proxy simple and
+//! the faults precise.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What to do to a blob request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Close the connection without answering.
+    Reset,
+    /// Answer with this status and an empty body.
+    Status(u16),
+    /// Answer 429 Too Many Requests with `Retry-After: secs`.
+    TooManyRequests(u64),
+    /// Send the headers and half of the body, then close.
+    Truncate,
+    /// Send the headers and half of the body, then stall this long before closing.
+    Stall(Duration),
+    /// Flip one byte in the middle of the body.
+    CorruptBody,
+    /// Answer a multi-range request with this status (e.g. 400).
+    RejectMultiRange(u16),
+    /// Drop the Range header, so the registry answers 200 with the whole blob.
+    IgnoreRange,
+    /// Answer 307 with a Location pointing straight at the registry (like blob storage).
+    Redirect,
+}
+
+struct Shared {
+    upstream: String,
+    queue: Mutex<VecDeque<Fault>>,
+    always: Mutex<Option<Fault>>,
+    blob_requests: AtomicUsize,
+    bytes_served: AtomicUsize,
+    stop: AtomicBool,
+}
+
+/// A running proxy; stops when dropped.
+pub struct FaultProxy {
+    /// `127.0.0.1:PORT` to point clients at.
+    pub addr: String,
+    shared: Arc<Shared>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy to `upstream` (`host:port`).
+    pub fn start(upstream: &str) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let shared = Arc::new(Shared {
+            upstream: upstream.to_string(),
+            queue: Mutex::new(VecDeque::new()),
+            always: Mutex::new(None),
+            blob_requests: AtomicUsize::new(0),
+            bytes_served: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Ok(conn) = conn {
+                    let s = s.clone();
+                    std::thread::spawn(move || {
+                        let _ = handle(conn, &s);
+                    });
+                }
+            }
+        });
+        FaultProxy { addr, shared }
+    }
+
+    /// Queues a one-shot fault for the next blob request.
+    pub fn push(&self, fault: Fault) {
+        self.shared.queue.lock().unwrap().push_back(fault);
+    }
+
+    /// Sets (or clears) a fault applied to every blob request once the queue is empty.
+    pub fn set_always(&self, fault: Option<Fault>) {
+        *self.shared.always.lock().unwrap() = fault;
+    }
+
+    /// Blob requests seen so far.
+    pub fn blob_requests(&self) -> usize {
+        self.shared.blob_requests.load(Ordering::SeqCst)
+    }
+
+    /// Body bytes of blob responses passed to clients so far.
+    pub fn blob_bytes_served(&self) -> usize {
+        self.shared.bytes_served.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop.
+        let _ = TcpStream::connect(&self.addr);
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn read_request(conn: &mut TcpStream) -> std::io::Result<(String, Vec<(String, String)>, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 8192];
+    let head_end = loop {
+        let n = conn.read(&mut tmp)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&tmp[..n]);
+        if let Some(p) = find(&buf, b"\r\n\r\n") {
+            break p;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or("").to_string();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let mut body = buf[head_end + 4..].to_vec();
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    while body.len() < len {
+        let n = conn.read(&mut tmp)?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&tmp[..n]);
+    }
+    Ok((request_line, headers, body))
+}
+
+fn simple(conn: &mut TcpStream, status: u16, extra: &str) -> std::io::Result<()> {
+    write!(
+        conn,
+        "HTTP/1.1 {status} Fault\r\nContent-Length: 0\r\nConnection: close\r\n{extra}\r\n"
+    )
+}
+
+fn handle(mut conn: TcpStream, s: &Shared) -> std::io::Result<()> {
+    let (request_line, mut headers, body) = read_request(&mut conn)?;
+    let is_blob_get = request_line.starts_with("GET ") && request_line.contains("/blobs/sha256:");
+    let fault = if is_blob_get {
+        s.blob_requests.fetch_add(1, Ordering::SeqCst);
+        let queued = s.queue.lock().unwrap().pop_front();
+        queued.or_else(|| s.always.lock().unwrap().clone())
+    } else {
+        None
+    };
+    let range = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("range"))
+        .map(|(_, v)| v.clone());
+    match &fault {
+        Some(Fault::Reset) => {
+            let _ = conn.shutdown(Shutdown::Both);
+            return Ok(());
+        }
+        Some(Fault::Status(code)) => return simple(&mut conn, *code, ""),
+        Some(Fault::TooManyRequests(secs)) => {
+            return simple(&mut conn, 429, &format!("Retry-After: {secs}\r\n"))
+        }
+        Some(Fault::RejectMultiRange(code))
+            if range.as_deref().is_some_and(|r| r.contains(',')) =>
+        {
+            return simple(&mut conn, *code, "")
+        }
+        Some(Fault::Redirect) => {
+            let path = request_line.split(' ').nth(1).unwrap_or("/");
+            return simple(
+                &mut conn,
+                307,
+                &format!("Location: http://{}{path}\r\n", s.upstream),
+            );
+        }
+        Some(Fault::IgnoreRange) => headers.retain(|(k, _)| !k.eq_ignore_ascii_case("range")),
+        _ => {}
+    }
+    // Forward.
+    let mut up = TcpStream::connect(&s.upstream)?;
+    let mut req = format!("{request_line}\r\n");
+    for (k, v) in &headers {
+        if k.eq_ignore_ascii_case("connection") || k.eq_ignore_ascii_case("host") {
+            continue;
+        }
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!(
+        "Host: {}\r\nConnection: close\r\n\r\n",
+        s.upstream
+    ));
+    up.write_all(req.as_bytes())?;
+    up.write_all(&body)?;
+    let mut resp = Vec::new();
+    up.read_to_end(&mut resp)?;
+    let head_end = find(&resp, b"\r\n\r\n").map_or(resp.len(), |p| p + 4);
+    let (head, body) = resp.split_at(head_end);
+    let mut body = body.to_vec();
+    if is_blob_get {
+        s.bytes_served.fetch_add(body.len(), Ordering::SeqCst);
+    }
+    match fault {
+        Some(Fault::Truncate) => {
+            conn.write_all(head)?;
+            conn.write_all(&body[..body.len() / 2])?;
+            let _ = conn.shutdown(Shutdown::Both);
+        }
+        Some(Fault::Stall(d)) => {
+            conn.write_all(head)?;
+            conn.write_all(&body[..body.len() / 2])?;
+            conn.flush()?;
+            std::thread::sleep(d);
+            let _ = conn.shutdown(Shutdown::Both);
+        }
+        Some(Fault::CorruptBody) => {
+            if !body.is_empty() {
+                let mid = body.len() / 2;
+                body[mid] ^= 0xff;
+            }
+            conn.write_all(head)?;
+            conn.write_all(&body)?;
+        }
+        _ => {
+            conn.write_all(head)?;
+            conn.write_all(&body)?;
+        }
+    }
+    Ok(())
+}
