@@ -114,7 +114,10 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-fn read_request(conn: &mut TcpStream) -> std::io::Result<(String, Vec<(String, String)>, Vec<u8>)> {
+/// Request line, headers and body of one request.
+type Request = (String, Vec<(String, String)>, Vec<u8>);
+
+fn read_request(conn: &mut TcpStream) -> std::io::Result<Request> {
     let mut buf = Vec::new();
     let mut tmp = [0u8; 8192];
     let head_end = loop {
