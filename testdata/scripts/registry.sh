@@ -1,25 +1,50 @@
 #!/usr/bin/env bash
-# registry.sh start DIR [USER:PASSWORD] | stop DIR
+# registry.sh start DIR [USER:PASSWORD] | start-token DIR USER:PASSWORD | stop DIR
 #
 # Starts a real registry (Debian's docker-registry, distribution 2.8) on 127.0.0.1 with a
 # free port, storing under DIR/data, logging to DIR/registry.log. With USER:PASSWORD it
-# requires htpasswd basic auth. `start` prints the address (127.0.0.1:PORT) on stdout.
+# requires htpasswd basic auth; `start-token` instead requires bearer tokens from a token
+# server (token-server.py, started too) that grants them to USER:PASSWORD. `start` prints
+# the address (127.0.0.1:PORT) on stdout; `start-token` prints it and the token realm.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
-usage() { echo "usage: $0 start DIR [USER:PASSWORD] | stop DIR" >&2; exit 2; }
+usage() { echo "usage: $0 start DIR [USER:PASSWORD] | start-token DIR USER:PASSWORD | stop DIR" >&2; exit 2; }
 [ $# -ge 2 ] || usage
 cmd=$1
 dir=$(mkdir -p "$2" && cd "$2" && pwd)
 
 case "$cmd" in
-start)
+start|start-token)
     need docker-registry docker-registry
     need python3 python3
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     mkdir -p "$dir/data"
     auth=""
-    if [ $# -ge 3 ]; then
+    realm=""
+    if [ "$cmd" = start-token ]; then
+        [ $# -ge 3 ] || usage
+        need openssl openssl
+        user=${3%%:*}; pass=${3#*:}
+        openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=estargz-test-token" \
+            -keyout "$dir/token.key" -out "$dir/token.crt" >/dev/null 2>&1 \
+            || die "openssl could not make the token signing certificate"
+        rm -f "$dir/token.port"
+        python3 "$SCRIPTS_DIR/token-server.py" --key "$dir/token.key" --cert "$dir/token.crt" \
+            --issuer estargz-test-issuer --service estargz-test-registry \
+            --user "$user" --password "$pass" --port-file "$dir/token.port" \
+            > "$dir/token.log" 2>&1 &
+        echo $! > "$dir/token.pid"
+        for _ in $(seq 1 100); do [ -f "$dir/token.port" ] && break; sleep 0.1; done
+        [ -f "$dir/token.port" ] || die "token server did not start (log: $dir/token.log)"
+        realm="http://127.0.0.1:$(cat "$dir/token.port")/token"
+        auth="auth:
+  token:
+    realm: $realm
+    service: estargz-test-registry
+    issuer: estargz-test-issuer
+    rootcertbundle: $dir/token.crt"
+    elif [ $# -ge 3 ]; then
         user=${3%%:*}; pass=${3#*:}
         python3 -W ignore - "$user" "$pass" > "$dir/htpasswd" <<'PY'
 import crypt, sys
@@ -57,6 +82,7 @@ except Exception:
     print(0)")
         if [ "$code" = 200 ] || [ "$code" = 401 ]; then
             echo "127.0.0.1:$port"
+            [ -z "$realm" ] || echo "$realm"
             exit 0
         fi
         kill -0 "$(cat "$dir/registry.pid")" 2>/dev/null || break
@@ -66,6 +92,10 @@ except Exception:
     die "docker-registry did not start (log: $dir/registry.log)"
     ;;
 stop)
+    if [ -f "$dir/token.pid" ]; then
+        kill "$(cat "$dir/token.pid")" 2>/dev/null || true
+        rm -f "$dir/token.pid"
+    fi
     if [ -f "$dir/registry.pid" ]; then
         pid=$(cat "$dir/registry.pid")
         kill "$pid" 2>/dev/null || true

@@ -228,3 +228,131 @@ fn base64_encode(data: &[u8]) -> String {
     }
     out
 }
+
+#[tokio::test]
+async fn bearer_tokens_from_the_challenge_are_cached_per_scope() {
+    let reg = TestRegistry::start_with_tokens("bob", "tok3n");
+    let image: ImageRef = format!("{}/team/app:v1", reg.addr).parse().unwrap();
+    // Anonymous: the token server refuses, and the error says so.
+    let e = client(Credentials::none())
+        .resolve(&image)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Unauthorized { .. }), "{e}");
+
+    let mut creds = Credentials::none();
+    creds.insert(
+        &reg.addr,
+        Credential::Basic {
+            username: "bob".into(),
+            password: "tok3n".into(),
+        },
+    );
+    let c = client(creds);
+    let layer = noise(50_000, 21);
+    let (image, layer_desc, md) = push_image(&c, &reg.addr, "team/app", &layer).await;
+    assert_eq!(c.resolve(&image).await.unwrap().digest, md);
+    let issued = reg.tokens_issued();
+    for i in 0..10u64 {
+        let r = c
+            .fetch_range(&image, &layer_desc.digest, i * 100..i * 100 + 50)
+            .await
+            .unwrap();
+        assert_eq!(&r[..], &layer[(i * 100) as usize..(i * 100 + 50) as usize]);
+    }
+    // Ten reads with the pull scope reuse one cached token (at most one new one).
+    assert!(reg.tokens_issued() - issued <= 1, "tokens are not cached");
+    assert!(
+        issued <= 3,
+        "{issued} tokens for one push: one per scope expected"
+    );
+}
+
+#[tokio::test]
+async fn hosts_toml_mirror_is_preferred_and_skipped_when_down() {
+    let upstream = TestRegistry::start(None);
+    let mirror = TestRegistry::start(None);
+    let c = client(Credentials::none());
+    let layer = noise(20_000, 31);
+    let (_, layer_desc, md) = push_image(&c, &upstream.addr, "lib/app", &layer).await;
+    // The mirror holds the same image, plus a tag only it has.
+    push_image(&c, &mirror.addr, "lib/app", &layer).await;
+    let mirror_only: ImageRef = format!("{}/lib/app:mirror-only", mirror.addr)
+        .parse()
+        .unwrap();
+    let (_, body) = c
+        .get_manifest(&mirror_only.with_reference("v1"))
+        .await
+        .unwrap();
+    c.push_manifest(&mirror_only, "mirror-only", media_types::OCI_MANIFEST, body)
+        .await
+        .unwrap();
+    let proxy = estargz_testutil::FaultProxy::start(&mirror.addr);
+
+    let dir = tempfile::tempdir().unwrap();
+    let write_hosts = |mirror_addr: &str| {
+        let d = dir.path().join(&upstream.addr);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join("hosts.toml"),
+            format!(
+                "server = \"http://{}\"\n\n[host.\"http://{mirror_addr}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                upstream.addr
+            ),
+        )
+        .unwrap();
+    };
+    let with_hosts = || {
+        RegistryClient::new(ClientConfig {
+            hosts: estargz_registry::HostsConfig {
+                dirs: vec![dir.path().to_path_buf()],
+                insecure: vec![],
+            },
+            retry: estargz_registry::RetryPolicy {
+                max_attempts: 2,
+                initial_backoff: std::time::Duration::from_millis(10),
+                max_backoff: std::time::Duration::from_millis(100),
+            },
+            ..Default::default()
+        })
+    };
+    // Mirror up: a tag only the mirror has resolves through the upstream's name, and blob
+    // reads go to the mirror.
+    write_hosts(&proxy.addr);
+    let mc = with_hosts();
+    let via_upstream_name: ImageRef = format!("{}/lib/app:mirror-only", upstream.addr)
+        .parse()
+        .unwrap();
+    assert_eq!(mc.resolve(&via_upstream_name).await.unwrap().digest, md);
+    let before = proxy.blob_requests();
+    let r = mc
+        .fetch_range(&via_upstream_name, &layer_desc.digest, 0..10)
+        .await
+        .unwrap();
+    assert_eq!(&r[..], &layer[..10]);
+    assert_eq!(
+        proxy.blob_requests() - before,
+        1,
+        "the mirror served the blob"
+    );
+
+    // Mirror down: the upstream answers.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    write_hosts(&dead);
+    let dc = with_hosts();
+    let image: ImageRef = format!("{}/lib/app:v1", upstream.addr).parse().unwrap();
+    assert_eq!(dc.resolve(&image).await.unwrap().digest, md);
+    let r = dc
+        .fetch_range(&image, &layer_desc.digest, 5..15)
+        .await
+        .unwrap();
+    assert_eq!(&r[..], &layer[5..15]);
+    // The mirror-only tag is not on the upstream.
+    assert!(matches!(
+        dc.resolve(&via_upstream_name).await,
+        Err(Error::NotFound { .. })
+    ));
+}

@@ -658,6 +658,8 @@ pub fn scripts_dir() -> std::path::PathBuf {
 pub struct TestRegistry {
     /// `127.0.0.1:PORT`.
     pub addr: String,
+    /// The token endpoint, for a registry started with [`TestRegistry::start_with_tokens`].
+    pub token_realm: Option<String>,
     dir: tempfile::TempDir,
 }
 
@@ -679,7 +681,56 @@ impl TestRegistry {
             String::from_utf8_lossy(&out.stderr)
         );
         let addr = String::from_utf8(out.stdout).unwrap().trim().to_string();
-        TestRegistry { addr, dir }
+        TestRegistry {
+            addr,
+            token_realm: None,
+            dir,
+        }
+    }
+
+    /// Starts a registry that requires bearer tokens from a token server which grants them
+    /// to `user`:`password` (basic auth at the token endpoint).
+    pub fn start_with_tokens(user: &str, password: &str) -> TestRegistry {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = std::process::Command::new("bash")
+            .arg(scripts_dir().join("registry.sh"))
+            .arg("start-token")
+            .arg(dir.path())
+            .arg(format!("{user}:{password}"))
+            .output()
+            .expect("running registry.sh");
+        assert!(
+            out.status.success(),
+            "registry.sh start-token failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mut lines = text.lines();
+        let addr = lines.next().expect("address").trim().to_string();
+        let realm = lines.next().expect("realm").trim().to_string();
+        TestRegistry {
+            addr,
+            token_realm: Some(realm),
+            dir,
+        }
+    }
+
+    /// How many tokens the token server has issued.
+    pub fn tokens_issued(&self) -> u64 {
+        let realm = self.token_realm.as_deref().expect("a token registry");
+        let hostport = realm
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .expect("host");
+        let mut conn = std::net::TcpStream::connect(hostport).expect("token server");
+        use std::io::Read as _;
+        write!(conn, "GET /stats HTTP/1.0\r\nHost: {hostport}\r\n\r\n").expect("request");
+        let mut resp = String::new();
+        conn.read_to_string(&mut resp).expect("response");
+        let body = resp.split("\r\n\r\n").nth(1).expect("body");
+        let v: serde_json::Value = serde_json::from_str(body).expect("json");
+        v["tokens"].as_u64().expect("count")
     }
 }
 
