@@ -267,6 +267,20 @@ fn image_convert_multi_platform_index() {
         assert!(m.platform.is_some());
         check_converted(&dst, m, orig);
     }
+    // Layers convert in parallel within --threads; the result does not depend on it.
+    let digest_with = |threads: &str| {
+        let out = ok(&[
+            "convert",
+            &format!("oci:{}:multi", p(&src_dir)),
+            &format!("oci:{}:t{threads}", p(&dst_dir)),
+            "--threads",
+            threads,
+            "--json",
+        ]);
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["image"].clone()
+    };
+    assert_eq!(digest_with("1"), report["image"]);
+    assert_eq!(digest_with("4"), report["image"]);
     // --platform selects one.
     ok(&[
         "convert",

@@ -136,6 +136,11 @@ pub fn convert_image(
         order: Vec::new(),
         manifests: 0,
     };
+    // Convert every distinct layer first, several at a time; the walk below then finds
+    // them all converted.
+    let mut pending = Vec::new();
+    conv.collect_layers(&root, &mut pending)?;
+    conv.convert_all(pending)?;
     let mut new_root = if media_types::is_index(&root.media_type) {
         conv.index(&root)?
     } else if media_types::is_manifest(&root.media_type) {
@@ -199,6 +204,94 @@ impl Converter<'_> {
             // Entries without a platform (attestations, artifacts) are not images to run.
             None => false,
         }
+    }
+
+    /// Distinct layers of the selected manifests under `desc`, with their DiffIDs.
+    fn collect_layers(&self, desc: &Descriptor, out: &mut Vec<(Descriptor, Digest)>) -> Result<()> {
+        if media_types::is_index(&desc.media_type) {
+            for m in self.src.read_index_blob(desc)?.manifests {
+                if self.wanted(m.platform.as_ref()) {
+                    self.collect_layers(&m, out)?;
+                }
+            }
+        } else if media_types::is_manifest(&desc.media_type) {
+            let manifest = self.src.read_manifest(desc)?;
+            let diff_ids = self.src.read_config(&manifest.config)?.diff_ids()?;
+            for (layer, diff) in manifest.layers.into_iter().zip(diff_ids) {
+                if !out.iter().any(|(l, _)| l.digest == layer.digest) {
+                    out.push((layer, diff));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Converts `layers` on up to `threads` workers (each compressing with its share of the
+    /// threads; the output does not depend on the split) and caches the results.
+    fn convert_all(&mut self, layers: Vec<(Descriptor, Digest)>) -> Result<()> {
+        let threads = match self.opts.layer.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let workers = threads.min(layers.len()).max(1);
+        let per_layer = (threads / workers).max(1);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let results: std::sync::Mutex<Vec<(usize, Result<Converted>)>> = Default::default();
+        let this = &*self;
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let Some((layer, diff)) = layers.get(i) else {
+                        return;
+                    };
+                    let r = this.convert_one(layer, diff, per_layer);
+                    let failed = r.is_err();
+                    results
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((i, r));
+                    if failed {
+                        // Let the other workers finish their current layer, then stop.
+                        next.store(layers.len(), std::sync::atomic::Ordering::SeqCst);
+                        return;
+                    }
+                });
+            }
+        });
+        let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+        results.sort_by_key(|(i, _)| *i);
+        for (i, r) in results {
+            let converted = r?;
+            let source = layers[i].0.digest.clone();
+            self.order.push(source.clone());
+            self.layers.insert(source, converted);
+        }
+        Ok(())
+    }
+
+    fn convert_one(
+        &self,
+        layer: &Descriptor,
+        diff_id: &Digest,
+        threads: usize,
+    ) -> Result<Converted> {
+        if !media_types::is_layer(&layer.media_type) {
+            return Err(Error::Unsupported(format!(
+                "layer {} has media type {:?}, which is not a tar layer",
+                layer.digest, layer.media_type
+            )));
+        }
+        let (desc, report, diff) = match self.keep_estargz(layer, diff_id)? {
+            Some(kept) => kept,
+            None => self.convert_layer(layer, threads)?,
+        };
+        self.events.layer_done(&report);
+        Ok(Converted {
+            desc,
+            diff_id: diff,
+            report,
+        })
     }
 
     fn index(&mut self, desc: &Descriptor) -> Result<Descriptor> {
@@ -272,32 +365,12 @@ impl Converter<'_> {
         Ok(out)
     }
 
-    /// Converts (or reuses) one layer; returns its new descriptor and DiffID.
-    fn layer(&mut self, layer: &Descriptor, diff_id: Digest) -> Result<(Descriptor, Digest)> {
-        if let Some(done) = self.layers.get(&layer.digest) {
-            return Ok((done.desc.clone(), done.diff_id.clone()));
-        }
-        if !media_types::is_layer(&layer.media_type) {
-            return Err(Error::Unsupported(format!(
-                "layer {} has media type {:?}, which is not a tar layer",
-                layer.digest, layer.media_type
-            )));
-        }
-        let (desc, report, diff) = match self.keep_estargz(layer, &diff_id)? {
-            Some(kept) => kept,
-            None => self.convert_layer(layer)?,
-        };
-        self.events.layer_done(&report);
-        self.layers.insert(
-            layer.digest.clone(),
-            Converted {
-                desc: desc.clone(),
-                diff_id: diff.clone(),
-                report,
-            },
-        );
-        self.order.push(layer.digest.clone());
-        Ok((desc, diff))
+    /// The converted form of one layer (converted by `convert_all`).
+    fn layer(&mut self, layer: &Descriptor, _diff_id: Digest) -> Result<(Descriptor, Digest)> {
+        self.layers
+            .get(&layer.digest)
+            .map(|done| (done.desc.clone(), done.diff_id.clone()))
+            .ok_or_else(|| Error::Unsupported(format!("layer {} was not converted", layer.digest)))
     }
 
     /// A layer that already is eStargz, with a TOC digest annotation that matches, is kept.
@@ -349,7 +422,11 @@ impl Converter<'_> {
         Ok(Some((desc, report, diff_id.clone())))
     }
 
-    fn convert_layer(&self, layer: &Descriptor) -> Result<(Descriptor, LayerReport, Digest)> {
+    fn convert_layer(
+        &self,
+        layer: &Descriptor,
+        threads: usize,
+    ) -> Result<(Descriptor, LayerReport, Digest)> {
         let start = Instant::now();
         self.events.layer_started(&layer.digest, layer.size);
         let input = self.src.open_blob(&layer.digest)?;
@@ -360,10 +437,14 @@ impl Converter<'_> {
                 events: self.events,
                 source: &layer.digest,
             };
+            let options = estargz_format::ConvertOptions {
+                threads,
+                ..self.opts.layer.clone()
+            };
             let out = estargz_format::convert(
                 std::io::BufReader::with_capacity(1 << 20, input),
                 &mut buffered,
-                &self.opts.layer,
+                &options,
                 &progress,
             )
             .map_err(|source| Error::Layer {
