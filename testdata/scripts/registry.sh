@@ -1,27 +1,50 @@
 #!/usr/bin/env bash
-# registry.sh start DIR [USER:PASSWORD] | start-token DIR USER:PASSWORD | stop DIR
+# registry.sh start DIR [USER:PASSWORD] | start-token DIR USER:PASSWORD
+#             | start-tls DIR [mtls] | stop DIR
 #
 # Starts a real registry (Debian's docker-registry, distribution 2.8) on 127.0.0.1 with a
 # free port, storing under DIR/data, logging to DIR/registry.log. With USER:PASSWORD it
 # requires htpasswd basic auth; `start-token` instead requires bearer tokens from a token
 # server (token-server.py, started too) that grants them to USER:PASSWORD. `start` prints
 # the address (127.0.0.1:PORT) on stdout; `start-token` prints it and the token realm.
+# `start-tls` serves HTTPS with a certificate for IP 127.0.0.1 from a test CA (DIR/ca.crt);
+# with `mtls` it also requires a client certificate (DIR/client.crt, DIR/client.key).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
-usage() { echo "usage: $0 start DIR [USER:PASSWORD] | start-token DIR USER:PASSWORD | stop DIR" >&2; exit 2; }
+usage() { echo "usage: $0 start DIR [USER:PASSWORD] | start-token DIR USER:PASSWORD | start-tls DIR [mtls] | stop DIR" >&2; exit 2; }
+
+# make_certs DIR: a test CA, a server certificate for 127.0.0.1 and a client certificate.
+make_certs() {
+    local d=$1
+    need openssl openssl
+    (
+        cd "$d"
+        openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=estargz-test-ca" \
+            -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+            -keyout ca.key -out ca.crt
+        for who in server client; do
+            openssl req -newkey rsa:2048 -nodes -subj "/CN=estargz-test-$who" -keyout "$who.key" -out "$who.csr"
+            if [ "$who" = server ]; then usage_ext=serverAuth; else usage_ext=clientAuth; fi
+            printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=%s\nbasicConstraints=CA:FALSE\n' "$usage_ext" > "$who.ext"
+            openssl x509 -req -in "$who.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
+                -out "$who.crt" -extfile "$who.ext"
+        done
+    ) >/dev/null 2>&1 || die "openssl could not make the test certificates"
+}
 [ $# -ge 2 ] || usage
 cmd=$1
 dir=$(mkdir -p "$2" && cd "$2" && pwd)
 
 case "$cmd" in
-start|start-token)
+start|start-token|start-tls)
     need docker-registry docker-registry
     need python3 python3
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     mkdir -p "$dir/data"
     auth=""
     realm=""
+    tls=""
     if [ "$cmd" = start-token ]; then
         [ $# -ge 3 ] || usage
         need openssl openssl
@@ -44,6 +67,16 @@ start|start-token)
     service: estargz-test-registry
     issuer: estargz-test-issuer
     rootcertbundle: $dir/token.crt"
+    elif [ "$cmd" = start-tls ]; then
+        make_certs "$dir"
+        tls="  tls:
+    certificate: $dir/server.crt
+    key: $dir/server.key"
+        if [ "${3:-}" = mtls ]; then
+            tls="$tls
+    clientcas:
+      - $dir/ca.crt"
+        fi
     elif [ $# -ge 3 ]; then
         user=${3%%:*}; pass=${3#*:}
         python3 -W ignore - "$user" "$pass" > "$dir/htpasswd" <<'PY'
@@ -68,14 +101,19 @@ storage:
     enabled: true
 http:
   addr: 127.0.0.1:$port
+${tls:-}
 $auth
 YML
     docker-registry serve "$dir/config.yml" > "$dir/registry.log" 2>&1 &
     echo $! > "$dir/registry.pid"
     for _ in $(seq 1 100); do
-        code=$(python3 -c "import urllib.request,sys
+        code=$(python3 -c "import urllib.request,sys,ssl
+scheme = 'https' if '$cmd' == 'start-tls' else 'http'
+ctx = ssl._create_unverified_context()
+if '${3:-}' == 'mtls':
+    ctx.load_cert_chain('$dir/client.crt', '$dir/client.key')
 try:
-    print(urllib.request.urlopen('http://127.0.0.1:$port/v2/', timeout=1).status)
+    print(urllib.request.urlopen(scheme + '://127.0.0.1:$port/v2/', timeout=1, context=ctx).status)
 except urllib.error.HTTPError as e:
     print(e.code)
 except Exception:

@@ -715,6 +715,37 @@ impl TestRegistry {
         }
     }
 
+    /// Starts a registry serving HTTPS with a certificate from a test CA (`ca.crt` in
+    /// [`TestRegistry::dir`]); with `mtls` it also requires a client certificate
+    /// (`client.crt`, `client.key` there).
+    pub fn start_tls(mtls: bool) -> TestRegistry {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cmd = std::process::Command::new("bash");
+        cmd.arg(scripts_dir().join("registry.sh"))
+            .arg("start-tls")
+            .arg(dir.path());
+        if mtls {
+            cmd.arg("mtls");
+        }
+        let out = cmd.output().expect("running registry.sh");
+        assert!(
+            out.status.success(),
+            "registry.sh start-tls failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let addr = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        TestRegistry {
+            addr,
+            token_realm: None,
+            dir,
+        }
+    }
+
+    /// The registry's working directory (certificates, storage, logs).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     /// How many tokens the token server has issued.
     pub fn tokens_issued(&self) -> u64 {
         let realm = self.token_realm.as_deref().expect("a token registry");
