@@ -5,7 +5,8 @@
 # Starts a real registry (Debian's docker-registry, distribution 2.8) on 127.0.0.1 with a
 # free port, storing under DIR/data, logging to DIR/registry.log. With USER:PASSWORD it
 # requires htpasswd basic auth; `start-token` instead requires bearer tokens from a token
-# server (token-server.py, started too) that grants them to USER:PASSWORD. `start` prints
+# server (token-server.py, started too) that grants them to USER:PASSWORD, or to the
+# OAuth2 refresh token (docker identitytoken) PASSWORD-refresh. `start` prints
 # the address (127.0.0.1:PORT) on stdout; `start-token` prints it and the token realm.
 # `start-tls` serves HTTPS with a certificate for IP 127.0.0.1 from a test CA (DIR/ca.crt);
 # with `mtls` it also requires a client certificate (DIR/client.crt, DIR/client.key).
@@ -55,7 +56,8 @@ start|start-token|start-tls)
         rm -f "$dir/token.port"
         python3 "$SCRIPTS_DIR/token-server.py" --key "$dir/token.key" --cert "$dir/token.crt" \
             --issuer estargz-test-issuer --service estargz-test-registry \
-            --user "$user" --password "$pass" --port-file "$dir/token.port" \
+            --user "$user" --password "$pass" --refresh-token "$pass-refresh" \
+            --port-file "$dir/token.port" \
             > "$dir/token.log" 2>&1 &
         echo $! > "$dir/token.pid"
         for _ in $(seq 1 100); do [ -f "$dir/token.port" ] && break; sleep 0.1; done

@@ -22,6 +22,8 @@ def main():
     ap.add_argument("--user", required=True)
     ap.add_argument("--password", required=True)
     ap.add_argument("--port-file", required=True)
+    ap.add_argument("--refresh-token", default=None,
+                    help="an OAuth2 refresh token (docker identitytoken) accepted by POST /token")
     args = ap.parse_args()
     der = subprocess.run(["openssl", "x509", "-in", args.cert, "-outform", "DER"],
                          check=True, capture_output=True).stdout
@@ -43,6 +45,19 @@ def main():
             self.end_headers()
             self.wfile.write(data)
 
+        def do_POST(self):
+            # OAuth2 refresh-token grant, as docker's identity tokens use.
+            if urlparse(self.path).path != "/token":
+                return self.reply(404, {"error": "not found"})
+            length = int(self.headers.get("Content-Length", "0"))
+            form = parse_qs(self.rfile.read(length).decode())
+            ok = (args.refresh_token is not None
+                  and form.get("grant_type") == ["refresh_token"]
+                  and form.get("refresh_token") == [args.refresh_token])
+            if not ok:
+                return self.reply(401, {"error": "invalid_grant"})
+            self.issue(form.get("scope", []))
+
         def do_GET(self):
             url = urlparse(self.path)
             if url.path == "/stats":
@@ -55,9 +70,11 @@ def main():
             if auth != expected:
                 return self.reply(401, {"error": "bad credentials"},
                                   {"WWW-Authenticate": 'Basic realm="token"'})
-            q = parse_qs(url.query)
+            self.issue(parse_qs(url.query).get("scope", []))
+
+        def issue(self, scopes):
             access = []
-            for scope in q.get("scope", []):
+            for scope in scopes:
                 for s in scope.split(" "):
                     parts = s.split(":")
                     if len(parts) == 3 and parts[0] == "repository":

@@ -356,3 +356,31 @@ async fn hosts_toml_mirror_is_preferred_and_skipped_when_down() {
         Err(Error::NotFound { .. })
     ));
 }
+
+#[tokio::test]
+async fn identity_tokens_use_the_oauth2_refresh_grant() {
+    let reg = TestRegistry::start_with_tokens("carol", "pw");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"auths":{{"{}":{{"identitytoken":"pw-refresh"}}}}}}"#,
+            reg.addr
+        ),
+    )
+    .unwrap();
+    let c = client(Credentials::from_docker_config(&cfg).unwrap());
+    let layer = noise(5_000, 41);
+    let (image, layer_desc, md) = push_image(&c, &reg.addr, "oauth/app", &layer).await;
+    assert_eq!(c.resolve(&image).await.unwrap().digest, md);
+    let r = c
+        .fetch_range(&image, &layer_desc.digest, 0..64)
+        .await
+        .unwrap();
+    assert_eq!(&r[..], &layer[..64]);
+    let mut wrong = Credentials::none();
+    wrong.insert(&reg.addr, Credential::IdentityToken("stale".into()));
+    let e = client(wrong).resolve(&image).await.unwrap_err();
+    assert!(matches!(e, Error::Unauthorized { .. }), "{e}");
+}
