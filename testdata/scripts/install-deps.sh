@@ -4,7 +4,7 @@
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
-apt_install ca-certificates tar gzip xz-utils python3 attr \
+apt_install ca-certificates tar gzip xz-utils python3 attr openssl curl \
     containerd runc stargz-snapshotter docker-registry skopeo umoci fuse3
 for tool in containerd ctr ctr-remote runc; do
     command -v "$tool" >/dev/null || die "$tool is missing after installing packages"
