@@ -256,12 +256,22 @@ pub fn convert(args: &ConvertArgs, quiet: bool) -> Result<ExitCode> {
     )
     .with_context(|| format!("converting {} to {}", args.src, args.dst))?;
     if let (Location::Registry(image), Some(client)) = (&dst, &client) {
+        // Within one registry, blobs the source repository has (kept layers) are mounted.
+        let mount_from = match &src {
+            Location::Registry(s)
+                if s.registry == image.registry && s.repository != image.repository =>
+            {
+                Some(s.repository.as_str())
+            }
+            _ => None,
+        };
         runtime
             .block_on(push_from_layout(
                 client,
                 &dst_layout,
                 "dst",
                 image,
+                mount_from,
                 parallel,
                 &bars,
             ))

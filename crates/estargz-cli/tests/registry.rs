@@ -101,3 +101,32 @@ fn convert_between_registries_then_run_with_containerd() {
     );
     check_estargz_image(&reference, &dir.path().join("theirs"));
 }
+
+#[test]
+fn converting_into_another_repository_mounts_kept_layers() {
+    let reg = TestRegistry::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let src = OciLayout::create(dir.path().join("src")).unwrap();
+    let layers = [
+        one_file_tar("a", b"first layer\n"),
+        one_file_tar("b", b"second layer\n"),
+    ];
+    let m = write_oci_image(&src, &layers, &Platform::host().architecture);
+    src.set_tag(Some("orig"), m).unwrap();
+    // Convert into the registry once, then "convert" that eStargz image into another
+    // repository: every layer is kept, so it is mounted rather than uploaded.
+    let first = format!("{}/team/app:esgz", reg.addr);
+    estargz(&[
+        "convert",
+        &format!("oci:{}:orig", dir.path().join("src").display()),
+        &first,
+    ]);
+    let second = format!("{}/other/app:esgz", reg.addr);
+    let report = estargz(&["convert", &first, &second]);
+    assert!(report["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l["kept"] == true));
+    check_estargz_image(&second, &dir.path().join("check"));
+}

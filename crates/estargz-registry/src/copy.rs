@@ -116,13 +116,15 @@ pub async fn pull_to_layout(
 }
 
 /// Pushes the image tagged `tag` in `layout` to `image` (its tag, or its digest when it
-/// names one): blobs first (skipping those the repository has), then manifests, then the
+/// names one): blobs first (skipping those the repository has, and mounting from the
+/// repository `mount_from` on the same registry when given), then manifests, then the
 /// index. Returns the pushed root digest.
 pub async fn push_from_layout(
     client: &RegistryClient,
     layout: &OciLayout,
     tag: &str,
     image: &ImageRef,
+    mount_from: Option<&str>,
     parallel: usize,
     events: &dyn CopyEvents,
 ) -> Result<Digest> {
@@ -151,8 +153,10 @@ pub async fn push_from_layout(
             async move {
                 events.blob_started(&desc.digest, desc.size);
                 let path = layout.blob_path(&desc.digest);
-                let outcome = client.push_blob(image, &desc.digest, &path, None).await?;
-                events.blob_done(&desc.digest, outcome == PushOutcome::AlreadyPresent);
+                let outcome = client
+                    .push_blob(image, &desc.digest, &path, mount_from)
+                    .await?;
+                events.blob_done(&desc.digest, outcome != PushOutcome::Uploaded);
                 Ok(())
             }
         })

@@ -72,12 +72,6 @@ pub enum Error {
         /// What is wrong.
         detail: String,
     },
-    /// Plain HTTP is not allowed for this host.
-    #[error("{host}: plain HTTP is not allowed; use https, or allow it in the host's hosts.toml (server = \"http://...\") or the insecure list")]
-    PlainHttpRefused {
-        /// The host.
-        host: String,
-    },
     /// A configuration file is invalid.
     #[error("{path}: {detail}")]
     Config {
