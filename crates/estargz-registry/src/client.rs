@@ -120,6 +120,13 @@ struct Ctx {
     registry: String,
 }
 
+impl Ctx {
+    /// The API URL of `path` (`manifests/...`, `blobs/...`) in `repo` on this host.
+    fn url(&self, repo: &str, path: &str) -> Result<Url> {
+        endpoint(&self.host.base, repo, path, &self.registry)
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -372,12 +379,7 @@ impl RegistryClient {
             let scope = scope.clone();
             let reference = reference.clone();
             async move {
-                let url = endpoint(
-                    &ctx.host.base,
-                    &image.repository,
-                    &format!("manifests/{reference}"),
-                    &ctx.registry,
-                )?;
+                let url = ctx.url(&image.repository, &format!("manifests/{reference}"))?;
                 let resp = self
                     .send(
                         &ctx,
@@ -461,12 +463,7 @@ impl RegistryClient {
             let scope = scope.clone();
             let range = range.clone();
             async move {
-                let url = endpoint(
-                    &ctx.host.base,
-                    &image.repository,
-                    &format!("blobs/{digest}"),
-                    &ctx.registry,
-                )?;
+                let url = ctx.url(&image.repository, &format!("blobs/{digest}"))?;
                 let header = format!("bytes={}-{}", range.start, range.end - 1);
                 let resp = self
                     .send(
@@ -573,12 +570,7 @@ impl RegistryClient {
             let scope = scope.clone();
             let spec = spec.clone();
             async move {
-                let url = endpoint(
-                    &ctx.host.base,
-                    &image.repository,
-                    &format!("blobs/{digest}"),
-                    &ctx.registry,
-                )?;
+                let url = ctx.url(&image.repository, &format!("blobs/{digest}"))?;
                 let resp = match self
                     .send(
                         &ctx,
@@ -657,12 +649,7 @@ impl RegistryClient {
             let scope = scope.clone();
             let tmp = tmp.clone();
             async move {
-                let url = endpoint(
-                    &ctx.host.base,
-                    &image.repository,
-                    &format!("blobs/{digest}"),
-                    &ctx.registry,
-                )?;
+                let url = ctx.url(&image.repository, &format!("blobs/{digest}"))?;
                 let resp = self
                     .send(&ctx, &scope, &target, None, &|c| c.get(url.clone()))
                     .await?;
@@ -742,12 +729,7 @@ impl RegistryClient {
                 let target = target.clone();
                 let scope = scope.clone();
                 async move {
-                    let url = endpoint(
-                        &ctx.host.base,
-                        &image.repository,
-                        &format!("blobs/{digest}"),
-                        &ctx.registry,
-                    )?;
+                    let url = ctx.url(&image.repository, &format!("blobs/{digest}"))?;
                     let resp = self
                         .send(
                             &ctx,
@@ -891,12 +873,7 @@ impl RegistryClient {
             let scope = scope.clone();
             let body = body.clone();
             async move {
-                let url = endpoint(
-                    &ctx.host.base,
-                    &image.repository,
-                    &format!("manifests/{reference}"),
-                    &ctx.registry,
-                )?;
+                let url = ctx.url(&image.repository, &format!("manifests/{reference}"))?;
                 let resp = self
                     .send(
                         &ctx,
