@@ -15,7 +15,7 @@ pub fn bytes_bar(
     };
     let style = match len {
         Some(_) => ProgressStyle::with_template(
-            "{msg:30!} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {eta}",
+            "{msg:40!} [{bar:30}] {bytes}/{total_bytes} read {binary_bytes_per_sec} {eta}",
         ),
         None => ProgressStyle::with_template("{msg:30!} {spinner} {bytes} {binary_bytes_per_sec}"),
     };
@@ -42,5 +42,12 @@ pub struct ConvertBar(pub ProgressBar);
 impl estargz_format::Progress for ConvertBar {
     fn input(&self, bytes: u64) {
         self.0.set_position(bytes);
+    }
+    // The input is read (spooled) first, then compressed: show the second phase too.
+    fn output(&self, bytes: u64) {
+        self.0.set_message(format!(
+            "compressing: {} written",
+            indicatif::HumanBytes(bytes)
+        ));
     }
 }

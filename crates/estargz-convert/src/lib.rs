@@ -100,6 +100,8 @@ pub trait Events: Sync {
     fn layer_started(&self, _source: &Digest, _size: u64) {}
     /// Bytes of the source layer consumed so far.
     fn layer_progress(&self, _source: &Digest, _bytes: u64) {}
+    /// Bytes of the converted layer written so far.
+    fn layer_written(&self, _source: &Digest, _bytes: u64) {}
     /// A layer is done.
     fn layer_done(&self, _report: &LayerReport) {}
 }
@@ -114,6 +116,9 @@ struct LayerProgress<'a> {
 impl estargz_format::Progress for LayerProgress<'_> {
     fn input(&self, bytes: u64) {
         self.events.layer_progress(self.source, bytes);
+    }
+    fn output(&self, bytes: u64) {
+        self.events.layer_written(self.source, bytes);
     }
 }
 
