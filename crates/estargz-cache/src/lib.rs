@@ -1,0 +1,398 @@
+//! A persistent, content-addressed chunk cache.
+//!
+//! Chunks are stored by the sha256 of their uncompressed bytes, so identical chunks of
+//! different layers and images are stored once, and the cache survives restarts. On disk:
+//! `ROOT/chunks/ab/<64 hex>`; an in-memory LRU index (the `lru` crate) tracks sizes and
+//! recency, and evicts least recently used chunks past the size cap.
+//!
+//! Safety: a chunk file is written under a temporary name in `ROOT/tmp` and renamed into
+//! place only when complete, so no reader sees a partial chunk; and every read re-checks
+//! the digest, so a file damaged on disk (torn by a crash, bit rot, tampering) is removed
+//! and reported as a miss, never served. Because of that second check the cache does not
+//! fsync: a crash can lose recently written chunks (they are fetched again), never serve
+//! wrong ones.
+//!
+//! Single flight: [`ChunkCache::get_or_fetch`] lets one caller fetch a missing chunk while
+//! concurrent callers for the same chunk wait for its result.
+//!
+//! A full disk or an unwritable root does not fail reads: fetched chunks are returned, a
+//! warning is logged and `write_errors` counts the failure.
+
+#![warn(missing_docs)]
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use estargz_format::Sha256Digest;
+use lru::LruCache;
+
+/// Cache settings.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Directory holding the cache.
+    pub root: PathBuf,
+    /// Size cap in bytes (chunk contents); least recently used chunks are evicted past it.
+    pub max_bytes: u64,
+}
+
+/// Counters and usage, readable at any time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Lookups answered from the cache.
+    pub hits: u64,
+    /// Lookups that were not.
+    pub misses: u64,
+    /// Chunks stored.
+    pub inserts: u64,
+    /// Bytes stored.
+    pub inserted_bytes: u64,
+    /// Chunks evicted to stay under the cap.
+    pub evictions: u64,
+    /// Damaged chunk files found (and removed) on read.
+    pub corrupt: u64,
+    /// Chunks that could not be written (disk full, unwritable root).
+    pub write_errors: u64,
+    /// Fetches run by `get_or_fetch` (one per missing chunk, however many waited).
+    pub fetches: u64,
+    /// Chunks in the cache.
+    pub entries: u64,
+    /// Bytes of chunk content in the cache.
+    pub usage_bytes: u64,
+    /// The size cap.
+    pub max_bytes: u64,
+}
+
+/// A fetch that failed; shared by every caller that waited for it.
+#[derive(Clone)]
+pub struct FetchError(pub Arc<dyn std::error::Error + Send + Sync>);
+
+impl fmt::Display for FetchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Debug for FetchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for FetchError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    inserts: AtomicU64,
+    inserted_bytes: AtomicU64,
+    evictions: AtomicU64,
+    corrupt: AtomicU64,
+    write_errors: AtomicU64,
+    fetches: AtomicU64,
+}
+
+struct Index {
+    lru: LruCache<Sha256Digest, u64>,
+    usage: u64,
+}
+
+type FlightResult = Option<Result<Arc<[u8]>, FetchError>>;
+
+struct Flight {
+    result: Mutex<FlightResult>,
+    done: Condvar,
+}
+
+/// The chunk cache. Share it (`Arc`) between every layer on the node.
+pub struct ChunkCache {
+    chunks: PathBuf,
+    tmp: PathBuf,
+    max_bytes: u64,
+    index: Mutex<Index>,
+    inflight: Mutex<HashMap<Sha256Digest, Arc<Flight>>>,
+    counters: Counters,
+    tmp_seq: AtomicU64,
+}
+
+impl fmt::Debug for ChunkCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChunkCache")
+            .field("chunks", &self.chunks)
+            .field("max_bytes", &self.max_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ChunkCache {
+    /// Opens (or creates) the cache at `config.root`, indexing the chunks already there,
+    /// oldest first, and removing leftovers of interrupted writes. Problems with the
+    /// directory are logged, not fatal: the cache then stores nothing until they go away.
+    pub fn open(config: &CacheConfig) -> ChunkCache {
+        let chunks = config.root.join("chunks");
+        let tmp = config.root.join("tmp");
+        for dir in [&chunks, &tmp] {
+            if let Err(e) = fs::create_dir_all(dir) {
+                tracing::warn!(dir = %dir.display(), error = %e,
+                    "chunk cache directory cannot be created; chunks will be fetched every time");
+            }
+        }
+        // Partial writes from before a crash are never served: drop them.
+        if let Ok(entries) = fs::read_dir(&tmp) {
+            for e in entries.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        let mut found: Vec<(SystemTime, Sha256Digest, u64)> = Vec::new();
+        if let Ok(fans) = fs::read_dir(&chunks) {
+            for fan in fans.flatten() {
+                let Ok(files) = fs::read_dir(fan.path()) else {
+                    continue;
+                };
+                for f in files.flatten() {
+                    let name = f.file_name();
+                    let Some(digest) = name
+                        .to_str()
+                        .and_then(|n| format!("sha256:{n}").parse::<Sha256Digest>().ok())
+                    else {
+                        let _ = fs::remove_file(f.path());
+                        continue;
+                    };
+                    if let Ok(meta) = f.metadata() {
+                        let when = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                        found.push((when, digest, meta.len()));
+                    }
+                }
+            }
+        }
+        found.sort();
+        let mut lru = LruCache::unbounded();
+        let mut usage = 0;
+        for (_, digest, size) in found {
+            lru.put(digest, size);
+            usage += size;
+        }
+        let cache = ChunkCache {
+            chunks,
+            tmp,
+            max_bytes: config.max_bytes,
+            index: Mutex::new(Index { lru, usage }),
+            inflight: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+            tmp_seq: AtomicU64::new(0),
+        };
+        cache.evict_to(config.max_bytes);
+        cache
+    }
+
+    fn path_of(&self, digest: &Sha256Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.chunks.join(&hex[..2]).join(hex)
+    }
+
+    /// Whether the chunk is indexed (it may still turn out damaged when read).
+    pub fn contains(&self, digest: &Sha256Digest) -> bool {
+        lock(&self.index).lru.contains(digest)
+    }
+
+    /// The chunk, if cached and intact.
+    pub fn get(&self, digest: &Sha256Digest) -> Option<Arc<[u8]>> {
+        let known = lock(&self.index).lru.get(digest).is_some();
+        if !known {
+            self.counters.misses.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        match fs::read(self.path_of(digest)) {
+            Ok(data) if Sha256Digest::of(&data) == *digest => {
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                Some(data.into())
+            }
+            Ok(_) => {
+                tracing::warn!(chunk = %digest, "damaged chunk file in the cache; removed");
+                self.counters.corrupt.fetch_add(1, Ordering::Relaxed);
+                self.forget(digest);
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(chunk = %digest, error = %e, "unreadable chunk file; dropped");
+                }
+                self.forget(digest);
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    fn forget(&self, digest: &Sha256Digest) {
+        let mut idx = lock(&self.index);
+        if let Some(size) = idx.lru.pop(digest) {
+            idx.usage -= size;
+        }
+        drop(idx);
+        let _ = fs::remove_file(self.path_of(digest));
+    }
+
+    /// Stores a verified chunk (best effort). `data` must hash to `digest`; callers store
+    /// only what they have verified, and reads check again.
+    pub fn insert(&self, digest: &Sha256Digest, data: &[u8]) {
+        let size = data.len() as u64;
+        if size > self.max_bytes || self.contains(digest) {
+            return;
+        }
+        if let Err(e) = self.write_file(digest, data) {
+            self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(chunk = %digest, error = %e,
+                "cannot store chunk in the cache (disk full or unwritable?); serving it uncached");
+            return;
+        }
+        {
+            let mut idx = lock(&self.index);
+            if idx.lru.put(*digest, size).is_none() {
+                idx.usage += size;
+            }
+        }
+        self.counters.inserts.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .inserted_bytes
+            .fetch_add(size, Ordering::Relaxed);
+        self.evict_to(self.max_bytes);
+    }
+
+    fn write_file(&self, digest: &Sha256Digest, data: &[u8]) -> std::io::Result<()> {
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .tmp
+            .join(format!("{}.{}.{seq}", digest.hex(), std::process::id()));
+        let result = (|| {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(data)?;
+            let dest = self.path_of(digest);
+            if let Some(dir) = dest.parent() {
+                fs::create_dir_all(dir)?;
+            }
+            fs::rename(&tmp, &dest)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn evict_to(&self, cap: u64) {
+        loop {
+            let victim = {
+                let mut idx = lock(&self.index);
+                if idx.usage <= cap {
+                    return;
+                }
+                match idx.lru.pop_lru() {
+                    Some((d, size)) => {
+                        idx.usage -= size;
+                        d
+                    }
+                    None => return,
+                }
+            };
+            let _ = fs::remove_file(self.path_of(&victim));
+            self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The chunk from the cache, or from `fetch` (which must return verified bytes) if
+    /// missing; concurrent callers for the same missing chunk share one fetch. The fetched
+    /// chunk is stored (best effort) and returned even if it cannot be stored.
+    pub fn get_or_fetch<E>(
+        &self,
+        digest: &Sha256Digest,
+        fetch: impl FnOnce() -> Result<Vec<u8>, E>,
+    ) -> Result<Arc<[u8]>, FetchError>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        if let Some(data) = self.get(digest) {
+            return Ok(data);
+        }
+        let (flight, leader) = {
+            let mut inflight = lock(&self.inflight);
+            match inflight.get(digest) {
+                Some(f) => (f.clone(), false),
+                None => {
+                    let f = Arc::new(Flight {
+                        result: Mutex::new(None),
+                        done: Condvar::new(),
+                    });
+                    inflight.insert(*digest, f.clone());
+                    (f, true)
+                }
+            }
+        };
+        if !leader {
+            let mut slot = lock(&flight.result);
+            while slot.is_none() {
+                slot = flight.done.wait(slot).unwrap_or_else(|p| p.into_inner());
+            }
+            return slot.clone().unwrap_or_else(|| unreachable!());
+        }
+        // The leader may have raced with an insert by a previous flight.
+        let result = match self.get(digest) {
+            Some(data) => Ok(data),
+            None => {
+                self.counters.fetches.fetch_add(1, Ordering::Relaxed);
+                match fetch() {
+                    Ok(data) => {
+                        self.insert(digest, &data);
+                        Ok(Arc::<[u8]>::from(data))
+                    }
+                    Err(e) => Err(FetchError(Arc::new(e))),
+                }
+            }
+        };
+        *lock(&flight.result) = Some(result.clone());
+        flight.done.notify_all();
+        lock(&self.inflight).remove(digest);
+        result
+    }
+
+    /// Counters and usage now.
+    pub fn stats(&self) -> CacheStats {
+        let (entries, usage) = {
+            let idx = lock(&self.index);
+            (idx.lru.len() as u64, idx.usage)
+        };
+        let c = &self.counters;
+        CacheStats {
+            hits: c.hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            inserts: c.inserts.load(Ordering::Relaxed),
+            inserted_bytes: c.inserted_bytes.load(Ordering::Relaxed),
+            evictions: c.evictions.load(Ordering::Relaxed),
+            corrupt: c.corrupt.load(Ordering::Relaxed),
+            write_errors: c.write_errors.load(Ordering::Relaxed),
+            fetches: c.fetches.load(Ordering::Relaxed),
+            entries,
+            usage_bytes: usage,
+            max_bytes: self.max_bytes,
+        }
+    }
+
+    /// Where the cache lives.
+    pub fn root(&self) -> &Path {
+        self.chunks.parent().unwrap_or(&self.chunks)
+    }
+}

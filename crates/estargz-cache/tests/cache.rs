@@ -1,0 +1,258 @@
+//! The chunk cache: round trips, eviction, restarts, damage, single flight, full disks.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use estargz_cache::{CacheConfig, ChunkCache};
+use estargz_format::Sha256Digest;
+
+fn chunk(seed: u8, len: usize) -> (Sha256Digest, Vec<u8>) {
+    let data: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect();
+    (Sha256Digest::of(&data), data)
+}
+
+fn open(root: &std::path::Path, max: u64) -> ChunkCache {
+    ChunkCache::open(&CacheConfig {
+        root: root.to_path_buf(),
+        max_bytes: max,
+    })
+}
+
+#[derive(Debug)]
+struct Boom;
+impl std::fmt::Display for Boom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "registry unreachable")
+    }
+}
+impl std::error::Error for Boom {}
+
+#[test]
+fn stores_serves_and_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 20);
+    let (d, data) = chunk(1, 1000);
+    assert!(cache.get(&d).is_none());
+    let got = cache
+        .get_or_fetch(&d, || Ok::<_, Boom>(data.clone()))
+        .unwrap();
+    assert_eq!(&got[..], &data[..]);
+    let again = cache
+        .get_or_fetch(&d, || -> Result<Vec<u8>, Boom> { panic!("must not fetch") })
+        .unwrap();
+    assert_eq!(&again[..], &data[..]);
+    let s = cache.stats();
+    assert_eq!(
+        (s.fetches, s.inserts, s.entries, s.usage_bytes),
+        (1, 1, 1, 1000)
+    );
+    assert!(s.hits >= 1 && s.misses >= 1);
+}
+
+#[test]
+fn tiny_cap_evicts_and_still_serves_correct_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 2500);
+    let chunks: Vec<_> = (0..10).map(|i| chunk(i, 1000)).collect();
+    for _ in 0..3 {
+        for (d, data) in &chunks {
+            let got = cache
+                .get_or_fetch(d, || Ok::<_, Boom>(data.clone()))
+                .unwrap();
+            assert_eq!(&got[..], &data[..]);
+        }
+    }
+    let s = cache.stats();
+    assert!(s.usage_bytes <= 2500 && s.entries <= 2, "{s:?}");
+    assert!(s.evictions >= 20, "{s:?}");
+    // Only the cached chunks are on disk.
+    let files: usize = std::fs::read_dir(dir.path().join("chunks"))
+        .unwrap()
+        .map(|f| std::fs::read_dir(f.unwrap().path()).unwrap().count())
+        .sum();
+    assert_eq!(files as u64, s.entries);
+    // A chunk larger than the cap is served but not stored.
+    let (d, big) = chunk(99, 4000);
+    assert_eq!(
+        &cache
+            .get_or_fetch(&d, || Ok::<_, Boom>(big.clone()))
+            .unwrap()[..],
+        &big[..]
+    );
+    assert!(!cache.contains(&d));
+}
+
+#[test]
+fn restart_reuses_chunks_and_drops_partial_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunks: Vec<_> = (0..5).map(|i| chunk(i, 300)).collect();
+    {
+        let cache = open(dir.path(), 1 << 20);
+        for (d, data) in &chunks {
+            cache.insert(d, data);
+        }
+    }
+    // An interrupted write left behind, and a stray file.
+    std::fs::write(dir.path().join("tmp/partial.1.2"), b"half a chunk").unwrap();
+    std::fs::write(dir.path().join("chunks/zz"), b"").unwrap_or(());
+    let cache = open(dir.path(), 1 << 20);
+    assert_eq!(cache.stats().entries, 5);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+        0
+    );
+    for (d, data) in &chunks {
+        let got = cache.get_or_fetch(d, || -> Result<Vec<u8>, Boom> {
+            panic!("refetched after restart")
+        });
+        assert_eq!(&got.unwrap()[..], &data[..]);
+    }
+    // Reopening with a smaller cap evicts down to it.
+    drop(cache);
+    let small = open(dir.path(), 700);
+    assert!(small.stats().usage_bytes <= 700);
+}
+
+#[test]
+fn damaged_chunks_are_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 20);
+    let (d, data) = chunk(7, 2048);
+    cache.insert(&d, &data);
+    let hex = d.hex();
+    let path = dir.path().join("chunks").join(&hex[..2]).join(&hex);
+    let mut bad = std::fs::read(&path).unwrap();
+    bad[100] ^= 1;
+    std::fs::write(&path, &bad).unwrap();
+    assert!(cache.get(&d).is_none());
+    assert_eq!(cache.stats().corrupt, 1);
+    assert!(!path.exists(), "the damaged file is removed");
+    // A truncated file (torn write) likewise.
+    cache.insert(&d, &data);
+    std::fs::write(&path, &data[..10]).unwrap();
+    let got = cache
+        .get_or_fetch(&d, || Ok::<_, Boom>(data.clone()))
+        .unwrap();
+    assert_eq!(&got[..], &data[..]);
+}
+
+#[test]
+fn concurrent_readers_share_one_fetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(open(dir.path(), 1 << 20));
+    let (d, data) = chunk(3, 50_000);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let start = Arc::new(Barrier::new(8));
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let (cache, calls, start, data) =
+                (cache.clone(), calls.clone(), start.clone(), data.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                cache
+                    .get_or_fetch(&d, || {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(300));
+                        Ok::<_, Boom>(data)
+                    })
+                    .unwrap()
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(&h.join().unwrap()[..], &data[..]);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(cache.stats().fetches, 1);
+}
+
+#[test]
+fn failed_fetches_are_shared_and_not_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(open(dir.path(), 1 << 20));
+    let (d, data) = chunk(4, 100);
+    let start = Arc::new(Barrier::new(4));
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let (cache, start) = (cache.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                cache.get_or_fetch(&d, || {
+                    std::thread::sleep(Duration::from_millis(200));
+                    Err::<Vec<u8>, _>(Boom)
+                })
+            })
+        })
+        .collect();
+    for h in handles {
+        let e = h.join().unwrap().unwrap_err();
+        assert_eq!(e.to_string(), "registry unreachable");
+    }
+    // The next reader fetches again and succeeds.
+    assert_eq!(
+        &cache
+            .get_or_fetch(&d, || Ok::<_, Boom>(data.clone()))
+            .unwrap()[..],
+        &data[..]
+    );
+}
+
+#[test]
+fn unwritable_root_still_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_dir = dir.path().join("file");
+    std::fs::write(&not_a_dir, b"x").unwrap();
+    let cache = open(&not_a_dir, 1 << 20);
+    let (d, data) = chunk(5, 100);
+    assert_eq!(
+        &cache
+            .get_or_fetch(&d, || Ok::<_, Boom>(data.clone()))
+            .unwrap()[..],
+        &data[..]
+    );
+    assert_eq!(cache.stats().write_errors, 1);
+}
+
+/// Unmounts on drop, even when the test fails.
+struct Mount(std::path::PathBuf);
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn full_disk_still_serves() {
+    // A real full file system: a 64 KiB tmpfs (the tests run as root).
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("tiny");
+    std::fs::create_dir(&mnt).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .expect("mount");
+    assert!(st.success(), "mounting a tmpfs needs root");
+    let _guard = Mount(mnt.clone());
+    let cache = open(&mnt, 10 << 20);
+    let chunks: Vec<_> = (0..8).map(|i| chunk(i, 30_000)).collect();
+    for (d, data) in &chunks {
+        let got = cache
+            .get_or_fetch(d, || Ok::<_, Boom>(data.clone()))
+            .unwrap();
+        assert_eq!(&got[..], &data[..]);
+    }
+    let s = cache.stats();
+    assert!(s.write_errors >= 1, "{s:?}");
+    assert!(s.inserts >= 1, "{s:?}");
+    // Nothing partial is left in the cache's directories.
+    assert_eq!(std::fs::read_dir(mnt.join("tmp")).unwrap().count(), 0);
+    for (d, data) in &chunks {
+        if let Some(got) = cache.get(d) {
+            assert_eq!(&got[..], &data[..]);
+        }
+    }
+}
