@@ -328,13 +328,20 @@ pub fn normalize_name(name: &str) -> std::result::Result<String, &'static str> {
     Ok(out)
 }
 
-/// Formats a modification time the way the reference writes it (RFC 3339, UTC, seconds).
-pub fn format_mtime(secs: i64) -> String {
+/// Formats a modification time as RFC 3339 in UTC, as the reference writes it; a
+/// sub-second part (from PAX headers) is kept as a fraction, which RFC 3339 (and the
+/// reference's parser) accept, so that lazily mounted files keep tar's exact mtime.
+pub fn format_mtime(secs: i64, nanos: u32) -> String {
     // RFC 3339 has four-digit years; clamp rather than fail on absurd tar mtimes.
     const MIN: i64 = -62_135_596_800; // 0001-01-01T00:00:00Z
     const MAX: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
     let t = OffsetDateTime::from_unix_timestamp(secs.clamp(MIN, MAX))
         .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let t = if (MIN..=MAX).contains(&secs) {
+        t.replace_nanosecond(nanos.min(999_999_999)).unwrap_or(t)
+    } else {
+        t
+    };
     t.format(&Rfc3339)
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
 }

@@ -243,7 +243,7 @@ fn landmark_entry_json(name: &str) -> JsonEntry {
         name: name.to_string(),
         kind: "reg".into(),
         size: 1,
-        mod_time: format_mtime(0),
+        mod_time: format_mtime(0, 0),
         mode: 0o644,
         digest: Sha256Digest::of(&[LANDMARK_CONTENTS]).to_string(),
         ..Default::default()
@@ -526,11 +526,11 @@ fn index_entry<R: Read>(
             detail: format!("entry {name:?}: {what} {v} does not fit in 32 bits"),
         })
     };
-    let mtime = match pax_str("mtime") {
+    let (mtime, mtime_nanos) = match pax_str("mtime") {
         Some(s) => parse_pax_time(s).ok_or_else(|| Error::BadInputTar {
             detail: format!("entry {name:?}: PAX mtime {s:?} is not a number"),
         })?,
-        None => num(header.mtime(), "mtime")? as i64,
+        None => (num(header.mtime(), "mtime")? as i64, 0),
     };
     let user_name = match pax_str("uname") {
         Some(s) => s.to_string(),
@@ -621,7 +621,7 @@ fn index_entry<R: Read>(
         name: raw_name.clone(),
         kind: kind.as_str().into(),
         size: if is_reg { data_len } else { 0 },
-        mod_time: format_mtime(mtime),
+        mod_time: format_mtime(mtime, mtime_nanos),
         link_name,
         mode: mode & 0o7777,
         uid: id(num(header.uid(), "uid")?, "uid")?,
@@ -651,23 +651,25 @@ fn index_entry<R: Read>(
     })
 }
 
-/// Parses a PAX time ("1700000000.5"), rounded to the nearest second as the reference does.
-fn parse_pax_time(s: &str) -> Option<i64> {
+/// Parses a PAX time ("1700000000.5") into seconds and nanoseconds (floor semantics, as
+/// the file system stores it).
+fn parse_pax_time(s: &str) -> Option<(i64, u32)> {
     let (int, frac) = s.split_once('.').unwrap_or((s, ""));
     let secs: i64 = int.parse().ok()?;
     if !frac.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let round_up = frac.as_bytes().first().is_some_and(|&d| d >= b'5');
-    Some(if round_up {
-        if secs < 0 || int.starts_with('-') {
-            secs
-        } else {
-            secs + 1
-        }
+    let digits: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
+    let nanos: u32 = digits.parse().ok()?;
+    if nanos == 0 {
+        return Some((secs, 0));
+    }
+    if int.starts_with('-') {
+        // -1.25 is 1.25 s before the epoch: -2 s plus 0.75 s.
+        Some((secs - 1, 1_000_000_000 - nanos))
     } else {
-        secs
-    })
+        Some((secs, nanos))
+    }
 }
 
 /// Orders the output: prioritized files (with the parents and hardlink targets they need),

@@ -55,6 +55,10 @@ fn synthetic_layer_round_trips_byte_for_byte() {
         assert_eq!(reader.toc().entry(f).group_name, "staff");
         assert!(reader.toc().no_prefetch_landmark().is_some());
         assert!(reader.toc().prefetch_landmark().is_none());
+        // A PAX sub-second mtime survives (as an RFC 3339 fraction).
+        let f = reader.toc().lookup("var/opaque/fractional-mtime").unwrap();
+        let e = reader.toc().entry(f);
+        assert_eq!((e.mtime, e.mtime_nanos), (1_700_000_000, 750_000_000));
     }
 }
 

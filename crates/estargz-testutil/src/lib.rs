@@ -500,7 +500,7 @@ pub fn expected_from_tar(tar_bytes: &[u8]) -> BTreeMap<String, Expected> {
                 }
                 if key == "mtime" {
                     let v: f64 = ext.value().unwrap().parse().unwrap();
-                    mtime = v.round() as i64;
+                    mtime = v.floor() as i64;
                 }
             }
         }
