@@ -1,0 +1,526 @@
+//! The FUSE file system of one layer.
+
+use std::ffi::OsStr;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+use estargz_cache::ChunkCache;
+use estargz_format::{decompress_chunk, Chunk, EntryKind, Sha256Digest, Toc};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, LockOwner, MountOption,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyXattr, Request, SessionACL,
+};
+use lru::LruCache;
+
+use crate::source::BlobSource;
+use crate::tree::{NodeKind, Tree};
+
+/// The layer never changes: let the kernel cache names and attributes for long.
+const TTL: Duration = Duration::from_secs(3600);
+/// Decompressed chunks kept in memory per layer, so that sequential reads of a large chunk
+/// do not re-read and re-hash it from the disk cache for every kernel read.
+const HOT_BYTES: usize = 64 << 20;
+const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+
+/// Counters of one mounted layer, readable at any time.
+#[derive(Debug, Default)]
+pub struct LayerStats {
+    /// Compressed bytes fetched from the source.
+    pub fetched_bytes: AtomicU64,
+    /// Range requests sent to the source.
+    pub fetch_requests: AtomicU64,
+    /// Chunks fetched, verified and cached.
+    pub fetched_chunks: AtomicU64,
+    /// Reads that failed (the reader got EIO).
+    pub read_errors: AtomicU64,
+}
+
+/// Recently read chunks in memory, and their total size.
+type HotChunks = (LruCache<Sha256Digest, Arc<[u8]>>, usize);
+
+/// One layer, ready to mount.
+pub struct LayerFs {
+    toc: Toc,
+    tree: Tree,
+    source: Arc<dyn BlobSource>,
+    cache: Arc<ChunkCache>,
+    hot: Mutex<HotChunks>,
+    stats: Arc<LayerStats>,
+    total_size: u64,
+}
+
+impl LayerFs {
+    /// A file system for the layer described by `toc`, reading from `source` through
+    /// `cache`.
+    pub fn new(toc: Toc, source: Arc<dyn BlobSource>, cache: Arc<ChunkCache>) -> LayerFs {
+        let tree = Tree::build(&toc);
+        let total_size = toc
+            .entries()
+            .iter()
+            .filter(|e| e.kind == EntryKind::Reg)
+            .map(|e| e.size)
+            .sum();
+        LayerFs {
+            toc,
+            tree,
+            source,
+            cache,
+            hot: Mutex::new((LruCache::unbounded(), 0)),
+            stats: Arc::new(LayerStats::default()),
+            total_size,
+        }
+    }
+
+    /// The layer's counters.
+    pub fn stats(&self) -> Arc<LayerStats> {
+        self.stats.clone()
+    }
+
+    fn attr(&self, ino: u64) -> Option<FileAttr> {
+        let node = self.tree.node(ino)?;
+        let e = self.toc.entry(node.entry.or(node.whiteout_of)?);
+        let (kind, size, perm, rdev) = match node.kind {
+            NodeKind::Dir => (FileType::Directory, 4096, e.mode, 0),
+            NodeKind::File => (FileType::RegularFile, e.size, e.mode, 0),
+            NodeKind::Symlink => (FileType::Symlink, e.link_name.len() as u64, e.mode, 0),
+            NodeKind::Char if node.whiteout_of.is_some() => (FileType::CharDevice, 0, 0, 0),
+            NodeKind::Char => (
+                FileType::CharDevice,
+                0,
+                e.mode,
+                libc::makedev(e.dev_major, e.dev_minor) as u32,
+            ),
+            NodeKind::Block => (
+                FileType::BlockDevice,
+                0,
+                e.mode,
+                libc::makedev(e.dev_major, e.dev_minor) as u32,
+            ),
+            NodeKind::Fifo => (FileType::NamedPipe, 0, e.mode, 0),
+        };
+        let mtime = if e.mtime >= 0 {
+            UNIX_EPOCH + Duration::new(e.mtime as u64, e.mtime_nanos)
+        } else {
+            UNIX_EPOCH
+                .checked_sub(Duration::from_secs(e.mtime.unsigned_abs()))
+                .unwrap_or(UNIX_EPOCH)
+        };
+        Some(FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: mtime,
+            kind,
+            perm: perm as u16,
+            nlink: if node.whiteout_of.is_some() {
+                1
+            } else {
+                e.num_link
+            },
+            uid: e.uid,
+            gid: e.gid,
+            rdev,
+            blksize: 4096,
+            flags: 0,
+        })
+    }
+
+    fn hot_get(&self, d: &Sha256Digest) -> Option<Arc<[u8]>> {
+        let mut hot = self.hot.lock().unwrap_or_else(|p| p.into_inner());
+        hot.0.get(d).cloned()
+    }
+
+    fn hot_put(&self, d: Sha256Digest, data: Arc<[u8]>) {
+        let mut hot = self.hot.lock().unwrap_or_else(|p| p.into_inner());
+        let (lru, used) = &mut *hot;
+        if lru.put(d, data.clone()).is_none() {
+            *used += data.len();
+        }
+        while *used > HOT_BYTES {
+            match lru.pop_lru() {
+                Some((_, old)) => *used -= old.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// Fetches `chunks` (adjacent in the blob) in one range request, verifies each, caches
+    /// them. Used for neighbours that are all missing.
+    fn fetch_span(&self, name: &str, chunks: &[Chunk]) -> io::Result<()> {
+        let (Some(first), Some(last)) = (chunks.first(), chunks.last()) else {
+            return Ok(());
+        };
+        let bytes = self.source.read_range(first.offset..last.compressed_end)?;
+        self.stats
+            .fetched_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.stats.fetch_requests.fetch_add(1, Ordering::Relaxed);
+        for c in chunks {
+            let from = (c.offset - first.offset) as usize;
+            let to = (c.compressed_end - first.offset) as usize;
+            let data = decompress_chunk(&bytes[from..to], name, c).map_err(io::Error::other)?;
+            self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
+            self.cache.insert(&c.digest, &data);
+            self.hot_put(c.digest, data.into());
+        }
+        Ok(())
+    }
+
+    fn chunk_data(&self, name: &str, c: &Chunk) -> io::Result<Arc<[u8]>> {
+        if let Some(d) = self.hot_get(&c.digest) {
+            return Ok(d);
+        }
+        let data = self
+            .cache
+            .get_or_fetch(&c.digest, || {
+                let bytes = self
+                    .source
+                    .read_range(c.offset..c.compressed_end)
+                    .map_err(|e| estargz_format::Error::io("fetching a chunk", e))?;
+                self.stats
+                    .fetched_bytes
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                self.stats.fetch_requests.fetch_add(1, Ordering::Relaxed);
+                let data = decompress_chunk(&bytes, name, c)?;
+                self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
+                Ok::<_, estargz_format::Error>(data)
+            })
+            .map_err(io::Error::other)?;
+        self.hot_put(c.digest, data.clone());
+        Ok(data)
+    }
+
+    /// Reads up to `size` bytes at `offset` of the file in TOC entry `idx`.
+    fn read_file(&self, idx: usize, offset: u64, size: u32) -> io::Result<Vec<u8>> {
+        let e = self.toc.entry(idx);
+        if offset >= e.size {
+            return Ok(Vec::new());
+        }
+        let end = e.size.min(offset + size as u64);
+        let first = e
+            .chunks
+            .partition_point(|c| c.chunk_offset + c.size <= offset);
+        let covering: Vec<Chunk> = e.chunks[first..]
+            .iter()
+            .take_while(|c| c.chunk_offset < end)
+            .copied()
+            .collect();
+        // Neighbouring missing chunks: one request for the whole span.
+        let missing: Vec<Chunk> = covering
+            .iter()
+            .filter(|c| self.hot_get(&c.digest).is_none() && !self.cache.contains(&c.digest))
+            .copied()
+            .collect();
+        if missing.len() > 1 {
+            let mut run: Vec<Chunk> = Vec::new();
+            for c in missing {
+                if run.last().is_some_and(|p| p.compressed_end != c.offset) {
+                    self.fetch_span(&e.name, &run)?;
+                    run.clear();
+                }
+                run.push(c);
+            }
+            self.fetch_span(&e.name, &run)?;
+        }
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        for c in &covering {
+            let data = self.chunk_data(&e.name, c)?;
+            let from = offset.max(c.chunk_offset) - c.chunk_offset;
+            let to = end.min(c.chunk_offset + c.size) - c.chunk_offset;
+            out.extend_from_slice(&data[from as usize..to as usize]);
+        }
+        Ok(out)
+    }
+
+    fn xattrs(&self, ino: u64) -> Option<Vec<(String, Vec<u8>)>> {
+        let node = self.tree.node(ino)?;
+        let mut list: Vec<(String, Vec<u8>)> = match node.entry {
+            Some(i) => self
+                .toc
+                .entry(i)
+                .xattrs
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            None => Vec::new(),
+        };
+        if node.opaque && !list.iter().any(|(k, _)| k == OPAQUE_XATTR) {
+            list.push((OPAQUE_XATTR.to_string(), b"y".to_vec()));
+        }
+        Some(list)
+    }
+}
+
+fn file_type(k: NodeKind) -> FileType {
+    match k {
+        NodeKind::Dir => FileType::Directory,
+        NodeKind::File => FileType::RegularFile,
+        NodeKind::Symlink => FileType::Symlink,
+        NodeKind::Char => FileType::CharDevice,
+        NodeKind::Block => FileType::BlockDevice,
+        NodeKind::Fifo => FileType::NamedPipe,
+    }
+}
+
+fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if (size as usize) < data.len() {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(data);
+    }
+}
+
+impl fuser::Filesystem for LayerFs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let found = name
+            .to_str()
+            .and_then(|n| self.tree.child(parent.0, n))
+            .and_then(|ino| self.attr(ino));
+        match found {
+            Some(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino.0) {
+            Some(attr) => reply.attr(&TTL, &attr),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.tree.node(ino.0) {
+            Some(n) if n.kind == NodeKind::Symlink => {
+                let e = self.toc.entry(n.entry.unwrap_or(0));
+                reply.data(e.link_name.as_bytes())
+            }
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.tree.node(ino.0) {
+            Some(n) if n.kind == NodeKind::File => {
+                // Content never changes: let the page cache keep it across opens.
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            }
+            Some(n) if n.kind == NodeKind::Dir => reply.error(Errno::EISDIR),
+            Some(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(idx) = self.tree.node(ino.0).and_then(|n| n.entry) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match self.read_file(idx, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => {
+                self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(file = %self.toc.entry(idx).name, offset, size, error = %e,
+                    "read failed; the reader gets EIO");
+                reply.error(Errno::EIO)
+            }
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.tree.node(ino.0) {
+            Some(n) if n.kind == NodeKind::Dir => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            }
+            Some(_) => reply.error(Errno::ENOTDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(node) = self.tree.node(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let dots = [
+            (ino.0, FileType::Directory, "."),
+            (node.parent, FileType::Directory, ".."),
+        ];
+        let children = node.children.iter().map(|(name, child)| {
+            let kind = self
+                .tree
+                .node(*child)
+                .map_or(FileType::RegularFile, |n| file_type(n.kind));
+            (*child, kind, &**name)
+        });
+        for (i, (child, kind, name)) in dots
+            .into_iter()
+            .chain(children)
+            .enumerate()
+            .skip(offset as usize)
+        {
+            if reply.add(INodeNo(child), i as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(node) = self.tree.node(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let dots = [(ino.0, "."), (node.parent, "..")];
+        let children = node.children.iter().map(|(n, c)| (*c, &**n));
+        for (i, (child, name)) in dots
+            .into_iter()
+            .chain(children)
+            .enumerate()
+            .skip(offset as usize)
+        {
+            let Some(attr) = self.attr(child) else {
+                continue;
+            };
+            if reply.add(
+                INodeNo(child),
+                i as u64 + 1,
+                name,
+                &TTL,
+                &attr,
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        reply.statfs(
+            self.total_size.div_ceil(4096),
+            0,
+            0,
+            self.tree.nodes.len() as u64,
+            0,
+            4096,
+            255,
+            4096,
+        )
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some(list) = self.xattrs(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match list.iter().find(|(k, _)| OsStr::new(k) == name) {
+            Some((_, v)) => reply_xattr(reply, size, v),
+            None => reply.error(Errno::NO_XATTR),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let Some(list) = self.xattrs(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let mut names = Vec::new();
+        for (k, _) in &list {
+            names.extend_from_slice(k.as_bytes());
+            names.push(0);
+        }
+        reply_xattr(reply, size, &names)
+    }
+}
+
+/// A mounted layer; unmounted when dropped.
+pub struct MountedLayer {
+    session: Option<fuser::BackgroundSession>,
+    mountpoint: PathBuf,
+    stats: Arc<LayerStats>,
+}
+
+impl MountedLayer {
+    /// Where it is mounted.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// The layer's counters.
+    pub fn stats(&self) -> &LayerStats {
+        &self.stats
+    }
+
+    /// Unmounts and waits for the session to end.
+    pub fn unmount(mut self) -> io::Result<()> {
+        match self.session.take() {
+            Some(s) => s.umount_and_join(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for MountedLayer {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            if let Err(e) = s.umount_and_join() {
+                tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount failed");
+            }
+        }
+    }
+}
+
+/// Mounts `fs` read-only at `mountpoint`, readable by every user (as overlayfs needs for a
+/// lower layer), served by several threads.
+pub fn mount(fs: LayerFs, mountpoint: &Path) -> io::Result<MountedLayer> {
+    let stats = fs.stats();
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName("estargz".into()),
+        MountOption::Subtype("estargz".into()),
+        MountOption::DefaultPermissions,
+        MountOption::Dev,
+        MountOption::Suid,
+        MountOption::Exec,
+    ];
+    config.acl = SessionACL::All;
+    config.n_threads = Some(4);
+    config.clone_fd = true;
+    let session = fuser::spawn_mount(fs, mountpoint, &config)?;
+    Ok(MountedLayer {
+        session: Some(session),
+        mountpoint: mountpoint.to_path_buf(),
+        stats,
+    })
+}

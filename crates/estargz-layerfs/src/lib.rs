@@ -1,0 +1,23 @@
+//! One eStargz layer as a read-only FUSE file system, read lazily and verified.
+//!
+//! The tree comes from the layer's TOC; file content is fetched on demand from a
+//! [`BlobSource`] (a registry, or a local blob), chunk by chunk: a read fetches only the
+//! chunks it covers (neighbouring missing chunks in one range request), checks each against
+//! its digest, and keeps it in the node-wide [`ChunkCache`]. Nothing unverified is served.
+//!
+//! Presentation follows what overlayfs expects of a lower layer: hardlinks share one
+//! inode; `.wh.NAME` entries appear as `NAME`, a 0/0 character device (a whiteout);
+//! `.wh..wh..opq` is hidden and marks its directory opaque (`trusted.overlay.opaque=y`);
+//! the eStargz landmark files are hidden.
+
+#![warn(missing_docs)]
+
+mod fs;
+mod source;
+mod tree;
+
+pub use fs::{mount, LayerFs, LayerStats, MountedLayer};
+pub use source::{BlobSource, FileSource};
+pub use tree::{Node, NodeKind, Tree};
+
+pub use estargz_cache::ChunkCache;

@@ -1,0 +1,254 @@
+//! A layer mounted through FUSE reads exactly like `tar -x` of the same layer: every path,
+//! content, mode, owner, mtime, xattr, symlink, hardlink, device, fifo, and whiteouts in
+//! the form overlayfs expects. Needs root and /dev/fuse; a missing one fails the test.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use estargz_cache::{CacheConfig, ChunkCache};
+use estargz_format::{convert, ConvertOptions, EstargzReader, OpenOptions};
+use estargz_layerfs::{mount, FileSource, LayerFs, MountedLayer};
+use estargz_testutil::{real_rootfs_tar, synthetic_tar, SMALL_CHUNK};
+
+fn xattrs(path: &Path) -> BTreeMap<String, Vec<u8>> {
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut names = vec![0u8; 65536];
+    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    assert!(n >= 0, "llistxattr {}", path.display());
+    let mut out = BTreeMap::new();
+    for name in names[..n as usize]
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+    {
+        let cn = CString::new(name).unwrap();
+        let mut val = vec![0u8; 65536];
+        let m =
+            unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), val.as_mut_ptr().cast(), val.len()) };
+        assert!(m >= 0, "lgetxattr {} {:?}", path.display(), cn);
+        out.insert(
+            String::from_utf8_lossy(name).into_owned(),
+            val[..m as usize].to_vec(),
+        );
+    }
+    out
+}
+
+/// Extracts a tar as root would for a container (owners, modes, xattrs, devices).
+fn tar_x(tar: &Path, dir: &Path) {
+    let st = std::process::Command::new("tar")
+        .args([
+            "--xattrs",
+            "--xattrs-include=*",
+            "--numeric-owner",
+            "--same-owner",
+            "-xpf",
+        ])
+        .arg(tar)
+        .arg("-C")
+        .arg(dir)
+        .status()
+        .expect("GNU tar");
+    assert!(st.success(), "tar -x failed");
+}
+
+fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(root.join(rel)).unwrap() {
+        let e = e.unwrap();
+        let r = rel.join(e.file_name());
+        let is_dir = e.file_type().unwrap().is_dir();
+        out.push(r.clone());
+        if is_dir {
+            walk(root, &r, out);
+        }
+    }
+}
+
+/// Compares a tar extraction with a mount, applying overlayfs whiteout conventions.
+/// Directory mtimes come from the tar headers (`headers`): GNU tar leaves the extraction
+/// time on a directory repeated in the archive, while the later header (what containerd
+/// applies, and what the mount shows) says otherwise.
+fn assert_same_tree(
+    extracted: &Path,
+    mounted: &Path,
+    headers: &BTreeMap<String, estargz_testutil::Expected>,
+) -> usize {
+    let mut expected = Vec::new();
+    walk(extracted, Path::new(""), &mut expected);
+    let mut seen = std::collections::BTreeSet::new();
+    for rel in &expected {
+        let name = rel.file_name().unwrap().to_string_lossy().into_owned();
+        let src = extracted.join(rel);
+        if name == ".wh..wh..opq" {
+            let dir = mounted.join(rel.parent().unwrap());
+            assert!(
+                !mounted.join(rel).exists(),
+                "{} must be hidden",
+                rel.display()
+            );
+            assert_eq!(
+                xattrs(&dir).get("trusted.overlay.opaque").map(|v| &v[..]),
+                Some(&b"y"[..]),
+                "{}",
+                dir.display()
+            );
+            continue;
+        }
+        if let Some(hidden) = name.strip_prefix(".wh.") {
+            let w = rel.parent().unwrap().join(hidden);
+            let m = std::fs::symlink_metadata(mounted.join(&w))
+                .unwrap_or_else(|_| panic!("whiteout {}", w.display()));
+            assert!(
+                m.file_type().is_char_device() && m.rdev() == 0,
+                "{} must be a 0/0 char device",
+                w.display()
+            );
+            seen.insert(w);
+            continue;
+        }
+        let dst = mounted.join(rel);
+        let a = std::fs::symlink_metadata(&src).unwrap();
+        let b =
+            std::fs::symlink_metadata(&dst).unwrap_or_else(|e| panic!("{}: {e}", rel.display()));
+        let what = rel.display();
+        assert_eq!(a.file_type(), b.file_type(), "{what}: type");
+        assert_eq!(a.mode() & 0o7777, b.mode() & 0o7777, "{what}: mode");
+        assert_eq!((a.uid(), a.gid()), (b.uid(), b.gid()), "{what}: owner");
+        if a.file_type().is_dir() {
+            // Directories the tar only implies have no mtime of their own to compare.
+            if let Some(h) = headers.get(&*rel.to_string_lossy()) {
+                assert_eq!(h.mtime, b.mtime(), "{what}: directory mtime");
+            }
+        } else {
+            assert_eq!(
+                (a.mtime(), a.mtime_nsec()),
+                (b.mtime(), b.mtime_nsec()),
+                "{what}: mtime"
+            );
+        }
+        assert_eq!(xattrs(&src), xattrs(&dst), "{what}: xattrs");
+        let ft = a.file_type();
+        if ft.is_file() {
+            assert_eq!(a.len(), b.len(), "{what}: size");
+            assert_eq!(a.nlink(), b.nlink(), "{what}: link count");
+            assert!(
+                std::fs::read(&src).unwrap() == std::fs::read(&dst).unwrap(),
+                "{what}: content"
+            );
+        } else if ft.is_symlink() {
+            assert_eq!(
+                std::fs::read_link(&src).unwrap(),
+                std::fs::read_link(&dst).unwrap(),
+                "{what}: target"
+            );
+        } else if ft.is_char_device() || ft.is_block_device() {
+            assert_eq!(a.rdev(), b.rdev(), "{what}: device");
+        }
+        seen.insert(rel.clone());
+    }
+    // Hardlinks share an inode in the mount too.
+    let mut by_ino: BTreeMap<u64, Vec<&PathBuf>> = BTreeMap::new();
+    for rel in &expected {
+        let m = std::fs::symlink_metadata(extracted.join(rel)).unwrap();
+        if m.file_type().is_file() && m.nlink() > 1 {
+            by_ino.entry(m.ino()).or_default().push(rel);
+        }
+    }
+    for group in by_ino.values() {
+        let inos: std::collections::BTreeSet<u64> = group
+            .iter()
+            .map(|r| std::fs::symlink_metadata(mounted.join(r)).unwrap().ino())
+            .collect();
+        assert_eq!(inos.len(), 1, "hardlinks {group:?} must share an inode");
+    }
+    // Nothing extra in the mount.
+    let mut shown = Vec::new();
+    walk(mounted, Path::new(""), &mut shown);
+    for rel in shown {
+        assert!(
+            seen.contains(&rel),
+            "{} is in the mount but not in the tar",
+            rel.display()
+        );
+    }
+    seen.len()
+}
+
+struct Layer {
+    _dir: tempfile::TempDir,
+    extracted: PathBuf,
+    headers: BTreeMap<String, estargz_testutil::Expected>,
+    mounted: Option<MountedLayer>,
+    cache: Arc<ChunkCache>,
+}
+
+fn mount_layer(tar: Vec<u8>, opts: &ConvertOptions) -> Layer {
+    let dir = tempfile::tempdir().unwrap();
+    let tar_path = dir.path().join("layer.tar");
+    std::fs::write(&tar_path, &tar).unwrap();
+    let blob_path = dir.path().join("layer.esgz");
+    let mut blob = Vec::new();
+    convert(&tar[..], &mut blob, opts, &()).unwrap();
+    std::fs::write(&blob_path, &blob).unwrap();
+    let extracted = dir.path().join("extracted");
+    std::fs::create_dir(&extracted).unwrap();
+    tar_x(&tar_path, &extracted);
+    let toc = EstargzReader::open(&blob[..], &OpenOptions::default())
+        .unwrap()
+        .toc()
+        .clone();
+    let cache = Arc::new(ChunkCache::open(&CacheConfig {
+        root: dir.path().join("cache"),
+        max_bytes: 1 << 30,
+    }));
+    let fs = LayerFs::new(
+        toc,
+        Arc::new(FileSource::open(&blob_path).unwrap()),
+        cache.clone(),
+    );
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = mount(fs, &mnt).expect("FUSE mount (needs root and /dev/fuse)");
+    Layer {
+        _dir: dir,
+        extracted,
+        headers: estargz_testutil::expected_from_tar(&tar),
+        mounted: Some(mounted),
+        cache,
+    }
+}
+
+#[test]
+fn synthetic_layer_reads_like_tar_x() {
+    let opts = ConvertOptions {
+        chunk_size: SMALL_CHUNK,
+        compression_level: 1,
+        ..Default::default()
+    };
+    let mut layer = mount_layer(synthetic_tar(), &opts);
+    let mnt = layer.mounted.as_ref().unwrap().mountpoint().to_path_buf();
+    let n = assert_same_tree(&layer.extracted, &mnt, &layer.headers);
+    assert!(n >= 36, "compared {n} paths");
+    assert!(layer.cache.stats().inserts > 0);
+    layer.mounted.take().unwrap().unmount().unwrap();
+}
+
+#[test]
+fn real_rootfs_reads_like_tar_x() {
+    let dir = tempfile::tempdir().unwrap();
+    let tar = real_rootfs_tar(dir.path());
+    let mut layer = mount_layer(
+        tar,
+        &ConvertOptions {
+            compression_level: 1,
+            ..Default::default()
+        },
+    );
+    let mnt = layer.mounted.as_ref().unwrap().mountpoint().to_path_buf();
+    let n = assert_same_tree(&layer.extracted, &mnt, &layer.headers);
+    assert!(n > 2000, "compared {n} paths");
+    layer.mounted.take().unwrap().unmount().unwrap();
+}
