@@ -17,7 +17,7 @@ mod source;
 mod tree;
 
 pub use fs::{mount, LayerFs, LayerStats, MountedLayer};
-pub use source::{BlobSource, FileSource};
+pub use source::{load_toc, BlobSource, FileSource, RegistrySource};
 pub use tree::{Node, NodeKind, Tree};
 
 pub use estargz_cache::ChunkCache;

@@ -29,3 +29,75 @@ impl BlobSource for FileSource {
         Ok(buf)
     }
 }
+
+/// A blob in a registry, read with HTTP range requests. FUSE threads are not async: reads
+/// run on `runtime` and block the calling thread until done.
+pub struct RegistrySource {
+    client: std::sync::Arc<estargz_registry::RegistryClient>,
+    image: estargz_registry::ImageRef,
+    digest: estargz_oci::Digest,
+    runtime: tokio::runtime::Handle,
+}
+
+impl RegistrySource {
+    /// The blob `digest` of the repository `image` names.
+    pub fn new(
+        client: std::sync::Arc<estargz_registry::RegistryClient>,
+        image: estargz_registry::ImageRef,
+        digest: estargz_oci::Digest,
+        runtime: tokio::runtime::Handle,
+    ) -> RegistrySource {
+        RegistrySource {
+            client,
+            image,
+            digest,
+            runtime,
+        }
+    }
+}
+
+impl BlobSource for RegistrySource {
+    fn read_range(&self, range: Range<u64>) -> io::Result<Vec<u8>> {
+        self.runtime
+            .block_on(self.client.fetch_range(&self.image, &self.digest, range))
+            .map(|b| b.to_vec())
+            .map_err(io::Error::other)
+    }
+}
+
+/// Loads and validates a layer's TOC through `source` (two range reads: the footer, then
+/// the TOC member). With `expected`, the TOC digest must match it.
+pub fn load_toc(
+    source: &dyn BlobSource,
+    blob_size: u64,
+    expected: Option<estargz_format::Sha256Digest>,
+    limits: &estargz_format::Limits,
+) -> Result<(estargz_format::Toc, estargz_format::Sha256Digest), estargz_format::Error> {
+    use estargz_format::{decode_toc_member, parse_footer, Error, Toc, FOOTER_SIZE};
+    let tail_len = blob_size.min(FOOTER_SIZE as u64);
+    let tail = source
+        .read_range(blob_size - tail_len..blob_size)
+        .map_err(|e| Error::io("fetching the footer", e))?;
+    let footer = parse_footer(&tail, blob_size)?;
+    let end = blob_size - footer.kind.size() as u64;
+    if end - footer.toc_offset > limits.max_toc_size.saturating_add(1 << 20) {
+        return Err(Error::TocTooLarge {
+            size: end - footer.toc_offset,
+            limit: limits.max_toc_size,
+        });
+    }
+    let member = source
+        .read_range(footer.toc_offset..end)
+        .map_err(|e| Error::io("fetching the TOC", e))?;
+    let json = decode_toc_member(&member, footer.toc_offset, limits)?;
+    let digest = estargz_format::Sha256Digest::of(&json);
+    if let Some(exp) = expected {
+        if exp != digest {
+            return Err(Error::TocDigestMismatch {
+                expected: exp.to_string(),
+                actual: digest.to_string(),
+            });
+        }
+    }
+    Ok((Toc::parse(&json, footer.toc_offset, limits)?, digest))
+}
