@@ -42,8 +42,13 @@ pub struct LayerStats {
 /// Recently read chunks in memory, and their total size.
 type HotChunks = (LruCache<Sha256Digest, Arc<[u8]>>, usize);
 
-/// One layer, ready to mount.
-pub struct LayerFs {
+/// One layer, ready to mount: a cheap handle to state shared by the FUSE session and the
+/// prefetch and background-fetch threads.
+#[derive(Clone)]
+pub struct LayerFs(Arc<Inner>);
+
+/// The state behind a [`LayerFs`].
+pub struct Inner {
     toc: Toc,
     tree: Tree,
     source: Arc<dyn BlobSource>,
@@ -51,6 +56,17 @@ pub struct LayerFs {
     hot: Mutex<HotChunks>,
     stats: Arc<LayerStats>,
     total_size: u64,
+    /// On-demand reads in progress; background fetching waits while there are any.
+    active_reads: AtomicU64,
+    prefetch_done: std::sync::atomic::AtomicBool,
+    background_done: std::sync::atomic::AtomicBool,
+}
+
+impl std::ops::Deref for LayerFs {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
 }
 
 impl LayerFs {
@@ -64,7 +80,7 @@ impl LayerFs {
             .filter(|e| e.kind == EntryKind::Reg)
             .map(|e| e.size)
             .sum();
-        LayerFs {
+        LayerFs(Arc::new(Inner {
             toc,
             tree,
             source,
@@ -72,7 +88,47 @@ impl LayerFs {
             hot: Mutex::new((LruCache::unbounded(), 0)),
             stats: Arc::new(LayerStats::default()),
             total_size,
-        }
+            active_reads: AtomicU64::new(0),
+            prefetch_done: Default::default(),
+            background_done: Default::default(),
+        }))
+    }
+}
+
+impl Inner {
+    /// The layer's TOC.
+    pub fn toc(&self) -> &Toc {
+        &self.toc
+    }
+
+    pub(crate) fn source(&self) -> &dyn BlobSource {
+        &*self.source
+    }
+
+    pub(crate) fn cache(&self) -> &ChunkCache {
+        &self.cache
+    }
+
+    pub(crate) fn reads_in_progress(&self) -> bool {
+        self.active_reads.load(Ordering::SeqCst) > 0
+    }
+
+    pub(crate) fn mark_prefetch_done(&self) {
+        self.prefetch_done.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn mark_background_done(&self) {
+        self.background_done.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the prefetch of prioritized files finished.
+    pub fn is_prefetch_done(&self) -> bool {
+        self.prefetch_done.load(Ordering::SeqCst)
+    }
+
+    /// Whether the background fetch finished (the whole layer is local).
+    pub fn is_background_done(&self) -> bool {
+        self.background_done.load(Ordering::SeqCst)
     }
 
     /// The layer's counters.
@@ -335,7 +391,10 @@ impl fuser::Filesystem for LayerFs {
         let Some(idx) = self.tree.node(ino.0).and_then(|n| n.entry) else {
             return reply.error(Errno::ENOENT);
         };
-        match self.read_file(idx, offset, size) {
+        self.active_reads.fetch_add(1, Ordering::SeqCst);
+        let result = self.read_file(idx, offset, size);
+        self.active_reads.fetch_sub(1, Ordering::SeqCst);
+        match result {
             Ok(data) => reply.data(&data),
             Err(e) => {
                 self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
@@ -468,6 +527,9 @@ pub struct MountedLayer {
     session: Option<fuser::BackgroundSession>,
     mountpoint: PathBuf,
     stats: Arc<LayerStats>,
+    fs: LayerFs,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    fetcher: Option<std::thread::JoinHandle<()>>,
 }
 
 impl MountedLayer {
@@ -481,8 +543,21 @@ impl MountedLayer {
         &self.stats
     }
 
-    /// Unmounts and waits for the session to end.
+    /// The mounted file system (for progress).
+    pub fn fs(&self) -> &LayerFs {
+        &self.fs
+    }
+
+    fn stop_fetching(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.fetcher.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Stops fetching, unmounts, and waits for the session to end.
     pub fn unmount(mut self) -> io::Result<()> {
+        self.stop_fetching();
         match self.session.take() {
             Some(s) => s.umount_and_join(),
             None => Ok(()),
@@ -492,6 +567,7 @@ impl MountedLayer {
 
 impl Drop for MountedLayer {
     fn drop(&mut self) {
+        self.stop_fetching();
         if let Some(s) = self.session.take() {
             if let Err(e) = s.umount_and_join() {
                 tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount failed");
@@ -501,9 +577,15 @@ impl Drop for MountedLayer {
 }
 
 /// Mounts `fs` read-only at `mountpoint`, readable by every user (as overlayfs needs for a
-/// lower layer), served by several threads.
-pub fn mount(fs: LayerFs, mountpoint: &Path) -> io::Result<MountedLayer> {
+/// lower layer), served by several threads; then prefetches and fetches in the background
+/// as `fetch` says.
+pub fn mount(
+    fs: LayerFs,
+    mountpoint: &Path,
+    fetch: &crate::fetch::FetchOptions,
+) -> io::Result<MountedLayer> {
     let stats = fs.stats();
+    let handle = fs.clone();
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         MountOption::RO,
@@ -518,9 +600,30 @@ pub fn mount(fs: LayerFs, mountpoint: &Path) -> io::Result<MountedLayer> {
     config.n_threads = Some(4);
     config.clone_fd = true;
     let session = fuser::spawn_mount(fs, mountpoint, &config)?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fetcher = {
+        let (fs, stop, fetch) = (handle.clone(), stop.clone(), fetch.clone());
+        std::thread::Builder::new()
+            .name("estargz-fetch".into())
+            .spawn(move || {
+                if fetch.prefetch {
+                    if let Err(e) = fs.prefetch() {
+                        tracing::warn!(error = %e, "prefetch failed; files are fetched on demand");
+                    }
+                } else {
+                    fs.mark_prefetch_done();
+                }
+                if fetch.background && !stop.load(Ordering::SeqCst) {
+                    fs.background_fetch(fetch.background_concurrency, &stop);
+                }
+            })?
+    };
     Ok(MountedLayer {
         session: Some(session),
         mountpoint: mountpoint.to_path_buf(),
         stats,
+        fs: handle,
+        stop,
+        fetcher: Some(fetcher),
     })
 }

@@ -12,11 +12,13 @@
 
 #![warn(missing_docs)]
 
+mod fetch;
 mod fs;
 mod source;
 mod tree;
 
-pub use fs::{mount, LayerFs, LayerStats, MountedLayer};
+pub use fetch::{FetchOptions, Progress};
+pub use fs::{mount, Inner, LayerFs, LayerStats, MountedLayer};
 pub use source::{load_toc, BlobSource, FileSource, RegistrySource};
 pub use tree::{Node, NodeKind, Tree};
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use estargz_cache::{CacheConfig, ChunkCache};
 use estargz_format::{convert, ConvertOptions, Limits};
-use estargz_layerfs::{load_toc, mount, LayerFs, MountedLayer, RegistrySource};
+use estargz_layerfs::{load_toc, mount, FetchOptions, LayerFs, MountedLayer, RegistrySource};
 use estargz_oci::Digest;
 use estargz_registry::{ClientConfig, ImageRef, RegistryClient, RetryPolicy};
 use estargz_testutil::{
@@ -76,7 +76,23 @@ impl Remote {
         }))
     }
 
+    /// Mounts with prefetch and background fetch off, so that only reads fetch.
     fn mount(&self, blob: &(Digest, u64), cache: Arc<ChunkCache>, at: &str) -> MountedLayer {
+        let lazy = FetchOptions {
+            prefetch: false,
+            background: false,
+            background_concurrency: 1,
+        };
+        self.mount_with(blob, cache, at, &lazy)
+    }
+
+    fn mount_with(
+        &self,
+        blob: &(Digest, u64),
+        cache: Arc<ChunkCache>,
+        at: &str,
+        fetch: &FetchOptions,
+    ) -> MountedLayer {
         let source = RegistrySource::new(
             self.client.clone(),
             self.image(),
@@ -86,7 +102,7 @@ impl Remote {
         let (toc, _) = load_toc(&source, blob.1, None, &Limits::default()).unwrap();
         let mnt = self.dir.path().join(at);
         std::fs::create_dir_all(&mnt).unwrap();
-        mount(LayerFs::new(toc, Arc::new(source), cache), &mnt).expect("FUSE mount")
+        mount(LayerFs::new(toc, Arc::new(source), cache), &mnt, fetch).expect("FUSE mount")
     }
 }
 
@@ -335,5 +351,94 @@ fn eight_concurrent_readers() {
     for h in handles {
         h.join().unwrap();
     }
+    m.unmount().unwrap();
+}
+
+fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn prefetch_and_background_fetch() {
+    let r = Remote::start();
+    let tar = synthetic_tar();
+    let expected = files(&tar);
+    let prioritized = ["etc/hostname", "srv/many-chunks", "usr/bin/ping"];
+    let opts = ConvertOptions {
+        prioritized_files: prioritized.iter().map(|s| s.to_string()).collect(),
+        ..small_opts()
+    };
+    let blob = r.push(&tar, &opts);
+
+    // Prefetch only: the prioritized files arrive in one request after the TOC's two.
+    let requests = r.proxy.blob_requests();
+    let prefetch_only = FetchOptions {
+        prefetch: true,
+        background: false,
+        background_concurrency: 1,
+    };
+    let m = r.mount_with(&blob, r.cache("c1", 1 << 30), "m1", &prefetch_only);
+    wait_for("prefetch", || m.fs().is_prefetch_done());
+    assert_eq!(
+        r.proxy.blob_requests() - requests,
+        3,
+        "footer, TOC, one prefetch request"
+    );
+    let served = r.proxy.blob_bytes_served();
+    for f in prioritized {
+        assert!(
+            std::fs::read(m.mountpoint().join(f)).unwrap() == expected[f],
+            "{f}"
+        );
+    }
+    assert_eq!(
+        r.proxy.blob_bytes_served() - served,
+        0,
+        "prioritized files were prefetched"
+    );
+    let p = m.fs().progress();
+    assert!(
+        p.prefetch_done && !p.background_done && p.percent() < 100.0,
+        "{p}"
+    );
+    m.unmount().unwrap();
+
+    // Background fetch: the whole layer becomes local, each byte fetched about once.
+    let served = r.proxy.blob_bytes_served();
+    let m = r.mount_with(
+        &blob,
+        r.cache("c2", 1 << 30),
+        "m2",
+        &FetchOptions::default(),
+    );
+    wait_for("background fetch", || m.fs().is_background_done());
+    let p = m.fs().progress();
+    assert_eq!(p.percent(), 100.0, "{p}");
+    assert!(p.to_string().contains("100.0% local"), "{p}");
+    let fetched = (r.proxy.blob_bytes_served() - served) as u64;
+    assert!(
+        fetched <= blob.1,
+        "fetched {fetched} of a {} byte blob",
+        blob.1
+    );
+    let served = r.proxy.blob_bytes_served();
+    for (f, content) in &expected {
+        assert!(
+            std::fs::read(m.mountpoint().join(f)).unwrap() == *content,
+            "{f}"
+        );
+    }
+    assert_eq!(
+        r.proxy.blob_bytes_served() - served,
+        0,
+        "everything was already local"
+    );
     m.unmount().unwrap();
 }

@@ -1,0 +1,232 @@
+//! Prefetch of prioritized files, background fetch of the rest, and per-layer progress.
+
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use estargz_format::{decompress_chunk, Chunk};
+
+use crate::fs::{Inner, LayerFs};
+
+/// Largest single range request of prefetch and background fetch.
+const MAX_SPAN: u64 = 8 << 20;
+
+/// What happens besides on-demand reads.
+#[derive(Debug, Clone)]
+pub struct FetchOptions {
+    /// Fetch everything before `.prefetch.landmark` in one request right after mounting.
+    pub prefetch: bool,
+    /// Then fetch the rest of the layer, at low priority.
+    pub background: bool,
+    /// Background range requests in flight at once.
+    pub background_concurrency: usize,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        FetchOptions {
+            prefetch: true,
+            background: true,
+            background_concurrency: 2,
+        }
+    }
+}
+
+/// How much of a layer is local, for other components and for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    /// Compressed bytes fetched by this layer so far.
+    pub fetched_bytes: u64,
+    /// Chunks of the layer now in the cache.
+    pub cached_chunks: u64,
+    /// Chunks in the layer.
+    pub total_chunks: u64,
+    /// Prefetch of prioritized files finished (or there was nothing to prefetch).
+    pub prefetch_done: bool,
+    /// Background fetch finished: the whole layer is local.
+    pub background_done: bool,
+}
+
+impl Progress {
+    /// Percentage of chunks cached.
+    pub fn percent(&self) -> f64 {
+        if self.total_chunks == 0 {
+            100.0
+        } else {
+            self.cached_chunks as f64 * 100.0 / self.total_chunks as f64
+        }
+    }
+}
+
+impl fmt::Display for Progress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:.1}% local ({}/{} chunks), {} bytes fetched, prefetch {}, background fetch {}",
+            self.percent(),
+            self.cached_chunks,
+            self.total_chunks,
+            self.fetched_bytes,
+            if self.prefetch_done {
+                "done"
+            } else {
+                "pending"
+            },
+            if self.background_done {
+                "done"
+            } else {
+                "running or off"
+            },
+        )
+    }
+}
+
+/// Every chunk of the layer in blob order, with the name of its file.
+fn chunks_in_blob_order(inner: &Inner) -> Vec<(String, Chunk)> {
+    let mut all: Vec<(String, Chunk)> = inner
+        .toc()
+        .entries()
+        .iter()
+        .flat_map(|e| e.chunks.iter().map(move |c| (e.name.clone(), *c)))
+        .collect();
+    all.sort_by_key(|(_, c)| (c.offset, c.inner_offset));
+    all
+}
+
+/// Splits chunks (in blob order) into runs adjacent in the blob of at most `MAX_SPAN` bytes.
+fn spans(chunks: Vec<(String, Chunk)>) -> Vec<Vec<(String, Chunk)>> {
+    let mut out: Vec<Vec<(String, Chunk)>> = Vec::new();
+    for item in chunks {
+        let joinable = out.last().is_some_and(|run| {
+            let (first, last) = (&run[0].1, &run[run.len() - 1].1);
+            (last.compressed_end == item.1.offset || last.offset == item.1.offset)
+                && item.1.compressed_end - first.offset <= MAX_SPAN
+        });
+        if joinable {
+            if let Some(run) = out.last_mut() {
+                run.push(item);
+            }
+        } else {
+            out.push(vec![item]);
+        }
+    }
+    out
+}
+
+impl Inner {
+    /// Fetches one span with one range request; verifies and caches each chunk.
+    fn fetch_run(&self, run: &[(String, Chunk)]) -> io::Result<()> {
+        let (Some(first), Some(last)) = (run.first(), run.last()) else {
+            return Ok(());
+        };
+        let start = first.1.offset;
+        let end = run
+            .iter()
+            .map(|(_, c)| c.compressed_end)
+            .max()
+            .unwrap_or(last.1.compressed_end);
+        let bytes = self.source().read_range(start..end)?;
+        self.stats()
+            .fetched_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.stats().fetch_requests.fetch_add(1, Ordering::Relaxed);
+        for (name, c) in run {
+            if self.cache().contains(&c.digest) {
+                continue;
+            }
+            let from = (c.offset - start) as usize;
+            let to = (c.compressed_end - start) as usize;
+            let data = decompress_chunk(&bytes[from..to], name, c).map_err(io::Error::other)?;
+            self.stats().fetched_chunks.fetch_add(1, Ordering::Relaxed);
+            self.cache().insert(&c.digest, &data);
+        }
+        Ok(())
+    }
+}
+
+impl LayerFs {
+    /// Fetches every prioritized chunk (those before `.prefetch.landmark`) with as few
+    /// requests as possible (one, unless the range exceeds 8 MiB). Returns the bytes fetched.
+    pub fn prefetch(&self) -> io::Result<u64> {
+        let result = (|| {
+            let Some(end) = self.toc().prefetch_size() else {
+                return Ok(0);
+            };
+            let wanted: Vec<(String, Chunk)> = chunks_in_blob_order(self)
+                .into_iter()
+                .filter(|(_, c)| c.compressed_end <= end && !self.cache().contains(&c.digest))
+                .collect();
+            let before = self.stats().fetched_bytes.load(Ordering::Relaxed);
+            for run in spans(wanted) {
+                self.fetch_run(&run)?;
+            }
+            Ok(self.stats().fetched_bytes.load(Ordering::Relaxed) - before)
+        })();
+        self.mark_prefetch_done();
+        result
+    }
+
+    /// Fetches every chunk not yet cached, in blob order, with `concurrency` requests in
+    /// flight, pausing while on-demand reads are in progress. Stops early when `stop` is set.
+    /// Failed spans are logged and left to on-demand reads.
+    pub fn background_fetch(&self, concurrency: usize, stop: &AtomicBool) {
+        let todo = spans(
+            chunks_in_blob_order(self)
+                .into_iter()
+                .filter(|(_, c)| !self.cache().contains(&c.digest))
+                .collect(),
+        );
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..concurrency.max(1) {
+                s.spawn(|| loop {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    // On-demand reads first: wait while any is in progress.
+                    if self.reads_in_progress() {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(run) = todo.get(i) else { return };
+                    let missing: Vec<(String, Chunk)> = run
+                        .iter()
+                        .filter(|(_, c)| !self.cache().contains(&c.digest))
+                        .cloned()
+                        .collect();
+                    if let Err(e) = self.fetch_run(&missing) {
+                        tracing::warn!(error = %e, "background fetch of a span failed; left to on-demand reads");
+                    }
+                });
+            }
+        });
+        if !stop.load(Ordering::SeqCst) {
+            self.mark_background_done();
+        }
+    }
+
+    /// Where the layer stands now.
+    pub fn progress(&self) -> Progress {
+        let chunks = chunks_in_blob_order(self);
+        let mut seen = std::collections::HashSet::new();
+        let mut total = 0;
+        let mut cached = 0;
+        for (_, c) in &chunks {
+            if seen.insert(c.digest) {
+                total += 1;
+                if self.cache().contains(&c.digest) {
+                    cached += 1;
+                }
+            }
+        }
+        Progress {
+            fetched_bytes: self.stats().fetched_bytes.load(Ordering::Relaxed),
+            cached_chunks: cached,
+            total_chunks: total,
+            prefetch_done: self.is_prefetch_done(),
+            background_done: self.is_background_done(),
+        }
+    }
+}
