@@ -9,10 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use estargz_convert::{convert_image, Events, ImageConvertOptions, LayerReport};
 use estargz_oci::{parse_layout_ref, Digest, OciLayout, Platform};
-use estargz_registry::{
-    pull_to_layout, push_from_layout, ClientConfig, CopyEvents, Credentials, HostsConfig, ImageRef,
-    RegistryClient,
-};
+use estargz_registry::{pull_to_layout, push_from_layout, CopyEvents, ImageRef};
 use indicatif::{MultiProgress, ProgressBar};
 use serde_json::json;
 
@@ -28,14 +25,8 @@ pub struct ConvertArgs {
     /// Destination image: a registry reference or an OCI layout (created if missing; DIR
     /// may be the source's, to add a converted tag beside the original).
     pub dst: String,
-    /// Directory of containerd-style hosts.toml files (mirrors, CAs, client certificates);
-    /// repeatable. Default: /etc/containerd/certs.d when it exists.
-    #[arg(long, value_name = "DIR")]
-    pub hosts_dir: Vec<std::path::PathBuf>,
-    /// Registry (host[:port]) that may be reached over plain HTTP; repeatable. Loopback
-    /// registries always may.
-    #[arg(long, value_name = "HOST")]
-    pub insecure_registry: Vec<String>,
+    #[command(flatten)]
+    pub registry: crate::registry::RegistryFlags,
     /// Where to stage images pulled from or pushed to a registry (default: a temporary
     /// directory, removed afterwards).
     #[arg(long, value_name = "DIR")]
@@ -84,23 +75,6 @@ fn location(s: &str, create: bool) -> Result<Location> {
         .parse()
         .with_context(|| format!("{s:?} is neither an image reference nor oci:DIR[:TAG]"))?;
     Ok(Location::Registry(image))
-}
-
-fn registry_client(args: &ConvertArgs) -> Result<RegistryClient> {
-    let mut dirs = args.hosts_dir.clone();
-    let default_dir = std::path::Path::new("/etc/containerd/certs.d");
-    if dirs.is_empty() && default_dir.is_dir() {
-        dirs.push(default_dir.to_path_buf());
-    }
-    Ok(RegistryClient::new(ClientConfig {
-        credentials: Credentials::from_default_docker_config()
-            .context("reading registry credentials")?,
-        hosts: HostsConfig {
-            dirs,
-            insecure: args.insecure_registry.clone(),
-        },
-        ..Default::default()
-    }))
 }
 
 struct Bars {
@@ -218,7 +192,7 @@ pub fn convert(args: &ConvertArgs, quiet: bool) -> Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     let client = if uses_registry {
-        Some(registry_client(args)?)
+        Some(args.registry.client()?)
     } else {
         None
     };

@@ -7,7 +7,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod image;
 mod layer;
+mod mount;
 mod progress;
+mod registry;
 
 /// Convert container images to eStargz (lazily pullable) and inspect or verify eStargz layers.
 ///
@@ -57,6 +59,14 @@ enum Command {
     Inspect(layer::InspectArgs),
     /// Check an eStargz blob: footer, TOC digest and every chunk. Exits 1 if anything fails.
     Verify(layer::VerifyArgs),
+    /// Mount an image (or one eStargz layer) lazily at DIR until interrupted.
+    ///
+    /// Each eStargz layer is mounted through FUSE and read on demand from the registry
+    /// (or a local blob) through the chunk cache; an image's layers are stacked with
+    /// overlayfs at DIR, with a temporary upper directory. For debugging and demos; needs
+    /// root and /dev/fuse. Progress is printed to stderr; Ctrl-C unmounts everything.
+    #[command(verbatim_doc_comment)]
+    Mount(mount::MountArgs),
 }
 
 #[derive(Subcommand)]
@@ -85,6 +95,7 @@ fn main() -> ExitCode {
         Command::Layer(LayerCommand::Convert(args)) => layer::convert(args, cli.quiet),
         Command::Inspect(args) => layer::inspect(args),
         Command::Verify(args) => layer::verify(args, cli.quiet),
+        Command::Mount(args) => mount::mount(args, cli.quiet),
     };
     match result {
         Ok(code) => code,

@@ -294,7 +294,10 @@ impl Platform {
             "aarch64" => "arm64",
             "x86" => "386",
             "arm" => "arm",
-            "powerpc64" => "ppc64le",
+            "powerpc64" if cfg!(target_endian = "little") => "ppc64le",
+            "powerpc64" => "ppc64",
+            "mips64" if cfg!(target_endian = "little") => "mips64le",
+            "loongarch64" => "loong64",
             "s390x" => "s390x",
             "riscv64" => "riscv64",
             other => other,
@@ -540,7 +543,12 @@ impl ImageConfig {
             os: s("os").unwrap_or_default(),
             variant: s("variant"),
             os_version: s("os.version"),
-            os_features: None,
+            os_features: self.raw["os.features"].as_array().map(|features| {
+                features
+                    .iter()
+                    .filter_map(|f| f.as_str().map(String::from))
+                    .collect()
+            }),
         }
     }
 }
@@ -613,7 +621,7 @@ impl OciLayout {
     pub fn read_index(&self) -> Result<Index> {
         let path = self.root.join("index.json");
         let data = fs::read(&path).map_err(io_err(format!("reading {}", path.display())))?;
-        Index::from_slice(&data)
+        Index::from_slice(&data).map_err(|e| relabel(e, path.display().to_string()))
     }
 
     /// Replaces `index.json` atomically.
@@ -664,16 +672,23 @@ impl OciLayout {
             .metadata()
             .map_err(io_err(format!("reading blob {digest}")))?
             .len();
+        let too_large = |size| Error::TooLarge {
+            what: format!("blob {digest} in {}", self.name()),
+            size,
+            limit: max,
+        };
         if size > max {
-            return Err(Error::TooLarge {
-                what: format!("blob {digest}"),
-                size,
-                limit: max,
-            });
+            return Err(too_large(size));
         }
-        let mut data = Vec::with_capacity(size as usize);
-        f.read_to_end(&mut data)
-            .map_err(io_err(format!("reading blob {digest}")))?;
+        let mut data = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        // The file may grow while it is read: never read more than one byte past `max`.
+        (&mut f)
+            .take(max.saturating_add(1))
+            .read_to_end(&mut data)
+            .map_err(io_err(format!("reading blob {digest} in {}", self.name())))?;
+        if data.len() as u64 > max {
+            return Err(too_large(data.len() as u64));
+        }
         let mut h = Hasher::for_digest(digest);
         h.update(&data);
         let actual = h.finish();
@@ -726,14 +741,41 @@ impl OciLayout {
     ) -> Result<(Digest, u64)> {
         let mut src = File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
         let mut w = self.blob_writer()?;
-        io::copy(&mut src, &mut w).map_err(io_err(format!("copying {}", path.display())))?;
+        // A sha256 expectation is checked against the writer's own hash; any other
+        // algorithm gets a hasher of its own.
+        let mut other = expected
+            .filter(|e| e.algorithm() != "sha256")
+            .map(Hasher::for_digest);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match src.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(Error::Io {
+                        context: format!("reading {}", path.display()),
+                        source: e,
+                    })
+                }
+            };
+            if let Some(h) = &mut other {
+                h.update(&buf[..n]);
+            }
+            w.write_all(&buf[..n]).map_err(io_err(format!(
+                "copying {} into {}",
+                path.display(),
+                self.name()
+            )))?;
+        }
         let size = w.size;
         let digest = Digest::from_sha256_bytes(w.hasher.clone().finalize().into());
         if let Some(e) = expected {
-            if e.algorithm() == "sha256" && e != &digest {
+            let actual = other.map_or_else(|| digest.clone(), Hasher::finish);
+            if e != &actual {
                 return Err(Error::DigestMismatch {
                     digest: e.to_string(),
-                    actual: digest.to_string(),
+                    actual: actual.to_string(),
                     layout: path.display().to_string(),
                 });
             }
@@ -773,57 +815,100 @@ impl OciLayout {
                         }
                     ))
                 }),
-            None => match index.manifests.len() {
-                1 => Ok(index
-                    .manifests
-                    .into_iter()
-                    .next()
-                    .unwrap_or_else(|| unreachable!())),
-                0 => Err(Error::Resolve(format!("{} holds no image", self.name()))),
-                n => Err(Error::Resolve(format!(
-                    "{} holds {n} images; name one as oci:DIR:TAG (tags: {})",
-                    self.name(),
-                    tags.join(", ")
-                ))),
-            },
+            None => {
+                let n = index.manifests.len();
+                let mut entries = index.manifests.into_iter();
+                match (entries.next(), n) {
+                    (Some(only), 1) => Ok(only),
+                    (None, _) => Err(Error::Resolve(format!("{} holds no image", self.name()))),
+                    _ => Err(Error::Resolve(format!(
+                        "{} holds {n} images; name one as oci:DIR:TAG (tags: {})",
+                        self.name(),
+                        if tags.is_empty() {
+                            "none".into()
+                        } else {
+                            tags.join(", ")
+                        }
+                    ))),
+                }
+            }
         }
     }
 
-    /// Adds `desc` to `index.json` under `tag` (replacing what had that tag), or untagged.
+    /// Adds `desc` to `index.json` under `tag` (setting its
+    /// [`REF_NAME_ANNOTATION`]), replacing in place the entry that had that tag and keeping
+    /// every other entry. With `None`, `desc` is added untagged, replacing an untagged entry
+    /// with the same digest.
     pub fn set_tag(&self, tag: Option<&str>, mut desc: Descriptor) -> Result<()> {
         let mut index = self.read_index()?;
-        match tag {
-            Some(t) => {
-                index.manifests.retain(|m| {
-                    m.annotations
-                        .as_ref()
-                        .and_then(|a| a.get(REF_NAME_ANNOTATION))
-                        .is_none_or(|n| n != t)
-                });
-                desc.annotations
-                    .get_or_insert_with(BTreeMap::new)
-                    .insert(REF_NAME_ANNOTATION.into(), t.into());
-            }
-            None => index.manifests.retain(|m| m.digest != desc.digest),
+        if let Some(t) = tag {
+            desc.annotations
+                .get_or_insert_with(BTreeMap::new)
+                .insert(REF_NAME_ANNOTATION.into(), t.into());
         }
-        index.manifests.push(desc);
+        let digest = desc.digest.clone();
+        let replaces = |m: &Descriptor| {
+            let name = m
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(REF_NAME_ANNOTATION));
+            match tag {
+                Some(t) => name.is_some_and(|n| n == t),
+                None => name.is_none() && m.digest == digest,
+            }
+        };
+        let mut new = Some(desc);
+        let mut manifests = Vec::with_capacity(index.manifests.len() + 1);
+        for m in index.manifests.drain(..) {
+            if !replaces(&m) {
+                manifests.push(m);
+            } else if let Some(d) = new.take() {
+                // The first entry replaced keeps its place; later duplicates go.
+                manifests.push(d);
+            }
+        }
+        manifests.extend(new);
+        index.manifests = manifests;
         self.write_index(&index)
     }
 
-    /// Reads a manifest blob.
+    /// Reads a manifest blob (at most [`MAX_JSON_BLOB`] bytes, digest checked).
     pub fn read_manifest(&self, desc: &Descriptor) -> Result<Manifest> {
-        Manifest::from_slice(&self.read_blob_limited(&desc.digest, MAX_JSON_BLOB)?)
+        let data = self.read_blob_limited(&desc.digest, MAX_JSON_BLOB)?;
+        Manifest::from_slice(&data).map_err(|e| relabel(e, self.blob_label("manifest", desc)))
     }
 
-    /// Reads an index blob.
+    /// Reads an index blob (at most [`MAX_JSON_BLOB`] bytes, digest checked).
     pub fn read_index_blob(&self, desc: &Descriptor) -> Result<Index> {
-        Index::from_slice(&self.read_blob_limited(&desc.digest, MAX_JSON_BLOB)?)
+        let data = self.read_blob_limited(&desc.digest, MAX_JSON_BLOB)?;
+        Index::from_slice(&data).map_err(|e| relabel(e, self.blob_label("index", desc)))
     }
 
-    /// Reads a config blob.
+    /// Reads a config blob (at most [`MAX_JSON_BLOB`] bytes, digest checked).
     pub fn read_config(&self, desc: &Descriptor) -> Result<ImageConfig> {
-        ImageConfig::from_slice(&self.read_blob_limited(&desc.digest, MAX_JSON_BLOB)?)
+        let data = self.read_blob_limited(&desc.digest, MAX_JSON_BLOB)?;
+        ImageConfig::from_slice(&data).map_err(|e| relabel(e, self.blob_label("config", desc)))
     }
+
+    fn blob_label(&self, kind: &str, desc: &Descriptor) -> String {
+        format!("image {kind} {} in {}", desc.digest, self.name())
+    }
+}
+
+/// Puts `what` (where the JSON came from) into a parse error.
+fn relabel(e: Error, what: String) -> Error {
+    match e {
+        Error::Json { source, .. } => Error::Json { what, source },
+        Error::BadConfig(msg) => Error::BadConfig(format!("{what}: {msg}")),
+        other => other,
+    }
+}
+
+/// Makes a rename in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(format!("syncing {}", dir.display())))
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
@@ -838,7 +923,7 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     tmp.persist(path)
         .map_err(|e| e.error)
         .map_err(io_err(format!("replacing {}", path.display())))?;
-    Ok(())
+    sync_dir(dir)
 }
 
 /// A blob being written into a layout; dropped without [`commit`](Self::commit) it vanishes.
@@ -862,7 +947,22 @@ impl BlobWriter {
             .persist(&path)
             .map_err(|e| e.error)
             .map_err(io_err(format!("storing blob {}", path.display())))?;
+        sync_dir(&self.dir)?;
         Ok((digest, self.size))
+    }
+
+    /// How many bytes have been written so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+impl fmt::Debug for BlobWriter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BlobWriter")
+            .field("path", &self.file.path())
+            .field("size", &self.size)
+            .finish_non_exhaustive()
     }
 }
 
