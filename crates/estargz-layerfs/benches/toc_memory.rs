@@ -1,0 +1,105 @@
+//! Memory per TOC entry of a mounted layer: the validated TOC plus the inode table, for a
+//! layer of 100,000 files (a counting allocator measures the heap).
+//!
+//! cargo bench -p estargz-layerfs --bench toc_memory
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::Arc;
+
+use estargz_cache::{CacheConfig, ChunkCache};
+use estargz_format::{convert, ConvertOptions, EstargzReader, OpenOptions};
+use estargz_layerfs::{FileSource, LayerFs};
+
+struct Counting;
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        LIVE.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
+        unsafe { System.realloc(p, l, new) }
+    }
+}
+
+#[global_allocator]
+static A: Counting = Counting;
+
+fn main() {
+    let files = 100_000;
+    // A realistic shape: 100 directories of 1,000 small files with typical path lengths.
+    let mut b = tar::Builder::new(Vec::new());
+    for d in 0..100 {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        h.set_cksum();
+        b.append_data(
+            &mut h,
+            format!("usr/lib/python3/dist-packages/pkg{d:03}/"),
+            &[][..],
+        )
+        .unwrap();
+        for f in 0..files / 100 {
+            let data = format!("module {d}/{f}\n");
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_mtime(1_700_000_000);
+            h.set_cksum();
+            b.append_data(
+                &mut h,
+                format!("usr/lib/python3/dist-packages/pkg{d:03}/module_{f:05}.py"),
+                data.as_bytes(),
+            )
+            .unwrap();
+        }
+    }
+    let tar = b.into_inner().unwrap();
+    let mut blob = Vec::new();
+    convert(
+        &tar[..],
+        &mut blob,
+        &ConvertOptions {
+            compression_level: 1,
+            ..Default::default()
+        },
+        &(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("layer.esgz");
+    std::fs::write(&path, &blob).unwrap();
+    let reader = EstargzReader::open(&blob[..], &OpenOptions::default()).unwrap();
+    let json_size = reader.toc_json_size();
+
+    let cache = Arc::new(ChunkCache::open(&CacheConfig {
+        root: dir.path().join("cache"),
+        max_bytes: 1 << 30,
+    }));
+    let base = LIVE.load(Ordering::SeqCst);
+    let toc = reader.toc().clone();
+    let entries = toc.len();
+    let after_toc = LIVE.load(Ordering::SeqCst);
+    let fs = LayerFs::new(toc, Arc::new(FileSource::open(&path).unwrap()), cache);
+    let after_fs = LIVE.load(Ordering::SeqCst);
+    let toc_bytes = after_toc - base;
+    let total = after_fs - base;
+    println!("| entries | TOC JSON bytes | validated TOC bytes/entry | + inode table bytes/entry | total MB |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| {entries} | {json_size} | {} | {} | {:.1} |",
+        toc_bytes / entries as isize,
+        total / entries as isize,
+        total as f64 / 1e6
+    );
+    drop(fs);
+}
