@@ -454,6 +454,8 @@ pub struct Expected {
     pub gid: u32,
     /// Modification time, whole seconds (the TOC's precision).
     pub mtime: i64,
+    /// Sub-second part of the modification time (from a PAX `mtime` record).
+    pub mtime_nanos: u32,
     /// Symlink target or normalized hardlink target.
     pub link: String,
     /// Device numbers.
@@ -491,6 +493,7 @@ pub fn expected_from_tar(tar_bytes: &[u8]) -> BTreeMap<String, Expected> {
         };
         let mut xattrs = BTreeMap::new();
         let mut mtime = h.mtime().unwrap_or(0) as i64;
+        let mut mtime_nanos = 0u32;
         if let Some(exts) = entry.pax_extensions().unwrap() {
             for ext in exts {
                 let ext = ext.unwrap();
@@ -499,8 +502,17 @@ pub fn expected_from_tar(tar_bytes: &[u8]) -> BTreeMap<String, Expected> {
                     xattrs.insert(x.to_string(), ext.value_bytes().to_vec());
                 }
                 if key == "mtime" {
-                    let v: f64 = ext.value().unwrap().parse().unwrap();
-                    mtime = v.floor() as i64;
+                    // "secs[.fraction]", parsed exactly (no floating point).
+                    let v = ext.value().unwrap();
+                    let (int, frac) = v.split_once('.').unwrap_or((v, ""));
+                    mtime = int.parse().unwrap();
+                    let digits: String =
+                        frac.chars().chain(std::iter::repeat('0')).take(9).collect();
+                    mtime_nanos = digits.parse().unwrap();
+                    if mtime < 0 && mtime_nanos > 0 {
+                        mtime -= 1;
+                        mtime_nanos = 1_000_000_000 - mtime_nanos;
+                    }
                 }
             }
         }
@@ -525,6 +537,7 @@ pub fn expected_from_tar(tar_bytes: &[u8]) -> BTreeMap<String, Expected> {
             uid: h.uid().unwrap_or(0) as u32,
             gid: h.gid().unwrap_or(0) as u32,
             mtime,
+            mtime_nanos,
             link,
             dev: (
                 h.device_major().ok().flatten().unwrap_or(0),
@@ -558,7 +571,18 @@ pub fn assert_matches_tar<R: ReadAt>(reader: &EstargzReader<R>, tar_bytes: &[u8]
             assert_eq!(entry.mode, exp.mode, "{name:?}: mode");
             assert_eq!(entry.uid, exp.uid, "{name:?}: uid");
             assert_eq!(entry.gid, exp.gid, "{name:?}: gid");
-            assert_eq!(entry.mtime, exp.mtime, "{name:?}: mtime");
+            if entry.mtime_nanos == 0 && exp.mtime_nanos != 0 {
+                // A writer that keeps whole seconds only (the reference rounds): accept the
+                // rounded time, never anything else.
+                let rounded = exp.mtime + i64::from(exp.mtime_nanos >= 500_000_000);
+                assert_eq!(entry.mtime, rounded, "{name:?}: mtime (rounded to seconds)");
+            } else {
+                assert_eq!(
+                    (entry.mtime, entry.mtime_nanos),
+                    (exp.mtime, exp.mtime_nanos),
+                    "{name:?}: mtime"
+                );
+            }
             assert_eq!(entry.xattrs, exp.xattrs, "{name:?}: xattrs");
         }
         match exp.kind {
