@@ -64,7 +64,7 @@ enum Command {
     /// Each eStargz layer is mounted through FUSE and read on demand from the registry
     /// (or a local blob) through the chunk cache; an image's layers are stacked with
     /// overlayfs at DIR, with a temporary upper directory. For debugging and demos; needs
-    /// root and /dev/fuse. Progress is printed to stderr; Ctrl-C unmounts everything.
+    /// root and /dev/fuse. Progress is printed to stderr; Ctrl-C or SIGTERM unmounts everything.
     #[command(verbatim_doc_comment)]
     Mount(mount::MountArgs),
 }

@@ -211,9 +211,12 @@ pub fn mount(args: &MountArgs, quiet: bool) -> Result<ExitCode> {
     );
     let mut last = String::new();
     runtime.block_on(async {
+        // Ctrl-C or a plain `kill` (SIGTERM) unmounts cleanly.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => break,
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {
                     if quiet { continue; }
                     let now: Vec<String> = layers.iter().enumerate().map(|(i, l)| format!("layer {i}: {}", l.fs().progress())).collect();

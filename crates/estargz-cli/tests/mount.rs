@@ -109,3 +109,69 @@ fn mount_an_image_from_a_registry_until_interrupted() {
         "layer mounts left behind: {leftovers:?}"
     );
 }
+
+#[test]
+fn mount_a_local_layer_and_stop_with_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let tar = one_file_tar("hello.txt", b"hello from a local eStargz blob\n");
+    let tar_path = dir.path().join("layer.tar");
+    std::fs::write(&tar_path, &tar).unwrap();
+    let blob = dir.path().join("layer.esgz");
+    let st = Command::new(env!("CARGO_BIN_EXE_estargz"))
+        .args(["layer", "convert", "--quiet"])
+        .arg(&tar_path)
+        .arg(&blob)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let target = dir.path().join("mnt");
+    let child = Command::new(env!("CARGO_BIN_EXE_estargz"))
+        .arg("mount")
+        .arg(&blob)
+        .arg(&target)
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut proc = MountProcess {
+        child: Some(child),
+        dir: target.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !target.join("hello.txt").exists() {
+        assert!(Instant::now() < deadline, "the layer did not appear");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        std::fs::read(target.join("hello.txt")).unwrap(),
+        b"hello from a local eStargz blob\n"
+    );
+    // Programs probe files with ioctls (isatty); the answer is ENOTTY, not a failure.
+    let f = std::fs::File::open(target.join("hello.txt")).unwrap();
+    let mut termios = std::mem::MaybeUninit::<libc::termios>::uninit();
+    // SAFETY: TCGETS on an open fd with a valid termios buffer.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            libc::TCGETS,
+            termios.as_mut_ptr(),
+        )
+    };
+    assert_eq!(rc, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENOTTY)
+    );
+    drop(f);
+    let mut child = proc.child.take().unwrap();
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "estargz mount exited with {status} on SIGTERM"
+    );
+    assert!(!mounted(&target), "{} is still mounted", target.display());
+}

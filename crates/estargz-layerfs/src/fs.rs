@@ -486,6 +486,21 @@ impl fuser::Filesystem for LayerFs {
         reply.ok()
     }
 
+    /// No ioctls: programs probe files with TCGETS and the like; ENOTTY is the answer.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::from_i32(libc::ENOTTY));
+    }
+
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         reply.statfs(
             self.total_size.div_ceil(4096),
