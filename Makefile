@@ -2,7 +2,7 @@
 #
 #   make test     install what the tests need (Debian packages, Rust components), then run
 #                 formatting, lint and every test (unit, property, interop with ctr-remote)
-#   make demo     the main job: a lazily started container from an eStargz image
+#   make demo     the main job: python started from a lazily pulled image, vs. an ordinary pull
 #   make build    release binaries in target/release
 #   make install  binaries into $(PREFIX)/bin
 
@@ -38,11 +38,7 @@ unit:
 test: deps check-fmt lint unit
 
 demo:
-	@echo "make demo will start a local registry, a private containerd and the"
-	@echo "estargz-snapshotter daemon, convert a Debian+python3 image with 'estargz convert',"
-	@echo "and run python3 in a lazily pulled container. The daemon lands in a later release;"
-	@echo "today you can convert, inspect and verify images and layers:"
-	@echo "  target/release/estargz --help"
+	bash testdata/scripts/demo.sh
 
 install: build
 	install -D -m 0755 target/release/estargz $(DESTDIR)$(PREFIX)/bin/estargz
