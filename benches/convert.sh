@@ -30,18 +30,9 @@ E="$REPO_DIR/target/release/estargz"
 bash "$SCRIPTS/rootfs.sh" "$work/rootfs.tar" >&2
 gzip -n -6 -c "$work/rootfs.tar" > "$work/layer.tar.gz"
 
-# A one-layer OCI image of the rootfs, pushed to a local registry.
+# A one-layer OCI image of the rootfs (the same gzip -6 layer), pushed to a local registry.
 layout="$work/src"
-mkdir -p "$layout/blobs/sha256"
-put() { local d; d=$(sha256sum "$1" | cut -d' ' -f1); cp "$1" "$layout/blobs/sha256/$d"; echo "$d $(stat -c %s "$1")"; }
-read -r ld ls < <(put "$work/layer.tar.gz")
-diff=$(sha256sum "$work/rootfs.tar" | cut -d' ' -f1)
-printf '{"architecture":"%s","os":"linux","rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' "$(host_arch)" "$diff" > "$work/config.json"
-read -r cd cs < <(put "$work/config.json")
-printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:%s","size":%s}]}' "$cd" "$cs" "$ld" "$ls" > "$work/manifest.json"
-read -r md ms < <(put "$work/manifest.json")
-printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"org.opencontainers.image.ref.name":"orig"}}]}' "$md" "$ms" > "$layout/index.json"
-echo '{"imageLayoutVersion":"1.0.0"}' > "$layout/oci-layout"
+make_oci_image "$layout" orig "" "$work/rootfs.tar" >/dev/null
 addr=$(bash "$SCRIPTS/registry.sh" start "$work/reg")
 skopeo copy -q --dest-tls-verify=false "oci:$layout:orig" "docker://$addr/bench:orig"
 

@@ -21,13 +21,7 @@ else
 fi
 
 work=$(mktemp -d /tmp/esgz-run.XXXXXX)
-cleanup() {
-    bash "$SCRIPTS_DIR/containerd.sh" stop "$work/c" --rm || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-bash "$SCRIPTS_DIR/containerd.sh" start "$work/c" >&2
-sock="$work/c/containerd.sock"
+start_private_containerd "$work"
 ns=estargz-run
 if [ -n "$pull" ]; then
     ctr -a "$sock" -n "$ns" images pull --plain-http "$pull" >&2

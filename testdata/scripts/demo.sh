@@ -34,18 +34,7 @@ trap cleanup EXIT
 log "building a Debian image with python3 from real packages"
 bash "$SCRIPTS_DIR/rootfs.sh" "$work/rootfs.tar" >&2
 layout="$work/image"
-mkdir -p "$layout/blobs/sha256"
-put() { local d; d=$(sha256sum "$1" | cut -d' ' -f1); mv "$1" "$layout/blobs/sha256/$d"; echo "$d $(stat -c %s "$layout/blobs/sha256/$d")"; }
-diff_id=$(sha256sum "$work/rootfs.tar" | cut -d' ' -f1)
-gzip -n -6 -c "$work/rootfs.tar" > "$work/layer.gz"
-read -r ld lsz < <(put "$work/layer.gz")
-printf '{"architecture":"%s","os":"linux","config":{"Cmd":["/usr/bin/python3.11"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' "$(host_arch)" "$diff_id" > "$work/config.json"
-read -r cd csz < <(put "$work/config.json")
-printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:%s","size":%s}]}' "$cd" "$csz" "$ld" "$lsz" > "$work/manifest.json"
-read -r md msz < <(put "$work/manifest.json")
-printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"org.opencontainers.image.ref.name":"orig"}}]}' "$md" "$msz" > "$layout/index.json"
-echo '{"imageLayoutVersion":"1.0.0"}' > "$layout/oci-layout"
-
+lsz=$(make_oci_image "$layout" orig "" "$work/rootfs.tar")
 addr=$(bash "$SCRIPTS_DIR/registry.sh" start "$work/reg")
 log "local registry on $addr"
 skopeo copy -q --dest-tls-verify=false "oci:$layout:orig" "docker://$addr/demo:orig"

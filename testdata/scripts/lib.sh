@@ -43,3 +43,49 @@ host_arch() {
 SCRIPTS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_DIR="$(cd "$SCRIPTS_DIR/../.." && pwd)"
 CACHE_DIR="${ESTARGZ_TEST_CACHE:-$REPO_DIR/testdata/cache}"
+
+# make_oci_image LAYOUT TAG IMAGE_NAME LAYER_TAR...: writes a single-platform (host) OCI
+# image layout at LAYOUT whose layers are the given tars (gzip -6, no name or time), with
+# rootfs.diff_ids, a /bin/sh command, and an index entry tagged TAG (and, when IMAGE_NAME
+# is not empty, annotated io.containerd.image.name=IMAGE_NAME for `ctr images import`).
+# Prints the gzip size of the last layer.
+make_oci_image() {
+    local layout=$1 tag=$2 name=$3
+    shift 3
+    local blobs="$layout/blobs/sha256" layers="" diffs="" d s last=0
+    mkdir -p "$blobs"
+    _put() { # _put FILE: moves FILE into the layout; sets d (hex) and s (size)
+        d=$(sha256sum "$1" | cut -d' ' -f1)
+        s=$(stat -c %s "$1")
+        mv "$1" "$blobs/$d"
+    }
+    for t in "$@"; do
+        [ -f "$t" ] || die "layer $t does not exist"
+        diffs="$diffs${diffs:+,}\"sha256:$(sha256sum "$t" | cut -d' ' -f1)\""
+        gzip -n -6 -c "$t" > "$layout/.layer.tmp"
+        _put "$layout/.layer.tmp"
+        last=$s
+        layers="$layers${layers:+,}{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar+gzip\",\"digest\":\"sha256:$d\",\"size\":$s}"
+    done
+    printf '{"architecture":"%s","os":"linux","config":{"Cmd":["/bin/sh"]},"rootfs":{"type":"layers","diff_ids":[%s]}}' \
+        "$(host_arch)" "$diffs" > "$layout/.config.tmp"
+    _put "$layout/.config.tmp"
+    printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[%s]}' \
+        "$d" "$s" "$layers" > "$layout/.manifest.tmp"
+    _put "$layout/.manifest.tmp"
+    local ann="\"org.opencontainers.image.ref.name\":\"$tag\""
+    [ -z "$name" ] || ann="\"io.containerd.image.name\":\"$name\",$ann"
+    printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{%s}}]}' \
+        "$d" "$s" "$ann" > "$layout/index.json"
+    echo '{"imageLayoutVersion":"1.0.0"}' > "$layout/oci-layout"
+    echo "$last"
+}
+
+# start_private_containerd WORK: starts a private containerd under WORK/c (stopped and
+# removed, with WORK, by the EXIT trap this sets) and sets $sock to its socket.
+start_private_containerd() {
+    _work_to_clean=$1
+    trap 'bash "$SCRIPTS_DIR/containerd.sh" stop "$_work_to_clean/c" --rm || true; rm -rf "$_work_to_clean"' EXIT
+    bash "$SCRIPTS_DIR/containerd.sh" start "$_work_to_clean/c" >&2
+    sock="$_work_to_clean/c/containerd.sock"
+}

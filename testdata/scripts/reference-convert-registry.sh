@@ -12,13 +12,7 @@ set -euo pipefail
 need ctr-remote stargz-snapshotter
 need containerd containerd
 work=$(mktemp -d /tmp/esgz-refreg.XXXXXX)
-cleanup() {
-    bash "$SCRIPTS_DIR/containerd.sh" stop "$work/c" --rm || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-bash "$SCRIPTS_DIR/containerd.sh" start "$work/c" >&2
-sock="$work/c/containerd.sock"
+start_private_containerd "$work"
 ns=estargz-refreg
 ctr -a "$sock" -n "$ns" images pull --plain-http "$1" >&2
 start=$(date +%s.%N)

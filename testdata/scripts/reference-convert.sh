@@ -18,44 +18,11 @@ need containerd containerd
 need sha256sum coreutils
 
 work=$(mktemp -d /tmp/esgz-ref.XXXXXX)
-cleanup() {
-    bash "$SCRIPTS_DIR/containerd.sh" stop "$work/c" --rm || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-layout="$work/layout"
-mkdir -p "$layout/blobs/sha256"
-put_blob() { # put_blob FILE -> prints "digest size"
-    local d s
-    d=$(sha256sum "$1" | cut -d' ' -f1)
-    s=$(stat -c %s "$1")
-    mv "$1" "$layout/blobs/sha256/$d"
-    echo "sha256:$d $s"
-}
-layers=""; diffs=""
-for t in "$@"; do
-    [ -f "$t" ] || die "layer $t does not exist"
-    diffs="$diffs${diffs:+,}\"sha256:$(sha256sum "$t" | cut -d' ' -f1)\""
-    gzip -n -c "$t" > "$work/layer.gz"
-    read -r d s < <(put_blob "$work/layer.gz")
-    layers="$layers${layers:+,}{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar+gzip\",\"digest\":\"$d\",\"size\":$s}"
-done
-printf '{"architecture":"%s","os":"linux","config":{"Cmd":["/bin/sh"]},"rootfs":{"type":"layers","diff_ids":[%s]}}' \
-    "$(host_arch)" "$diffs" > "$work/config.json"
-read -r cd cs < <(put_blob "$work/config.json")
-printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":%s},"layers":[%s]}' \
-    "$cd" "$cs" "$layers" > "$work/manifest.json"
-read -r md ms < <(put_blob "$work/manifest.json")
+start_private_containerd "$work"
 src=docker.io/library/estargz-interop:src
 dst=docker.io/library/estargz-interop:esgz
-printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"%s","size":%s,"annotations":{"io.containerd.image.name":"%s","org.opencontainers.image.ref.name":"src"}}]}' \
-    "$md" "$ms" "$src" > "$layout/index.json"
-echo '{"imageLayoutVersion":"1.0.0"}' > "$layout/oci-layout"
-tar -cf "$work/image.tar" -C "$layout" .
-
-bash "$SCRIPTS_DIR/containerd.sh" start "$work/c"
-sock="$work/c/containerd.sock"
+make_oci_image "$work/layout" src "$src" "$@" >/dev/null
+tar -cf "$work/image.tar" -C "$work/layout" oci-layout index.json blobs
 ns=estargz-interop
 ctr -a "$sock" -n "$ns" images import --no-unpack "$work/image.tar" >/dev/null
 start=$(date +%s.%N)
