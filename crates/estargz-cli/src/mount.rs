@@ -133,7 +133,7 @@ pub fn mount(args: &MountArgs, quiet: bool) -> Result<ExitCode> {
         let (toc, digest) = load_toc(&source, size, None, &Limits::default())
             .with_context(|| format!("reading {}", local.display()))?;
         eprintln!("layer {} (TOC {digest})", local.display());
-        let fs = LayerFs::new(toc, Arc::new(source), cache.clone());
+        let fs = LayerFs::new(&toc, Arc::new(source), cache.clone());
         layers.push(
             mount_layer(fs, &args.dir, &fetch)
                 .with_context(|| format!("mounting at {}", args.dir.display()))?,
@@ -188,7 +188,7 @@ pub fn mount(args: &MountArgs, quiet: bool) -> Result<ExitCode> {
             let dir = work.path().join(format!("layer-{i}"));
             std::fs::create_dir_all(&dir)?;
             let source: Arc<dyn BlobSource> = Arc::new(source);
-            let fs = LayerFs::new(toc, source, cache.clone());
+            let fs = LayerFs::new(&toc, source, cache.clone());
             layers.push(
                 mount_layer(fs, &dir, &fetch).with_context(|| format!("mounting layer {i}"))?,
             );

@@ -379,10 +379,13 @@ impl Toc {
     /// Parses and validates TOC JSON. `toc_offset` is the TOC's offset from the footer: every
     /// payload must lie before it.
     pub fn parse(json: &[u8], toc_offset: u64, limits: &Limits) -> Result<Toc> {
-        if json.len() as u64 > limits.max_toc_size {
+        // Never more than 4 GiB, whatever the limits say: consumers index names, entries
+        // and chunks with 32-bit offsets into structures bounded by the TOC's length.
+        let limit = limits.max_toc_size.min(u32::MAX as u64);
+        if json.len() as u64 > limit {
             return Err(Error::TocTooLarge {
                 size: json.len() as u64,
-                limit: limits.max_toc_size,
+                limit,
             });
         }
         let raw: JsonToc = serde_json::from_slice(json).map_err(Error::TocJson)?;

@@ -5,7 +5,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use estargz_format::{decompress_chunk, Chunk};
+use estargz_format::Chunk;
 
 use crate::fs::{Inner, LayerFs};
 
@@ -82,21 +82,9 @@ impl fmt::Display for Progress {
     }
 }
 
-/// Every chunk of the layer in blob order, with the name of its file.
-fn chunks_in_blob_order(inner: &Inner) -> Vec<(String, Chunk)> {
-    let mut all: Vec<(String, Chunk)> = inner
-        .toc()
-        .entries()
-        .iter()
-        .flat_map(|e| e.chunks.iter().map(move |c| (e.name.clone(), *c)))
-        .collect();
-    all.sort_by_key(|(_, c)| (c.offset, c.inner_offset));
-    all
-}
-
 /// Splits chunks (in blob order) into runs adjacent in the blob of at most `MAX_SPAN` bytes.
-fn spans(chunks: Vec<(String, Chunk)>) -> Vec<Vec<(String, Chunk)>> {
-    let mut out: Vec<Vec<(String, Chunk)>> = Vec::new();
+fn spans(chunks: Vec<(u64, Chunk)>) -> Vec<Vec<(u64, Chunk)>> {
+    let mut out: Vec<Vec<(u64, Chunk)>> = Vec::new();
     for item in chunks {
         let joinable = out.last().is_some_and(|run| {
             let (first, last) = (&run[0].1, &run[run.len() - 1].1);
@@ -116,7 +104,7 @@ fn spans(chunks: Vec<(String, Chunk)>) -> Vec<Vec<(String, Chunk)>> {
 
 impl Inner {
     /// Fetches one span with one range request; verifies and caches each chunk.
-    fn fetch_run(&self, run: &[(String, Chunk)]) -> io::Result<()> {
+    fn fetch_run(&self, run: &[(u64, Chunk)]) -> io::Result<()> {
         let (Some(first), Some(last)) = (run.first(), run.last()) else {
             return Ok(());
         };
@@ -131,13 +119,15 @@ impl Inner {
             .fetched_bytes
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         self.stats().fetch_requests.fetch_add(1, Ordering::Relaxed);
-        for (name, c) in run {
+        for (ino, c) in run {
             if self.cache().contains(&c.digest) {
                 continue;
             }
             let from = (c.offset - start) as usize;
             let to = (c.compressed_end - start) as usize;
-            let data = decompress_chunk(&bytes[from..to], name, c).map_err(io::Error::other)?;
+            let data = self
+                .decompress(*ino, &bytes[from..to], c)
+                .map_err(io::Error::other)?;
             self.stats().fetched_chunks.fetch_add(1, Ordering::Relaxed);
             self.cache().insert(&c.digest, &data);
         }
@@ -150,10 +140,12 @@ impl LayerFs {
     /// requests as possible (one, unless the range exceeds 8 MiB). Returns the bytes fetched.
     pub fn prefetch(&self) -> io::Result<u64> {
         let result = (|| {
-            let Some(end) = self.toc().prefetch_size() else {
+            let Some(end) = self.tree().prefetch_size else {
                 return Ok(0);
             };
-            let wanted: Vec<(String, Chunk)> = chunks_in_blob_order(self)
+            let wanted: Vec<(u64, Chunk)> = self
+                .tree()
+                .chunks_in_blob_order()
                 .into_iter()
                 .filter(|(_, c)| c.compressed_end <= end && !self.cache().contains(&c.digest))
                 .collect();
@@ -172,7 +164,8 @@ impl LayerFs {
     /// Failed spans are logged and left to on-demand reads.
     pub fn background_fetch(&self, concurrency: usize, stop: &AtomicBool) {
         let todo = spans(
-            chunks_in_blob_order(self)
+            self.tree()
+                .chunks_in_blob_order()
                 .into_iter()
                 .filter(|(_, c)| !self.cache().contains(&c.digest))
                 .collect(),
@@ -191,7 +184,7 @@ impl LayerFs {
                     }
                     let i = next.fetch_add(1, Ordering::SeqCst);
                     let Some(run) = todo.get(i) else { return };
-                    let missing: Vec<(String, Chunk)> = run
+                    let missing: Vec<(u64, Chunk)> = run
                         .iter()
                         .filter(|(_, c)| !self.cache().contains(&c.digest))
                         .cloned()
@@ -209,7 +202,7 @@ impl LayerFs {
 
     /// Where the layer stands now.
     pub fn progress(&self) -> Progress {
-        let chunks = chunks_in_blob_order(self);
+        let chunks = self.tree().chunks_in_blob_order();
         let mut seen = std::collections::HashSet::new();
         let mut total = 0;
         let mut cached = 0;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use estargz_cache::ChunkCache;
-use estargz_format::{decompress_chunk, Chunk, EntryKind, Sha256Digest, Toc};
+use estargz_format::{decompress_chunk, Chunk, Error, Sha256Digest, Toc};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, LockOwner, MountOption,
     OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEntry, ReplyOpen,
@@ -49,13 +49,11 @@ pub struct LayerFs(Arc<Inner>);
 
 /// The state behind a [`LayerFs`].
 pub struct Inner {
-    toc: Toc,
     tree: Tree,
     source: Arc<dyn BlobSource>,
     cache: Arc<ChunkCache>,
     hot: Mutex<HotChunks>,
     stats: Arc<LayerStats>,
-    total_size: u64,
     /// On-demand reads in progress; background fetching waits while there are any.
     active_reads: AtomicU64,
     prefetch_done: std::sync::atomic::AtomicBool,
@@ -71,23 +69,14 @@ impl std::ops::Deref for LayerFs {
 
 impl LayerFs {
     /// A file system for the layer described by `toc`, reading from `source` through
-    /// `cache`.
-    pub fn new(toc: Toc, source: Arc<dyn BlobSource>, cache: Arc<ChunkCache>) -> LayerFs {
-        let tree = Tree::build(&toc);
-        let total_size = toc
-            .entries()
-            .iter()
-            .filter(|e| e.kind == EntryKind::Reg)
-            .map(|e| e.size)
-            .sum();
+    /// `cache`. Keeps a compact inode table built from the TOC, not the TOC itself.
+    pub fn new(toc: &Toc, source: Arc<dyn BlobSource>, cache: Arc<ChunkCache>) -> LayerFs {
         LayerFs(Arc::new(Inner {
-            toc,
-            tree,
+            tree: Tree::build(toc),
             source,
             cache,
             hot: Mutex::new((LruCache::unbounded(), 0)),
             stats: Arc::new(LayerStats::default()),
-            total_size,
             active_reads: AtomicU64::new(0),
             prefetch_done: Default::default(),
             background_done: Default::default(),
@@ -96,9 +85,31 @@ impl LayerFs {
 }
 
 impl Inner {
-    /// The layer's TOC.
-    pub fn toc(&self) -> &Toc {
-        &self.toc
+    pub(crate) fn tree(&self) -> &Tree {
+        &self.tree
+    }
+
+    /// Heap bytes of the inode table (names, attributes, chunk index) of this layer.
+    pub fn index_bytes(&self) -> usize {
+        self.tree.heap_bytes()
+    }
+
+    /// Decompresses and verifies chunk `c` of inode `ino`, naming the file on failure.
+    pub(crate) fn decompress(&self, ino: u64, bytes: &[u8], c: &Chunk) -> Result<Vec<u8>, Error> {
+        decompress_chunk(bytes, "", c).map_err(|e| match e {
+            Error::BadChunk {
+                chunk_offset,
+                offset,
+                detail,
+                ..
+            } => Error::BadChunk {
+                name: self.tree.path(ino),
+                chunk_offset,
+                offset,
+                detail,
+            },
+            other => other,
+        })
     }
 
     pub(crate) fn source(&self) -> &dyn BlobSource {
@@ -137,32 +148,20 @@ impl Inner {
     }
 
     fn attr(&self, ino: u64) -> Option<FileAttr> {
-        let node = self.tree.node(ino)?;
-        let e = self.toc.entry(node.entry.or(node.whiteout_of)?);
-        let (kind, size, perm, rdev) = match node.kind {
-            NodeKind::Dir => (FileType::Directory, 4096, e.mode, 0),
-            NodeKind::File => (FileType::RegularFile, e.size, e.mode, 0),
-            NodeKind::Symlink => (FileType::Symlink, e.link_name.len() as u64, e.mode, 0),
-            NodeKind::Char if node.whiteout_of.is_some() => (FileType::CharDevice, 0, 0, 0),
-            NodeKind::Char => (
-                FileType::CharDevice,
-                0,
-                e.mode,
-                libc::makedev(e.dev_major, e.dev_minor) as u32,
+        let n = self.tree.node(ino)?;
+        let (kind, size) = match n.kind {
+            NodeKind::Dir => (FileType::Directory, 4096),
+            NodeKind::Symlink => (
+                FileType::Symlink,
+                self.tree.link_target(n).map_or(0, |t| t.len() as u64),
             ),
-            NodeKind::Block => (
-                FileType::BlockDevice,
-                0,
-                e.mode,
-                libc::makedev(e.dev_major, e.dev_minor) as u32,
-            ),
-            NodeKind::Fifo => (FileType::NamedPipe, 0, e.mode, 0),
+            k => (file_type(k), n.size),
         };
-        let mtime = if e.mtime >= 0 {
-            UNIX_EPOCH + Duration::new(e.mtime as u64, e.mtime_nanos)
+        let mtime = if n.mtime >= 0 {
+            UNIX_EPOCH + Duration::new(n.mtime as u64, n.mtime_nanos)
         } else {
             UNIX_EPOCH
-                .checked_sub(Duration::from_secs(e.mtime.unsigned_abs()))
+                .checked_sub(Duration::from_secs(n.mtime.unsigned_abs()))
                 .unwrap_or(UNIX_EPOCH)
         };
         Some(FileAttr {
@@ -174,15 +173,11 @@ impl Inner {
             ctime: mtime,
             crtime: mtime,
             kind,
-            perm: perm as u16,
-            nlink: if node.whiteout_of.is_some() {
-                1
-            } else {
-                e.num_link
-            },
-            uid: e.uid,
-            gid: e.gid,
-            rdev,
+            perm: n.mode as u16,
+            nlink: n.nlink,
+            uid: n.uid,
+            gid: n.gid,
+            rdev: n.rdev,
             blksize: 4096,
             flags: 0,
         })
@@ -209,7 +204,7 @@ impl Inner {
 
     /// Fetches `chunks` (adjacent in the blob) in one range request, verifies each, caches
     /// them. Used for neighbours that are all missing.
-    fn fetch_span(&self, name: &str, chunks: &[Chunk]) -> io::Result<()> {
+    fn fetch_span(&self, ino: u64, chunks: &[Chunk]) -> io::Result<()> {
         let (Some(first), Some(last)) = (chunks.first(), chunks.last()) else {
             return Ok(());
         };
@@ -221,7 +216,9 @@ impl Inner {
         for c in chunks {
             let from = (c.offset - first.offset) as usize;
             let to = (c.compressed_end - first.offset) as usize;
-            let data = decompress_chunk(&bytes[from..to], name, c).map_err(io::Error::other)?;
+            let data = self
+                .decompress(ino, &bytes[from..to], c)
+                .map_err(io::Error::other)?;
             self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
             self.cache.insert(&c.digest, &data);
             self.hot_put(c.digest, data.into());
@@ -229,7 +226,7 @@ impl Inner {
         Ok(())
     }
 
-    fn chunk_data(&self, name: &str, c: &Chunk) -> io::Result<Arc<[u8]>> {
+    fn chunk_data(&self, ino: u64, c: &Chunk) -> io::Result<Arc<[u8]>> {
         if let Some(d) = self.hot_get(&c.digest) {
             return Ok(d);
         }
@@ -239,31 +236,32 @@ impl Inner {
                 let bytes = self
                     .source
                     .read_range(c.offset..c.compressed_end)
-                    .map_err(|e| estargz_format::Error::io("fetching a chunk", e))?;
+                    .map_err(|e| Error::io("fetching a chunk", e))?;
                 self.stats
                     .fetched_bytes
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 self.stats.fetch_requests.fetch_add(1, Ordering::Relaxed);
-                let data = decompress_chunk(&bytes, name, c)?;
+                let data = self.decompress(ino, &bytes, c)?;
                 self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
-                Ok::<_, estargz_format::Error>(data)
+                Ok::<_, Error>(data)
             })
             .map_err(io::Error::other)?;
         self.hot_put(c.digest, data.clone());
         Ok(data)
     }
 
-    /// Reads up to `size` bytes at `offset` of the file in TOC entry `idx`.
-    fn read_file(&self, idx: usize, offset: u64, size: u32) -> io::Result<Vec<u8>> {
-        let e = self.toc.entry(idx);
-        if offset >= e.size {
+    /// Reads up to `size` bytes at `offset` of regular file `ino`.
+    fn read_file(&self, ino: u64, offset: u64, size: u32) -> io::Result<Vec<u8>> {
+        let Some(node) = self.tree.node(ino) else {
+            return Ok(Vec::new());
+        };
+        if offset >= node.size {
             return Ok(Vec::new());
         }
-        let end = e.size.min(offset + size as u64);
-        let first = e
-            .chunks
-            .partition_point(|c| c.chunk_offset + c.size <= offset);
-        let covering: Vec<Chunk> = e.chunks[first..]
+        let end = node.size.min(offset.saturating_add(size as u64));
+        let chunks = self.tree.chunks(node);
+        let first = chunks.partition_point(|c| c.chunk_offset + c.size <= offset);
+        let covering: Vec<Chunk> = chunks[first..]
             .iter()
             .take_while(|c| c.chunk_offset < end)
             .copied()
@@ -278,16 +276,16 @@ impl Inner {
             let mut run: Vec<Chunk> = Vec::new();
             for c in missing {
                 if run.last().is_some_and(|p| p.compressed_end != c.offset) {
-                    self.fetch_span(&e.name, &run)?;
+                    self.fetch_span(ino, &run)?;
                     run.clear();
                 }
                 run.push(c);
             }
-            self.fetch_span(&e.name, &run)?;
+            self.fetch_span(ino, &run)?;
         }
         let mut out = Vec::with_capacity((end - offset) as usize);
         for c in &covering {
-            let data = self.chunk_data(&e.name, c)?;
+            let data = self.chunk_data(ino, c)?;
             let from = offset.max(c.chunk_offset) - c.chunk_offset;
             let to = end.min(c.chunk_offset + c.size) - c.chunk_offset;
             out.extend_from_slice(&data[from as usize..to as usize]);
@@ -297,16 +295,12 @@ impl Inner {
 
     fn xattrs(&self, ino: u64) -> Option<Vec<(String, Vec<u8>)>> {
         let node = self.tree.node(ino)?;
-        let mut list: Vec<(String, Vec<u8>)> = match node.entry {
-            Some(i) => self
-                .toc
-                .entry(i)
-                .xattrs
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            None => Vec::new(),
-        };
+        let mut list: Vec<(String, Vec<u8>)> = self
+            .tree
+            .xattrs(ino)
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_vec()))
+            .collect();
         if node.opaque && !list.iter().any(|(k, _)| k == OPAQUE_XATTR) {
             list.push((OPAQUE_XATTR.to_string(), b"y".to_vec()));
         }
@@ -357,8 +351,7 @@ impl fuser::Filesystem for LayerFs {
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.tree.node(ino.0) {
             Some(n) if n.kind == NodeKind::Symlink => {
-                let e = self.toc.entry(n.entry.unwrap_or(0));
-                reply.data(e.link_name.as_bytes())
+                reply.data(self.tree.link_target(n).unwrap_or("").as_bytes())
             }
             Some(_) => reply.error(Errno::EINVAL),
             None => reply.error(Errno::ENOENT),
@@ -388,17 +381,19 @@ impl fuser::Filesystem for LayerFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(idx) = self.tree.node(ino.0).and_then(|n| n.entry) else {
-            return reply.error(Errno::ENOENT);
-        };
+        match self.tree.node(ino.0) {
+            Some(n) if n.kind == NodeKind::File => {}
+            Some(_) => return reply.error(Errno::EINVAL),
+            None => return reply.error(Errno::ENOENT),
+        }
         self.active_reads.fetch_add(1, Ordering::SeqCst);
-        let result = self.read_file(idx, offset, size);
+        let result = self.read_file(ino.0, offset, size);
         self.active_reads.fetch_sub(1, Ordering::SeqCst);
         match result {
             Ok(data) => reply.data(&data),
             Err(e) => {
                 self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(file = %self.toc.entry(idx).name, offset, size, error = %e,
+                tracing::warn!(file = %self.tree.path(ino.0), offset, size, error = %e,
                     "read failed; the reader gets EIO");
                 reply.error(Errno::EIO)
             }
@@ -428,14 +423,14 @@ impl fuser::Filesystem for LayerFs {
         };
         let dots = [
             (ino.0, FileType::Directory, "."),
-            (node.parent, FileType::Directory, ".."),
+            (node.parent as u64, FileType::Directory, ".."),
         ];
-        let children = node.children.iter().map(|(name, child)| {
+        let children = self.tree.children(node).map(|(name, child)| {
             let kind = self
                 .tree
-                .node(*child)
+                .node(child)
                 .map_or(FileType::RegularFile, |n| file_type(n.kind));
-            (*child, kind, &**name)
+            (child, kind, name)
         });
         for (i, (child, kind, name)) in dots
             .into_iter()
@@ -461,8 +456,8 @@ impl fuser::Filesystem for LayerFs {
         let Some(node) = self.tree.node(ino.0) else {
             return reply.error(Errno::ENOENT);
         };
-        let dots = [(ino.0, "."), (node.parent, "..")];
-        let children = node.children.iter().map(|(n, c)| (*c, &**n));
+        let dots = [(ino.0, "."), (node.parent as u64, "..")];
+        let children = self.tree.children(node).map(|(n, c)| (c, n));
         for (i, (child, name)) in dots
             .into_iter()
             .chain(children)
@@ -503,10 +498,10 @@ impl fuser::Filesystem for LayerFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         reply.statfs(
-            self.total_size.div_ceil(4096),
+            self.tree.total_size.div_ceil(4096),
             0,
             0,
-            self.tree.nodes.len() as u64,
+            self.tree.len() as u64,
             0,
             4096,
             255,

@@ -20,6 +20,5 @@ mod tree;
 pub use fetch::{FetchOptions, Progress};
 pub use fs::{mount, Inner, LayerFs, LayerStats, MountedLayer};
 pub use source::{load_toc, BlobSource, FileSource, RegistrySource};
-pub use tree::{Node, NodeKind, Tree};
 
 pub use estargz_cache::ChunkCache;

@@ -1,127 +1,235 @@
-//! The inode table: the TOC turned into what the kernel sees.
+//! The inode table: the TOC turned into what the kernel sees, in a compact form.
+//!
+//! A mounted layer keeps only this table, not the TOC it came from: a large image has
+//! hundreds of thousands of entries per layer, and the validated TOC (owned strings per path,
+//! user and group names, a name index, per-entry vectors) costs several hundred bytes per
+//! entry. Here every inode is one fixed-size record; names and symlink targets live in one
+//! string arena; directory entries and chunks live in one flat array each, addressed by
+//! ranges; the rare extended attributes sit in a side table. Offsets are `u32`: the TOC JSON
+//! is at most `u32::MAX` bytes (the format crate refuses larger ones), and every name, entry
+//! and chunk here comes from a distinct part of that text.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use estargz_format::{EntryKind, Toc, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK};
+use estargz_format::{Chunk, EntryKind, Toc, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK};
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
 
 /// What a node is, as the kernel sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NodeKind {
-    /// Directory.
+pub(crate) enum NodeKind {
     Dir,
-    /// Regular file.
     File,
-    /// Symbolic link.
     Symlink,
     /// Character device (whiteouts are 0/0 character devices).
     Char,
-    /// Block device.
     Block,
-    /// Named pipe.
     Fifo,
 }
 
-/// One inode.
+/// One inode's attributes, and where its children, chunks or link target are.
 #[derive(Debug, Clone)]
-pub struct Node {
-    /// TOC entry holding this inode's attributes and content; `None` for whiteouts.
-    pub entry: Option<usize>,
-    /// Kind.
+pub(crate) struct Node {
+    pub size: u64,
+    pub mtime: i64,
+    pub mtime_nanos: u32,
+    /// Permission bits (`mode & 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    /// Device number (`makedev(major, minor)`).
+    pub rdev: u32,
+    /// Parent directory (the root is its own parent; for files, the first directory that
+    /// lists them).
+    pub parent: u32,
+    /// Directories: range in `dirents`; files: range in `chunks`; symlinks: range in
+    /// `strings`.
+    first: u32,
+    count: u32,
     pub kind: NodeKind,
-    /// Children of a directory: name -> inode number, sorted by name.
-    pub children: Vec<(Box<str>, u64)>,
-    /// Parent inode (the root is its own parent).
-    pub parent: u64,
-    /// Whether the directory is opaque for overlayfs.
+    /// Directory marked opaque for overlayfs.
     pub opaque: bool,
-    /// Attributes for whiteouts (which have no TOC entry of their own).
-    pub whiteout_of: Option<usize>,
+    /// An overlayfs whiteout (a `.wh.NAME` entry shown as a 0/0 character device `NAME`).
+    pub whiteout: bool,
+    /// Whether the node has extended attributes in the side table.
+    has_xattrs: bool,
+}
+
+/// Extended attributes of one node: (name, value) pairs.
+type XattrList = Box<[(Box<str>, Box<[u8]>)]>;
+
+/// A directory entry: a name in the arena and the inode it names.
+#[derive(Debug, Clone, Copy)]
+struct Dirent {
+    name_at: u32,
+    name_len: u32,
+    ino: u32,
 }
 
 /// The inode table of one layer. Inode `n` is `nodes[n - 1]`; the root is inode 1.
 #[derive(Debug)]
-pub struct Tree {
-    /// The nodes.
-    pub nodes: Vec<Node>,
+pub(crate) struct Tree {
+    nodes: Vec<Node>,
+    dirents: Vec<Dirent>,
+    chunks: Vec<Chunk>,
+    strings: String,
+    xattrs: HashMap<u32, XattrList>,
+    /// Compressed bytes before `.prefetch.landmark`'s content, if the layer has one.
+    pub prefetch_size: Option<u64>,
+    /// Sum of regular file sizes.
+    pub total_size: u64,
+}
+
+/// `usize` to `u32` for sizes bounded by the TOC's length (see the module docs).
+fn small(n: usize) -> u32 {
+    debug_assert!(n <= u32::MAX as usize);
+    n as u32
 }
 
 impl Tree {
     /// Builds the inode table for `toc`.
     pub fn build(toc: &Toc) -> Tree {
         let entries = toc.entries();
-        // Inode per TOC entry that carries its own inode (hardlinks resolve to their
-        // target's); whiteouts get inodes of their own.
-        let mut ino_of = vec![0u64; entries.len()];
-        let mut nodes: Vec<Node> = Vec::with_capacity(entries.len());
+        let mut tree = Tree {
+            nodes: Vec::with_capacity(entries.len()),
+            dirents: Vec::with_capacity(entries.len()),
+            chunks: Vec::with_capacity(toc.chunk_count()),
+            strings: String::new(),
+            xattrs: HashMap::new(),
+            prefetch_size: toc.prefetch_size(),
+            total_size: 0,
+        };
+        // An inode per TOC entry that carries its own (hardlinks resolve to their target's);
+        // whiteouts get inodes of their own.
+        let mut ino_of = vec![0u32; entries.len()];
         for (i, e) in entries.iter().enumerate() {
-            if e.kind == EntryKind::Hardlink {
-                continue;
-            }
+            let whiteout = e.kind == EntryKind::Reg
+                && e.size == 0
+                && e.base_name().starts_with(WHITEOUT_PREFIX);
             let kind = match e.kind {
+                EntryKind::Hardlink => continue,
                 EntryKind::Dir => NodeKind::Dir,
-                EntryKind::Reg if e.base_name().starts_with(WHITEOUT_PREFIX) && e.size == 0 => {
-                    NodeKind::Char
-                }
+                EntryKind::Reg if whiteout => NodeKind::Char,
                 EntryKind::Reg => NodeKind::File,
                 EntryKind::Symlink => NodeKind::Symlink,
                 EntryKind::Char => NodeKind::Char,
                 EntryKind::Block => NodeKind::Block,
                 EntryKind::Fifo => NodeKind::Fifo,
-                EntryKind::Hardlink => continue,
             };
-            let whiteout = e.kind == EntryKind::Reg && kind == NodeKind::Char;
-            nodes.push(Node {
-                entry: if whiteout { None } else { Some(i) },
-                kind,
-                children: Vec::new(),
+            let ino = small(tree.nodes.len() + 1);
+            let (first, count) = match kind {
+                NodeKind::File => {
+                    tree.total_size += e.size;
+                    let at = tree.chunks.len();
+                    tree.chunks.extend_from_slice(&e.chunks);
+                    (small(at), small(e.chunks.len()))
+                }
+                NodeKind::Symlink => tree.intern(&e.link_name),
+                _ => (0, 0),
+            };
+            let has_xattrs = !whiteout && !e.xattrs.is_empty();
+            if has_xattrs {
+                let list = e
+                    .xattrs
+                    .iter()
+                    .map(|(k, v)| (k.as_str().into(), v.as_slice().into()));
+                tree.xattrs.insert(ino, list.collect());
+            }
+            let device = matches!(e.kind, EntryKind::Char | EntryKind::Block);
+            tree.nodes.push(Node {
+                size: if kind == NodeKind::File { e.size } else { 0 },
+                mtime: e.mtime,
+                mtime_nanos: e.mtime_nanos,
+                mode: if whiteout { 0 } else { e.mode },
+                uid: e.uid,
+                gid: e.gid,
+                nlink: if whiteout { 1 } else { e.num_link },
+                rdev: if device {
+                    libc::makedev(e.dev_major, e.dev_minor) as u32
+                } else {
+                    0
+                },
                 parent: 1,
+                first,
+                count,
+                kind,
                 opaque: false,
-                whiteout_of: whiteout.then_some(i),
+                whiteout,
+                has_xattrs,
             });
-            ino_of[i] = nodes.len() as u64;
+            ino_of[i] = ino;
         }
         for (i, e) in entries.iter().enumerate() {
             if e.kind == EntryKind::Hardlink {
                 ino_of[i] = ino_of[toc.resolve(i)];
             }
         }
-        // Children, with whiteouts renamed and markers hidden.
+        // Directory entries, with whiteouts renamed and markers hidden.
+        let mut parent_set = vec![false; tree.nodes.len()];
         for (i, e) in entries.iter().enumerate() {
             if e.kind != EntryKind::Dir {
                 continue;
             }
-            let dir_ino = ino_of[i];
-            let mut children: BTreeMap<Box<str>, u64> = BTreeMap::new();
+            let dir = ino_of[i];
+            let mut children: BTreeMap<&str, u32> = BTreeMap::new();
             for &c in &e.children {
-                let child = &entries[c];
-                let name = child.base_name();
+                let name = entries[c].base_name();
                 if i == 0 && (name == PREFETCH_LANDMARK || name == NO_PREFETCH_LANDMARK) {
                     continue;
                 }
                 if name == OPAQUE_MARKER {
-                    nodes[(dir_ino - 1) as usize].opaque = true;
+                    tree.nodes[(dir - 1) as usize].opaque = true;
                     continue;
                 }
                 let ino = ino_of[c];
+                let is_whiteout = tree.nodes[(ino - 1) as usize].whiteout;
                 let shown = match name.strip_prefix(WHITEOUT_PREFIX) {
-                    Some(hidden) if nodes[(ino - 1) as usize].whiteout_of.is_some() => hidden,
+                    Some(hidden) if is_whiteout => hidden,
                     _ => name,
                 };
                 // A real entry wins over a whiteout of the same name.
-                if nodes[(ino - 1) as usize].whiteout_of.is_some() && children.contains_key(shown) {
+                if is_whiteout && children.contains_key(shown) {
                     continue;
                 }
-                children.insert(shown.into(), ino);
-                if child.kind == EntryKind::Dir {
-                    nodes[(ino - 1) as usize].parent = dir_ino;
+                children.insert(shown, ino);
+                if !std::mem::replace(&mut parent_set[(ino - 1) as usize], true) {
+                    tree.nodes[(ino - 1) as usize].parent = dir;
                 }
             }
-            nodes[(dir_ino - 1) as usize].children = children.into_iter().collect();
+            let at = small(tree.dirents.len());
+            for (name, ino) in &children {
+                let (name_at, name_len) = tree.intern(name);
+                tree.dirents.push(Dirent {
+                    name_at,
+                    name_len,
+                    ino: *ino,
+                });
+            }
+            let node = &mut tree.nodes[(dir - 1) as usize];
+            node.first = at;
+            node.count = small(children.len());
         }
-        Tree { nodes }
+        tree.nodes.shrink_to_fit();
+        tree.dirents.shrink_to_fit();
+        tree.strings.shrink_to_fit();
+        tree
+    }
+
+    fn intern(&mut self, s: &str) -> (u32, u32) {
+        let at = small(self.strings.len());
+        self.strings.push_str(s);
+        (at, small(s.len()))
+    }
+
+    fn string(&self, at: u32, len: u32) -> &str {
+        &self.strings[at as usize..(at + len) as usize]
+    }
+
+    /// Number of inodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
     }
 
     /// The node for inode `ino`.
@@ -129,12 +237,137 @@ impl Tree {
         ino.checked_sub(1).and_then(|i| self.nodes.get(i as usize))
     }
 
+    /// A directory's entries in name order: (name, inode).
+    pub fn children(&self, node: &Node) -> impl Iterator<Item = (&str, u64)> + '_ {
+        let range = if node.kind == NodeKind::Dir {
+            node.first as usize..(node.first + node.count) as usize
+        } else {
+            0..0
+        };
+        self.dirents[range]
+            .iter()
+            .map(|d| (self.string(d.name_at, d.name_len), d.ino as u64))
+    }
+
     /// The child `name` of directory `ino`.
     pub fn child(&self, ino: u64, name: &str) -> Option<u64> {
-        let n = self.node(ino)?;
-        n.children
-            .binary_search_by(|(k, _)| (**k).cmp(name))
+        let n = self.node(ino).filter(|n| n.kind == NodeKind::Dir)?;
+        let list = &self.dirents[n.first as usize..(n.first + n.count) as usize];
+        list.binary_search_by(|d| self.string(d.name_at, d.name_len).cmp(name))
             .ok()
-            .map(|i| n.children[i].1)
+            .map(|i| list[i].ino as u64)
+    }
+
+    /// A regular file's chunks in file order.
+    pub fn chunks(&self, node: &Node) -> &[Chunk] {
+        match node.kind {
+            NodeKind::File => &self.chunks[node.first as usize..(node.first + node.count) as usize],
+            _ => &[],
+        }
+    }
+
+    /// Every chunk of the layer, with its file's inode, in blob order.
+    pub fn chunks_in_blob_order(&self) -> Vec<(u64, Chunk)> {
+        let mut all: Vec<(u64, Chunk)> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| self.chunks(n).iter().map(move |c| (i as u64 + 1, *c)))
+            .collect();
+        all.sort_by_key(|(_, c)| (c.offset, c.inner_offset));
+        all
+    }
+
+    /// A symlink's target.
+    pub fn link_target(&self, node: &Node) -> Option<&str> {
+        (node.kind == NodeKind::Symlink).then(|| self.string(node.first, node.count))
+    }
+
+    /// A node's extended attributes from the TOC.
+    pub fn xattrs(&self, ino: u64) -> &[(Box<str>, Box<[u8]>)] {
+        match self.node(ino) {
+            Some(n) if n.has_xattrs => self.xattrs.get(&(ino as u32)).map_or(&[], |l| l),
+            _ => &[],
+        }
+    }
+
+    /// One path of inode `ino` (for messages; slow: scans the parents' entries).
+    pub fn path(&self, ino: u64) -> String {
+        let mut parts = Vec::new();
+        let mut at = ino;
+        while at != 1 && parts.len() < 4096 {
+            let Some(node) = self.node(at) else { break };
+            let parent = node.parent as u64;
+            match self
+                .node(parent)
+                .and_then(|p| self.children(p).find(|(_, c)| *c == at))
+            {
+                Some((name, _)) => parts.push(name.to_string()),
+                None => break,
+            }
+            at = parent;
+        }
+        parts.reverse();
+        parts.join("/")
+    }
+
+    /// Heap bytes held by the table (for the memory benchmark and metrics).
+    pub fn heap_bytes(&self) -> usize {
+        self.nodes.capacity() * std::mem::size_of::<Node>()
+            + self.dirents.capacity() * std::mem::size_of::<Dirent>()
+            + self.chunks.capacity() * std::mem::size_of::<Chunk>()
+            + self.strings.capacity()
+            + self
+                .xattrs
+                .values()
+                .flat_map(|l| l.iter())
+                .map(|(k, v)| k.len() + v.len() + 32)
+                .sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use estargz_format::{convert, ConvertOptions, EstargzReader, OpenOptions};
+
+    fn tree() -> Tree {
+        let mut blob = Vec::new();
+        let tar = estargz_testutil::synthetic_tar();
+        convert(&tar[..], &mut blob, &ConvertOptions::default(), &()).unwrap();
+        let reader = EstargzReader::open(&blob[..], &OpenOptions::default()).unwrap();
+        Tree::build(reader.toc())
+    }
+
+    fn lookup(t: &Tree, path: &str) -> u64 {
+        path.split('/')
+            .try_fold(1, |dir, name| t.child(dir, name))
+            .unwrap_or_else(|| panic!("{path} not found"))
+    }
+
+    #[test]
+    fn paths_links_whiteouts_and_markers() {
+        let t = tree();
+        let ino = lookup(&t, "données/日本語 ファイル.txt");
+        assert_eq!(t.path(ino), "données/日本語 ファイル.txt");
+        // A hardlink is the same inode as its target.
+        assert_eq!(lookup(&t, "etc/hostname.link"), lookup(&t, "etc/hostname"));
+        let link = t.node(lookup(&t, "etc/dangling")).unwrap();
+        assert!(t.link_target(link).is_some_and(|s| !s.is_empty()));
+        // `.wh.deleted-file` is shown as `deleted-file`, a 0/0 character device.
+        let wh = t.node(lookup(&t, "var/deleted-file")).unwrap();
+        assert!(wh.whiteout && wh.kind == NodeKind::Char && wh.rdev == 0 && wh.mode == 0);
+        assert_eq!(t.child(lookup(&t, "var"), ".wh.deleted-file"), None);
+        // The opaque marker is hidden and marks its directory.
+        let opaque = lookup(&t, "var/opaque");
+        assert!(t.node(opaque).unwrap().opaque);
+        assert_eq!(t.child(opaque, ".wh..wh..opq"), None);
+        // Children are sorted and complete; files have chunks covering their size.
+        let root = t.node(1).unwrap();
+        let names: Vec<&str> = t.children(root).map(|(n, _)| n).collect();
+        assert!(names.windows(2).all(|w| w[0] < w[1]), "{names:?}");
+        let f = t.node(lookup(&t, "etc/hostname")).unwrap();
+        assert_eq!(t.chunks(f).iter().map(|c| c.size).sum::<u64>(), f.size);
+        assert_eq!(t.child(ino, "x"), None, "a file has no children");
     }
 }

@@ -205,7 +205,7 @@ fn mount_layer(tar: Vec<u8>, opts: &ConvertOptions) -> Layer {
         max_bytes: 1 << 30,
     }));
     let fs = LayerFs::new(
-        toc,
+        &toc,
         Arc::new(FileSource::open(&blob_path).unwrap()),
         cache.clone(),
     );

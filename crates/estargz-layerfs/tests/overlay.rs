@@ -44,7 +44,7 @@ fn mount_blob(dir: &Path, name: &str, tar: &[u8], cache: Arc<ChunkCache>) -> Mou
     let mnt = dir.join(name);
     std::fs::create_dir(&mnt).unwrap();
     mount(
-        LayerFs::new(toc, Arc::new(FileSource::open(&path).unwrap()), cache),
+        LayerFs::new(&toc, Arc::new(FileSource::open(&path).unwrap()), cache),
         &mnt,
         &FetchOptions::default(),
     )

@@ -102,7 +102,7 @@ impl Remote {
         let (toc, _) = load_toc(&source, blob.1, None, &Limits::default()).unwrap();
         let mnt = self.dir.path().join(at);
         std::fs::create_dir_all(&mnt).unwrap();
-        mount(LayerFs::new(toc, Arc::new(source), cache), &mnt, fetch).expect("FUSE mount")
+        mount(LayerFs::new(&toc, Arc::new(source), cache), &mnt, fetch).expect("FUSE mount")
     }
 }
 
