@@ -6,7 +6,8 @@
 # free port, storing under DIR/data, logging to DIR/registry.log. With USER:PASSWORD it
 # requires htpasswd basic auth; `start-token` instead requires bearer tokens from a token
 # server (token-server.py, started too) that grants them to USER:PASSWORD, or to the
-# OAuth2 refresh token (docker identitytoken) PASSWORD-refresh. `start` prints
+# OAuth2 refresh token (docker identitytoken) PASSWORD-refresh. REGISTRY_LOG_LEVEL=info logs
+# every response with its size (http.response.written). `start` prints
 # the address (127.0.0.1:PORT) on stdout; `start-token` prints it and the token realm.
 # `start-tls` serves HTTPS with a certificate for IP 127.0.0.1 from a test CA (DIR/ca.crt);
 # with `mtls` it also requires a client certificate (DIR/client.crt, DIR/client.key).
@@ -93,7 +94,7 @@ PY
     cat > "$dir/config.yml" <<YML
 version: 0.1
 log:
-  level: warn
+  level: ${REGISTRY_LOG_LEVEL:-warn}
   accesslog:
     disabled: true
 storage:

@@ -37,6 +37,9 @@ pub struct LayerStats {
     pub fetched_chunks: AtomicU64,
     /// Reads that failed (the reader got EIO).
     pub read_errors: AtomicU64,
+    /// Time spent waiting for on-demand fetches, in nanoseconds (with `fetch_requests`, the
+    /// mean latency of a range request).
+    pub fetch_nanos: AtomicU64,
 }
 
 /// Recently read chunks in memory, and their total size.
@@ -208,7 +211,11 @@ impl Inner {
         let (Some(first), Some(last)) = (chunks.first(), chunks.last()) else {
             return Ok(());
         };
+        let started = std::time::Instant::now();
         let bytes = self.source.read_range(first.offset..last.compressed_end)?;
+        self.stats
+            .fetch_nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         self.stats
             .fetched_bytes
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -233,10 +240,14 @@ impl Inner {
         let data = self
             .cache
             .get_or_fetch(&c.digest, || {
+                let started = std::time::Instant::now();
                 let bytes = self
                     .source
                     .read_range(c.offset..c.compressed_end)
                     .map_err(|e| Error::io("fetching a chunk", e))?;
+                self.stats
+                    .fetch_nanos
+                    .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 self.stats
                     .fetched_bytes
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -478,6 +489,18 @@ impl fuser::Filesystem for LayerFs {
                 break;
             }
         }
+        reply.ok()
+    }
+
+    /// Nothing to flush in a read-only file system.
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: fuser::ReplyEmpty,
+    ) {
         reply.ok()
     }
 

@@ -19,6 +19,6 @@ mod tree;
 
 pub use fetch::{FetchOptions, Progress};
 pub use fs::{mount, Inner, LayerFs, LayerStats, MountedLayer};
-pub use source::{load_toc, BlobSource, FileSource, RegistrySource};
+pub use source::{fetch_toc_json, load_toc, BlobSource, FileSource, RegistrySource};
 
 pub use estargz_cache::ChunkCache;

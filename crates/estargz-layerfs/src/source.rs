@@ -65,15 +65,15 @@ impl BlobSource for RegistrySource {
     }
 }
 
-/// Loads and validates a layer's TOC through `source` (two range reads: the footer, then
-/// the TOC member). With `expected`, the TOC digest must match it.
-pub fn load_toc(
+/// Fetches a layer's TOC JSON through `source` (two range reads: the footer, then the TOC
+/// member), decoded within `limits`. Returns the JSON and the TOC's offset in the blob; the
+/// JSON is neither verified nor parsed.
+pub fn fetch_toc_json(
     source: &dyn BlobSource,
     blob_size: u64,
-    expected: Option<estargz_format::Sha256Digest>,
     limits: &estargz_format::Limits,
-) -> Result<(estargz_format::Toc, estargz_format::Sha256Digest), estargz_format::Error> {
-    use estargz_format::{decode_toc_member, parse_footer, Error, Toc, FOOTER_SIZE};
+) -> Result<(Vec<u8>, u64), estargz_format::Error> {
+    use estargz_format::{decode_toc_member, parse_footer, Error, FOOTER_SIZE};
     let tail_len = blob_size.min(FOOTER_SIZE as u64);
     let tail = source
         .read_range(blob_size - tail_len..blob_size)
@@ -90,6 +90,19 @@ pub fn load_toc(
         .read_range(footer.toc_offset..end)
         .map_err(|e| Error::io("fetching the TOC", e))?;
     let json = decode_toc_member(&member, footer.toc_offset, limits)?;
+    Ok((json, footer.toc_offset))
+}
+
+/// Loads and validates a layer's TOC through `source` (see [`fetch_toc_json`]). With
+/// `expected`, the TOC digest must match it.
+pub fn load_toc(
+    source: &dyn BlobSource,
+    blob_size: u64,
+    expected: Option<estargz_format::Sha256Digest>,
+    limits: &estargz_format::Limits,
+) -> Result<(estargz_format::Toc, estargz_format::Sha256Digest), estargz_format::Error> {
+    use estargz_format::{Error, Toc};
+    let (json, toc_offset) = fetch_toc_json(source, blob_size, limits)?;
     let digest = estargz_format::Sha256Digest::of(&json);
     if let Some(exp) = expected {
         if exp != digest {
@@ -99,5 +112,5 @@ pub fn load_toc(
             });
         }
     }
-    Ok((Toc::parse(&json, footer.toc_offset, limits)?, digest))
+    Ok((Toc::parse(&json, toc_offset, limits)?, digest))
 }

@@ -1,0 +1,210 @@
+//! `/etc/estargz-snapshotter/config.toml`. Every key is optional; the defaults are below
+//! and in the README.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::Error;
+
+/// Default configuration file.
+pub const DEFAULT_CONFIG: &str = "/etc/estargz-snapshotter/config.toml";
+
+/// The daemon's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// gRPC socket containerd connects to.
+    pub socket: PathBuf,
+    /// State: metadata, snapshot directories, chunk cache.
+    pub root: PathBuf,
+    /// `text` or `json`.
+    pub log_format: LogFormat,
+    /// `host:port` of the Prometheus endpoint (`/metrics`); empty: off.
+    pub metrics_address: String,
+    /// Time allowed to resolve a layer (footer and TOC) before falling back to an ordinary
+    /// pull, in seconds.
+    pub resolve_timeout_secs: u64,
+    /// Mount layers whose TOC digest is not given by the image (no
+    /// `containerd.io/snapshot/stargz/toc.digest` label). Off: such layers are pulled the
+    /// ordinary way, since nothing would tie their TOC to the image's manifest.
+    pub allow_unverified: bool,
+    /// Chunk cache.
+    pub cache: CacheSection,
+    /// Prefetch and background fetch.
+    pub fetch: FetchSection,
+    /// Registries.
+    pub registry: RegistrySection,
+}
+
+/// Log output.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[cache]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheSection {
+    /// Size cap of the chunk cache in bytes.
+    pub max_bytes: u64,
+}
+
+/// `[fetch]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FetchSection {
+    /// Fetch prioritized files (before `.prefetch.landmark`) right after mounting.
+    pub prefetch: bool,
+    /// Then fetch the rest of each layer in the background.
+    pub background: bool,
+    /// Background range requests in flight per layer.
+    pub background_concurrency: usize,
+}
+
+/// `[registry]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistrySection {
+    /// containerd-style `hosts.toml` directories (mirrors, CAs, client certificates).
+    pub hosts_dirs: Vec<PathBuf>,
+    /// Registries that may be reached over plain HTTP (loopback ones always may).
+    pub insecure: Vec<String>,
+    /// Docker config with credentials; empty: `$DOCKER_CONFIG/config.json` or
+    /// `~/.docker/config.json`.
+    pub docker_config: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            socket: "/run/estargz-snapshotter/estargz-snapshotter.sock".into(),
+            root: "/var/lib/estargz-snapshotter".into(),
+            log_format: LogFormat::Text,
+            metrics_address: String::new(),
+            resolve_timeout_secs: 10,
+            allow_unverified: false,
+            cache: CacheSection::default(),
+            fetch: FetchSection::default(),
+            registry: RegistrySection::default(),
+        }
+    }
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        CacheSection {
+            max_bytes: 10 << 30,
+        }
+    }
+}
+
+impl Default for FetchSection {
+    fn default() -> Self {
+        FetchSection {
+            prefetch: true,
+            background: true,
+            background_concurrency: 2,
+        }
+    }
+}
+
+impl Default for RegistrySection {
+    fn default() -> Self {
+        RegistrySection {
+            hosts_dirs: vec!["/etc/containerd/certs.d".into()],
+            insecure: Vec::new(),
+            docker_config: PathBuf::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`. A missing file at the default location means the defaults; a missing
+    /// file named explicitly is an error.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, Error> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| {
+                Error::InvalidArgument(format!("configuration {}: {e}", path.display()))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                Ok(Config::default())
+            }
+            Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+        }
+    }
+
+    /// The resolve time limit.
+    pub fn resolve_timeout(&self) -> Duration {
+        Duration::from_secs(self.resolve_timeout_secs.max(1))
+    }
+
+    /// Fetch options for mounted layers.
+    pub fn fetch_options(&self) -> estargz_layerfs::FetchOptions {
+        estargz_layerfs::FetchOptions {
+            prefetch: self.fetch.prefetch,
+            background: self.fetch.background,
+            background_concurrency: self.fetch.background_concurrency.max(1),
+        }
+    }
+
+    /// A registry client with these settings.
+    pub fn registry_client(&self) -> Result<estargz_registry::RegistryClient, Error> {
+        use estargz_registry::{ClientConfig, Credentials, HostsConfig, RegistryClient};
+        let credentials = if self.registry.docker_config.as_os_str().is_empty() {
+            Credentials::from_default_docker_config()
+        } else {
+            Credentials::from_docker_config(&self.registry.docker_config)
+        }
+        .map_err(|e| Error::InvalidArgument(format!("registry credentials: {e}")))?;
+        Ok(RegistryClient::new(ClientConfig {
+            credentials,
+            hosts: HostsConfig {
+                dirs: self
+                    .registry
+                    .hosts_dirs
+                    .iter()
+                    .filter(|d| d.is_dir())
+                    .cloned()
+                    .collect(),
+                insecure: self.registry.insecure.clone(),
+            },
+            ..Default::default()
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_overrides_and_unknown_keys() {
+        let c: Config = toml::from_str("").unwrap();
+        assert_eq!(
+            c.socket,
+            Path::new("/run/estargz-snapshotter/estargz-snapshotter.sock")
+        );
+        assert_eq!(c.root, Path::new("/var/lib/estargz-snapshotter"));
+        assert!(c.fetch.prefetch && !c.allow_unverified);
+        let c: Config = toml::from_str(
+            "socket = \"/tmp/s.sock\"\nroot = \"/tmp/r\"\nlog_format = \"json\"\n[cache]\nmax_bytes = 1024\n[fetch]\nbackground = false\n",
+        )
+        .unwrap();
+        assert_eq!(c.socket, Path::new("/tmp/s.sock"));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.cache.max_bytes, 1024);
+        assert!(c.fetch.prefetch && !c.fetch.background);
+        let err = toml::from_str::<Config>("sockett = \"x\"").unwrap_err();
+        assert!(err.to_string().contains("sockett"), "{err}");
+        let missing = Path::new("/nonexistent/config.toml");
+        assert!(Config::load(missing, false).is_ok());
+        assert!(Config::load(missing, true).is_err());
+    }
+}

@@ -1,0 +1,62 @@
+//! `estargz-snapshotter`: a containerd proxy snapshotter. It is a complete overlayfs
+//! snapshotter, and when containerd's labels describe an eStargz layer whose TOC checks out,
+//! it mounts the layer lazily through FUSE instead of letting containerd pull it.
+//!
+//! Parts: [`store`] (durable metadata), [`snapshotter`] (snapshot semantics and mounts),
+//! [`remote`] (labels, TOC resolution), [`manager`] (the separate process serving FUSE
+//! mounts, so that they survive daemon restarts), [`service`] (gRPC), [`metrics`],
+//! [`config`].
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod filter;
+pub mod manager;
+pub mod metrics;
+pub mod remote;
+pub mod service;
+pub mod snapshotter;
+pub mod store;
+
+pub use config::Config;
+
+/// What can go wrong; mapped to gRPC status codes by the service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No such snapshot (or parent).
+    #[error("{0}")]
+    NotFound(String),
+    /// The key is taken.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The operation does not apply in the current state.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A malformed request or configuration.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The metadata store failed.
+    #[error("metadata store: {0}")]
+    Store(String),
+    /// A file system operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The FUSE manager failed or could not be reached.
+    #[error("{0}")]
+    Manager(String),
+}
+
+impl Error {
+    /// An I/O error with context.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Error {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! `estargz-snapshotter`: the daemon containerd talks to through `proxy_plugins`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use estargz_snapshotter::config::{LogFormat, DEFAULT_CONFIG};
+use estargz_snapshotter::manager::{Manager, ManagerClient, Request};
+use estargz_snapshotter::metrics::Metrics;
+use estargz_snapshotter::service::SnapshotService;
+use estargz_snapshotter::snapshotter::Snapshotter;
+use estargz_snapshotter::Config;
+use tokio::net::UnixListener;
+
+/// containerd snapshotter that starts containers from eStargz images lazily.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    /// Configuration file.
+    #[arg(long, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the snapshotter (the default).
+    Serve,
+    /// Serve FUSE mounts for the daemon (started by the daemon itself).
+    FuseManager,
+    /// Unmount every lazily mounted layer and stop the FUSE manager. Containers using
+    /// lazily mounted layers lose them: stop them first.
+    StopFuseManager,
+}
+
+fn manager_socket(config: &Config) -> PathBuf {
+    config.root.join("fuse-manager.sock")
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        // fuser logs an error for every reply to a request the kernel already dropped
+        // (the reader was interrupted, e.g. killed with its container): benign, and many.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser::reply=off"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let explicit = cli.config.is_some();
+    let path = cli.config.clone().unwrap_or_else(|| DEFAULT_CONFIG.into());
+    let config = Config::load(&path, explicit)?;
+    init_logging(config.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => runtime.block_on(serve(config, explicit.then_some(path))),
+        Command::FuseManager => runtime.block_on(async {
+            std::fs::create_dir_all(&config.root)
+                .with_context(|| format!("creating {}", config.root.display()))?;
+            let socket = manager_socket(&config);
+            let manager = Arc::new(Manager::new(config, tokio::runtime::Handle::current())?);
+            tracing::info!(socket = %socket.display(), pid = std::process::id(), "FUSE manager serving");
+            manager.serve(&socket).await?;
+            tracing::info!("FUSE manager stopped; every lazy layer unmounted");
+            Ok(())
+        }),
+        Command::StopFuseManager => {
+            let client = ManagerClient::new(manager_socket(&config));
+            if !client.is_running() {
+                eprintln!("no FUSE manager answers at {}", manager_socket(&config).display());
+                return Ok(());
+            }
+            client.call(&Request::Shutdown)?;
+            eprintln!("FUSE manager stopped");
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config: Config, config_path: Option<PathBuf>) -> Result<()> {
+    let socket = config.socket.clone();
+    for dir in [socket.parent().unwrap_or(Path::new("/")), &config.root] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let manager = ManagerClient::new(manager_socket(&config));
+    let exe = std::env::current_exe().context("finding this program's path")?;
+    {
+        let (m, exe, cp) = (manager.clone(), exe.clone(), config_path.clone());
+        tokio::task::spawn_blocking(move || m.ensure_running(&exe, cp.as_deref())).await??;
+    }
+    let metrics = Arc::new(Metrics::default());
+    let metrics_address = config.metrics_address.clone();
+    let snapshotter = Arc::new(Snapshotter::open(config, manager.clone(), metrics.clone())?);
+    {
+        let s = snapshotter.clone();
+        tokio::task::spawn_blocking(move || s.restore())
+            .await?
+            .context("mounting lazy layers again")?;
+    }
+    if !metrics_address.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&metrics_address)
+            .await
+            .with_context(|| format!("metrics endpoint on {metrics_address}"))?;
+        tracing::info!(address = %metrics_address, "metrics at /metrics");
+        tokio::spawn(serve_metrics(listener, metrics, manager));
+    }
+    if socket.exists() {
+        std::fs::remove_file(&socket)
+            .with_context(|| format!("removing the stale socket {}", socket.display()))?;
+    }
+    let listener = UnixListener::bind(&socket)
+        .with_context(|| format!("listening on {}", socket.display()))?;
+    tracing::info!(socket = %socket.display(), "estargz-snapshotter serving");
+    notify_systemd("READY=1");
+    let shutdown = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {},
+        }
+        tracing::info!("stopping; lazily mounted layers stay mounted by the FUSE manager");
+        notify_systemd("STOPPING=1");
+    };
+    tonic::transport::Server::builder()
+        .add_service(SnapshotService::new(snapshotter).into_server())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+        .context("gRPC server")?;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+/// Tells systemd (Type=notify) about our state; nothing without `NOTIFY_SOCKET`.
+fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => return tracing::warn!(error = %e, "sd_notify"),
+    };
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()).to_vec();
+    let result = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+    } else {
+        sock.send_to(state.as_bytes(), &path)
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "sd_notify");
+    }
+}
+
+/// A minimal HTTP/1.1 endpoint: `GET /metrics` in Prometheus text format.
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    manager: ManagerClient,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let (metrics, manager) = (metrics.clone(), manager.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let n =
+                match tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf))
+                    .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let path = head.split_whitespace().nth(1).unwrap_or("");
+            let (code, body) = if path == "/metrics" {
+                let status = tokio::task::spawn_blocking(move || manager.status().ok())
+                    .await
+                    .ok()
+                    .flatten();
+                ("200 OK", metrics.render(status.as_ref()))
+            } else {
+                ("404 Not Found", "try /metrics\n".to_string())
+            };
+            let reply = format!(
+                "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(reply.as_bytes()).await;
+        });
+    }
+}

@@ -1,0 +1,586 @@
+//! The snapshotter: containerd's snapshot semantics over overlayfs, with lazily mounted
+//! layers as lower directories.
+//!
+//! On disk, under the root: `metadata.redb` (the store), `snapshots/ID/fs` (a snapshot's
+//! upper directory, unpacked layer, or the FUSE mountpoint of a lazy layer),
+//! `snapshots/ID/work` (overlayfs work directory of active snapshots),
+//! `snapshots/ID/toc.json` (a lazy layer's verified TOC, so it can be mounted again without
+//! the registry), and `cache/` (the chunk cache, owned by the FUSE manager).
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::filter::{matches_any, Filter};
+use crate::manager::{self, ManagerClient, Request};
+use crate::metrics::Metrics;
+use crate::remote::{Fallback, LayerLabels, Resolver, REMOTE_LABEL};
+use crate::store::{Kind, RemoteLayer, Snapshot, Store, Time, Usage};
+use crate::{Config, Error};
+
+/// A mount for containerd to perform.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// `bind` or `overlay`.
+    pub kind: String,
+    /// Source.
+    pub source: String,
+    /// Options.
+    pub options: Vec<String>,
+}
+
+/// Longest parent chain followed (a guard against corrupted metadata).
+const MAX_DEPTH: usize = 1000;
+
+/// The snapshotter.
+pub struct Snapshotter {
+    root: PathBuf,
+    store: Store,
+    /// Serialises changes, so that checks and the writes that follow them agree.
+    lock: Mutex<()>,
+    manager: ManagerClient,
+    resolver: Arc<Resolver>,
+    metrics: Arc<Metrics>,
+    config: Config,
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let context = context.into();
+    move |e| Error::io(context, e)
+}
+
+impl Snapshotter {
+    /// Opens the state under `config.root`, talking to the FUSE manager through `manager`.
+    pub fn open(
+        config: Config,
+        manager: ManagerClient,
+        metrics: Arc<Metrics>,
+    ) -> Result<Snapshotter, Error> {
+        let root = config.root.clone();
+        std::fs::create_dir_all(root.join("snapshots"))
+            .map_err(io(format!("creating {}", root.display())))?;
+        let store = Store::open(&root.join("metadata.redb"))?;
+        let resolver = Arc::new(Resolver::new(Arc::new(config.registry_client()?)));
+        Ok(Snapshotter {
+            root,
+            store,
+            lock: Mutex::new(()),
+            manager,
+            resolver,
+            metrics,
+            config,
+        })
+    }
+
+    fn dir(&self, id: u64) -> PathBuf {
+        self.root.join("snapshots").join(id.to_string())
+    }
+
+    fn fs_dir(&self, id: u64) -> PathBuf {
+        self.dir(id).join("fs")
+    }
+
+    fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Mounts every lazily mounted layer the FUSE manager is not serving (after a restart
+    /// of the manager, or of the machine). Needs no registry: TOCs are on disk.
+    pub fn restore(&self) -> Result<(), Error> {
+        let served = self.manager.status()?.mounts;
+        for (key, s) in self.store.all()? {
+            let Some(layer) = &s.remote else { continue };
+            let fs = self.fs_dir(s.id);
+            if served.contains_key(&fs) {
+                continue;
+            }
+            match self.mount_remote(s.id, layer) {
+                Ok(()) => {
+                    tracing::info!(snapshot = %key, layer = %layer.digest, "lazy layer mounted again")
+                }
+                Err(e) => tracing::error!(snapshot = %key, layer = %layer.digest, error = %e,
+                    "could not mount a lazy layer again; containers using it will fail"),
+            }
+        }
+        Ok(())
+    }
+
+    fn mount_remote(&self, id: u64, layer: &RemoteLayer) -> Result<(), Error> {
+        self.manager
+            .call(&Request::Mount {
+                mountpoint: self.fs_dir(id),
+                toc_path: self.dir(id).join("toc.json"),
+                layer: layer.clone(),
+            })
+            .map(|_| ())
+    }
+
+    /// Parent directories, nearest first.
+    fn parent_dirs(&self, parent: &str) -> Result<Vec<PathBuf>, Error> {
+        let mut out = Vec::new();
+        let mut at = parent.to_string();
+        while !at.is_empty() {
+            if out.len() > MAX_DEPTH {
+                return Err(Error::FailedPrecondition(format!(
+                    "parent chain of {parent:?} is too long"
+                )));
+            }
+            let s = self
+                .store
+                .get(&at)?
+                .ok_or_else(|| Error::NotFound(format!("parent snapshot {at:?}")))?;
+            out.push(self.fs_dir(s.id));
+            at = s.parent;
+        }
+        Ok(out)
+    }
+
+    fn mounts_of(&self, s: &Snapshot) -> Result<Vec<Mount>, Error> {
+        let parents = self.parent_dirs(&s.parent)?;
+        let path = |p: &Path| p.display().to_string();
+        let bind = |source: &Path, rw: bool| Mount {
+            kind: "bind".into(),
+            source: path(source),
+            options: vec![if rw { "rw" } else { "ro" }.into(), "rbind".into()],
+        };
+        let lower = || {
+            format!(
+                "lowerdir={}",
+                parents
+                    .iter()
+                    .map(|p| path(p))
+                    .collect::<Vec<_>>()
+                    .join(":")
+            )
+        };
+        Ok(vec![match (s.kind, parents.len()) {
+            (Kind::Active, 0) => bind(&self.fs_dir(s.id), true),
+            (_, 0) => bind(&self.fs_dir(s.id), false),
+            (Kind::View, 1) => bind(&parents[0], false),
+            (Kind::View, _) => Mount {
+                kind: "overlay".into(),
+                source: "overlay".into(),
+                options: vec![lower()],
+            },
+            _ => Mount {
+                kind: "overlay".into(),
+                source: "overlay".into(),
+                options: vec![
+                    format!("workdir={}", path(&self.dir(s.id).join("work"))),
+                    format!("upperdir={}", path(&self.fs_dir(s.id))),
+                    lower(),
+                ],
+            },
+        }])
+    }
+
+    /// Creates an active or view snapshot `key` on `parent` (ordinary path).
+    pub fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>, Error> {
+        if key.is_empty() {
+            return Err(Error::InvalidArgument("empty snapshot key".into()));
+        }
+        let _g = self.guard();
+        if self.store.get(key)?.is_some() {
+            return Err(Error::AlreadyExists(format!("snapshot {key:?}")));
+        }
+        if !parent.is_empty() {
+            match self.store.get(parent)? {
+                None => return Err(Error::NotFound(format!("parent snapshot {parent:?}"))),
+                Some(p) if p.kind != Kind::Committed => {
+                    return Err(Error::InvalidArgument(format!(
+                        "parent {parent:?} is not a committed snapshot"
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        let id = self.store.update(|t| t.next_id())?;
+        let dir = self.dir(id);
+        let made = (|| {
+            std::fs::create_dir_all(dir.join("fs"))?;
+            if kind == Kind::Active {
+                std::fs::create_dir_all(dir.join("work"))?;
+            }
+            Ok(())
+        })();
+        made.map_err(io(format!("creating {}", dir.display())))?;
+        let now = Time::now();
+        let s = Snapshot {
+            id,
+            kind,
+            parent: parent.to_string(),
+            labels,
+            created: now,
+            updated: now,
+            usage: None,
+            remote: None,
+        };
+        if let Err(e) = self.store.update(|t| t.put(key, &s)) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        self.mounts_of(&s)
+    }
+
+    /// Tries to mount the layer `labels` describe lazily and commit it as `target`. `Ok`
+    /// means the snapshot exists now (containerd is told ALREADY_EXISTS); `Err` says why the
+    /// layer must be pulled the ordinary way.
+    pub async fn prepare_remote(
+        self: &Arc<Self>,
+        target: &str,
+        parent: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), (Fallback, String)> {
+        let info = LayerLabels::from_labels(labels).ok_or((
+            Fallback::NoLayerLabels,
+            "no image reference or layer digest labels".into(),
+        ))?;
+        if !info.other_layers.is_empty() {
+            self.resolver.prefetch(&info.reference, &info.other_layers);
+        }
+        let started = std::time::Instant::now();
+        let resolved = tokio::time::timeout(
+            self.config.resolve_timeout(),
+            self.resolver
+                .resolve(&info.reference, &info.digest, info.toc_digest.as_deref()),
+        )
+        .await
+        .map_err(|_| {
+            (
+                Fallback::Timeout,
+                format!(
+                    "resolving took more than {:?}",
+                    self.config.resolve_timeout()
+                ),
+            )
+        })
+        .and_then(|r| r);
+        // Without a TOC digest from the image, a layer is refused, but the reason given is
+        // the more useful one: not eStargz at all, or eStargz without the annotation.
+        let fetched = match (resolved, &info.toc_digest) {
+            (Ok(_), None) if !self.config.allow_unverified => {
+                return Err((
+                    Fallback::NoTocDigest,
+                    format!(
+                        "layer {} has no TOC digest label and allow_unverified is off",
+                        info.digest
+                    ),
+                ))
+            }
+            (r, _) => r?,
+        };
+        self.metrics.observe_resolve(started.elapsed());
+        let (this, target, parent, labels) = (
+            self.clone(),
+            target.to_string(),
+            parent.to_string(),
+            labels.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            this.commit_remote(&target, &parent, labels, &fetched.json, &fetched.layer)
+        })
+        .await
+        .map_err(|e| (Fallback::Mount, e.to_string()))?
+        .map_err(|e| (Fallback::Mount, e.to_string()))
+    }
+
+    fn commit_remote(
+        &self,
+        target: &str,
+        parent: &str,
+        mut labels: BTreeMap<String, String>,
+        json: &[u8],
+        layer: &RemoteLayer,
+    ) -> Result<(), Error> {
+        let _g = self.guard();
+        if self.store.get(target)?.is_some() {
+            return Ok(());
+        }
+        if !parent.is_empty()
+            && !matches!(self.store.get(parent)?, Some(p) if p.kind == Kind::Committed)
+        {
+            return Err(Error::NotFound(format!("committed parent {parent:?}")));
+        }
+        let id = self.store.update(|t| t.next_id())?;
+        let dir = self.dir(id);
+        let staged = (|| -> std::io::Result<()> {
+            std::fs::create_dir_all(dir.join("fs"))?;
+            let tmp = dir.join("toc.json.tmp");
+            std::fs::write(&tmp, json)?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, dir.join("toc.json"))
+        })();
+        let mounted = staged
+            .map_err(io(format!("saving the TOC in {}", dir.display())))
+            .and_then(|_| self.mount_remote(id, layer));
+        if let Err(e) = mounted {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        labels.insert(REMOTE_LABEL.into(), "remote snapshot".into());
+        let now = Time::now();
+        let s = Snapshot {
+            id,
+            kind: Kind::Committed,
+            parent: parent.to_string(),
+            labels,
+            created: now,
+            updated: now,
+            usage: Some(Usage::default()),
+            remote: Some(layer.clone()),
+        };
+        if let Err(e) = self.store.update(|t| t.put(target, &s)) {
+            let _ = self.manager.call(&Request::Unmount {
+                mountpoint: self.fs_dir(id),
+            });
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        tracing::info!(snapshot = %target, layer = %layer.digest, reference = %layer.reference, "layer mounted lazily");
+        Ok(())
+    }
+
+    /// The mounts of active or view snapshot `key`.
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>, Error> {
+        let s = self.get(key)?;
+        if s.kind == Kind::Committed {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} is committed; only active and view snapshots have mounts"
+            )));
+        }
+        self.mounts_of(&s)
+    }
+
+    fn get(&self, key: &str) -> Result<Snapshot, Error> {
+        self.store
+            .get(key)?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {key:?}")))
+    }
+
+    /// Commits active snapshot `key` as `name`.
+    pub fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(), Error> {
+        let _g = self.guard();
+        let s = self.get(key)?;
+        if s.kind != Kind::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} is {}, only active snapshots can be committed",
+                s.kind.as_str()
+            )));
+        }
+        if self.store.get(name)?.is_some() {
+            return Err(Error::AlreadyExists(format!("snapshot {name:?}")));
+        }
+        let usage = disk_usage(&self.fs_dir(s.id))
+            .map_err(io(format!("measuring {}", self.fs_dir(s.id).display())))?;
+        let now = Time::now();
+        let committed = Snapshot {
+            kind: Kind::Committed,
+            labels,
+            created: now,
+            updated: now,
+            usage: Some(usage),
+            ..s
+        };
+        // The work directory is only for active snapshots; removing it first is harmless.
+        let _ = std::fs::remove_dir_all(self.dir(committed.id).join("work"));
+        self.store.update(|t| {
+            t.delete(key)?;
+            t.put(name, &committed)
+        })
+    }
+
+    /// Removes snapshot `key` (which must have no children).
+    pub fn remove(&self, key: &str) -> Result<(), Error> {
+        let _g = self.guard();
+        let s = self.store.update(|t| {
+            let s = t
+                .get(key)?
+                .ok_or_else(|| Error::NotFound(format!("snapshot {key:?}")))?;
+            if t.has_children(key)? {
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshot {key:?} has children; remove them first"
+                )));
+            }
+            t.delete(key)?;
+            Ok(s)
+        })?;
+        // The record is gone; what remains on disk is cleaned now, or by Cleanup.
+        if let Err(e) = self.remove_dir(s.id) {
+            tracing::warn!(snapshot = %key, error = %e, "removing the snapshot's directory failed; Cleanup will retry");
+        }
+        Ok(())
+    }
+
+    fn remove_dir(&self, id: u64) -> Result<(), Error> {
+        let dir = self.dir(id);
+        let fs = dir.join("fs");
+        if is_mountpoint(&fs) || manager::is_dead_mount(&fs) {
+            if let Err(e) = self.manager.call(&Request::Unmount {
+                mountpoint: fs.clone(),
+            }) {
+                tracing::warn!(mountpoint = %fs.display(), error = %e, "the FUSE manager could not unmount; detaching");
+            }
+            if is_mountpoint(&fs) || manager::is_dead_mount(&fs) {
+                manager::detach(&fs).map_err(io(format!("detaching {}", fs.display())))?;
+            }
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::io(format!("removing {}", dir.display()), e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Information on snapshot `key`.
+    pub fn stat(&self, key: &str) -> Result<Snapshot, Error> {
+        self.get(key)
+    }
+
+    /// Updates labels of `key`: all of them (empty `paths` or `labels`), or the
+    /// `labels.KEY` paths given. Returns the new record.
+    pub fn update(
+        &self,
+        key: &str,
+        labels: BTreeMap<String, String>,
+        paths: &[String],
+    ) -> Result<Snapshot, Error> {
+        let _g = self.guard();
+        self.store.update(|t| {
+            let mut s = t
+                .get(key)?
+                .ok_or_else(|| Error::NotFound(format!("snapshot {key:?}")))?;
+            if paths.is_empty() || paths.iter().any(|p| p == "labels") {
+                let remote = s.labels.get(REMOTE_LABEL).cloned();
+                s.labels = labels.clone();
+                if let Some(r) = remote {
+                    s.labels.entry(REMOTE_LABEL.into()).or_insert(r);
+                }
+            }
+            for p in paths.iter().filter(|p| *p != "labels") {
+                let Some(k) = p.strip_prefix("labels.") else {
+                    return Err(Error::InvalidArgument(format!(
+                        "cannot update field {p:?} of a snapshot (only labels)"
+                    )));
+                };
+                match labels.get(k) {
+                    Some(v) => s.labels.insert(k.to_string(), v.clone()),
+                    None => s.labels.remove(k),
+                };
+            }
+            s.updated = Time::now();
+            t.put(key, &s)?;
+            Ok(s)
+        })
+    }
+
+    /// Disk usage of `key`'s own directory (measured now for active snapshots).
+    pub fn usage(&self, key: &str) -> Result<Usage, Error> {
+        let s = self.get(key)?;
+        match s.usage {
+            Some(u) if s.kind == Kind::Committed => Ok(u),
+            _ => disk_usage(&self.fs_dir(s.id)).map_err(io("measuring usage")),
+        }
+    }
+
+    /// Every snapshot matching any of `filters`.
+    pub fn list(&self, filters: &[String]) -> Result<Vec<(String, Snapshot)>, Error> {
+        let filters = filters
+            .iter()
+            .filter(|f| !f.is_empty())
+            .map(|f| Filter::parse(f))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(self
+            .store
+            .all()?
+            .into_iter()
+            .filter(|(k, s)| matches_any(&filters, k, s))
+            .collect())
+    }
+
+    /// Removes directories (and mounts) that no snapshot owns.
+    pub fn cleanup(&self) -> Result<(), Error> {
+        let _g = self.guard();
+        let ids: HashSet<u64> = self.store.all()?.into_iter().map(|(_, s)| s.id).collect();
+        let base = self.root.join("snapshots");
+        let entries =
+            std::fs::read_dir(&base).map_err(io(format!("listing {}", base.display())))?;
+        for entry in entries.flatten() {
+            let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if !ids.contains(&id) {
+                match self.remove_dir(id) {
+                    Ok(()) => {
+                        tracing::info!(dir = %entry.path().display(), "removed an orphaned snapshot directory")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cleanup"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The FUSE manager client.
+    pub fn manager(&self) -> &ManagerClient {
+        &self.manager
+    }
+}
+
+/// Whether `path` is a mount point (its device differs from its parent's).
+fn is_mountpoint(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(m), Some(Ok(p))) = (
+        std::fs::symlink_metadata(path),
+        path.parent().map(std::fs::symlink_metadata),
+    ) else {
+        return false;
+    };
+    m.dev() != p.dev()
+}
+
+/// Allocated bytes and inodes under `dir`, each inode counted once, not crossing mounts.
+fn disk_usage(dir: &Path) -> std::io::Result<Usage> {
+    use std::os::unix::fs::MetadataExt;
+    let top = std::fs::symlink_metadata(dir)?;
+    let mut seen = HashSet::new();
+    let mut usage = Usage::default();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let entry = entry?;
+            let m = entry.metadata()?;
+            if m.dev() != top.dev() {
+                continue;
+            }
+            if seen.insert(m.ino()) {
+                usage.inodes += 1;
+                usage.size += (m.blocks() * 512) as i64;
+            }
+            if m.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    Ok(usage)
+}

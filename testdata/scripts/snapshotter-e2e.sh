@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# snapshotter-e2e.sh: estargz-snapshotter end to end, with a real containerd, registry and
+# runc. Binaries: $SNAPSHOTTER and $ESTARGZ (default: target/release).
+#
+# Checks, each printed as "ok - ..." (any failure exits non-zero):
+#  - an image converted by `estargz convert` and one converted by `ctr-remote` are pulled
+#    with `ctr-remote images rpull`, and run; the registry serves far fewer bytes than
+#    the image holds;
+#  - a non-eStargz image, an image without TOC digest labels, and a plain `ctr pull`
+#    fall back to ordinary pulls and run; the metrics give the reasons;
+#  - ctr snapshots ls / info / usage work;
+#  - SIGKILL of the daemon, restart: snapshots are all there, a container started before
+#    the kill reads a file it never read, a new container starts;
+#  - the metrics endpoint shows the fetches;
+#  - removing the images lets containerd's GC remove every snapshot and unmount every
+#    lazily mounted layer.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+need ctr-remote stargz-snapshotter
+need runc runc
+need skopeo skopeo
+need curl curl
+E=${ESTARGZ:-$REPO_DIR/target/release/estargz}
+export SNAPSHOTTER=${SNAPSHOTTER:-$REPO_DIR/target/release/estargz-snapshotter}
+[ -x "$E" ] || die "no estargz binary at $E"
+
+work=$(mktemp -d /tmp/esgz-e2e.XXXXXX)
+S="$work/s"
+cleanup() {
+    bash "$SCRIPTS_DIR/snapshotter.sh" stop "$S" >/dev/null 2>&1 || true
+    bash "$SCRIPTS_DIR/registry.sh" stop "$work/reg" >/dev/null 2>&1 || true
+    if grep -q " $work" /proc/self/mounts; then
+        echo "error: mounts left under $work:" >&2
+        grep " $work" /proc/self/mounts >&2
+    fi
+    if [ -n "${E2E_KEEP:-}" ]; then echo "kept $work" >&2; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+ok() { echo "ok - $*"; }
+# Namespaces of their own: runc keeps container state per namespace under /run/containerd.
+for ns in lazy ref fallback notoc plain; do eval "NS_$ns=e2e-$ns-$$"; done
+
+log "building a Debian image with python3, plus a layer with a 3 MB file"
+bash "$SCRIPTS_DIR/rootfs.sh" "$work/rootfs.tar" >&2
+mkdir -p "$work/l2/srv"
+echo "from the second layer" > "$work/l2/srv/hello.txt"
+head -c 3000000 /dev/urandom > "$work/l2/srv/big.bin"
+big_sum=$(sha256sum "$work/l2/srv/big.bin" | cut -d' ' -f1)
+tar -C "$work/l2" -cf "$work/l2.tar" srv
+make_oci_image "$work/image" orig "" "$work/rootfs.tar" "$work/l2.tar" >/dev/null
+addr=$(REGISTRY_LOG_LEVEL=info bash "$SCRIPTS_DIR/registry.sh" start "$work/reg")
+skopeo copy -q --dest-tls-verify=false "oci:$work/image:orig" "docker://$addr/e2e:orig"
+
+log "converting with estargz convert and with ctr-remote"
+"$E" convert "$addr/e2e:orig" "$addr/e2e:ours" --quiet >&2
+bash "$SCRIPTS_DIR/reference-convert-registry.sh" "$addr/e2e:orig" "$addr/e2e:ref" >/dev/null
+# Another conversion (other chunk size: other layers) without its TOC digest annotations.
+"$E" convert "$addr/e2e:orig" "$addr/e2e:other" --chunk-size 1048576 --quiet >&2
+python3 - "$addr" <<'PY'
+import json, sys, urllib.request
+addr = sys.argv[1]
+accept = "application/vnd.oci.image.manifest.v1+json"
+req = urllib.request.Request(f"http://{addr}/v2/e2e/manifests/other", headers={"Accept": accept})
+m = json.load(urllib.request.urlopen(req))
+for layer in m["layers"]:
+    layer.pop("annotations", None)
+body = json.dumps(m).encode()
+put = urllib.request.Request(f"http://{addr}/v2/e2e/manifests/notoc", data=body, method="PUT",
+                             headers={"Content-Type": accept})
+urllib.request.urlopen(put)
+PY
+image_size=$(curl -sf -H 'Accept: application/vnd.oci.image.manifest.v1+json' "http://$addr/v2/e2e/manifests/ours" \
+    | python3 -c 'import json,sys; print(sum(l["size"] for l in json.load(sys.stdin)["layers"]))')
+
+metrics=$(bash "$SCRIPTS_DIR/snapshotter.sh" start "$S" '[fetch]
+background = false')
+sock="$S/c/containerd.sock"
+served() { grep 'msg="response completed"' "$work/reg/registry.log" | grep -o 'http.response.written=[0-9]*' | awk -F= '{s+=$2} END {print s+0}'; }
+c() { ctr -a "$sock" "$@"; }
+metric() { curl -sf "http://$metrics/metrics" | awk -v n="$1" '$1 == n {print $2}'; }
+metric_sum() { curl -sf "http://$metrics/metrics" | awk -v n="$1" 'index($1, n"{") == 1 {s += $2} END {print s+0}'; }
+run_in() { # run_in NS IMAGE CMD...: runs a container and prints its output
+    local ns=$1 image=$2; shift 2
+    c -n "$ns" run --rm --snapshotter estargz "$image" "t-$ns-$RANDOM" "$@"
+}
+fuse_mounts() { grep -c " $S/root/snapshots/[0-9]*/fs fuse" /proc/self/mounts || true; }
+
+log "lazy pull of our conversion"
+before=$(served)
+ctr-remote -a "$sock" -n "$NS_lazy" images rpull --plain-http --snapshotter estargz "$addr/e2e:ours" >&2
+out=$(run_in "$NS_lazy" "$addr/e2e:ours" /usr/bin/python3.11 -c 'print("hello from python")')
+[ "$out" = "hello from python" ] || die "python printed: $out"
+out=$(run_in "$NS_lazy" "$addr/e2e:ours" /bin/cat /srv/hello.txt)
+[ "$out" = "from the second layer" ] || die "cat printed: $out"
+lazy_bytes=$(( $(served) - before ))
+[ "$(metric estargz_remote_layers_total)" -ge 2 ] || die "no layer was mounted lazily: $(tail -n 20 "$S/snapshotter.log")"
+[ "$lazy_bytes" -lt $(( image_size / 2 )) ] || die "lazy pull and run fetched $lazy_bytes of $image_size bytes"
+ok "estargz convert image: rpull + run python, registry served $lazy_bytes of $image_size bytes"
+
+log "lazy pull of the reference conversion"
+before=$(served)
+ctr-remote -a "$sock" -n "$NS_ref" images rpull --plain-http --snapshotter estargz "$addr/e2e:ref" >&2
+out=$(run_in "$NS_ref" "$addr/e2e:ref" /usr/bin/python3.11 -c 'print("hello from python")')
+[ "$out" = "hello from python" ] || die "python printed: $out"
+ref_bytes=$(( $(served) - before ))
+[ "$(metric estargz_remote_layers_total)" -ge 4 ] || die "the ctr-remote image was not mounted lazily"
+[ "$ref_bytes" -lt $(( image_size / 2 )) ] || die "lazy pull of the ctr-remote image fetched $ref_bytes bytes"
+ok "ctr-remote image: rpull + run python, registry served $ref_bytes bytes"
+
+log "fallbacks"
+ctr-remote -a "$sock" -n "$NS_fallback" images rpull --plain-http --snapshotter estargz "$addr/e2e:orig" >&2
+out=$(run_in "$NS_fallback" "$addr/e2e:orig" /bin/cat /srv/hello.txt)
+[ "$out" = "from the second layer" ] || die "cat printed: $out"
+[ "$(curl -sf "http://$metrics/metrics" | grep -c 'estargz_fallbacks_total{reason="not_estargz"}')" = 1 ] || die "no not_estargz fallback counted"
+ok "non-eStargz image falls back and runs"
+ctr-remote -a "$sock" -n "$NS_notoc" images rpull --plain-http --snapshotter estargz "$addr/e2e:notoc" >&2
+out=$(run_in "$NS_notoc" "$addr/e2e:notoc" /bin/cat /srv/hello.txt)
+[ "$out" = "from the second layer" ] || die "cat printed: $out"
+curl -sf "http://$metrics/metrics" | grep -q 'estargz_fallbacks_total{reason="no_toc_digest"}' || die "no no_toc_digest fallback counted"
+ok "image without TOC digest labels falls back and runs"
+c -n "$NS_plain" images pull --plain-http --snapshotter estargz "$addr/e2e:ours" >&2
+out=$(run_in "$NS_plain" "$addr/e2e:ours" /bin/cat /srv/hello.txt)
+[ "$out" = "from the second layer" ] || die "cat printed: $out"
+ok "plain ctr pull works as an ordinary overlayfs snapshotter"
+
+log "snapshots"
+list=$(c -n "$NS_lazy" snapshots --snapshotter estargz ls)
+echo "$list" >&2
+[ "$(echo "$list" | grep -c Committed)" -eq 2 ] || die "expected 2 committed snapshots in namespace lazy"
+top=$(echo "$list" | awk '/Committed/ && $2 != "" {print $1}' | head -n 1)
+c -n "$NS_lazy" snapshots --snapshotter estargz info "$top" | grep -q 'containerd.io/snapshot/remote' \
+    || die "snapshot info lacks the remote label"
+c -n "$NS_lazy" snapshots --snapshotter estargz usage >&2
+ok "ctr snapshots ls / info / usage"
+
+log "SIGKILL and restart of the daemon with a container running"
+c -n "$NS_lazy" run -d --snapshotter estargz "$addr/e2e:ours" keeper /bin/sleep 600 >&2
+n_before=$(c -n "$NS_lazy" snapshots --snapshotter estargz ls | tail -n +2 | wc -l)
+bash "$SCRIPTS_DIR/snapshotter.sh" kill "$S"
+bash "$SCRIPTS_DIR/snapshotter.sh" restart "$S"
+# containerd's connection to the plugin backs off after the kill; it reconnects within seconds.
+for _ in $(seq 1 100); do c -n "$NS_lazy" snapshots --snapshotter estargz ls >/dev/null 2>&1 && break; sleep 0.2; done
+n_after=$(c -n "$NS_lazy" snapshots --snapshotter estargz ls | tail -n +2 | wc -l)
+[ "$n_before" = "$n_after" ] || die "snapshots before the kill: $n_before, after: $n_after"
+got=$(c -n "$NS_lazy" task exec --exec-id read1 keeper /bin/sh -c 'sha256sum /srv/big.bin' | cut -d' ' -f1)
+[ "$got" = "$big_sum" ] || die "after the restart the running container read $got, want $big_sum"
+out=$(run_in "$NS_lazy" "$addr/e2e:ours" /usr/bin/python3.11 -c 'print("after restart")')
+[ "$out" = "after restart" ] || die "python printed: $out"
+ok "after SIGKILL + restart: $n_after snapshots, the running container read a new file, a new container ran"
+
+fetched=$(metric_sum estargz_layer_fetched_bytes_total)
+[ "$fetched" -gt 0 ] || die "metrics show no fetched bytes"
+ok "metrics: $fetched bytes fetched by lazily mounted layers"
+
+log "removal and garbage collection"
+c -n "$NS_lazy" task kill -s KILL keeper >&2 || true
+for _ in $(seq 1 50); do c -n "$NS_lazy" task ls | grep -q keeper || break; c -n "$NS_lazy" task delete keeper >/dev/null 2>&1 || true; sleep 0.1; done
+c -n "$NS_lazy" containers rm keeper >&2
+for ns in "$NS_lazy" "$NS_ref" "$NS_fallback" "$NS_notoc" "$NS_plain"; do
+    for img in $(c -n "$ns" images ls -q); do c -n "$ns" images rm --sync "$img" >&2; done
+done
+for _ in $(seq 1 100); do
+    left=0
+    for ns in "$NS_lazy" "$NS_ref" "$NS_fallback" "$NS_notoc" "$NS_plain"; do
+        left=$(( left + $(c -n "$ns" snapshots --snapshotter estargz ls | tail -n +2 | wc -l) ))
+    done
+    [ "$left" = 0 ] && [ "$(fuse_mounts)" = 0 ] && break
+    sleep 0.1
+done
+[ "$left" = 0 ] || die "$left snapshots left after removing every image"
+[ "$(fuse_mounts)" = 0 ] || die "lazily mounted layers left after GC: $(fuse_mounts)"
+ok "image removal: GC removed every snapshot and unmounted every lazy layer"
