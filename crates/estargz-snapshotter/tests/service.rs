@@ -1,0 +1,501 @@
+//! The daemon over its gRPC socket, called the way containerd calls it: snapshot semantics,
+//! the CRI-label path to a real registry, and restarts (of the daemon, and of the whole
+//! node with the registry gone). Needs root and /dev/fuse.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use estargz_api::snapshots::snapshots_client::SnapshotsClient;
+use estargz_api::snapshots::{self as pb, Kind};
+use estargz_format::{convert, ConvertOptions, EntryKind, EstargzReader, OpenOptions};
+use estargz_oci::Digest;
+use estargz_registry::{ImageRef, RegistryClient};
+use estargz_testutil::{expected_from_tar, synthetic_tar, TestRegistry};
+use tonic::transport::Channel;
+use tonic::Code;
+
+const BIN: &str = env!("CARGO_BIN_EXE_estargz-snapshotter");
+
+/// A daemon with its own root and socket; everything it started is stopped and unmounted
+/// when dropped.
+struct Daemon {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn start(extra: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let config = format!(
+            "socket = \"{0}/snap.sock\"\nroot = \"{0}/root\"\n{extra}\n",
+            dir.path().display()
+        );
+        std::fs::write(dir.path().join("config.toml"), config).unwrap();
+        let mut d = Daemon { dir, child: None };
+        d.spawn();
+        d
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("snap.sock")
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    fn spawn(&mut self) {
+        let _ = std::fs::remove_file(self.socket());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(self.config())
+            .stderr(log)
+            .spawn()
+            .expect("starting estargz-snapshotter");
+        self.child = Some(child);
+        for _ in 0..300 {
+            if std::os::unix::net::UnixStream::connect(self.socket()).is_ok() {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("daemon exited ({status}): {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("daemon did not listen: {}", self.log());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash would.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn stop_manager(&self) {
+        let _ = Command::new(BIN)
+            .arg("--config")
+            .arg(self.config())
+            .arg("stop-fuse-manager")
+            .status();
+    }
+
+    async fn client(&self) -> SnapshotsClient<Channel> {
+        let path = self.socket();
+        let channel = tonic::transport::Endpoint::try_from("http://[::]:0")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = path.clone();
+                async move {
+                    let s = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                }
+            }))
+            .await
+            .expect("connecting to the daemon");
+        SnapshotsClient::new(channel)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+        self.stop_manager();
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let prefix = self.dir.path().display().to_string();
+        let mut ours: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(1))
+            .filter(|m| m.starts_with(&prefix))
+            .collect();
+        ours.sort_by(|a, b| b.cmp(a));
+        for m in ours {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
+    }
+}
+
+fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn mount_source(m: &[estargz_api::types::Mount]) -> String {
+    assert_eq!(m.len(), 1, "{m:?}");
+    m[0].source.clone()
+}
+
+async fn prepare(
+    c: &mut SnapshotsClient<Channel>,
+    key: &str,
+    parent: &str,
+    l: HashMap<String, String>,
+) -> Result<Vec<estargz_api::types::Mount>, tonic::Status> {
+    c.prepare(pb::PrepareSnapshotRequest {
+        snapshotter: "estargz".into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels: l,
+    })
+    .await
+    .map(|r| r.into_inner().mounts)
+}
+
+async fn stat(c: &mut SnapshotsClient<Channel>, key: &str) -> Result<pb::Info, tonic::Status> {
+    c.stat(pb::StatSnapshotRequest {
+        snapshotter: "estargz".into(),
+        key: key.into(),
+    })
+    .await
+    .map(|r| r.into_inner().info.unwrap())
+}
+
+async fn list(c: &mut SnapshotsClient<Channel>, filters: &[&str]) -> Vec<pb::Info> {
+    let mut stream = c
+        .list(pb::ListSnapshotsRequest {
+            snapshotter: "estargz".into(),
+            filters: filters.iter().map(|f| f.to_string()).collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(batch) = stream.message().await.unwrap() {
+        out.extend(batch.info);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_semantics_survive_a_sigkill() {
+    let mut d = Daemon::start("");
+    let mut c = d.client().await;
+
+    // Active snapshot without parent: a writable bind mount.
+    let m = prepare(&mut c, "ns/1/base", "", labels(&[("a", "1")]))
+        .await
+        .unwrap();
+    assert_eq!(m[0].r#type, "bind");
+    let base_dir = mount_source(&m);
+    std::fs::write(Path::new(&base_dir).join("file"), b"layer one").unwrap();
+    let err = prepare(&mut c, "ns/1/base", "", HashMap::new())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    let err = prepare(&mut c, "ns/1/x", "missing", HashMap::new())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = prepare(&mut c, "ns/1/x", "ns/1/base", HashMap::new())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::InvalidArgument,
+        "parent must be committed"
+    );
+
+    c.commit(pb::CommitSnapshotRequest {
+        snapshotter: "estargz".into(),
+        name: "ns/1/sha256:one".into(),
+        key: "ns/1/base".into(),
+        labels: labels(&[("containerd.io/gc.root", "x")]),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        stat(&mut c, "ns/1/base").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let one = stat(&mut c, "ns/1/sha256:one").await.unwrap();
+    assert_eq!(one.kind, Kind::Committed as i32);
+    assert_eq!(
+        one.labels.get("containerd.io/gc.root").map(String::as_str),
+        Some("x")
+    );
+    let usage = c
+        .usage(pb::UsageRequest {
+            snapshotter: "estargz".into(),
+            key: "ns/1/sha256:one".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(usage.size >= 9 && usage.inodes == 1, "{usage:?}");
+
+    // Active snapshot on a parent: overlay; a view of one parent: read-only bind.
+    let m = prepare(&mut c, "ns/1/ctr", "ns/1/sha256:one", HashMap::new())
+        .await
+        .unwrap();
+    assert_eq!(m[0].r#type, "overlay");
+    assert!(
+        m[0].options
+            .iter()
+            .any(|o| o == &format!("lowerdir={base_dir}")),
+        "{m:?}"
+    );
+    assert!(m[0].options.iter().any(|o| o.starts_with("upperdir=")));
+    let v = c
+        .view(pb::ViewSnapshotRequest {
+            snapshotter: "estargz".into(),
+            key: "ns/1/view".into(),
+            parent: "ns/1/sha256:one".into(),
+            labels: HashMap::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    assert_eq!(
+        (v[0].r#type.as_str(), v[0].source.as_str()),
+        ("bind", base_dir.as_str())
+    );
+    assert!(v[0].options.iter().any(|o| o == "ro"));
+    let again = c
+        .mounts(pb::MountsRequest {
+            snapshotter: "estargz".into(),
+            key: "ns/1/ctr".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    assert_eq!(again, m);
+
+    // A parent with children cannot go.
+    let err = c
+        .remove(pb::RemoveSnapshotRequest {
+            snapshotter: "estargz".into(),
+            key: "ns/1/sha256:one".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    // Labels: one key by mask, then all.
+    let updated = c
+        .update(pb::UpdateSnapshotRequest {
+            snapshotter: "estargz".into(),
+            info: Some(pb::Info {
+                name: "ns/1/sha256:one".into(),
+                labels: labels(&[("new", "v")]),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["labels.new".into()],
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap();
+    assert_eq!(updated.labels.len(), 2, "{:?}", updated.labels);
+    let err = c
+        .update(pb::UpdateSnapshotRequest {
+            snapshotter: "estargz".into(),
+            info: Some(pb::Info {
+                name: "ns/1/sha256:one".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["parent".into()],
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    assert_eq!(list(&mut c, &[]).await.len(), 3);
+    assert_eq!(list(&mut c, &["kind==committed"]).await.len(), 1);
+    assert_eq!(list(&mut c, &["kind==view", "kind==active"]).await.len(), 2);
+    assert_eq!(list(&mut c, &["labels.new==v,parent==\"\""]).await.len(), 1);
+
+    // SIGKILL: everything is still there afterwards, and an orphaned directory is cleaned.
+    d.kill();
+    std::fs::create_dir_all(d.root().join("snapshots/999/fs")).unwrap();
+    d.spawn();
+    let mut c = d.client().await;
+    assert_eq!(list(&mut c, &[]).await.len(), 3);
+    assert_eq!(
+        std::fs::read(Path::new(&base_dir).join("file")).unwrap(),
+        b"layer one"
+    );
+    c.cleanup(pb::CleanupRequest {
+        snapshotter: "estargz".into(),
+    })
+    .await
+    .unwrap();
+    assert!(!d.root().join("snapshots/999").exists());
+    for key in ["ns/1/view", "ns/1/ctr", "ns/1/sha256:one"] {
+        c.remove(pb::RemoveSnapshotRequest {
+            snapshotter: "estargz".into(),
+            key: key.into(),
+        })
+        .await
+        .unwrap();
+    }
+    assert!(list(&mut c, &[]).await.is_empty());
+    assert!(!Path::new(&base_dir).exists());
+}
+
+/// Pushes the synthetic layer as eStargz; returns (digest, TOC digest, tar).
+async fn push_layer(image: &ImageRef) -> (Digest, String, Vec<u8>) {
+    let tar = synthetic_tar();
+    let mut blob = Vec::new();
+    convert(
+        &tar[..],
+        &mut blob,
+        &ConvertOptions {
+            chunk_size: 64 << 10,
+            ..Default::default()
+        },
+        &(),
+    )
+    .unwrap();
+    let toc_digest = EstargzReader::open(&blob[..], &OpenOptions::default())
+        .unwrap()
+        .toc_digest()
+        .to_string();
+    let digest = Digest::sha256_of(&blob);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("blob");
+    std::fs::write(&path, &blob).unwrap();
+    RegistryClient::new(Default::default())
+        .push_blob(image, &digest, &path, None)
+        .await
+        .unwrap();
+    (digest, toc_digest, tar)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_labels_mount_lazily_and_survive_a_node_restart_without_the_registry() {
+    let reg = TestRegistry::start(None);
+    let reference = format!("{}/cri/app:v1", reg.addr);
+    let image: ImageRef = reference.parse().unwrap();
+    let (digest, toc_digest, tar) = push_layer(&image).await;
+    let mut d = Daemon::start("[fetch]\nbackground = false\n");
+    let mut c = d.client().await;
+
+    // The labels the CRI plugin sends. A wrong TOC digest falls back.
+    let cri = |toc: &str| {
+        labels(&[
+            ("containerd.io/snapshot.ref", "sha256:chain1"),
+            ("containerd.io/snapshot/cri.image-ref", reference.as_str()),
+            (
+                "containerd.io/snapshot/cri.layer-digest",
+                &digest.to_string(),
+            ),
+            (
+                "containerd.io/snapshot/cri.image-layers",
+                &digest.to_string(),
+            ),
+            ("containerd.io/snapshot/stargz/toc.digest", toc),
+        ])
+    };
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let m = prepare(&mut c, "k8s.io/1/extract-1", "", cri(&wrong))
+        .await
+        .unwrap();
+    assert_eq!(m[0].r#type, "bind", "the ordinary path");
+    c.remove(pb::RemoveSnapshotRequest {
+        snapshotter: "estargz".into(),
+        key: "k8s.io/1/extract-1".into(),
+    })
+    .await
+    .unwrap();
+
+    let err = prepare(&mut c, "k8s.io/1/extract-2", "", cri(&toc_digest))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", d.log());
+    assert_eq!(
+        stat(&mut c, "k8s.io/1/extract-2").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let info = stat(&mut c, "sha256:chain1").await.unwrap();
+    assert_eq!(info.kind, Kind::Committed as i32);
+    assert!(info.labels.contains_key("containerd.io/snapshot/remote"));
+
+    // A view shows the lazily mounted layer: every file reads like the tar.
+    let view = |key: &'static str| pb::ViewSnapshotRequest {
+        snapshotter: "estargz".into(),
+        key: key.into(),
+        parent: "sha256:chain1".into(),
+        labels: HashMap::new(),
+    };
+    let v = c
+        .view(view("k8s.io/2/view"))
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    let lower = PathBuf::from(mount_source(&v));
+    let expected = expected_from_tar(&tar);
+    let check = |lower: &Path| {
+        let mut files = 0;
+        for (path, e) in &expected {
+            if path.rsplit('/').next().unwrap_or("").starts_with(".wh.") {
+                continue; // shown as a whiteout device under its plain name
+            }
+            // Hardlinks may name symlinks: read what is a regular file in the tar.
+            let regular = std::fs::symlink_metadata(lower.join(path))
+                .unwrap_or_else(|err| panic!("{path}: {err}"))
+                .is_file();
+            if matches!(e.kind, EntryKind::Reg | EntryKind::Hardlink) && regular {
+                let got =
+                    std::fs::read(lower.join(path)).unwrap_or_else(|err| panic!("{path}: {err}"));
+                assert!(got == e.content, "{path} differs");
+                files += 1;
+            }
+        }
+        assert!(files > 10, "only {files} files checked");
+    };
+    check(&lower);
+
+    // The node restarts: daemon and FUSE manager gone, registry gone too. The daemon starts,
+    // mounts the layer again from its saved TOC, and serves what the cache holds.
+    d.kill();
+    d.stop_manager();
+    assert!(std::fs::read_dir(&lower)
+        .map(|mut r| r.next().is_none())
+        .unwrap_or(true));
+    drop(reg);
+    d.spawn();
+    let mut c = d.client().await;
+    assert!(stat(&mut c, "sha256:chain1").await.is_ok());
+    check(&lower);
+
+    // Removal unmounts.
+    for key in ["k8s.io/2/view", "sha256:chain1"] {
+        c.remove(pb::RemoveSnapshotRequest {
+            snapshotter: "estargz".into(),
+            key: key.into(),
+        })
+        .await
+        .unwrap();
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.contains(&d.root().display().to_string()),
+        "still mounted: {mounts}"
+    );
+}
