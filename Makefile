@@ -4,7 +4,8 @@
 #                 formatting, lint and every test (unit, property, interop with ctr-remote)
 #   make demo     the main job: python started from a lazily pulled image, vs. an ordinary pull
 #   make build    release binaries in target/release
-#   make install  binaries into $(PREFIX)/bin
+#   make install  binaries into $(PREFIX)/bin, the systemd unit, and an example config
+#                 (kept if one exists) into /etc/estargz-snapshotter/config.toml
 
 SHELL  := /bin/bash
 CARGO  ?= cargo
@@ -40,8 +41,19 @@ test: deps check-fmt lint unit
 demo:
 	bash testdata/scripts/demo.sh
 
+SYSTEMD_DIR ?= /etc/systemd/system
+
 install: build
 	install -D -m 0755 target/release/estargz $(DESTDIR)$(PREFIX)/bin/estargz
+	install -D -m 0755 target/release/estargz-snapshotter $(DESTDIR)$(PREFIX)/bin/estargz-snapshotter
+	sed 's|/usr/local/bin/|$(PREFIX)/bin/|' systemd/estargz-snapshotter.service > target/estargz-snapshotter.service
+	install -D -m 0644 target/estargz-snapshotter.service $(DESTDIR)$(SYSTEMD_DIR)/estargz-snapshotter.service
+	install -D -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/estargz-snapshotter/README.md
+	@if [ -e $(DESTDIR)/etc/estargz-snapshotter/config.toml ]; then \
+		echo "keeping $(DESTDIR)/etc/estargz-snapshotter/config.toml"; \
+	else \
+		install -D -m 0644 systemd/config.toml $(DESTDIR)/etc/estargz-snapshotter/config.toml; \
+	fi
 
 clean:
 	$(CARGO) clean

@@ -203,6 +203,16 @@ mod tests {
         assert!(c.fetch.prefetch && !c.fetch.background);
         let err = toml::from_str::<Config>("sockett = \"x\"").unwrap_err();
         assert!(err.to_string().contains("sockett"), "{err}");
+        // The shipped example parses, and says what the defaults are.
+        let example = include_str!("../../../systemd/config.toml");
+        let e: Config = toml::from_str(example).unwrap();
+        let d = Config::default();
+        assert_eq!(
+            (e.socket, e.root, e.resolve_timeout_secs, e.cache.max_bytes),
+            (d.socket, d.root, d.resolve_timeout_secs, d.cache.max_bytes)
+        );
+        assert_eq!(e.registry.hosts_dirs, d.registry.hosts_dirs);
+        assert_eq!(e.fetch.background_concurrency, d.fetch.background_concurrency);
         let missing = Path::new("/nonexistent/config.toml");
         assert!(Config::load(missing, false).is_ok());
         assert!(Config::load(missing, true).is_err());
