@@ -128,11 +128,17 @@ log "snapshots"
 list=$(c -n "$NS_lazy" snapshots --snapshotter estargz ls)
 echo "$list" >&2
 [ "$(echo "$list" | grep -c Committed)" -eq 2 ] || die "expected 2 committed snapshots in namespace lazy"
-top=$(echo "$list" | awk '/Committed/ && $2 != "" {print $1}' | head -n 1)
+top=$(echo "$list" | awk '$3 == "Committed" {print $1}' | head -n 1)
+[ -n "$top" ] || die "no committed snapshot with a parent"
 c -n "$NS_lazy" snapshots --snapshotter estargz info "$top" | grep -q 'containerd.io/snapshot/remote' \
     || die "snapshot info lacks the remote label"
 c -n "$NS_lazy" snapshots --snapshotter estargz usage >&2
-ok "ctr snapshots ls / info / usage"
+c -n "$NS_lazy" snapshots --snapshotter estargz prepare e2e-scratch "$top" >&2
+c -n "$NS_lazy" snapshots --snapshotter estargz rm e2e-scratch >&2
+if c -n "$NS_lazy" snapshots --snapshotter estargz info e2e-scratch >/dev/null 2>&1; then
+    die "ctr snapshots rm left e2e-scratch"
+fi
+ok "ctr snapshots ls / info / usage / prepare / rm"
 
 log "SIGKILL and restart of the daemon with a container running"
 c -n "$NS_lazy" run -d --snapshotter estargz "$addr/e2e:ours" keeper /bin/sleep 600 >&2

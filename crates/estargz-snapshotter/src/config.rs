@@ -212,7 +212,10 @@ mod tests {
             (d.socket, d.root, d.resolve_timeout_secs, d.cache.max_bytes)
         );
         assert_eq!(e.registry.hosts_dirs, d.registry.hosts_dirs);
-        assert_eq!(e.fetch.background_concurrency, d.fetch.background_concurrency);
+        assert_eq!(
+            e.fetch.background_concurrency,
+            d.fetch.background_concurrency
+        );
         let missing = Path::new("/nonexistent/config.toml");
         assert!(Config::load(missing, false).is_ok());
         assert!(Config::load(missing, true).is_err());
