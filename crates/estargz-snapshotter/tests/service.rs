@@ -357,6 +357,110 @@ async fn snapshot_semantics_survive_a_sigkill() {
     assert!(!Path::new(&base_dir).exists());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_in_the_middle_of_changes_leaves_a_consistent_state() {
+    let mut d = Daemon::start("");
+    let mut last = String::new();
+    for round in 0..3u64 {
+        let mut c = d.client().await;
+        let parent = last.clone();
+        // A chain of prepare + write + commit, as fast as it goes, until the daemon dies.
+        let writer = tokio::spawn(async move {
+            let mut parent = parent;
+            for i in 0.. {
+                let key = format!("ns/{round}/active-{i}");
+                let Ok(m) = prepare(&mut c, &key, &parent, HashMap::new()).await else {
+                    break;
+                };
+                let dir = if m[0].r#type == "bind" {
+                    m[0].source.clone()
+                } else {
+                    let upper = m[0]
+                        .options
+                        .iter()
+                        .find_map(|o| o.strip_prefix("upperdir="));
+                    upper.unwrap().to_string()
+                };
+                let _ = std::fs::write(Path::new(&dir).join(format!("f{i}")), b"x");
+                let name = format!("ns/{round}/layer-{i}");
+                let commit = c.commit(pb::CommitSnapshotRequest {
+                    snapshotter: "estargz".into(),
+                    name: name.clone(),
+                    key,
+                    labels: HashMap::new(),
+                });
+                if commit.await.is_err() {
+                    break;
+                }
+                parent = name;
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(150 + 70 * round)).await;
+        d.kill();
+        let _ = writer.await;
+        d.spawn();
+        let mut c = d.client().await;
+        let all = list(&mut c, &[]).await;
+        assert!(!all.is_empty(), "round {round}: nothing was written");
+        eprintln!("round {round}: {} snapshots after the kill", all.len());
+        for info in &all {
+            if !info.parent.is_empty() {
+                assert!(
+                    all.iter()
+                        .any(|p| p.name == info.parent && p.kind == Kind::Committed as i32),
+                    "{} has a missing parent {}",
+                    info.name,
+                    info.parent
+                );
+            }
+            if info.kind == Kind::Active as i32 {
+                let m = c
+                    .mounts(pb::MountsRequest {
+                        snapshotter: "estargz".into(),
+                        key: info.name.clone(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .mounts;
+                for dir in m[0]
+                    .options
+                    .iter()
+                    .filter_map(|o| o.strip_prefix("upperdir="))
+                {
+                    assert!(Path::new(dir).is_dir(), "{dir} is missing");
+                }
+            } else {
+                c.usage(pb::UsageRequest {
+                    snapshotter: "estargz".into(),
+                    key: info.name.clone(),
+                })
+                .await
+                .unwrap();
+            }
+        }
+        c.cleanup(pb::CleanupRequest {
+            snapshotter: "estargz".into(),
+        })
+        .await
+        .unwrap();
+        let dirs = std::fs::read_dir(d.root().join("snapshots"))
+            .unwrap()
+            .count();
+        assert_eq!(
+            dirs,
+            all.len(),
+            "round {round}: directories vs. snapshots after Cleanup"
+        );
+        last = all
+            .iter()
+            .filter(|i| i.kind == Kind::Committed as i32)
+            .max_by_key(|i| i.created_at.map(|t| (t.seconds, t.nanos)))
+            .map(|i| i.name.clone())
+            .unwrap_or_default();
+    }
+}
+
 /// Pushes the synthetic layer as eStargz; returns (digest, TOC digest, tar).
 async fn push_layer(image: &ImageRef) -> (Digest, String, Vec<u8>) {
     let tar = synthetic_tar();
