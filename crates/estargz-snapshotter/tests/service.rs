@@ -461,9 +461,8 @@ async fn sigkill_in_the_middle_of_changes_leaves_a_consistent_state() {
     }
 }
 
-/// Pushes the synthetic layer as eStargz; returns (digest, TOC digest, tar).
-async fn push_layer(image: &ImageRef) -> (Digest, String, Vec<u8>) {
-    let tar = synthetic_tar();
+/// Pushes `tar` as an eStargz layer; returns (digest, TOC digest).
+async fn push_layer(image: &ImageRef, tar: &[u8]) -> (Digest, String) {
     let mut blob = Vec::new();
     convert(
         &tar[..],
@@ -487,7 +486,7 @@ async fn push_layer(image: &ImageRef) -> (Digest, String, Vec<u8>) {
         .push_blob(image, &digest, &path, None)
         .await
         .unwrap();
-    (digest, toc_digest, tar)
+    (digest, toc_digest)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -495,7 +494,11 @@ async fn cri_labels_mount_lazily_and_survive_a_node_restart_without_the_registry
     let reg = TestRegistry::start(None);
     let reference = format!("{}/cri/app:v1", reg.addr);
     let image: ImageRef = reference.parse().unwrap();
-    let (digest, toc_digest, tar) = push_layer(&image).await;
+    let tar = synthetic_tar();
+    let (digest, toc_digest) = push_layer(&image, &tar).await;
+    let second = estargz_testutil::one_file_tar("srv/second.txt", b"second layer\n");
+    let (digest2, toc_digest2) = push_layer(&image, &second).await;
+    let layers = format!("{digest},{digest2}");
     let mut d = Daemon::start("[fetch]\nbackground = false\n");
     let mut c = d.client().await;
 
@@ -508,10 +511,7 @@ async fn cri_labels_mount_lazily_and_survive_a_node_restart_without_the_registry
                 "containerd.io/snapshot/cri.layer-digest",
                 &digest.to_string(),
             ),
-            (
-                "containerd.io/snapshot/cri.image-layers",
-                &digest.to_string(),
-            ),
+            ("containerd.io/snapshot/cri.image-layers", layers.as_str()),
             ("containerd.io/snapshot/stargz/toc.digest", toc),
         ])
     };
@@ -575,6 +575,36 @@ async fn cri_labels_mount_lazily_and_survive_a_node_restart_without_the_registry
     };
     check(&lower);
 
+    // The first layer's Prepare also started resolving the second layer: with the registry
+    // gone, the second layer is still mounted lazily.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    drop(reg);
+    let l2 = labels(&[
+        ("containerd.io/snapshot.ref", "sha256:chain2"),
+        ("containerd.io/snapshot/cri.image-ref", reference.as_str()),
+        (
+            "containerd.io/snapshot/cri.layer-digest",
+            &digest2.to_string(),
+        ),
+        ("containerd.io/snapshot/cri.image-layers", layers.as_str()),
+        (
+            "containerd.io/snapshot/stargz/toc.digest",
+            toc_digest2.as_str(),
+        ),
+    ]);
+    let err = prepare(&mut c, "k8s.io/1/extract-3", "sha256:chain1", l2)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", d.log());
+    let info = stat(&mut c, "sha256:chain2").await.unwrap();
+    assert_eq!(info.parent, "sha256:chain1");
+    c.remove(pb::RemoveSnapshotRequest {
+        snapshotter: "estargz".into(),
+        key: "sha256:chain2".into(),
+    })
+    .await
+    .unwrap();
+
     // The node restarts: daemon and FUSE manager gone, registry gone too. The daemon starts,
     // mounts the layer again from its saved TOC, and serves what the cache holds.
     d.kill();
@@ -582,7 +612,6 @@ async fn cri_labels_mount_lazily_and_survive_a_node_restart_without_the_registry
     assert!(std::fs::read_dir(&lower)
         .map(|mut r| r.next().is_none())
         .unwrap_or(true));
-    drop(reg);
     d.spawn();
     let mut c = d.client().await;
     assert!(stat(&mut c, "sha256:chain1").await.is_ok());
