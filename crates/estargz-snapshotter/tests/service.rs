@@ -465,7 +465,7 @@ async fn sigkill_in_the_middle_of_changes_leaves_a_consistent_state() {
 async fn push_layer(image: &ImageRef, tar: &[u8]) -> (Digest, String) {
     let mut blob = Vec::new();
     convert(
-        &tar[..],
+        tar,
         &mut blob,
         &ConvertOptions {
             chunk_size: 64 << 10,
