@@ -3,6 +3,8 @@
 #   make test     install what the tests need (Debian packages, Rust components), then run
 #                 formatting, lint and every test (unit, property, interop with ctr-remote)
 #   make demo     the main job: python started from a lazily pulled image, vs. an ordinary pull
+#   make bench    every benchmark (time to ready, conversion, memory); see BENCHMARKS.md
+#   make bench-quick  a subset in a few minutes
 #   make build    release binaries in target/release
 #   make install  binaries into $(PREFIX)/bin, the systemd unit, and an example config
 #                 (kept if one exists) into /etc/estargz-snapshotter/config.toml
@@ -14,7 +16,7 @@ PREFIX ?= /usr/local
 PROPTEST_CASES ?= 512
 export PROPTEST_CASES
 
-.PHONY: all build test deps lint check-fmt unit demo install clean
+.PHONY: all build test deps lint check-fmt unit demo install clean bench bench-quick bench-venv
 
 all: build
 
@@ -40,6 +42,24 @@ test: deps check-fmt lint unit
 
 demo:
 	bash testdata/scripts/demo.sh
+
+# Benchmarks print Markdown tables; results and plots land in benches/results/.
+BENCH_PY := target/bench-venv/bin/python
+
+bench-venv:
+	@[ -x $(BENCH_PY) ] || { python3 -m venv target/bench-venv && target/bench-venv/bin/pip install -q matplotlib; }
+
+bench: deps build bench-venv
+	mkdir -p benches/results
+	python3 benches/time_to_ready.py --samples 5 --out benches/results
+	$(BENCH_PY) benches/plot.py benches/results/time_to_ready.json benches/results/time_to_ready.png
+	bash benches/convert.sh 3
+	$(CARGO) bench -p estargz-layerfs --bench toc_memory
+
+bench-quick: deps build bench-venv
+	mkdir -p benches/results
+	python3 benches/time_to_ready.py --samples 2 --out benches/results
+	$(BENCH_PY) benches/plot.py benches/results/time_to_ready.json benches/results/time_to_ready.png
 
 SYSTEMD_DIR ?= /etc/systemd/system
 

@@ -632,3 +632,42 @@ async fn cri_labels_mount_lazily_and_survive_a_node_restart_without_the_registry
         "still mounted: {mounts}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_without_a_toc_digest_are_mounted_only_when_allowed() {
+    let reg = TestRegistry::start(None);
+    let reference = format!("{}/unverified/app:v1", reg.addr);
+    let image: ImageRef = reference.parse().unwrap();
+    let (digest, _) = push_layer(&image, &synthetic_tar()).await;
+    let l = labels(&[
+        ("containerd.io/snapshot.ref", "sha256:chain-u"),
+        (
+            "containerd.io/snapshot/remote/stargz.reference",
+            reference.as_str(),
+        ),
+        (
+            "containerd.io/snapshot/remote/stargz.digest",
+            &digest.to_string(),
+        ),
+    ]);
+    // Default policy: refused, pulled the ordinary way.
+    let strict = Daemon::start("");
+    let mut c = strict.client().await;
+    let m = prepare(&mut c, "default/1/extract", "", l.clone())
+        .await
+        .unwrap();
+    assert_eq!(m[0].r#type, "bind");
+    assert_eq!(
+        stat(&mut c, "sha256:chain-u").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    // allow_unverified = true: mounted lazily.
+    let lax = Daemon::start("allow_unverified = true\n[fetch]\nbackground = false\n");
+    let mut c = lax.client().await;
+    let err = prepare(&mut c, "default/1/extract", "", l)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", lax.log());
+    let info = stat(&mut c, "sha256:chain-u").await.unwrap();
+    assert!(info.labels.contains_key("containerd.io/snapshot/remote"));
+}

@@ -1,0 +1,47 @@
+#!/usr/bin/env python3
+"""plot.py RESULTS_JSON OUT_PNG: time to ready per link, workload and mode (median bars,
+p95 whiskers, stacked by phase), from benches/time_to_ready.py's samples."""
+import json
+import statistics
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+MODES = ["ordinary", "lazy", "lazy-prio", "lazy-warm"]
+PHASES = [("pull", "#4c72b0"), ("create", "#dd8452"), ("run", "#55a868")]
+
+
+def main():
+    data = json.load(open(sys.argv[1]))
+    samples = data["samples"]
+    cells = sorted({(s["link"], s["workload"]) for s in samples})
+    fig, axes = plt.subplots(1, len(cells), figsize=(5 * len(cells), 4), squeeze=False)
+    for ax, (link, wl) in zip(axes[0], cells):
+        xs = [m for m in MODES if any(s["mode"] == m and s["link"] == link and s["workload"] == wl for s in samples)]
+        bottom = [0.0] * len(xs)
+        for phase, color in PHASES:
+            vals = [statistics.median(s[phase] for s in samples
+                                      if (s["link"], s["workload"], s["mode"]) == (link, wl, m)) for m in xs]
+            ax.bar(xs, vals, bottom=bottom, color=color, label=phase)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        p95 = []
+        for m in xs:
+            t = sorted(s["total"] for s in samples if (s["link"], s["workload"], s["mode"]) == (link, wl, m))
+            p95.append(t[min(len(t) - 1, int(round(0.95 * (len(t) - 1))))])
+        ax.errorbar(xs, bottom, yerr=[[0] * len(xs), [max(0, p - b) for p, b in zip(p95, bottom)]],
+                    fmt="none", ecolor="black", capsize=4)
+        title = f"{wl}, {link}"
+        if link == "wan":
+            title += f" ({data['rate']}, {data['rtt_ms']:g} ms RTT)"
+        ax.set_title(title)
+        ax.set_ylabel("seconds to ready (median; p95 whisker)")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(sys.argv[2], dpi=110)
+
+
+if __name__ == "__main__":
+    main()
