@@ -13,7 +13,9 @@
 //! wrong ones.
 //!
 //! Single flight: [`ChunkCache::get_or_fetch`] lets one caller fetch a missing chunk while
-//! concurrent callers for the same chunk wait for its result.
+//! concurrent callers for the same chunk wait for its result; [`ChunkCache::claim`] does the
+//! same for a span of chunks fetched with one request (prefetch, background fetch,
+//! coalesced reads), so that no chunk is fetched twice at the same time.
 //!
 //! A full disk or an unwritable root does not fail reads: fetched chunks are returned, a
 //! warning is logged and `write_errors` counts the failure.
@@ -315,13 +317,36 @@ impl ChunkCache {
     }
 
     /// The chunk from the cache, or from `fetch` (which must return verified bytes) if
-    /// missing; concurrent callers for the same missing chunk share one fetch. The fetched
-    /// chunk is stored (best effort) and returned even if it cannot be stored.
+    /// missing; concurrent callers for the same missing chunk share one fetch (also one
+    /// started by a [`ChunkCache::claim`]). The fetched chunk is stored (best effort) and
+    /// returned even if it cannot be stored. If a fetch this caller waited for fails, it
+    /// tries once more itself.
     pub fn get_or_fetch<E>(
         &self,
         digest: &Sha256Digest,
         fetch: impl FnOnce() -> Result<Vec<u8>, E>,
     ) -> Result<Arc<[u8]>, FetchError>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let mut fetch = Some(fetch);
+        let mut waited_failure = None;
+        for _ in 0..2 {
+            match self.try_get_or_fetch(digest, &mut fetch) {
+                Ok(data) => return Ok(data),
+                Err((e, true)) => return Err(e),
+                Err((e, false)) => waited_failure = Some(e),
+            }
+        }
+        Err(waited_failure.unwrap_or_else(|| unreachable!()))
+    }
+
+    /// One round of [`ChunkCache::get_or_fetch`]; errors say whether this caller led.
+    fn try_get_or_fetch<E>(
+        &self,
+        digest: &Sha256Digest,
+        fetch: &mut Option<impl FnOnce() -> Result<Vec<u8>, E>>,
+    ) -> Result<Arc<[u8]>, (FetchError, bool)>
     where
         E: std::error::Error + Send + Sync + 'static,
     {
@@ -347,26 +372,72 @@ impl ChunkCache {
             while slot.is_none() {
                 slot = flight.done.wait(slot).unwrap_or_else(|p| p.into_inner());
             }
-            return slot.clone().unwrap_or_else(|| unreachable!());
+            return slot
+                .clone()
+                .unwrap_or_else(|| unreachable!())
+                .map_err(|e| (e, false));
         }
         // The leader may have raced with an insert by a previous flight.
         let result = match self.get(digest) {
             Some(data) => Ok(data),
             None => {
                 self.counters.fetches.fetch_add(1, Ordering::Relaxed);
-                match fetch() {
-                    Ok(data) => {
+                match fetch.take().map(|f| f()) {
+                    Some(Ok(data)) => {
                         self.insert(digest, &data);
                         Ok(Arc::<[u8]>::from(data))
                     }
-                    Err(e) => Err(FetchError(Arc::new(e))),
+                    Some(Err(e)) => Err(FetchError(Arc::new(e))),
+                    None => Err(FetchError(Arc::new(std::io::Error::other(
+                        "chunk fetch already attempted",
+                    )))),
                 }
             }
         };
         *lock(&flight.result) = Some(result.clone());
         flight.done.notify_all();
         lock(&self.inflight).remove(digest);
-        result
+        result.map_err(|e| (e, true))
+    }
+
+    /// Claims, for one fetch by this caller, those of `digests` that are neither cached nor
+    /// being fetched by someone else. Concurrent [`ChunkCache::get_or_fetch`] calls for a
+    /// claimed chunk wait for it. Hand each fetched, verified chunk to
+    /// [`SpanClaim::fulfil`]; chunks still claimed when the claim is dropped are released
+    /// as failed (their waiters then fetch them themselves).
+    pub fn claim(&self, digests: &[Sha256Digest]) -> SpanClaim<'_> {
+        let mut claimed = Vec::new();
+        let mut inflight = lock(&self.inflight);
+        for d in digests {
+            if inflight.contains_key(d) || claimed.iter().any(|(c, _)| c == d) || self.contains(d) {
+                continue;
+            }
+            let f = Arc::new(Flight {
+                result: Mutex::new(None),
+                done: Condvar::new(),
+            });
+            inflight.insert(*d, f.clone());
+            claimed.push((*d, f));
+        }
+        drop(inflight);
+        self.counters
+            .fetches
+            .fetch_add(claimed.len() as u64, Ordering::Relaxed);
+        SpanClaim {
+            cache: self,
+            claimed,
+        }
+    }
+
+    fn settle(
+        &self,
+        digest: &Sha256Digest,
+        flight: &Flight,
+        result: Result<Arc<[u8]>, FetchError>,
+    ) {
+        *lock(&flight.result) = Some(result);
+        flight.done.notify_all();
+        lock(&self.inflight).remove(digest);
     }
 
     /// Counters and usage now.
@@ -394,5 +465,42 @@ impl ChunkCache {
     /// Where the cache lives.
     pub fn root(&self) -> &Path {
         self.chunks.parent().unwrap_or(&self.chunks)
+    }
+}
+
+/// Chunks one caller has claimed to fetch (see [`ChunkCache::claim`]).
+pub struct SpanClaim<'a> {
+    cache: &'a ChunkCache,
+    claimed: Vec<(Sha256Digest, Arc<Flight>)>,
+}
+
+impl SpanClaim<'_> {
+    /// Whether this caller must fetch `digest`.
+    pub fn has(&self, digest: &Sha256Digest) -> bool {
+        self.claimed.iter().any(|(d, _)| d == digest)
+    }
+
+    /// Whether nothing was claimed (everything is cached or being fetched already).
+    pub fn is_empty(&self) -> bool {
+        self.claimed.is_empty()
+    }
+
+    /// Stores a fetched and verified chunk and hands it to whoever waits for it.
+    pub fn fulfil(&mut self, digest: &Sha256Digest, data: &[u8]) {
+        let Some(i) = self.claimed.iter().position(|(d, _)| d == digest) else {
+            return;
+        };
+        let (d, flight) = self.claimed.swap_remove(i);
+        self.cache.insert(&d, data);
+        self.cache.settle(&d, &flight, Ok(Arc::from(data)));
+    }
+}
+
+impl Drop for SpanClaim<'_> {
+    fn drop(&mut self) {
+        for (d, flight) in std::mem::take(&mut self.claimed) {
+            let e = std::io::Error::other("the fetch of this chunk's span failed");
+            self.cache.settle(&d, &flight, Err(FetchError(Arc::new(e))));
+        }
     }
 }

@@ -256,3 +256,47 @@ fn full_disk_still_serves() {
         }
     }
 }
+
+#[test]
+fn claimed_spans_are_waited_for_not_fetched_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(open(dir.path(), 1 << 20));
+    let (a, da) = chunk(10, 500);
+    let (b, db) = chunk(11, 500);
+    let (c, dc) = chunk(12, 500);
+    cache.insert(&c, &dc);
+    // A span fetch claims a and b (c is cached already, a twice is claimed once).
+    let mut claim = cache.claim(&[a, b, c, a]);
+    assert!(claim.has(&a) && claim.has(&b) && !claim.has(&c));
+    assert!(
+        cache.claim(&[a, b]).is_empty(),
+        "claimed chunks cannot be claimed again"
+    );
+    let fetched = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let (cache, fetched) = (cache.clone(), fetched.clone());
+        std::thread::spawn(move || {
+            cache.get_or_fetch(&a, || {
+                fetched.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Boom>(vec![0])
+            })
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    claim.fulfil(&a, &da);
+    assert_eq!(&reader.join().unwrap().unwrap()[..], &da[..]);
+    assert_eq!(
+        fetched.load(Ordering::SeqCst),
+        0,
+        "the reader waited for the span"
+    );
+    // b's span fails (the claim is dropped): a waiting reader fetches b itself.
+    let reader = {
+        let (cache, db) = (cache.clone(), db.clone());
+        std::thread::spawn(move || cache.get_or_fetch(&b, || Ok::<_, Boom>(db)))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    drop(claim);
+    assert_eq!(&reader.join().unwrap().unwrap()[..], &db[..]);
+    assert_eq!(&cache.get(&b).unwrap()[..], &db[..]);
+}

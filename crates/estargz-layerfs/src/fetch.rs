@@ -7,10 +7,15 @@ use std::time::Duration;
 
 use estargz_format::Chunk;
 
-use crate::fs::{Inner, LayerFs};
+use crate::fs::LayerFs;
 
 /// Largest single range request of prefetch and background fetch.
 const MAX_SPAN: u64 = 8 << 20;
+/// Largest background range request: small, so that a read arriving meanwhile waits for
+/// little on a slow link.
+const MAX_BACKGROUND_SPAN: u64 = 1 << 20;
+/// Background fetching waits until on-demand reads have paused this long.
+const READ_QUIET: Duration = Duration::from_millis(250);
 
 /// What happens besides on-demand reads.
 #[derive(Debug, Clone)]
@@ -82,14 +87,14 @@ impl fmt::Display for Progress {
     }
 }
 
-/// Splits chunks (in blob order) into runs adjacent in the blob of at most `MAX_SPAN` bytes.
-fn spans(chunks: Vec<(u64, Chunk)>) -> Vec<Vec<(u64, Chunk)>> {
+/// Splits chunks (in blob order) into runs adjacent in the blob of at most `max` bytes.
+fn spans(chunks: Vec<(u64, Chunk)>, max: u64) -> Vec<Vec<(u64, Chunk)>> {
     let mut out: Vec<Vec<(u64, Chunk)>> = Vec::new();
     for item in chunks {
         let joinable = out.last().is_some_and(|run| {
             let (first, last) = (&run[0].1, &run[run.len() - 1].1);
             (last.compressed_end == item.1.offset || last.offset == item.1.offset)
-                && item.1.compressed_end - first.offset <= MAX_SPAN
+                && item.1.compressed_end - first.offset <= max
         });
         if joinable {
             if let Some(run) = out.last_mut() {
@@ -100,39 +105,6 @@ fn spans(chunks: Vec<(u64, Chunk)>) -> Vec<Vec<(u64, Chunk)>> {
         }
     }
     out
-}
-
-impl Inner {
-    /// Fetches one span with one range request; verifies and caches each chunk.
-    fn fetch_run(&self, run: &[(u64, Chunk)]) -> io::Result<()> {
-        let (Some(first), Some(last)) = (run.first(), run.last()) else {
-            return Ok(());
-        };
-        let start = first.1.offset;
-        let end = run
-            .iter()
-            .map(|(_, c)| c.compressed_end)
-            .max()
-            .unwrap_or(last.1.compressed_end);
-        let bytes = self.source().read_range(start..end)?;
-        self.stats()
-            .fetched_bytes
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        self.stats().fetch_requests.fetch_add(1, Ordering::Relaxed);
-        for (ino, c) in run {
-            if self.cache().contains(&c.digest) {
-                continue;
-            }
-            let from = (c.offset - start) as usize;
-            let to = (c.compressed_end - start) as usize;
-            let data = self
-                .decompress(*ino, &bytes[from..to], c)
-                .map_err(io::Error::other)?;
-            self.stats().fetched_chunks.fetch_add(1, Ordering::Relaxed);
-            self.cache().insert(&c.digest, &data);
-        }
-        Ok(())
-    }
 }
 
 impl LayerFs {
@@ -150,8 +122,8 @@ impl LayerFs {
                 .filter(|(_, c)| c.compressed_end <= end && !self.cache().contains(&c.digest))
                 .collect();
             let before = self.stats().fetched_bytes.load(Ordering::Relaxed);
-            for run in spans(wanted) {
-                self.fetch_run(&run)?;
+            for run in spans(wanted, MAX_SPAN) {
+                self.fetch_claimed(&run, false)?;
             }
             Ok(self.stats().fetched_bytes.load(Ordering::Relaxed) - before)
         })();
@@ -159,9 +131,11 @@ impl LayerFs {
         result
     }
 
-    /// Fetches every chunk not yet cached, in blob order, with `concurrency` requests in
-    /// flight, pausing while on-demand reads are in progress. Stops early when `stop` is set.
-    /// Failed spans are logged and left to on-demand reads.
+    /// Fetches every chunk not yet cached, in blob order, with `concurrency` requests of at
+    /// most 1 MiB in flight, pausing while on-demand reads are in progress or ended less
+    /// than 250 ms ago (but fetching a span at least every 2 s, so that a process reading
+    /// without pause cannot starve it). Stops early when `stop` is set. Failed spans are
+    /// logged and left to on-demand reads.
     pub fn background_fetch(&self, concurrency: usize, stop: &AtomicBool) {
         let todo = spans(
             self.tree()
@@ -169,19 +143,23 @@ impl LayerFs {
                 .into_iter()
                 .filter(|(_, c)| !self.cache().contains(&c.digest))
                 .collect(),
+            MAX_BACKGROUND_SPAN,
         );
         let next = AtomicUsize::new(0);
         std::thread::scope(|s| {
             for _ in 0..concurrency.max(1) {
-                s.spawn(|| loop {
+                s.spawn(|| {
+                    let mut waiting_since = std::time::Instant::now();
+                    loop {
                     if stop.load(Ordering::SeqCst) {
                         return;
                     }
-                    // On-demand reads first: wait while any is in progress.
-                    if self.reads_in_progress() {
+                    // On-demand reads first.
+                    if self.reads_recent(READ_QUIET) && waiting_since.elapsed() < Duration::from_secs(2) {
                         std::thread::sleep(Duration::from_millis(5));
                         continue;
                     }
+                    waiting_since = std::time::Instant::now();
                     let i = next.fetch_add(1, Ordering::SeqCst);
                     let Some(run) = todo.get(i) else { return };
                     let missing: Vec<(u64, Chunk)> = run
@@ -189,8 +167,9 @@ impl LayerFs {
                         .filter(|(_, c)| !self.cache().contains(&c.digest))
                         .cloned()
                         .collect();
-                    if let Err(e) = self.fetch_run(&missing) {
+                    if let Err(e) = self.fetch_claimed(&missing, false) {
                         tracing::warn!(error = %e, "background fetch of a span failed; left to on-demand reads");
+                    }
                     }
                 });
             }

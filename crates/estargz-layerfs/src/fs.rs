@@ -59,6 +59,9 @@ pub struct Inner {
     stats: Arc<LayerStats>,
     /// On-demand reads in progress; background fetching waits while there are any.
     active_reads: AtomicU64,
+    /// When the last on-demand read ended (nanoseconds since `born`).
+    last_read_end: AtomicU64,
+    born: std::time::Instant,
     prefetch_done: std::sync::atomic::AtomicBool,
     background_done: std::sync::atomic::AtomicBool,
 }
@@ -81,6 +84,8 @@ impl LayerFs {
             hot: Mutex::new((LruCache::unbounded(), 0)),
             stats: Arc::new(LayerStats::default()),
             active_reads: AtomicU64::new(0),
+            last_read_end: AtomicU64::new(0),
+            born: std::time::Instant::now(),
             prefetch_done: Default::default(),
             background_done: Default::default(),
         }))
@@ -115,16 +120,21 @@ impl Inner {
         })
     }
 
-    pub(crate) fn source(&self) -> &dyn BlobSource {
-        &*self.source
-    }
-
     pub(crate) fn cache(&self) -> &ChunkCache {
         &self.cache
     }
 
-    pub(crate) fn reads_in_progress(&self) -> bool {
-        self.active_reads.load(Ordering::SeqCst) > 0
+    /// Whether on-demand reads are in flight or ended less than `quiet` ago: a process that
+    /// is starting reads file after file, and a background request started between two of
+    /// its reads would delay the next one.
+    pub(crate) fn reads_recent(&self, quiet: std::time::Duration) -> bool {
+        if self.active_reads.load(Ordering::SeqCst) > 0 {
+            return true;
+        }
+        let last = self.last_read_end.load(Ordering::Relaxed);
+        last != 0
+            && (self.born.elapsed().as_nanos() as u64).saturating_sub(last)
+                < quiet.as_nanos() as u64
     }
 
     pub(crate) fn mark_prefetch_done(&self) {
@@ -205,30 +215,64 @@ impl Inner {
         }
     }
 
-    /// Fetches `chunks` (adjacent in the blob) in one range request, verifies each, caches
-    /// them. Used for neighbours that are all missing.
-    fn fetch_span(&self, ino: u64, chunks: &[Chunk]) -> io::Result<()> {
-        let (Some(first), Some(last)) = (chunks.first(), chunks.last()) else {
+    /// Claims the chunks of `chunks` (file inode, chunk; in blob order) that nobody has or is
+    /// fetching, and fetches those with one range request per run of neighbours in the blob
+    /// (chunks sharing a gzip member count as neighbours), verifying and caching each. With
+    /// `hot`, fetched chunks are also kept in memory for the reader that asked.
+    pub(crate) fn fetch_claimed(&self, chunks: &[(u64, Chunk)], hot: bool) -> io::Result<()> {
+        let digests: Vec<Sha256Digest> = chunks.iter().map(|(_, c)| c.digest).collect();
+        let mut claim = self.cache.claim(&digests);
+        if claim.is_empty() {
             return Ok(());
-        };
-        let started = std::time::Instant::now();
-        let bytes = self.source.read_range(first.offset..last.compressed_end)?;
-        self.stats
-            .fetch_nanos
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        self.stats
-            .fetched_bytes
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        self.stats.fetch_requests.fetch_add(1, Ordering::Relaxed);
-        for c in chunks {
-            let from = (c.offset - first.offset) as usize;
-            let to = (c.compressed_end - first.offset) as usize;
-            let data = self
-                .decompress(ino, &bytes[from..to], c)
-                .map_err(io::Error::other)?;
-            self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
-            self.cache.insert(&c.digest, &data);
-            self.hot_put(c.digest, data.into());
+        }
+        let mine: Vec<&(u64, Chunk)> = chunks
+            .iter()
+            .filter(|(_, c)| claim.has(&c.digest))
+            .collect();
+        let mut runs: Vec<Vec<&(u64, Chunk)>> = Vec::new();
+        for item in mine {
+            match runs.last_mut() {
+                Some(run)
+                    if run.last().is_some_and(|(_, p)| {
+                        p.compressed_end == item.1.offset || p.offset == item.1.offset
+                    }) =>
+                {
+                    run.push(item)
+                }
+                _ => runs.push(vec![item]),
+            }
+        }
+        for run in runs {
+            let start = run[0].1.offset;
+            let end = run
+                .iter()
+                .map(|(_, c)| c.compressed_end)
+                .max()
+                .unwrap_or(start);
+            let started = std::time::Instant::now();
+            let bytes = self.source.read_range(start..end)?;
+            self.stats
+                .fetch_nanos
+                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            self.stats
+                .fetched_bytes
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            self.stats.fetch_requests.fetch_add(1, Ordering::Relaxed);
+            for (ino, c) in run {
+                if !claim.has(&c.digest) {
+                    continue; // the same content twice in this run
+                }
+                let from = (c.offset - start) as usize;
+                let to = (c.compressed_end - start) as usize;
+                let data = self
+                    .decompress(*ino, &bytes[from..to], c)
+                    .map_err(io::Error::other)?;
+                self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
+                claim.fulfil(&c.digest, &data);
+                if hot {
+                    self.hot_put(c.digest, data.into());
+                }
+            }
         }
         Ok(())
     }
@@ -277,22 +321,15 @@ impl Inner {
             .take_while(|c| c.chunk_offset < end)
             .copied()
             .collect();
-        // Neighbouring missing chunks: one request for the whole span.
-        let missing: Vec<Chunk> = covering
-            .iter()
-            .filter(|c| self.hot_get(&c.digest).is_none() && !self.cache.contains(&c.digest))
-            .copied()
-            .collect();
-        if missing.len() > 1 {
-            let mut run: Vec<Chunk> = Vec::new();
-            for c in missing {
-                if run.last().is_some_and(|p| p.compressed_end != c.offset) {
-                    self.fetch_span(ino, &run)?;
-                    run.clear();
-                }
-                run.push(c);
-            }
-            self.fetch_span(ino, &run)?;
+        // Neighbouring missing chunks: one request for the whole span (chunks someone else
+        // is fetching are waited for below, not fetched again).
+        if covering.len() > 1 {
+            let missing: Vec<(u64, Chunk)> = covering
+                .iter()
+                .filter(|c| self.hot_get(&c.digest).is_none())
+                .map(|c| (ino, *c))
+                .collect();
+            self.fetch_claimed(&missing, true)?;
         }
         let mut out = Vec::with_capacity((end - offset) as usize);
         for c in &covering {
@@ -400,6 +437,10 @@ impl fuser::Filesystem for LayerFs {
         self.active_reads.fetch_add(1, Ordering::SeqCst);
         let result = self.read_file(ino.0, offset, size);
         self.active_reads.fetch_sub(1, Ordering::SeqCst);
+        self.last_read_end.store(
+            self.born.elapsed().as_nanos().max(1) as u64,
+            Ordering::Relaxed,
+        );
         match result {
             Ok(data) => reply.data(&data),
             Err(e) => {
