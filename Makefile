@@ -58,7 +58,7 @@ bench: deps build bench-venv
 
 bench-quick: deps build bench-venv
 	mkdir -p benches/results
-	python3 benches/time_to_ready.py --samples 2 --out benches/results
+	python3 benches/time_to_ready.py --samples 2 --workloads python3 --out benches/results
 	$(BENCH_PY) benches/plot.py benches/results/time_to_ready.json benches/results/time_to_ready.png
 
 SYSTEMD_DIR ?= /etc/systemd/system

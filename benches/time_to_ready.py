@@ -11,7 +11,8 @@ estargz-snapshotter, nothing cached) in random order and times pull, create and 
   ordinary   ctr images pull (containerd's overlayfs snapshotter unpacks every layer)
   lazy       ctr-remote images rpull --snapshotter estargz, image converted without
              prioritized files
-  lazy-prio  the same, image converted with the workload's files prioritized
+  lazy-prio  the same, image converted with the workload's files prioritized (recorded
+             with strace from a run of the workload in the unpacked image)
   lazy-warm  lazy-prio on a node whose chunk cache already holds the image (another
              image of the same content ran and was removed): a second node of a fleet
              sharing a cache volume, or a re-pull after GC
@@ -37,12 +38,18 @@ SCRIPTS = REPO / "testdata" / "scripts"
 ESTARGZ = REPO / "target" / "release" / "estargz"
 SNAPSHOTTER = REPO / "target" / "release" / "estargz-snapshotter"
 
+IMPORTS = ("argparse, ast, bisect, calendar, collections, compileall, configparser, "
+           "contextlib, copy, csv, datetime, dis, email, email.mime.text, email.parser, enum, "
+           "filecmp, fnmatch, functools, getopt, glob, hashlib, heapq, importlib.resources, "
+           "inspect, ipaddress, locale, logging, optparse, pathlib, pickle, pkgutil, platform, "
+           "py_compile, quopri, random, selectors, signal, socket, ssl, string, stringprep, "
+           "struct, subprocess, sysconfig, tempfile, textwrap, threading, tokenize, "
+           "traceback, tracemalloc, typing, urllib.parse, uu, warnings, weakref")
 WORKLOADS = {
-    # name: (command, prioritized-files list)
-    "python3": (
-        ["/usr/bin/python3.11", "-c", 'print("hello")'],
-        REPO / "testdata" / "python-startup.txt",
-    ),
+    # name: command; its prioritized files are recorded from a profiling run (strace)
+    "python3": ["/usr/bin/python3.11", "-c", 'print("hello")'],
+    # An application that reads many files at start: 179 modules of the standard library.
+    "python-imports": ["/usr/bin/python3.11", "-c", f"import {IMPORTS}; print('ready')"],
 }
 MODES = ["ordinary", "lazy", "lazy-prio", "lazy-warm"]
 
@@ -124,7 +131,8 @@ def prepare_images(link, work):
     link.cmd(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:orig",
               f"docker://{base}:orig"])
     refs = {"orig": f"{base}:orig"}
-    for wl, (_, prio) in WORKLOADS.items():
+    for wl, command in WORKLOADS.items():
+        prio = record_prioritized(work, tar, wl, command)
         link.cmd([ESTARGZ, "convert", f"{base}:orig", f"{base}:{wl}-lazy", "--quiet"])
         link.cmd([ESTARGZ, "convert", f"{base}:orig", f"{base}:{wl}-prio", "--quiet",
                   "--prioritize", prio])
@@ -138,8 +146,44 @@ def prepare_images(link, work):
     return refs, size
 
 
+def record_prioritized(work, tar, wl, command):
+    """The files `command` opens, in order, from a profiling run of it (strace, chroot into
+    the unpacked image): the prioritized-files list for the lazy-prio mode."""
+    out = work / f"prio-{wl}.txt"
+    if out.exists():
+        return out
+    root = work / "rootfs"
+    if not root.exists():
+        root.mkdir()
+        run(["tar", "-xf", tar, "-C", root])
+    trace = work / f"strace-{wl}.log"
+    run(["strace", "-f", "-qq", "-e", "trace=open,openat,execve", "-e", "status=successful",
+         "-o", trace, "chroot", root] + command)
+    seen, files, started = set(), [], False
+    for line in trace.read_text(errors="replace").splitlines():
+        m = re.search(r'(?:openat\(AT_FDCWD, |open\(|execve\()"([^"]+)"', line)
+        if not m or not m.group(1).startswith("/"):
+            continue
+        # What chroot itself opens (on the host) comes before the command's execve.
+        started = started or ("execve(" in line and m.group(1) == command[0])
+        if not started:
+            continue
+        path = Path(str(root) + m.group(1))
+        real = Path(os.path.realpath(path))
+        for p in (path, real):
+            try:
+                rel = str(p.relative_to(root))
+            except ValueError:
+                continue
+            if p.is_file() and not p.is_symlink() and rel not in seen:
+                seen.add(rel)
+                files.append(rel)
+    out.write_text(f"# recorded from: {' '.join(command)}\n" + "\n".join(files) + "\n")
+    return out
+
+
 def one_sample(link, work, wl, mode, refs, n):
-    command = WORKLOADS[wl][0]
+    command = WORKLOADS[wl]
     env_dir = work / f"env-{n}"
     start = run(link.prefix + ["bash", str(SCRIPTS / "snapshotter.sh"), "start", str(env_dir)],
                 env={"SNAPSHOTTER": str(SNAPSHOTTER)}).strip()
@@ -201,6 +245,9 @@ def main():
     for b in (ESTARGZ, SNAPSHOTTER):
         if not b.exists():
             sys.exit(f"{b} is missing: run `cargo build --release` first")
+    # strace records the prioritized files; installed with apt when missing.
+    run(["bash", "-c", f'. "{SCRIPTS}/lib.sh"; need strace strace; need curl curl; '
+                       'need skopeo skopeo; need ctr-remote stargz-snapshotter'])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="esgz-ttr."))
