@@ -17,9 +17,12 @@ PHASES = [("pull", "#4c72b0"), ("create", "#dd8452"), ("run", "#55a868")]
 def main():
     data = json.load(open(sys.argv[1]))
     samples = data["samples"]
-    cells = sorted({(s["link"], s["workload"]) for s in samples})
-    fig, axes = plt.subplots(1, len(cells), figsize=(5 * len(cells), 4), squeeze=False)
-    for ax, (link, wl) in zip(axes[0], cells):
+    links = sorted({s["link"] for s in samples}, key=lambda l: (l != "loopback", l))
+    workloads = sorted({s["workload"] for s in samples})
+    fig, axes = plt.subplots(len(links), len(workloads),
+                             figsize=(5 * len(workloads), 3.6 * len(links)), squeeze=False)
+    cells = [(link, wl) for link in links for wl in workloads]
+    for ax, (link, wl) in zip([a for row in axes for a in row], cells):
         xs = [m for m in MODES if any(s["mode"] == m and s["link"] == link and s["workload"] == wl for s in samples)]
         bottom = [0.0] * len(xs)
         for phase, color in PHASES:
