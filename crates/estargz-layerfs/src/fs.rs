@@ -249,15 +249,7 @@ impl Inner {
                 .map(|(_, c)| c.compressed_end)
                 .max()
                 .unwrap_or(start);
-            let started = std::time::Instant::now();
-            let bytes = self.source.read_range(start..end)?;
-            self.stats
-                .fetch_nanos
-                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            self.stats
-                .fetched_bytes
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            self.stats.fetch_requests.fetch_add(1, Ordering::Relaxed);
+            let bytes = self.fetch_range(start..end)?;
             for (ino, c) in run {
                 if !claim.has(&c.digest) {
                     continue; // the same content twice in this run
@@ -277,6 +269,19 @@ impl Inner {
         Ok(())
     }
 
+    /// One range request to the source, timed and counted.
+    fn fetch_range(&self, range: std::ops::Range<u64>) -> io::Result<Vec<u8>> {
+        let started = std::time::Instant::now();
+        let bytes = self.source.read_range(range)?;
+        let s = &self.stats;
+        s.fetch_nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        s.fetched_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        s.fetch_requests.fetch_add(1, Ordering::Relaxed);
+        Ok(bytes)
+    }
+
     fn chunk_data(&self, ino: u64, c: &Chunk) -> io::Result<Arc<[u8]>> {
         if let Some(d) = self.hot_get(&c.digest) {
             return Ok(d);
@@ -284,18 +289,9 @@ impl Inner {
         let data = self
             .cache
             .get_or_fetch(&c.digest, || {
-                let started = std::time::Instant::now();
                 let bytes = self
-                    .source
-                    .read_range(c.offset..c.compressed_end)
+                    .fetch_range(c.offset..c.compressed_end)
                     .map_err(|e| Error::io("fetching a chunk", e))?;
-                self.stats
-                    .fetch_nanos
-                    .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                self.stats
-                    .fetched_bytes
-                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                self.stats.fetch_requests.fetch_add(1, Ordering::Relaxed);
                 let data = self.decompress(ino, &bytes, c)?;
                 self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
                 Ok::<_, Error>(data)
