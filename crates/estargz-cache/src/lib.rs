@@ -19,6 +19,12 @@
 //!
 //! A full disk or an unwritable root does not fail reads: fetched chunks are returned, a
 //! warning is logged and `write_errors` counts the failure.
+//!
+//! In front of the disk sits a small memory tier of recently read, decompressed chunks
+//! ([`ChunkCache::memory_get`], [`ChunkCache::memory_put`]), bounded node-wide by
+//! [`CacheConfig::memory_bytes`]: a large chunk is read by the kernel in 128 KiB pieces, and
+//! without it every piece would re-read and re-hash the whole chunk file. One tier for the
+//! node, not one per layer, so that memory does not grow with the number of mounted layers.
 
 #![warn(missing_docs)]
 
@@ -41,6 +47,13 @@ pub struct CacheConfig {
     pub root: PathBuf,
     /// Size cap in bytes (chunk contents); least recently used chunks are evicted past it.
     pub max_bytes: u64,
+    /// Size cap of the memory tier (decompressed chunks recently read), for the whole node.
+    pub memory_bytes: usize,
+}
+
+impl CacheConfig {
+    /// Default memory tier: 64 MiB, sixteen 4 MiB chunks.
+    pub const DEFAULT_MEMORY_BYTES: usize = 64 << 20;
 }
 
 /// Counters and usage, readable at any time.
@@ -68,6 +81,10 @@ pub struct CacheStats {
     pub usage_bytes: u64,
     /// The size cap.
     pub max_bytes: u64,
+    /// Bytes of chunks in the memory tier.
+    pub memory_bytes: u64,
+    /// Reads answered by the memory tier.
+    pub memory_hits: u64,
 }
 
 /// A fetch that failed; shared by every caller that waited for it.
@@ -102,6 +119,13 @@ struct Counters {
     corrupt: AtomicU64,
     write_errors: AtomicU64,
     fetches: AtomicU64,
+    memory_hits: AtomicU64,
+}
+
+/// Recently read chunks in memory, and their total size.
+struct MemoryTier {
+    lru: LruCache<Sha256Digest, Arc<[u8]>>,
+    used: usize,
 }
 
 struct Index {
@@ -122,6 +146,8 @@ pub struct ChunkCache {
     tmp: PathBuf,
     max_bytes: u64,
     index: Mutex<Index>,
+    memory: Mutex<MemoryTier>,
+    memory_cap: usize,
     inflight: Mutex<HashMap<Sha256Digest, Arc<Flight>>>,
     counters: Counters,
     tmp_seq: AtomicU64,
@@ -193,6 +219,11 @@ impl ChunkCache {
             tmp,
             max_bytes: config.max_bytes,
             index: Mutex::new(Index { lru, usage }),
+            memory: Mutex::new(MemoryTier {
+                lru: LruCache::unbounded(),
+                used: 0,
+            }),
+            memory_cap: config.memory_bytes,
             inflight: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             tmp_seq: AtomicU64::new(0),
@@ -237,6 +268,35 @@ impl ChunkCache {
                 self.forget(digest);
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
                 None
+            }
+        }
+    }
+
+    /// The chunk, if it is in the memory tier (verified when it was put there).
+    pub fn memory_get(&self, digest: &Sha256Digest) -> Option<Arc<[u8]>> {
+        let data = lock(&self.memory).lru.get(digest).cloned();
+        if data.is_some() {
+            self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
+        }
+        data
+    }
+
+    /// Keeps a verified, decompressed chunk in the memory tier, evicting the least recently
+    /// used ones past the cap. `data` must hash to `digest`.
+    pub fn memory_put(&self, digest: Sha256Digest, data: Arc<[u8]>) {
+        if data.len() > self.memory_cap {
+            return;
+        }
+        let mut m = lock(&self.memory);
+        let len = data.len();
+        if let Some(old) = m.lru.put(digest, data) {
+            m.used -= old.len();
+        }
+        m.used += len;
+        while m.used > self.memory_cap {
+            match m.lru.pop_lru() {
+                Some((_, old)) => m.used -= old.len(),
+                None => break,
             }
         }
     }
@@ -459,6 +519,8 @@ impl ChunkCache {
             entries,
             usage_bytes: usage,
             max_bytes: self.max_bytes,
+            memory_bytes: lock(&self.memory).used as u64,
+            memory_hits: c.memory_hits.load(Ordering::Relaxed),
         }
     }
 

@@ -18,6 +18,7 @@ fn open(root: &std::path::Path, max: u64) -> ChunkCache {
     ChunkCache::open(&CacheConfig {
         root: root.to_path_buf(),
         max_bytes: max,
+        memory_bytes: CacheConfig::DEFAULT_MEMORY_BYTES,
     })
 }
 
@@ -299,4 +300,32 @@ fn claimed_spans_are_waited_for_not_fetched_twice() {
     drop(claim);
     assert_eq!(&reader.join().unwrap().unwrap()[..], &db[..]);
     assert_eq!(&cache.get(&b).unwrap()[..], &db[..]);
+}
+
+#[test]
+fn memory_tier_is_bounded_and_least_recently_used_goes_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = ChunkCache::open(&CacheConfig {
+        root: dir.path().to_path_buf(),
+        max_bytes: 1 << 20,
+        memory_bytes: 2500,
+    });
+    let (a, b, c) = (chunk(1, 1000), chunk(2, 1000), chunk(3, 1000));
+    cache.memory_put(a.0, a.1.clone().into());
+    cache.memory_put(b.0, b.1.clone().into());
+    assert_eq!(cache.memory_get(&a.0).as_deref(), Some(&a.1[..]));
+    // a was used last: b goes to make room for c.
+    cache.memory_put(c.0, c.1.clone().into());
+    assert!(cache.memory_get(&b.0).is_none());
+    assert_eq!(cache.memory_get(&c.0).as_deref(), Some(&c.1[..]));
+    assert_eq!(cache.stats().memory_bytes, 2000);
+    assert_eq!(cache.stats().memory_hits, 2);
+    // Putting the same chunk again does not count it twice; a chunk over the cap is not kept.
+    cache.memory_put(c.0, c.1.clone().into());
+    assert_eq!(cache.stats().memory_bytes, 2000);
+    let big = chunk(4, 3000);
+    cache.memory_put(big.0, big.1.into());
+    assert!(cache.memory_get(&big.0).is_none());
+    // The memory tier is not the disk cache.
+    assert!(cache.get(&a.0).is_none());
 }

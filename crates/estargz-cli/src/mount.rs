@@ -102,11 +102,13 @@ fn mount_overlay(lowers: &[PathBuf], upper: &Path, work: &Path, at: &Path) -> Re
 
 /// `estargz mount`.
 pub fn mount(args: &MountArgs, quiet: bool) -> Result<ExitCode> {
+    estargz_layerfs::memory::tune_allocator();
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;
     let cache = Arc::new(ChunkCache::open(&CacheConfig {
         root: args.cache_dir.clone(),
         max_bytes: args.cache_size,
+        memory_bytes: CacheConfig::DEFAULT_MEMORY_BYTES,
     }));
     let fetch = FetchOptions {
         prefetch: !args.no_prefetch,
@@ -204,6 +206,8 @@ pub fn mount(args: &MountArgs, quiet: bool) -> Result<ExitCode> {
         std::fs::create_dir_all(&workdir)?;
         _overlay = mount_overlay(&lowers, &upper, &workdir, &args.dir)?;
     }
+    // The parsed TOCs are gone; only the compact indexes stay.
+    estargz_layerfs::memory::release_freed_memory();
     eprintln!(
         "mounted {} at {}; Ctrl-C to unmount",
         args.image,

@@ -34,37 +34,8 @@ unsafe impl GlobalAlloc for Counting {
 static A: Counting = Counting;
 
 fn main() {
-    let files = 100_000;
     // A realistic shape: 100 directories of 1,000 small files with typical path lengths.
-    let mut b = tar::Builder::new(Vec::new());
-    for d in 0..100 {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Directory);
-        h.set_mode(0o755);
-        h.set_size(0);
-        h.set_cksum();
-        b.append_data(
-            &mut h,
-            format!("usr/lib/python3/dist-packages/pkg{d:03}/"),
-            &[][..],
-        )
-        .unwrap();
-        for f in 0..files / 100 {
-            let data = format!("module {d}/{f}\n");
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_mtime(1_700_000_000);
-            h.set_cksum();
-            b.append_data(
-                &mut h,
-                format!("usr/lib/python3/dist-packages/pkg{d:03}/module_{f:05}.py"),
-                data.as_bytes(),
-            )
-            .unwrap();
-        }
-    }
-    let tar = b.into_inner().unwrap();
+    let tar = estargz_testutil::many_files_tar(100_000);
     let mut blob = Vec::new();
     convert(
         &tar[..],
@@ -85,6 +56,7 @@ fn main() {
     let cache = Arc::new(ChunkCache::open(&CacheConfig {
         root: dir.path().join("cache"),
         max_bytes: 1 << 30,
+        memory_bytes: CacheConfig::DEFAULT_MEMORY_BYTES,
     }));
     let base = LIVE.load(Ordering::SeqCst);
     let toc = reader.toc().clone();

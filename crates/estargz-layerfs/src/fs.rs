@@ -4,7 +4,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use estargz_cache::ChunkCache;
@@ -14,16 +14,12 @@ use fuser::{
     OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEntry, ReplyOpen,
     ReplyStatfs, ReplyXattr, Request, SessionACL,
 };
-use lru::LruCache;
 
 use crate::source::BlobSource;
 use crate::tree::{NodeKind, Tree};
 
 /// The layer never changes: let the kernel cache names and attributes for long.
 const TTL: Duration = Duration::from_secs(3600);
-/// Decompressed chunks kept in memory per layer, so that sequential reads of a large chunk
-/// do not re-read and re-hash it from the disk cache for every kernel read.
-const HOT_BYTES: usize = 64 << 20;
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 
 /// Counters of one mounted layer, readable at any time.
@@ -42,8 +38,10 @@ pub struct LayerStats {
     pub fetch_nanos: AtomicU64,
 }
 
-/// Recently read chunks in memory, and their total size.
-type HotChunks = (LruCache<Sha256Digest, Arc<[u8]>>, usize);
+/// The index of the first of a file's `chunks` (in file order) that ends after `offset`.
+fn first_chunk(chunks: &[Chunk], offset: u64) -> usize {
+    chunks.partition_point(|c| c.chunk_offset + c.size <= offset)
+}
 
 /// One layer, ready to mount: a cheap handle to state shared by the FUSE session and the
 /// prefetch and background-fetch threads.
@@ -55,7 +53,6 @@ pub struct Inner {
     tree: Tree,
     source: Arc<dyn BlobSource>,
     cache: Arc<ChunkCache>,
-    hot: Mutex<HotChunks>,
     stats: Arc<LayerStats>,
     /// On-demand reads in progress; background fetching waits while there are any.
     active_reads: AtomicU64,
@@ -81,7 +78,6 @@ impl LayerFs {
             tree: Tree::build(toc),
             source,
             cache,
-            hot: Mutex::new((LruCache::unbounded(), 0)),
             stats: Arc::new(LayerStats::default()),
             active_reads: AtomicU64::new(0),
             last_read_end: AtomicU64::new(0),
@@ -95,6 +91,21 @@ impl LayerFs {
 impl Inner {
     pub(crate) fn tree(&self) -> &Tree {
         &self.tree
+    }
+
+    /// The chunk holding byte `offset` of the regular file at `path` (relative to the layer
+    /// root, as in the TOC): the lookups a read makes, the kernel's per-component `lookup`
+    /// and the chunk search, for debugging and benchmarks.
+    pub fn chunk_at(&self, path: &str, offset: u64) -> Option<Chunk> {
+        let mut ino = 1; // the root
+        for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+            ino = self.tree.child(ino, part)?;
+        }
+        let chunks = self.tree.chunks(self.tree.node(ino)?);
+        chunks[first_chunk(chunks, offset)..]
+            .first()
+            .copied()
+            .filter(|c| c.chunk_offset <= offset)
     }
 
     /// Heap bytes of the inode table (names, attributes, chunk index) of this layer.
@@ -196,29 +207,10 @@ impl Inner {
         })
     }
 
-    fn hot_get(&self, d: &Sha256Digest) -> Option<Arc<[u8]>> {
-        let mut hot = self.hot.lock().unwrap_or_else(|p| p.into_inner());
-        hot.0.get(d).cloned()
-    }
-
-    fn hot_put(&self, d: Sha256Digest, data: Arc<[u8]>) {
-        let mut hot = self.hot.lock().unwrap_or_else(|p| p.into_inner());
-        let (lru, used) = &mut *hot;
-        if lru.put(d, data.clone()).is_none() {
-            *used += data.len();
-        }
-        while *used > HOT_BYTES {
-            match lru.pop_lru() {
-                Some((_, old)) => *used -= old.len(),
-                None => break,
-            }
-        }
-    }
-
     /// Claims the chunks of `chunks` (file inode, chunk; in blob order) that nobody has or is
     /// fetching, and fetches those with one range request per run of neighbours in the blob
     /// (chunks sharing a gzip member count as neighbours), verifying and caching each. With
-    /// `hot`, fetched chunks are also kept in memory for the reader that asked.
+    /// `hot`, fetched chunks also go to the cache's memory tier, for the reader that asked.
     pub(crate) fn fetch_claimed(&self, chunks: &[(u64, Chunk)], hot: bool) -> io::Result<()> {
         let digests: Vec<Sha256Digest> = chunks.iter().map(|(_, c)| c.digest).collect();
         let mut claim = self.cache.claim(&digests);
@@ -262,7 +254,7 @@ impl Inner {
                 self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
                 claim.fulfil(&c.digest, &data);
                 if hot {
-                    self.hot_put(c.digest, data.into());
+                    self.cache.memory_put(c.digest, data.into());
                 }
             }
         }
@@ -283,7 +275,7 @@ impl Inner {
     }
 
     fn chunk_data(&self, ino: u64, c: &Chunk) -> io::Result<Arc<[u8]>> {
-        if let Some(d) = self.hot_get(&c.digest) {
+        if let Some(d) = self.cache.memory_get(&c.digest) {
             return Ok(d);
         }
         let data = self
@@ -297,7 +289,7 @@ impl Inner {
                 Ok::<_, Error>(data)
             })
             .map_err(io::Error::other)?;
-        self.hot_put(c.digest, data.clone());
+        self.cache.memory_put(c.digest, data.clone());
         Ok(data)
     }
 
@@ -311,8 +303,7 @@ impl Inner {
         }
         let end = node.size.min(offset.saturating_add(size as u64));
         let chunks = self.tree.chunks(node);
-        let first = chunks.partition_point(|c| c.chunk_offset + c.size <= offset);
-        let covering: Vec<Chunk> = chunks[first..]
+        let covering: Vec<Chunk> = chunks[first_chunk(chunks, offset)..]
             .iter()
             .take_while(|c| c.chunk_offset < end)
             .copied()
@@ -322,7 +313,7 @@ impl Inner {
         if covering.len() > 1 {
             let missing: Vec<(u64, Chunk)> = covering
                 .iter()
-                .filter(|c| self.hot_get(&c.digest).is_none())
+                .filter(|c| self.cache.memory_get(&c.digest).is_none())
                 .map(|c| (ino, *c))
                 .collect();
             self.fetch_claimed(&missing, true)?;

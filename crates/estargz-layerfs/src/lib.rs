@@ -14,6 +14,7 @@
 
 mod fetch;
 mod fs;
+pub mod memory;
 mod source;
 mod tree;
 

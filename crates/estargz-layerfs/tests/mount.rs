@@ -203,6 +203,7 @@ fn mount_layer(tar: Vec<u8>, opts: &ConvertOptions) -> Layer {
     let cache = Arc::new(ChunkCache::open(&CacheConfig {
         root: dir.path().join("cache"),
         max_bytes: 1 << 30,
+        memory_bytes: CacheConfig::DEFAULT_MEMORY_BYTES,
     }));
     let fs = LayerFs::new(
         &toc,

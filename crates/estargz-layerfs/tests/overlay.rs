@@ -65,6 +65,7 @@ fn overlay_of_lazy_layers_behaves_like_the_unpacked_image() {
     let cache = Arc::new(ChunkCache::open(&CacheConfig {
         root: dir.path().join("cache"),
         max_bytes: 1 << 30,
+        memory_bytes: CacheConfig::DEFAULT_MEMORY_BYTES,
     }));
     let base = layer(&[
         ("a/", None),

@@ -73,6 +73,7 @@ impl Remote {
         Arc::new(ChunkCache::open(&CacheConfig {
             root: self.dir.path().join(name),
             max_bytes: max,
+            memory_bytes: CacheConfig::DEFAULT_MEMORY_BYTES,
         }))
     }
 

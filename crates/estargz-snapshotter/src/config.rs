@@ -54,6 +54,8 @@ pub enum LogFormat {
 pub struct CacheSection {
     /// Size cap of the chunk cache in bytes.
     pub max_bytes: u64,
+    /// Memory for recently read, decompressed chunks, in bytes, for all layers together.
+    pub memory_bytes: usize,
 }
 
 /// `[fetch]`.
@@ -101,6 +103,7 @@ impl Default for CacheSection {
     fn default() -> Self {
         CacheSection {
             max_bytes: 10 << 30,
+            memory_bytes: estargz_cache::CacheConfig::DEFAULT_MEMORY_BYTES,
         }
     }
 }

@@ -54,6 +54,7 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> Result<()> {
+    estargz_layerfs::memory::tune_allocator();
     let cli = Cli::parse();
     let explicit = cli.config.is_some();
     let path = cli.config.clone().unwrap_or_else(|| DEFAULT_CONFIG.into());

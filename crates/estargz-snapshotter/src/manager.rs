@@ -113,6 +113,9 @@ pub struct CacheStatus {
     pub evictions: u64,
     /// Chunks that could not be written.
     pub write_errors: u64,
+    /// Bytes of decompressed chunks in the memory tier (absent from older managers).
+    #[serde(default)]
+    pub memory_bytes: u64,
 }
 
 struct Mounted {
@@ -153,6 +156,7 @@ impl Manager {
         let cache = Arc::new(ChunkCache::open(&CacheConfig {
             root: config.root.join("cache"),
             max_bytes: config.cache.max_bytes,
+            memory_bytes: config.cache.memory_bytes,
         }));
         let client = Arc::new(config.registry_client()?);
         Ok(Manager {
@@ -200,6 +204,8 @@ impl Manager {
         let source = RegistrySource::new(self.client.clone(), image, digest, self.runtime.clone());
         let fs = LayerFs::new(&toc, Arc::new(source), self.cache.clone());
         drop(toc);
+        // The parsed TOC was several times the size of the index that replaces it.
+        estargz_layerfs::memory::release_freed_memory();
         let mounted = mount(fs, mountpoint, &self.config.fetch_options())
             .map_err(|e| Error::io(format!("FUSE mount at {}", mountpoint.display()), e))?;
         tracing::info!(mountpoint = %mountpoint.display(), layer = %layer.digest, "layer mounted");
@@ -266,6 +272,7 @@ impl Manager {
                 entries: c.entries,
                 evictions: c.evictions,
                 write_errors: c.write_errors,
+                memory_bytes: c.memory_bytes,
             },
         }
     }

@@ -226,6 +226,12 @@ impl Metrics {
                 c.usage_bytes,
             ),
             (
+                "estargz_cache_memory_bytes",
+                "gauge",
+                "Bytes of decompressed chunks kept in memory (all layers).",
+                c.memory_bytes,
+            ),
+            (
                 "estargz_cache_chunks",
                 "gauge",
                 "Chunks in the cache.",

@@ -207,6 +207,8 @@ impl Resolver {
             // Validate now, so that a hostile TOC falls back instead of failing the mount.
             Toc::parse(&json, toc_offset, &limits)
                 .map_err(|e| (Fallback::NotEstargz, e.to_string()))?;
+            // The parsed TOC (many small allocations) is gone again.
+            estargz_layerfs::memory::release_freed_memory();
             let toc_digest = Sha256Digest::of(&json).to_string();
             Ok(Arc::new(Fetched {
                 json,

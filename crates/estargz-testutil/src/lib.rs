@@ -839,3 +839,29 @@ pub fn one_file_tar(name: &str, content: &[u8]) -> Vec<u8> {
     b.append_data(&mut h, name, content).expect("tar");
     b.into_inner().expect("tar")
 }
+
+/// A tar layer of `files` small files in directories of 1,000, with the path lengths of a
+/// typical Python package tree: the shape of the large layers the scale benchmarks mount.
+pub fn many_files_tar(files: usize) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for d in 0..files.div_ceil(1000) {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        h.set_cksum();
+        let dir = format!("usr/lib/python3/dist-packages/pkg{d:03}/");
+        b.append_data(&mut h, &dir, &[][..]).expect("tar");
+        for f in 0..(files - d * 1000).min(1000) {
+            let data = format!("module {d}/{f}\n");
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_mtime(1_700_000_000);
+            h.set_cksum();
+            b.append_data(&mut h, format!("{dir}module_{f:05}.py"), data.as_bytes())
+                .expect("tar");
+        }
+    }
+    b.into_inner().expect("tar")
+}
