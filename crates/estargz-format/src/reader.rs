@@ -136,35 +136,15 @@ pub fn decompress_chunk(compressed: &[u8], name: &str, chunk: &Chunk) -> Result<
         offset: chunk.offset,
         detail,
     };
-    let mut decoder = MultiGzDecoder::new(compressed);
-    if chunk.inner_offset > 0 {
-        let skipped = io::copy(
-            &mut (&mut decoder).take(chunk.inner_offset),
-            &mut io::sink(),
-        )
-        .map_err(|e| bad(format!("corrupt gzip data: {e}")))?;
-        if skipped != chunk.inner_offset {
-            return Err(bad(format!(
-                "member ends after {skipped} bytes, before the chunk's inner offset {}",
-                chunk.inner_offset
-            )));
-        }
-    }
-    let mut out = vec![0u8; chunk.size as usize];
-    let mut filled = 0;
-    while filled < out.len() {
-        match decoder.read(&mut out[filled..]) {
-            Ok(0) => {
-                return Err(bad(format!(
-                    "member ends after {filled} of the chunk's {} bytes",
-                    chunk.size
-                )))
-            }
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(bad(format!("corrupt gzip data: {e}"))),
-        }
-    }
+    let whole = if chunk.inner_offset == 0 {
+        decode_whole_member(compressed, chunk.size as usize)
+    } else {
+        None
+    };
+    let out = match whole {
+        Some(out) => out,
+        None => decode_streaming(compressed, chunk).map_err(bad)?,
+    };
     let actual = Sha256Digest::of(&out);
     if actual != chunk.digest {
         return Err(Error::ChunkDigestMismatch {
@@ -174,6 +154,60 @@ pub fn decompress_chunk(compressed: &[u8], name: &str, chunk: &Chunk) -> Result<
             expected: chunk.digest.to_string(),
             actual: actual.to_string(),
         });
+    }
+    Ok(out)
+}
+
+/// Room after a chunk in its gzip member: the tar padding and the next entry's headers.
+const MEMBER_SLACK: usize = 64 << 10;
+
+/// Decodes a member that starts with the chunk in one call, into a buffer of bounded size
+/// (libdeflate: 1.7x the speed of streaming through flate2 on real chunks, see
+/// `benches/format.rs`). `None` when the member holds more than the chunk and its tar
+/// trailer, or is corrupt: the streaming decoder then decides, and names the problem.
+fn decode_whole_member(compressed: &[u8], size: usize) -> Option<Vec<u8>> {
+    let mut out = vec![0u8; size.checked_add(MEMBER_SLACK)?];
+    let n = libdeflater::Decompressor::new()
+        .gzip_decompress(compressed, &mut out)
+        .ok()?;
+    if n < size {
+        return None;
+    }
+    out.truncate(size);
+    Some(out)
+}
+
+/// Decodes the chunk's bytes from its member, skipping `inner_offset` bytes first, and
+/// decoding no more than the chunk.
+fn decode_streaming(compressed: &[u8], chunk: &Chunk) -> std::result::Result<Vec<u8>, String> {
+    let mut decoder = MultiGzDecoder::new(compressed);
+    if chunk.inner_offset > 0 {
+        let skipped = io::copy(
+            &mut (&mut decoder).take(chunk.inner_offset),
+            &mut io::sink(),
+        )
+        .map_err(|e| format!("corrupt gzip data: {e}"))?;
+        if skipped != chunk.inner_offset {
+            return Err(format!(
+                "member ends after {skipped} bytes, before the chunk's inner offset {}",
+                chunk.inner_offset
+            ));
+        }
+    }
+    let mut out = vec![0u8; chunk.size as usize];
+    let mut filled = 0;
+    while filled < out.len() {
+        match decoder.read(&mut out[filled..]) {
+            Ok(0) => {
+                return Err(format!(
+                    "member ends after {filled} of the chunk's {} bytes",
+                    chunk.size
+                ))
+            }
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("corrupt gzip data: {e}")),
+        }
     }
     Ok(out)
 }
