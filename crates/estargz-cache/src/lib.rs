@@ -6,11 +6,14 @@
 //! recency, and evicts least recently used chunks past the size cap.
 //!
 //! Safety: a chunk file is written under a temporary name in `ROOT/tmp` and renamed into
-//! place only when complete, so no reader sees a partial chunk; and every read re-checks
-//! the digest, so a file damaged on disk (torn by a crash, bit rot, tampering) is removed
-//! and reported as a miss, never served. Because of that second check the cache does not
-//! fsync: a crash can lose recently written chunks (they are fetched again), never serve
-//! wrong ones.
+//! place only when complete, so no reader sees a partial chunk; and the first read of a
+//! chunk file by a process ([`ChunkCache::get`]) reads it whole and re-checks the digest,
+//! so a file damaged on disk (torn by a crash, bit rot before the read) is removed and
+//! reported as a miss, never served. Because of that check the cache does not fsync: a
+//! crash can lose recently written chunks (they are fetched again), never serve wrong
+//! ones. Once a file has been verified, [`ChunkCache::read_verified`] reads just the bytes
+//! asked for: a random 4 KiB read costs a 4 KiB read, not a 4 MiB read and hash. A file
+//! damaged while the process runs is then trusted like any other file on the node's disk.
 //!
 //! Single flight: [`ChunkCache::get_or_fetch`] lets one caller fetch a missing chunk while
 //! concurrent callers for the same chunk wait for its result; [`ChunkCache::claim`] does the
@@ -128,8 +131,15 @@ struct MemoryTier {
     used: usize,
 }
 
+/// A chunk file in the index.
+struct Entry {
+    size: u64,
+    /// Read whole and checked against its digest by this process.
+    verified: bool,
+}
+
 struct Index {
-    lru: LruCache<Sha256Digest, u64>,
+    lru: LruCache<Sha256Digest, Entry>,
     usage: u64,
 }
 
@@ -211,7 +221,13 @@ impl ChunkCache {
         let mut lru = LruCache::unbounded();
         let mut usage = 0;
         for (_, digest, size) in found {
-            lru.put(digest, size);
+            lru.put(
+                digest,
+                Entry {
+                    size,
+                    verified: false,
+                },
+            );
             usage += size;
         }
         let cache = ChunkCache {
@@ -252,6 +268,9 @@ impl ChunkCache {
         match fs::read(self.path_of(digest)) {
             Ok(data) if Sha256Digest::of(&data) == *digest => {
                 self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                if let Some(e) = lock(&self.index).lru.peek_mut(digest) {
+                    e.verified = true;
+                }
                 Some(data.into())
             }
             Ok(_) => {
@@ -301,17 +320,36 @@ impl ChunkCache {
         }
     }
 
+    /// `len` bytes at `offset` of a cached chunk, read from its file without the rest, if
+    /// this process has verified the file (a [`ChunkCache::get`] of it succeeded); `None`
+    /// otherwise, or if the file is gone or shorter: then `get` the whole chunk.
+    pub fn read_verified(&self, digest: &Sha256Digest, offset: u64, len: usize) -> Option<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let verified = lock(&self.index)
+            .lru
+            .get(digest)
+            .is_some_and(|e| e.verified);
+        if !verified {
+            return None;
+        }
+        let f = fs::File::open(self.path_of(digest)).ok()?;
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, offset).ok()?;
+        self.counters.hits.fetch_add(1, Ordering::Relaxed);
+        Some(buf)
+    }
+
     fn forget(&self, digest: &Sha256Digest) {
         let mut idx = lock(&self.index);
-        if let Some(size) = idx.lru.pop(digest) {
-            idx.usage -= size;
+        if let Some(e) = idx.lru.pop(digest) {
+            idx.usage -= e.size;
         }
         drop(idx);
         let _ = fs::remove_file(self.path_of(digest));
     }
 
     /// Stores a verified chunk (best effort). `data` must hash to `digest`; callers store
-    /// only what they have verified, and reads check again.
+    /// only what they have verified, and the first read of the file checks again.
     pub fn insert(&self, digest: &Sha256Digest, data: &[u8]) {
         let size = data.len() as u64;
         if size > self.max_bytes || self.contains(digest) {
@@ -325,7 +363,11 @@ impl ChunkCache {
         }
         {
             let mut idx = lock(&self.index);
-            if idx.lru.put(*digest, size).is_none() {
+            let fresh = Entry {
+                size,
+                verified: false,
+            };
+            if idx.lru.put(*digest, fresh).is_none() {
                 idx.usage += size;
             }
         }
@@ -364,8 +406,8 @@ impl ChunkCache {
                     return;
                 }
                 match idx.lru.pop_lru() {
-                    Some((d, size)) => {
-                        idx.usage -= size;
+                    Some((d, e)) => {
+                        idx.usage -= e.size;
                         d
                     }
                     None => return,

@@ -329,3 +329,41 @@ fn memory_tier_is_bounded_and_least_recently_used_goes_first() {
     // The memory tier is not the disk cache.
     assert!(cache.get(&a.0).is_none());
 }
+
+#[test]
+fn parts_are_read_directly_only_after_the_whole_file_was_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, data) = chunk(5, 5000);
+    {
+        let cache = open(dir.path(), 1 << 20);
+        cache.insert(&d, &data);
+        // Written, but not yet read back and checked by this process.
+        assert!(cache.read_verified(&d, 10, 20).is_none());
+        assert_eq!(cache.get(&d).as_deref(), Some(&data[..]));
+        assert_eq!(
+            cache.read_verified(&d, 10, 20).as_deref(),
+            Some(&data[10..30])
+        );
+        assert_eq!(
+            cache.read_verified(&d, 4990, 10).as_deref(),
+            Some(&data[4990..])
+        );
+        assert!(cache.read_verified(&d, 4995, 10).is_none(), "past the end");
+    }
+    // A new process (a restart) verifies again before reading parts: a file torn or
+    // damaged while nobody ran is found by the whole read.
+    let path = std::fs::read_dir(dir.path().join("chunks"))
+        .unwrap()
+        .flatten()
+        .flat_map(|fan| std::fs::read_dir(fan.path()).unwrap().flatten())
+        .next()
+        .unwrap()
+        .path();
+    let mut damaged = data.clone();
+    damaged[100] ^= 1;
+    std::fs::write(&path, &damaged).unwrap();
+    let cache = open(dir.path(), 1 << 20);
+    assert!(cache.read_verified(&d, 100, 1).is_none());
+    assert!(cache.get(&d).is_none());
+    assert!(cache.read_verified(&d, 100, 1).is_none());
+}
