@@ -46,20 +46,32 @@ demo:
 # Benchmarks print Markdown tables; results and plots land in benches/results/.
 BENCH_PY := target/bench-venv/bin/python
 
+# A failing benchmark must fail the target, not hide behind tee.
+bench bench-quick: SHELL := /bin/bash
+bench bench-quick: .SHELLFLAGS := -eo pipefail -c
+
 bench-venv:
 	@[ -x $(BENCH_PY) ] || { python3 -m venv target/bench-venv && target/bench-venv/bin/pip install -q matplotlib; }
 
 bench: deps build bench-venv
 	mkdir -p benches/results
-	python3 benches/time_to_ready.py --samples 5 --out benches/results
+	python3 benches/time_to_ready.py --samples 5 --out benches/results | tee benches/results/time_to_ready.md
 	$(BENCH_PY) benches/plot.py benches/results/time_to_ready.json benches/results/time_to_ready.png
-	bash benches/convert.sh 3
-	$(CARGO) bench -p estargz-layerfs --bench toc_memory
+	python3 benches/reads.py --samples 3 --out benches/results | tee benches/results/reads.md
+	python3 benches/scale.py --samples 3 --out benches/results | tee benches/results/scale.md
+	bash benches/convert.sh 3 | tee benches/results/convert.md
+	$(CARGO) bench -q -p estargz-layerfs --bench toc_memory | tee benches/results/toc_memory.md
+	rm -rf target/criterion
+	$(CARGO) bench -q -p estargz-format --bench format
+	$(CARGO) bench -q -p estargz-layerfs --bench lookup
+	python3 benches/criterion_table.py target/criterion | tee benches/results/micro.md
+	@echo; echo "== all results (benches/results/) =="; cat benches/results/*.md
 
 bench-quick: deps build bench-venv
-	mkdir -p benches/results
-	python3 benches/time_to_ready.py --samples 2 --workloads python3 --out benches/results
-	$(BENCH_PY) benches/plot.py benches/results/time_to_ready.json benches/results/time_to_ready.png
+	mkdir -p target/bench
+	python3 benches/time_to_ready.py --samples 2 --workloads python3 --out target/bench | tee target/bench/time_to_ready.md
+	$(BENCH_PY) benches/plot.py target/bench/time_to_ready.json target/bench/time_to_ready.png
+	python3 benches/reads.py --samples 1 --links loopback --out target/bench | tee target/bench/reads.md
 
 SYSTEMD_DIR ?= /etc/systemd/system
 

@@ -18,7 +18,8 @@ def main():
     data = json.load(open(sys.argv[1]))
     samples = data["samples"]
     links = sorted({s["link"] for s in samples}, key=lambda l: (l != "loopback", l))
-    workloads = sorted({s["workload"] for s in samples})
+    # In the order the benchmark ran them (python3, python-imports, gcc).
+    workloads = [w for w in data.get("images", {})] or sorted({s["workload"] for s in samples})
     fig, axes = plt.subplots(len(links), len(workloads),
                              figsize=(5 * len(workloads), 3.6 * len(links)), squeeze=False)
     cells = [(link, wl) for link in links for wl in workloads]
@@ -36,9 +37,11 @@ def main():
             p95.append(t[min(len(t) - 1, int(round(0.95 * (len(t) - 1))))])
         ax.errorbar(xs, bottom, yerr=[[0] * len(xs), [max(0, p - b) for p, b in zip(p95, bottom)]],
                     fmt="none", ecolor="black", capsize=4)
-        title = f"{wl}, {link}"
+        image = data.get("images", {}).get(wl)
+        size = data.get("image_bytes", {}).get(image)
+        title = f"{wl} ({image} image, {size / 1e6:.0f} MB), {link}" if size else f"{wl}, {link}"
         if link == "wan":
-            title += f" ({data['rate']}, {data['rtt_ms']:g} ms RTT)"
+            title += f"\n{data['rate']}, {data['rtt_ms']:g} ms RTT"
         ax.set_title(title)
         ax.set_ylabel("seconds to ready (median; p95 whisker)")
     axes[0][0].legend()

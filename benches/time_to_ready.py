@@ -27,16 +27,13 @@ import random
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = REPO / "testdata" / "scripts"
-ESTARGZ = REPO / "target" / "release" / "estargz"
-SNAPSHOTTER = REPO / "target" / "release" / "estargz-snapshotter"
+from benchlib import (ESTARGZ, REPO, SCRIPTS, SNAPSHOTTER, Link, check_prerequisites,
+                      image_tar, p95, push_image, run)
 
 IMPORTS = ("argparse, ast, bisect, calendar, collections, compileall, configparser, "
            "contextlib, copy, csv, datetime, dis, email, email.mime.text, email.parser, enum, "
@@ -45,117 +42,52 @@ IMPORTS = ("argparse, ast, bisect, calendar, collections, compileall, configpars
            "py_compile, quopri, random, selectors, signal, socket, ssl, string, stringprep, "
            "struct, subprocess, sysconfig, tempfile, textwrap, threading, tokenize, "
            "traceback, tracemalloc, typing, urllib.parse, uu, warnings, weakref")
+HELLO_C = r'#include <stdio.h>\nint main(void) { puts(\"hello\"); return 0; }\n'
 WORKLOADS = {
-    # name: command; its prioritized files are recorded from a profiling run (strace)
-    "python3": ["/usr/bin/python3.11", "-c", 'print("hello")'],
+    # name: (image, command); prioritized files are recorded from a profiling run (strace)
+    "python3": ("python", ["/usr/bin/python3.11", "-c", 'print("hello")']),
     # An application that reads many files at start: 179 modules of the standard library.
-    "python-imports": ["/usr/bin/python3.11", "-c", f"import {IMPORTS}; print('ready')"],
+    "python-imports": ("python", ["/usr/bin/python3.11", "-c",
+                                  f"import {IMPORTS}; print('ready')"]),
+    # A compiler: gcc compiles, links and runs a hello world (cc1, as, collect2, ld, libc).
+    "gcc": ("gcc", ["/bin/sh", "-c", f'printf "{HELLO_C}" > /tmp/h.c && gcc -O2 /tmp/h.c '
+                    '-o /tmp/h && /tmp/h']),
 }
 MODES = ["ordinary", "lazy", "lazy-prio", "lazy-warm"]
 
 
-class Link:
-    """Where the registry is, and how every command reaches it."""
-
-    def __init__(self, name, rate, rtt_ms, work):
-        self.name = name
-        self.work = work
-        self.netns = None
-        self.proxy = None
-        if name == "wan":
-            self.netns = f"esgz-bench-{os.getpid()}"
-            run(["ip", "netns", "add", self.netns])
-            self.prefix = ["nsenter", f"--net=/run/netns/{self.netns}"]
-            run(self.prefix + ["ip", "link", "set", "lo", "up"])
-            run(self.prefix + ["tc", "qdisc", "replace", "dev", "lo", "root", "tbf",
-                               "rate", rate, "burst", "256kb", "latency", "50ms"])
-        else:
-            self.prefix = []
-        reg_dir = work / f"reg-{name}"
-        self.registry_dir = reg_dir
-        addr = run(self.prefix + ["bash", str(SCRIPTS / "registry.sh"), "start", str(reg_dir)],
-                   env={"REGISTRY_LOG_LEVEL": "info"}).strip()
-        self.addr = addr
-        if name == "wan":
-            port = free_port(self.prefix)
-            self.proxy = subprocess.Popen(
-                self.prefix + [sys.executable, str(REPO / "benches" / "delay_proxy.py"),
-                               str(port), addr, str(rtt_ms / 2)],
-                stdout=subprocess.PIPE, text=True)
-            assert self.proxy.stdout.readline().strip() == "ready"
-            self.addr = f"127.0.0.1:{port}"
-
-    def cmd(self, args, **kw):
-        return run(self.prefix + args, **kw)
-
-    def served(self):
-        text = (self.registry_dir / "registry.log").read_text(errors="replace")
-        return sum(int(m) for m in re.findall(
-            r'msg="response completed".*?http\.response\.written=(\d+)', text))
-
-    def close(self):
-        if self.proxy:
-            self.proxy.kill()
-        run(self.prefix + ["bash", str(SCRIPTS / "registry.sh"), "stop", str(self.registry_dir)],
-            check=False)
-        if self.netns:
-            run(["ip", "netns", "delete", self.netns], check=False)
-
-
-def run(args, env=None, check=True, timeout=900):
-    e = dict(os.environ)
-    e.update(env or {})
-    p = subprocess.run([str(a) for a in args], env=e, capture_output=True, text=True,
-                       timeout=timeout)
-    if check and p.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, args))} failed ({p.returncode}):\n"
-                           f"{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
-    return p.stdout
-
-
-def free_port(prefix):
-    return int(run(prefix + [sys.executable, "-c",
-                             "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); "
-                             "print(s.getsockname()[1])"]).strip())
-
-
-def prepare_images(link, work):
-    """Pushes the original image and converts it twice; returns refs and the image size."""
-    tar = work / "rootfs.tar"
-    if not tar.exists():
-        run(["bash", str(SCRIPTS / "rootfs.sh"), tar])
-    layout = work / "image"
-    if not layout.exists():
-        run(["bash", "-c", f'. "{SCRIPTS}/lib.sh"; make_oci_image "{layout}" orig "" "{tar}"'])
-    base = f"{link.addr}/bench/app"
-    link.cmd(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:orig",
-              f"docker://{base}:orig"])
-    refs = {"orig": f"{base}:orig"}
-    for wl, command in WORKLOADS.items():
-        prio = record_prioritized(work, tar, wl, command)
+def prepare_images(link, work, workloads):
+    """Pushes each image the workloads need and converts it twice per workload (without and
+    with its prioritized files). Returns the refs, each image's compressed size, and the
+    bytes of the files each workload opens."""
+    refs, sizes, opened = {}, {}, {}
+    for image in sorted({WORKLOADS[wl][0] for wl in workloads}):
+        refs[f"{image}-orig"], sizes[image] = push_image(link, work, image)
+    for wl in workloads:
+        image, command = WORKLOADS[wl]
+        prio, opened[wl] = record_prioritized(work, image, wl, command)
+        base = f"{link.addr}/bench/{image}"
         link.cmd([ESTARGZ, "convert", f"{base}:orig", f"{base}:{wl}-lazy", "--quiet"])
         link.cmd([ESTARGZ, "convert", f"{base}:orig", f"{base}:{wl}-prio", "--quiet",
                   "--prioritize", prio])
         refs[f"{wl}-lazy"] = f"{base}:{wl}-lazy"
         refs[f"{wl}-prio"] = f"{base}:{wl}-prio"
-    size = os.path.getsize(next((layout / "blobs" / "sha256").iterdir()))
-    manifest = json.loads(link.cmd(["curl", "-sf", "-H",
-                                    "Accept: application/vnd.oci.image.manifest.v1+json",
-                                    f"http://{base.split('/')[0]}/v2/bench/app/manifests/orig"]))
-    size = sum(layer["size"] for layer in manifest["layers"])
-    return refs, size
+    return refs, sizes, opened
 
 
-def record_prioritized(work, tar, wl, command):
-    """The files `command` opens, in order, from a profiling run of it (strace, chroot into
-    the unpacked image): the prioritized-files list for the lazy-prio mode."""
+def record_prioritized(work, image, wl, command):
+    """The files of the image that `command` opens, in order, from a profiling run of it
+    (strace, chroot into the unpacked image): the prioritized-files list for the lazy-prio
+    mode. Returns the list's path and the files' total size (what the workload can read at
+    most: the floor of what a lazy start must fetch)."""
     out = work / f"prio-{wl}.txt"
-    if out.exists():
-        return out
-    root = work / "rootfs"
+    root = work / f"rootfs-{image}"
     if not root.exists():
         root.mkdir()
-        run(["tar", "-xf", tar, "-C", root])
+        run(["tar", "-xf", image_tar(work, image), "-C", root])
+    # Only files of the image count: the workload may create files (gcc's output) as it runs.
+    in_image = {os.path.normpath(n) for n in
+                run(["tar", "-tf", image_tar(work, image)]).splitlines()}
     trace = work / f"strace-{wl}.log"
     run(["strace", "-f", "-qq", "-e", "trace=open,openat,execve", "-e", "status=successful",
          "-o", trace, "chroot", root] + command)
@@ -168,22 +100,22 @@ def record_prioritized(work, tar, wl, command):
         started = started or ("execve(" in line and m.group(1) == command[0])
         if not started:
             continue
-        path = Path(str(root) + m.group(1))
+        path = Path(str(root) + os.path.normpath(m.group(1)))
         real = Path(os.path.realpath(path))
         for p in (path, real):
             try:
                 rel = str(p.relative_to(root))
             except ValueError:
                 continue
-            if p.is_file() and not p.is_symlink() and rel not in seen:
+            if rel in in_image and p.is_file() and not p.is_symlink() and rel not in seen:
                 seen.add(rel)
                 files.append(rel)
     out.write_text(f"# recorded from: {' '.join(command)}\n" + "\n".join(files) + "\n")
-    return out
+    return out, sum(os.path.getsize(root / f) for f in files)
 
 
 def one_sample(link, work, wl, mode, refs, n):
-    command = WORKLOADS[wl]
+    image, command = WORKLOADS[wl]
     env_dir = work / f"env-{n}"
     start = run(link.prefix + ["bash", str(SCRIPTS / "snapshotter.sh"), "start", str(env_dir)],
                 env={"SNAPSHOTTER": str(SNAPSHOTTER)}).strip()
@@ -191,7 +123,7 @@ def one_sample(link, work, wl, mode, refs, n):
     ctr = ["ctr", "-a", sock]
     try:
         if mode == "ordinary":
-            ref, pull, snap = refs["orig"], ctr + ["-n", "b", "images", "pull", "--plain-http"], []
+            ref, pull, snap = refs[f"{image}-orig"], ctr + ["-n", "b", "images", "pull", "--plain-http"], []
         else:
             ref = refs[f"{wl}-lazy" if mode == "lazy" else f"{wl}-prio"]
             pull = ["ctr-remote", "-a", sock, "-n", "b", "images", "rpull", "--plain-http",
@@ -228,11 +160,6 @@ def one_sample(link, work, wl, mode, refs, n):
         shutil.rmtree(env_dir, ignore_errors=True)
 
 
-def p95(xs):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(0.95 * (len(xs) - 1))))]
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=5)
@@ -242,22 +169,21 @@ def main():
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--out", default=str(REPO / "target" / "bench"))
     args = ap.parse_args()
-    for b in (ESTARGZ, SNAPSHOTTER):
-        if not b.exists():
-            sys.exit(f"{b} is missing: run `cargo build --release` first")
-    # strace records the prioritized files; installed with apt when missing.
-    run(["bash", "-c", f'. "{SCRIPTS}/lib.sh"; need strace strace; need curl curl; '
-                       'need skopeo skopeo; need ctr-remote stargz-snapshotter'])
+    check_prerequisites()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="esgz-ttr."))
-    samples, sizes = [], {}
+    workloads = args.workloads.split(",")
+    for wl in workloads:
+        if wl not in WORKLOADS:
+            sys.exit(f"unknown workload {wl!r}; known: {', '.join(WORKLOADS)}")
+    samples, sizes, opened = [], {}, {}
     try:
         for name in args.links.split(","):
             link = Link(name, args.rate, args.rtt_ms, work)
             try:
-                refs, sizes[name] = prepare_images(link, work)
-                plan = [(wl, mode) for wl in args.workloads.split(",") for mode in MODES
+                refs, sizes, opened = prepare_images(link, work, workloads)
+                plan = [(wl, mode) for wl in workloads for mode in MODES
                         for _ in range(args.samples)]
                 random.shuffle(plan)
                 for n, (wl, mode) in enumerate(plan):
@@ -270,13 +196,15 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
     (out / "time_to_ready.json").write_text(json.dumps(
-        {"samples": samples, "image_bytes": sizes, "rate": args.rate, "rtt_ms": args.rtt_ms},
+        {"samples": samples, "image_bytes": sizes, "opened_bytes": opened,
+         "images": {wl: WORKLOADS[wl][0] for wl in workloads},
+         "rate": args.rate, "rtt_ms": args.rtt_ms},
         indent=1))
     print("| link | workload | mode | total median s | total p95 s | pull | create | run | "
-          "registry bytes (median) | image bytes | n |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "registry bytes (median) | image bytes | opened files bytes | n |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.links.split(","):
-        for wl in args.workloads.split(","):
+        for wl in workloads:
             for mode in MODES:
                 xs = [s for s in samples if (s["link"], s["workload"], s["mode"]) == (name, wl, mode)]
                 if not xs:
@@ -285,7 +213,7 @@ def main():
                 print(f"| {name} | {wl} | {mode} | {med('total'):.2f} | "
                       f"{p95([s['total'] for s in xs]):.2f} | {med('pull'):.2f} | "
                       f"{med('create'):.2f} | {med('run'):.2f} | {int(med('bytes')):,} | "
-                      f"{sizes[name]:,} | {len(xs)} |")
+                      f"{sizes[WORKLOADS[wl][0]]:,} | {opened[wl]:,} | {len(xs)} |")
 
 
 if __name__ == "__main__":

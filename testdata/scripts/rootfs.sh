@@ -4,7 +4,8 @@
 # Builds a real Debian root filesystem as a tar: the .deb files of a few packages (fetched
 # with apt-get download, cached under testdata/cache/debs) extracted with dpkg -x, then
 # packed with GNU tar (PAX format, xattrs, numeric owners, original mtimes, sorted names).
-# The same debs give the same tar.
+# The same debs give the same tar. ROOTFS_PACKAGES (space-separated) replaces the default
+# package set (python3.11 and a shell); the benchmarks build a gcc image with it.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -12,19 +13,28 @@ set -euo pipefail
 out=$1
 PACKAGES=(base-files bash coreutils dash libc6 libpython3.11-minimal python3.11-minimal
           zlib1g libssl3 libexpat1 libselinux1 libpcre2-8-0 libacl1 libattr1 libgmp10 tzdata)
+if [ -n "${ROOTFS_PACKAGES:-}" ]; then
+    read -r -a PACKAGES <<< "$ROOTFS_PACKAGES"
+fi
 
 need dpkg-deb dpkg
 need tar tar
 debs="$CACHE_DIR/debs"
 mkdir -p "$debs"
+# The cached .deb of a package (the newest version when several were downloaded over time).
+deb_of() { ls -v "$debs/$1"_*.deb 2>/dev/null | tail -n 1; }
+missing=()
+for p in "${PACKAGES[@]}"; do
+    [ -n "$(deb_of "$p")" ] || missing+=("$p")
+done
 fetch() {
-    (cd "$debs" && apt-get download -qq "${PACKAGES[@]}" >/dev/null 2>&1)
+    (cd "$debs" && apt-get download -qq "${missing[@]}" >/dev/null 2>&1)
 }
-if [ "$(ls "$debs"/*.deb 2>/dev/null | wc -l)" -lt "${#PACKAGES[@]}" ]; then
-    log "downloading ${#PACKAGES[@]} Debian packages into $debs"
+if [ ${#missing[@]} -gt 0 ]; then
+    log "downloading ${#missing[@]} Debian packages into $debs"
     if ! fetch; then
         apt-get update -qq || die "apt-get update failed"
-        fetch || die "apt-get download of ${PACKAGES[*]} failed"
+        fetch || die "apt-get download of ${missing[*]} failed"
     fi
 fi
 
@@ -32,7 +42,9 @@ work=$(mktemp -d /tmp/esgz-rootfs.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 root="$work/root"
 mkdir -p "$root"
-for deb in "$debs"/*.deb; do
+for p in "${PACKAGES[@]}"; do
+    deb=$(deb_of "$p")
+    [ -n "$deb" ] || die "package $p was not downloaded into $debs"
     dpkg -x "$deb" "$root"
 done
 # A real rootfs has hardlinks (e.g. python3.11 in some releases); make sure one exists, and a

@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""Reads through a lazily mounted layer, against the same files unpacked on disk.
+
+    python3 benches/reads.py [--samples N] [--links loopback,wan] [--random-reads N] [--image gcc]
+
+For one of the benchmark images (default gcc: compilers and libraries, many large files; one
+layer, converted to eStargz without prioritized files), mounted
+with `estargz mount` (FUSE layer under overlayfs, no prefetch, no background fetch) and, for
+comparison, unpacked into a directory on the same disk:
+
+  cold    a fresh chunk cache: every chunk comes from the registry over the link
+  warm    a chunk cache that holds the whole layer (from an earlier mount); no network
+  native  the unpacked files (an ordinary overlayfs snapshot reads the same way)
+
+and two access patterns, each on a fresh mount with the kernel's page cache dropped:
+
+  seq     every file of 1 MiB or more, read start to end in 128 KiB reads (like cat)
+  random  N reads of 4 KiB at random offsets of the files of 64 KiB or more (seeded, the
+          same offsets for every mode), one after another
+
+Prints a Markdown table of medians (MB/s for seq, latency per read for random, registry
+bytes) and writes the samples to OUT/reads.json. Needs root (FUSE, drop_caches).
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchlib import (ESTARGZ, IMAGES, REPO, Link, check_prerequisites, image_tar, p95,
+                      push_image, run)
+
+SEQ_MIN = 1 << 20
+RAND_MIN = 64 << 10
+BLOCK = 128 << 10
+
+
+def drop_caches():
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+class Mount:
+    """`estargz mount REF DIR` in LINK's network, until closed."""
+
+    def __init__(self, link, ref, dir, cache):
+        self.dir = dir
+        dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            link.prefix + [str(ESTARGZ), "mount", ref, str(dir), "--cache-dir", str(cache),
+                           "--no-prefetch", "--no-background-fetch", "--quiet"],
+            stderr=subprocess.PIPE, text=True)
+        for line in self.proc.stderr:
+            if line.startswith("mounted "):
+                return
+        raise RuntimeError(f"estargz mount {ref} exited ({self.proc.wait()}) before mounting")
+
+    def close(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            run(["umount", "-l", self.dir], check=False)
+
+
+def files_of(root):
+    """(path relative to root, size) of every regular file, sorted."""
+    out = []
+    for d, _, fs in os.walk(root):
+        for f in fs:
+            p = Path(d, f)
+            if p.is_file() and not p.is_symlink():
+                out.append((str(p.relative_to(root)), p.stat().st_size))
+    return sorted(out)
+
+
+def read_seq(root, files):
+    total, t0 = 0, time.perf_counter()
+    for rel, _ in files:
+        fd = os.open(root / rel, os.O_RDONLY)
+        try:
+            while True:
+                b = os.read(fd, BLOCK)
+                if not b:
+                    break
+                total += len(b)
+        finally:
+            os.close(fd)
+    return total, time.perf_counter() - t0
+
+
+def read_random(root, plan):
+    lat = []
+    for rel, off in plan:
+        t0 = time.perf_counter()
+        fd = os.open(root / rel, os.O_RDONLY)
+        try:
+            if len(os.pread(fd, 4096, off)) == 0:
+                raise RuntimeError(f"empty read of {rel} at {off}")
+        finally:
+            os.close(fd)
+        lat.append(time.perf_counter() - t0)
+    return lat
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--samples", type=int, default=3)
+    ap.add_argument("--links", default="loopback,wan")
+    ap.add_argument("--rate", default="100mbit")
+    ap.add_argument("--rtt-ms", type=float, default=20)
+    ap.add_argument("--random-reads", type=int, default=100)
+    ap.add_argument("--image", default="gcc", choices=sorted(IMAGES))
+    ap.add_argument("--out", default=str(REPO / "target" / "bench"))
+    args = ap.parse_args()
+    check_prerequisites()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # On the disk the snapshotter's state would be on, not tmpfs.
+    work = Path(tempfile.mkdtemp(prefix="esgz-reads.", dir="/var/tmp"))
+    samples = []
+    try:
+        native = work / "native"
+        native.mkdir()
+        run(["tar", "-xf", image_tar(work, args.image), "-C", native])
+        all_files = files_of(native)
+        seq = [f for f in all_files if f[1] >= SEQ_MIN]
+        big = [f for f in all_files if f[1] >= RAND_MIN]
+        rng = random.Random(42)
+        plan = []
+        for rel, size in rng.choices(big, weights=[s for _, s in big], k=args.random_reads):
+            plan.append((rel, rng.randrange(0, size - 4096) & ~4095))
+        seq_bytes = sum(s for _, s in seq)
+        print(f"# seq: {len(seq)} files, {seq_bytes:,} B; random: {len(plan)} reads over "
+              f"{len(big)} files", file=sys.stderr)
+        for name in args.links.split(","):
+            link = Link(name, args.rate, args.rtt_ms, work)
+            try:
+                orig, _ = push_image(link, work, args.image)
+                ref = orig.replace(":orig", ":esgz")
+                link.cmd([ESTARGZ, "convert", orig, ref, "--quiet"])
+                warm_cache = work / f"warm-cache-{name}"
+                m = Mount(link, ref, work / "mnt", warm_cache)
+                try:
+                    read_seq(m.dir, all_files)  # fills the cache with the whole layer
+                finally:
+                    m.close()
+                cells = [(mode, pattern) for mode in ("cold", "warm", "native")
+                         for pattern in ("seq", "random")] * args.samples
+                random.shuffle(cells)
+                for mode, pattern in cells:
+                    m = None
+                    if mode == "native":
+                        root = native
+                    else:
+                        cache = warm_cache if mode == "warm" else work / "cold-cache"
+                        shutil.rmtree(work / "cold-cache", ignore_errors=True)
+                        m = Mount(link, ref, work / "mnt", cache)
+                        root = m.dir
+                    try:
+                        drop_caches()
+                        before = link.served()
+                        s = {"link": name, "mode": mode, "pattern": pattern}
+                        if pattern == "seq":
+                            n, secs = read_seq(root, seq)
+                            assert n == seq_bytes, (n, seq_bytes)
+                            s.update(seconds=secs, mb_per_s=n / secs / 1e6)
+                        else:
+                            lat = read_random(root, plan)
+                            s.update(seconds=sum(lat), latencies=lat)
+                        s["registry_bytes"] = link.served() - before
+                    finally:
+                        if m:
+                            m.close()
+                    samples.append(s)
+                    print(f"# {name} {mode} {pattern}: {s['seconds']:.3f}s", file=sys.stderr,
+                          flush=True)
+            finally:
+                link.close()
+    finally:
+        run(["umount", "-l", work / "mnt"], check=False)
+        shutil.rmtree(work, ignore_errors=True)
+    (out / "reads.json").write_text(json.dumps(
+        {"samples": samples, "image": args.image, "seq_bytes": seq_bytes, "seq_files": len(seq),
+         "random_reads": len(plan), "rate": args.rate, "rtt_ms": args.rtt_ms}, indent=1))
+    print(f"\nimage {args.image}; seq: {len(seq)} files of 1 MiB or more, {seq_bytes:,} bytes; random: "
+          f"{len(plan)} reads of 4 KiB")
+    print("| link | source | seq MB/s | random 4 KiB: median ms | p95 ms | reads/s | "
+          "registry bytes (seq / random) | n |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.links.split(","):
+        for mode in ("cold", "warm", "native"):
+            sq = [s for s in samples if (s["link"], s["mode"], s["pattern"]) == (name, mode, "seq")]
+            rd = [s for s in samples if (s["link"], s["mode"], s["pattern"]) == (name, mode, "random")]
+            lat = [x for s in rd for x in s["latencies"]]
+            rate = statistics.median(len(s["latencies"]) / s["seconds"] for s in rd)
+            print(f"| {name} | {mode} | {statistics.median(s['mb_per_s'] for s in sq):.0f} | "
+                  f"{statistics.median(lat) * 1e3:.3f} | {p95(lat) * 1e3:.3f} | {rate:.0f} | "
+                  f"{int(statistics.median(s['registry_bytes'] for s in sq)):,} / "
+                  f"{int(statistics.median(s['registry_bytes'] for s in rd)):,} | {len(sq)} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""Memory and scale of the daemon: RSS with 0, 1, 10 and 50 layers mounted, and the mount
+latency and memory of one layer of 100,000 files.
+
+    python3 benches/scale.py [--samples N]
+
+In a private containerd + estargz-snapshotter (release build, default settings) on
+loopback:
+
+  layers   images of 1, 10 and 50 eStargz layers (each layer 2,000 files, about 4 MB,
+           distinct content; the images share their first layers) pulled lazily one after
+           another with `ctr-remote images rpull`; after each pull, and once the background
+           fetch has finished, the resident memory (VmRSS) of the daemon and of its FUSE
+           manager, which holds the mounts
+  100k     an image of one layer of 100,000 small files: time of `rpull` (resolve, fetch
+           the footer and the 100,000-entry TOC, verify it, build the index, mount: what
+           containerd waits for in Prepare) against an ordinary `ctr images pull` of the
+           same content, and the FUSE manager's RSS growth per TOC entry
+
+Prints Markdown tables and writes OUT/scale.json. Needs root.
+"""
+import argparse
+import io
+import json
+import random
+import re
+import shutil
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from benchlib import (ESTARGZ, REPO, SCRIPTS, SNAPSHOTTER, Link, check_prerequisites,
+                      manifest, run)
+
+LAYER_COUNTS = [1, 10, 50]
+
+
+def layer_tar(path, i, files=2000):
+    """Layer `i`: `files` files of 1-3 KiB of distinct, text-like content in 20 directories."""
+    rng = random.Random(i)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as t:
+        for f in range(files):
+            data = rng.randbytes(rng.randrange(768, 2304)).hex().encode()
+            info = tarfile.TarInfo(f"opt/layer{i:02}/dir{f % 20:02}/file{f:05}.txt")
+            info.size, info.mtime, info.mode = len(data), 1_700_000_000, 0o644
+            t.addfile(info, io.BytesIO(data))
+
+
+def many_files_tar(path, files=100_000):
+    """One layer of `files` small files in directories of 1,000 (as the toc_memory bench)."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as t:
+        for f in range(files):
+            d = f // 1000
+            if f % 1000 == 0:
+                info = tarfile.TarInfo(f"usr/lib/python3/dist-packages/pkg{d:03}")
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                t.addfile(info)
+            data = f"module {d}/{f % 1000}\n".encode()
+            info = tarfile.TarInfo(f"usr/lib/python3/dist-packages/pkg{d:03}/module_{f % 1000:05}.py")
+            info.size, info.mtime, info.mode = len(data), 1_700_000_000, 0o644
+            t.addfile(info, io.BytesIO(data))
+
+
+def push(link, work, name, tars):
+    """An ordinary gzip image of `tars`, pushed as bench/NAME:orig and converted to
+    bench/NAME:esgz. Returns both refs."""
+    layout = work / f"image-{name}"
+    run(["bash", "-c", f'. "{SCRIPTS}/lib.sh"; make_oci_image "{layout}" orig "" '
+                       + " ".join(f'"{t}"' for t in tars)])
+    orig = f"{link.addr}/bench/{name}:orig"
+    run(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:orig",
+         f"docker://{orig}"])
+    esgz = orig.replace(":orig", ":esgz")
+    run([ESTARGZ, "convert", orig, esgz, "--quiet"])
+    return orig, esgz
+
+
+class Env:
+    """A private containerd and estargz-snapshotter."""
+
+    def __init__(self, work, n):
+        self.dir = work / f"env-{n}"
+        self.metrics = run(["bash", SCRIPTS / "snapshotter.sh", "start", self.dir],
+                           env={"SNAPSHOTTER": str(SNAPSHOTTER)}).strip()
+        self.sock = self.dir / "c" / "containerd.sock"
+
+    def rpull(self, ref):
+        t0 = time.monotonic()
+        run(["ctr-remote", "-a", self.sock, "-n", "b", "images", "rpull", "--plain-http",
+             "--snapshotter", "estargz", ref])
+        return time.monotonic() - t0
+
+    def pull(self, ref):
+        t0 = time.monotonic()
+        run(["ctr", "-a", self.sock, "-n", "b", "images", "pull", "--plain-http", ref])
+        return time.monotonic() - t0
+
+    def rss(self):
+        """VmRSS in bytes of the daemon and of its FUSE manager."""
+        daemon = int((self.dir / "snapshotter.pid").read_text())
+        config = str(self.dir / "config.toml")
+        manager = None
+        for p in Path("/proc").iterdir():
+            if not p.name.isdigit():
+                continue
+            try:
+                args = (p / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"fuse-manager" in args and config.encode() in args:
+                manager = int(p.name)
+        return kb(daemon) * 1024, (kb(manager) * 1024 if manager else 0)
+
+    def mounted_layers(self):
+        return sum(1 for line in Path("/proc/self/mounts").read_text().splitlines()
+                   if line.split()[1].startswith(str(self.dir)) and "fuse" in line.split()[2])
+
+    def wait_background(self):
+        """Until every mounted layer's chunks are cached (the background fetch is done)."""
+        for _ in range(1200):
+            m = run(["curl", "-sf", f"http://{self.metrics}/metrics"])
+            have = sum(float(v) for v in re.findall(r"^estargz_layer_cached_chunks\{[^}]*\} (\S+)", m, re.M))
+            want = sum(float(v) for v in re.findall(r"^estargz_layer_chunks\{[^}]*\} (\S+)", m, re.M))
+            if have >= want:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the background fetch did not finish in 2 minutes")
+
+    def close(self):
+        run(["bash", SCRIPTS / "snapshotter.sh", "stop", self.dir],
+            env={"SNAPSHOTTER": str(SNAPSHOTTER)}, check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def kb(pid):
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--samples", type=int, default=3)
+    ap.add_argument("--out", default=str(REPO / "target" / "bench"))
+    args = ap.parse_args()
+    check_prerequisites()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="esgz-scale.", dir="/var/tmp"))
+    result = {"layers": [], "big": []}
+    link = Link("loopback", None, 0, work)
+    try:
+        print("# building 50 layers and a 100,000-file layer", file=sys.stderr, flush=True)
+        tars = []
+        for i in range(max(LAYER_COUNTS)):
+            tars.append(work / f"layer{i:02}.tar")
+            layer_tar(tars[-1], i)
+        refs = {n: push(link, work, f"layers{n}", tars[:n])[1] for n in LAYER_COUNTS}
+        many_files_tar(work / "big.tar")
+        big_orig, big_esgz = push(link, work, "big", [work / "big.tar"])
+        toc_entries = 100_000 + 100
+        big_manifest = manifest(link, big_esgz)
+
+        for s in range(args.samples):
+            env = Env(work, f"layers-{s}")
+            try:
+                time.sleep(1)
+                d, m = env.rss()
+                result["layers"].append({"sample": s, "layers": 0, "daemon": d, "manager": m,
+                                         "manager_after_fetch": m})
+                for n in LAYER_COUNTS:
+                    env.rpull(refs[n])
+                    mounted = env.mounted_layers()
+                    d, m = env.rss()
+                    env.wait_background()
+                    d2, m2 = env.rss()
+                    result["layers"].append({"sample": s, "layers": mounted, "daemon": d,
+                                             "manager": m, "daemon_after_fetch": d2,
+                                             "manager_after_fetch": m2})
+                    print(f"# {mounted} layers: daemon {d >> 20} MiB, manager {m >> 20} MiB "
+                          f"({m2 >> 20} MiB after the background fetch)", file=sys.stderr,
+                          flush=True)
+            finally:
+                env.close()
+            for mode in random.sample(["lazy", "ordinary"], 2):
+                env = Env(work, f"big-{s}-{mode}")
+                try:
+                    _, m0 = env.rss()
+                    if mode == "lazy":
+                        secs = env.rpull(big_esgz)
+                        _, m1 = env.rss()
+                    else:
+                        secs, m1 = env.pull(big_orig), m0
+                    result["big"].append({"sample": s, "mode": mode, "seconds": secs,
+                                          "manager_growth": m1 - m0})
+                    print(f"# 100k files, {mode}: {secs:.2f}s, manager +{(m1 - m0) >> 10} KiB",
+                          file=sys.stderr, flush=True)
+                finally:
+                    env.close()
+    finally:
+        link.close()
+        shutil.rmtree(work, ignore_errors=True)
+    result["big_layer_bytes"] = sum(layer["size"] for layer in big_manifest["layers"])
+    result["toc_entries"] = toc_entries
+    (out / "scale.json").write_text(json.dumps(result, indent=1))
+
+    print("| layers mounted | daemon RSS MiB | FUSE manager RSS MiB | manager after background fetch MiB | n |")
+    print("|---|---|---|---|---|")
+    for n in [0] + LAYER_COUNTS:
+        xs = [r for r in result["layers"] if r["layers"] == n]
+        if not xs:
+            continue
+        med = lambda k: statistics.median(r[k] for r in xs) / 2**20  # noqa: E731
+        print(f"| {n} | {med('daemon'):.1f} | {med('manager'):.1f} | "
+              f"{med('manager_after_fetch'):.1f} | {len(xs)} |")
+    print()
+    print("| 100,000-file layer | median s | p95 s | FUSE manager growth | n |")
+    print("|---|---|---|---|---|")
+    for mode, label in (("lazy", "rpull (resolve + TOC + index + mount)"),
+                        ("ordinary", "ordinary pull (download + unpack)")):
+        xs = [r for r in result["big"] if r["mode"] == mode]
+        secs = sorted(r["seconds"] for r in xs)
+        growth = statistics.median(r["manager_growth"] for r in xs)
+        per = f"{growth / 2**20:.1f} MiB, {growth / toc_entries:.0f} B/entry" if mode == "lazy" else "-"
+        print(f"| {label} | {statistics.median(secs):.2f} | "
+              f"{secs[min(len(secs) - 1, int(round(0.95 * (len(secs) - 1))))]:.2f} | {per} | "
+              f"{len(xs)} |")
+
+
+if __name__ == "__main__":
+    main()
