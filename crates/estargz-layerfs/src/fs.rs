@@ -33,6 +33,9 @@ pub struct LayerStats {
     pub fetched_chunks: AtomicU64,
     /// Reads that failed (the reader got EIO).
     pub read_errors: AtomicU64,
+    /// File bytes returned to the kernel (what processes read, with the kernel's
+    /// read-ahead).
+    pub read_bytes: AtomicU64,
     /// Time spent waiting for on-demand fetches, in nanoseconds (with `fetch_requests`, the
     /// mean latency of a range request).
     pub fetch_nanos: AtomicU64,
@@ -440,7 +443,12 @@ impl fuser::Filesystem for LayerFs {
             Ordering::Relaxed,
         );
         match result {
-            Ok(data) => reply.data(&data),
+            Ok(data) => {
+                self.stats
+                    .read_bytes
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                reply.data(&data)
+            }
             Err(e) => {
                 self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(file = %self.tree.path(ino.0), offset, size, error = %e,

@@ -88,6 +88,9 @@ pub struct LayerStatus {
     pub fetch_nanos: u64,
     /// Reads answered with EIO.
     pub read_errors: u64,
+    /// File bytes read through the mount (absent from older managers).
+    #[serde(default)]
+    pub read_bytes: u64,
     /// Distinct chunks local now.
     pub cached_chunks: u64,
     /// Distinct chunks of the layer.
@@ -257,6 +260,7 @@ impl Manager {
                         fetched_chunks: s.fetched_chunks.load(Relaxed),
                         fetch_nanos: s.fetch_nanos.load(Relaxed),
                         read_errors: s.read_errors.load(Relaxed),
+                        read_bytes: s.read_bytes.load(Relaxed),
                         cached_chunks: p.cached_chunks,
                         total_chunks: p.total_chunks,
                         prefetch_done: p.prefetch_done,

@@ -150,7 +150,7 @@ impl Metrics {
             plain(st.mounts.len() as u64),
         );
         type Field = fn(&crate::manager::LayerStatus) -> String;
-        let per_layer: [(&str, &str, &str, Field); 7] = [
+        let per_layer: [(&str, &str, &str, Field); 8] = [
             (
                 "estargz_layer_fetched_bytes_total",
                 "counter",
@@ -168,6 +168,12 @@ impl Metrics {
                 "counter",
                 "Time on-demand reads waited for the registry.",
                 |l| format!("{:.6}", l.fetch_nanos as f64 / 1e9),
+            ),
+            (
+                "estargz_layer_read_bytes_total",
+                "counter",
+                "File bytes read through the mount (with the kernel's read-ahead).",
+                |l| l.read_bytes.to_string(),
             ),
             (
                 "estargz_layer_read_errors_total",
