@@ -18,7 +18,8 @@ estargz-snapshotter, nothing cached) in random order and times pull, create and 
              sharing a cache volume, or a re-pull after GC
 
 Prints a Markdown table (median and p95 of total, medians of each phase, registry bytes
-served) and writes every sample to target/bench/time_to_ready.json. Needs root.
+served, bytes read through the lazy layers, the image's size and the size of the files the
+workload opens) and writes every sample to OUT/time_to_ready.json. Needs root.
 """
 import argparse
 import json
@@ -151,9 +152,16 @@ def one_sample(link, work, wl, mode, refs, n):
         t3 = time.monotonic()
         if not out.strip():
             raise RuntimeError(f"{wl} printed nothing in mode {mode}")
-        return {"link": link.name, "workload": wl, "mode": mode, "pull": t1 - t0,
-                "create": t2 - t1, "run": t3 - t2, "total": t3 - t0,
-                "bytes": link.served() - before}
+        sample = {"link": link.name, "workload": wl, "mode": mode, "pull": t1 - t0,
+                  "create": t2 - t1, "run": t3 - t2, "total": t3 - t0,
+                  "bytes": link.served() - before}
+        if mode in ("lazy", "lazy-prio"):
+            # What the workload read from the image, as the kernel asked the lazy layers
+            # for it (read-ahead included); lazy-warm's layers also served its warm-up.
+            metrics = link.cmd(["curl", "-sf", f"http://{start}/metrics"])
+            sample["read_bytes"] = int(sum(float(v) for v in re.findall(
+                r"^estargz_layer_read_bytes_total\{[^}]*\} (\S+)", metrics, re.M)))
+        return sample
     finally:
         run(link.prefix + ["bash", str(SCRIPTS / "snapshotter.sh"), "stop", str(env_dir)],
             env={"SNAPSHOTTER": str(SNAPSHOTTER)}, check=False)
@@ -201,8 +209,9 @@ def main():
          "rate": args.rate, "rtt_ms": args.rtt_ms},
         indent=1))
     print("| link | workload | mode | total median s | total p95 s | pull | create | run | "
-          "registry bytes (median) | image bytes | opened files bytes | n |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "registry bytes (median) | read through the lazy layer | image bytes | "
+          "opened files bytes | n |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.links.split(","):
         for wl in workloads:
             for mode in MODES:
@@ -210,10 +219,11 @@ def main():
                 if not xs:
                     continue
                 med = lambda k: statistics.median(s[k] for s in xs)  # noqa: E731
+                read = f"{int(med('read_bytes')):,}" if "read_bytes" in xs[0] else "-"
                 print(f"| {name} | {wl} | {mode} | {med('total'):.2f} | "
                       f"{p95([s['total'] for s in xs]):.2f} | {med('pull'):.2f} | "
                       f"{med('create'):.2f} | {med('run'):.2f} | {int(med('bytes')):,} | "
-                      f"{sizes[WORKLOADS[wl][0]]:,} | {opened[wl]:,} | {len(xs)} |")
+                      f"{read} | {sizes[WORKLOADS[wl][0]]:,} | {opened[wl]:,} | {len(xs)} |")
 
 
 if __name__ == "__main__":
