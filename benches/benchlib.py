@@ -1,10 +1,12 @@
 """Shared pieces of the benchmarks: running commands, the emulated link to the registry,
 and building the Debian images."""
+import argparse
 import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,6 +91,28 @@ IMAGES = {
            "libmpc3 libmpfr6 libzstd1 libstdc++6 libgomp1 libitm1 libatomic1 libasan8 liblsan0 "
            "libtsan2 libubsan1 libquadmath0 libcc1-0",
 }
+
+
+def arguments(doc, samples, links=True):
+    """An argument parser with what every benchmark takes: --samples and --out, and with
+    `links` the emulated link's --links, --rate and --rtt-ms."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--samples", type=int, default=samples)
+    ap.add_argument("--out", default=str(REPO / "target" / "bench"))
+    if links:
+        ap.add_argument("--links", default="loopback,wan")
+        ap.add_argument("--rate", default="100mbit")
+        ap.add_argument("--rtt-ms", type=float, default=20)
+    return ap
+
+
+def start(args, name):
+    """Checks the prerequisites; returns the output directory (created) and a new work
+    directory on the disk the snapshotter's state would be on (not tmpfs)."""
+    check_prerequisites()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, Path(tempfile.mkdtemp(prefix=f"esgz-{name}.", dir="/var/tmp"))
 
 
 def check_prerequisites():

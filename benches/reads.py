@@ -21,7 +21,6 @@ and two access patterns, each on a fresh mount with the kernel's page cache drop
 Prints a Markdown table of medians (MB/s for seq, latency per read for random, registry
 bytes) and writes the samples to OUT/reads.json. Needs root (FUSE, drop_caches).
 """
-import argparse
 import json
 import os
 import random
@@ -29,12 +28,10 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchlib import (ESTARGZ, IMAGES, REPO, Link, check_prerequisites, image_tar, p95,
-                      push_image, run)
+from benchlib import ESTARGZ, IMAGES, Link, arguments, image_tar, p95, push_image, run, start
 
 SEQ_MIN = 1 << 20
 RAND_MIN = 64 << 10
@@ -112,20 +109,11 @@ def read_random(root, plan):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--samples", type=int, default=3)
-    ap.add_argument("--links", default="loopback,wan")
-    ap.add_argument("--rate", default="100mbit")
-    ap.add_argument("--rtt-ms", type=float, default=20)
+    ap = arguments(__doc__, samples=3)
     ap.add_argument("--random-reads", type=int, default=100)
     ap.add_argument("--image", default="gcc", choices=sorted(IMAGES))
-    ap.add_argument("--out", default=str(REPO / "target" / "bench"))
     args = ap.parse_args()
-    check_prerequisites()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    # On the disk the snapshotter's state would be on, not tmpfs.
-    work = Path(tempfile.mkdtemp(prefix="esgz-reads.", dir="/var/tmp"))
+    out, work = start(args, "reads")
     samples = []
     try:
         native = work / "native"

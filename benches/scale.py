@@ -19,7 +19,6 @@ loopback:
 
 Prints Markdown tables and writes OUT/scale.json. Needs root.
 """
-import argparse
 import io
 import json
 import random
@@ -28,12 +27,10 @@ import shutil
 import statistics
 import sys
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 
-from benchlib import (ESTARGZ, REPO, SCRIPTS, SNAPSHOTTER, Link, check_prerequisites,
-                      manifest, run)
+from benchlib import ESTARGZ, SCRIPTS, SNAPSHOTTER, Link, arguments, manifest, run, start
 
 LAYER_COUNTS = [1, 10, 50]
 
@@ -141,14 +138,8 @@ def kb(pid):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--samples", type=int, default=3)
-    ap.add_argument("--out", default=str(REPO / "target" / "bench"))
-    args = ap.parse_args()
-    check_prerequisites()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="esgz-scale.", dir="/var/tmp"))
+    args = arguments(__doc__, samples=3, links=False).parse_args()
+    out, work = start(args, "scale")
     result = {"layers": [], "big": []}
     link = Link("loopback", None, 0, work)
     try:

@@ -21,7 +21,6 @@ Prints a Markdown table (median and p95 of total, medians of each phase, registr
 served, bytes read through the lazy layers, the image's size and the size of the files the
 workload opens) and writes every sample to OUT/time_to_ready.json. Needs root.
 """
-import argparse
 import json
 import os
 import random
@@ -29,12 +28,11 @@ import re
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchlib import (ESTARGZ, REPO, SCRIPTS, SNAPSHOTTER, Link, check_prerequisites,
-                      image_tar, p95, push_image, run)
+from benchlib import (ESTARGZ, SCRIPTS, SNAPSHOTTER, Link, arguments, image_tar, p95,
+                      push_image, run, start)
 
 IMPORTS = ("argparse, ast, bisect, calendar, collections, compileall, configparser, "
            "contextlib, copy, csv, datetime, dis, email, email.mime.text, email.parser, enum, "
@@ -169,18 +167,10 @@ def one_sample(link, work, wl, mode, refs, n):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--samples", type=int, default=5)
-    ap.add_argument("--links", default="loopback,wan")
-    ap.add_argument("--rate", default="100mbit")
-    ap.add_argument("--rtt-ms", type=float, default=20)
+    ap = arguments(__doc__, samples=5)
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
-    ap.add_argument("--out", default=str(REPO / "target" / "bench"))
     args = ap.parse_args()
-    check_prerequisites()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="esgz-ttr."))
+    out, work = start(args, "ttr")
     workloads = args.workloads.split(",")
     for wl in workloads:
         if wl not in WORKLOADS:
