@@ -277,10 +277,9 @@ impl Inner {
         Ok(bytes)
     }
 
+    /// Chunk `c` of inode `ino` from the disk cache or, fetched, from the source; kept in
+    /// the memory tier afterwards. The caller has looked in the memory tier already.
     fn chunk_data(&self, ino: u64, c: &Chunk) -> io::Result<Arc<[u8]>> {
-        if let Some(d) = self.cache.memory_get(&c.digest) {
-            return Ok(d);
-        }
         let data = self
             .cache
             .get_or_fetch(&c.digest, || {
