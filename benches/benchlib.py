@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -154,6 +155,23 @@ def manifest(link, ref):
     return json.loads(link.cmd(["curl", "-sf", "-H",
                                 "Accept: application/vnd.oci.image.manifest.v1+json",
                                 f"http://{host}/v2/{repo}/manifests/{tag}"]))
+
+
+def metric_sum(cmd, addr, name):
+    """The sum over all series of metric NAME of the daemon serving metrics at ADDR, fetched
+    with CMD (`run`, or a link's `cmd` inside its network)."""
+    text = cmd(["curl", "-sf", f"http://{addr}/metrics"])
+    return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)", text, re.M))
+
+
+def wait_background_fetch(cmd, addr, seconds=120):
+    """Until every mounted layer's chunks are cached (the background fetch is done)."""
+    for _ in range(seconds * 10):
+        want = metric_sum(cmd, addr, "estargz_layer_chunks")
+        if want and metric_sum(cmd, addr, "estargz_layer_cached_chunks") >= want:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"the background fetch did not finish in {seconds} s")
 
 
 def p95(xs):

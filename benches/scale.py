@@ -30,7 +30,8 @@ import tarfile
 import time
 from pathlib import Path
 
-from benchlib import ESTARGZ, SCRIPTS, SNAPSHOTTER, Link, arguments, manifest, run, start
+from benchlib import (ESTARGZ, SCRIPTS, SNAPSHOTTER, Link, arguments, manifest, run, start,
+                      wait_background_fetch)
 
 LAYER_COUNTS = [1, 10, 50]
 
@@ -115,17 +116,6 @@ class Env:
         return sum(1 for line in Path("/proc/self/mounts").read_text().splitlines()
                    if line.split()[1].startswith(str(self.dir)) and "fuse" in line.split()[2])
 
-    def wait_background(self):
-        """Until every mounted layer's chunks are cached (the background fetch is done)."""
-        for _ in range(1200):
-            m = run(["curl", "-sf", f"http://{self.metrics}/metrics"])
-            have = sum(float(v) for v in re.findall(r"^estargz_layer_cached_chunks\{[^}]*\} (\S+)", m, re.M))
-            want = sum(float(v) for v in re.findall(r"^estargz_layer_chunks\{[^}]*\} (\S+)", m, re.M))
-            if have >= want:
-                return
-            time.sleep(0.1)
-        raise RuntimeError("the background fetch did not finish in 2 minutes")
-
     def close(self):
         run(["bash", SCRIPTS / "snapshotter.sh", "stop", self.dir],
             env={"SNAPSHOTTER": str(SNAPSHOTTER)}, check=False)
@@ -165,7 +155,7 @@ def main():
                     env.rpull(refs[n])
                     mounted = env.mounted_layers()
                     d, m = env.rss()
-                    env.wait_background()
+                    wait_background_fetch(run, env.metrics)
                     d2, m2 = env.rss()
                     result["layers"].append({"sample": s, "layers": mounted, "daemon": d,
                                              "manager": m, "daemon_after_fetch": d2,

@@ -31,8 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import (ESTARGZ, SCRIPTS, SNAPSHOTTER, Link, arguments, image_tar, p95,
-                      push_image, run, start)
+from benchlib import (ESTARGZ, SCRIPTS, SNAPSHOTTER, Link, arguments, image_tar, metric_sum,
+                      p95, push_image, run, start, wait_background_fetch)
 
 IMPORTS = ("argparse, ast, bisect, calendar, collections, compileall, configparser, "
            "contextlib, copy, csv, datetime, dis, email, email.mime.text, email.parser, enum, "
@@ -132,13 +132,7 @@ def one_sample(link, work, wl, mode, refs, n):
             # Run once and let the background fetch finish, then remove it all but the cache.
             link.cmd(pull[:4] + ["warm"] + pull[5:] + [ref])
             link.cmd(ctr + ["-n", "warm", "run", "--rm"] + snap + [ref, "warm"] + command)
-            for _ in range(600):
-                metrics = link.cmd(["curl", "-sf", f"http://{start}/metrics"])
-                have = sum(float(v) for v in re.findall(r"^estargz_layer_cached_chunks\{[^}]*\} (\S+)", metrics, re.M))
-                want = sum(float(v) for v in re.findall(r"^estargz_layer_chunks\{[^}]*\} (\S+)", metrics, re.M))
-                if want and have >= want:
-                    break
-                time.sleep(0.1)
+            wait_background_fetch(link.cmd, start)
             link.cmd(ctr + ["-n", "warm", "images", "rm", "--sync", ref])
         before = link.served()
         t0 = time.monotonic()
@@ -156,9 +150,7 @@ def one_sample(link, work, wl, mode, refs, n):
         if mode in ("lazy", "lazy-prio"):
             # What the workload read from the image, as the kernel asked the lazy layers
             # for it (read-ahead included); lazy-warm's layers also served its warm-up.
-            metrics = link.cmd(["curl", "-sf", f"http://{start}/metrics"])
-            sample["read_bytes"] = int(sum(float(v) for v in re.findall(
-                r"^estargz_layer_read_bytes_total\{[^}]*\} (\S+)", metrics, re.M)))
+            sample["read_bytes"] = int(metric_sum(link.cmd, start, "estargz_layer_read_bytes_total"))
         return sample
     finally:
         run(link.prefix + ["bash", str(SCRIPTS / "snapshotter.sh"), "stop", str(env_dir)],
