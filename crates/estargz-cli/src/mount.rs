@@ -10,8 +10,8 @@ use clap::Args;
 use estargz_cache::{CacheConfig, ChunkCache};
 use estargz_format::{Limits, Sha256Digest};
 use estargz_layerfs::{
-    load_toc, mount as mount_layer, BlobSource, FetchOptions, FileSource, LayerFs, MountedLayer,
-    RegistrySource,
+    load_toc, mount as mount_layer, BlobSource, FetchOptions, FetchScheduler, FileSource, LayerFs,
+    MountedLayer, RegistrySource,
 };
 use estargz_oci::Platform;
 use estargz_registry::ImageRef;
@@ -110,11 +110,11 @@ pub fn mount(args: &MountArgs, quiet: bool) -> Result<ExitCode> {
         max_bytes: args.cache_size,
         memory_bytes: CacheConfig::DEFAULT_MEMORY_BYTES,
     }));
-    let fetch = FetchOptions {
+    let scheduler = FetchScheduler::new(FetchOptions {
         prefetch: !args.no_prefetch,
         background: !args.no_background_fetch,
         ..Default::default()
-    };
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -135,9 +135,9 @@ pub fn mount(args: &MountArgs, quiet: bool) -> Result<ExitCode> {
         let (toc, digest) = load_toc(&source, size, None, &Limits::default())
             .with_context(|| format!("reading {}", local.display()))?;
         eprintln!("layer {} (TOC {digest})", local.display());
-        let fs = LayerFs::new(&toc, Arc::new(source), cache.clone());
+        let fs = LayerFs::new(&toc, Arc::new(source), cache.clone(), scheduler.clone());
         layers.push(
-            mount_layer(fs, &args.dir, &fetch)
+            mount_layer(fs, &args.dir)
                 .with_context(|| format!("mounting at {}", args.dir.display()))?,
         );
     } else {
@@ -190,10 +190,8 @@ pub fn mount(args: &MountArgs, quiet: bool) -> Result<ExitCode> {
             let dir = work.path().join(format!("layer-{i}"));
             std::fs::create_dir_all(&dir)?;
             let source: Arc<dyn BlobSource> = Arc::new(source);
-            let fs = LayerFs::new(&toc, source, cache.clone());
-            layers.push(
-                mount_layer(fs, &dir, &fetch).with_context(|| format!("mounting layer {i}"))?,
-            );
+            let fs = LayerFs::new(&toc, source, cache.clone(), scheduler.clone());
+            layers.push(mount_layer(fs, &dir).with_context(|| format!("mounting layer {i}"))?);
             eprintln!(
                 "layer {i}: {} (TOC {digest}) at {}",
                 layer.digest,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use estargz_cache::{CacheConfig, ChunkCache};
 use estargz_format::{convert, ConvertOptions, EstargzReader, OpenOptions};
-use estargz_layerfs::{FileSource, LayerFs};
+use estargz_layerfs::{FetchOptions, FetchScheduler, FileSource, LayerFs};
 
 /// A layer of `tar` converted with `chunk_size`, as a file source, its TOC and a cache.
 struct Layer {
@@ -18,6 +18,18 @@ struct Layer {
     toc: estargz_format::Toc,
     source: Arc<FileSource>,
     cache: Arc<ChunkCache>,
+    scheduler: Arc<FetchScheduler>,
+}
+
+impl Layer {
+    fn fs(&self) -> LayerFs {
+        LayerFs::new(
+            &self.toc,
+            self.source.clone(),
+            self.cache.clone(),
+            self.scheduler.clone(),
+        )
+    }
 }
 
 fn layer(tar: &[u8], chunk_size: u64) -> Layer {
@@ -45,6 +57,7 @@ fn layer(tar: &[u8], chunk_size: u64) -> Layer {
         _dir: dir,
         toc,
         cache,
+        scheduler: FetchScheduler::new(FetchOptions::default()),
     }
 }
 
@@ -60,10 +73,8 @@ fn many_files(c: &mut Criterion) {
     let l = layer(&estargz_testutil::many_files_tar(100_000), 4 << 20);
     let mut g = c.benchmark_group("layer_100k_files");
     g.sample_size(10).measurement_time(Duration::from_secs(5));
-    g.bench_function("index build (LayerFs::new)", |b| {
-        b.iter(|| LayerFs::new(&l.toc, l.source.clone(), l.cache.clone()))
-    });
-    let fs = LayerFs::new(&l.toc, l.source.clone(), l.cache.clone());
+    g.bench_function("index build (LayerFs::new)", |b| b.iter(|| l.fs()));
+    let fs = l.fs();
     let paths: Vec<String> = (0..4096u64)
         .scan(0x9e37_79b9_7f4a_7c15u64, |s, _| Some(next(s) % 100_000))
         .map(|i| {
@@ -91,7 +102,7 @@ fn many_chunks(c: &mut Criterion) {
         &estargz_testutil::one_file_tar("usr/lib/big.so", &content),
         16 << 10,
     );
-    let fs = LayerFs::new(&l.toc, l.source.clone(), l.cache.clone());
+    let fs = l.fs();
     let offsets: Vec<u64> = (0..4096u64)
         .scan(0x2545_f491_4f6c_dd1du64, |s, _| Some(next(s) % (64 << 20)))
         .collect();

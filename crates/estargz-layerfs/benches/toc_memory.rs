@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use estargz_cache::{CacheConfig, ChunkCache};
 use estargz_format::{convert, ConvertOptions, EstargzReader, OpenOptions};
-use estargz_layerfs::{FileSource, LayerFs};
+use estargz_layerfs::{FetchOptions, FetchScheduler, FileSource, LayerFs};
 
 struct Counting;
 static LIVE: AtomicIsize = AtomicIsize::new(0);
@@ -58,11 +58,17 @@ fn main() {
         max_bytes: 1 << 30,
         memory_bytes: CacheConfig::DEFAULT_MEMORY_BYTES,
     }));
+    let scheduler = FetchScheduler::new(FetchOptions::default());
     let base = LIVE.load(Ordering::SeqCst);
     let toc = reader.toc().clone();
     let entries = toc.len();
     let toc_bytes = LIVE.load(Ordering::SeqCst) - base;
-    let fs = LayerFs::new(&toc, Arc::new(FileSource::open(&path).unwrap()), cache);
+    let fs = LayerFs::new(
+        &toc,
+        Arc::new(FileSource::open(&path).unwrap()),
+        cache,
+        scheduler,
+    );
     let peak = LIVE.load(Ordering::SeqCst) - base;
     // A mounted layer keeps the inode table only; the TOC is dropped once it is built.
     drop(toc);

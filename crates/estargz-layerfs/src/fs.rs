@@ -15,12 +15,18 @@ use fuser::{
     ReplyStatfs, ReplyXattr, Request, SessionACL,
 };
 
+use crate::scheduler::{adjacent, FetchScheduler};
 use crate::source::BlobSource;
 use crate::tree::{NodeKind, Tree};
 
 /// The layer never changes: let the kernel cache names and attributes for long.
 const TTL: Duration = Duration::from_secs(3600);
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+/// A read that misses a small file's chunk fetches, in the same request, the neighbouring
+/// small files of its directory (in blob order) up to this many compressed bytes: a
+/// starting process opens file after file of one directory (a language runtime's
+/// modules), and each would otherwise cost a round trip of its own.
+const NEIGHBOUR_SPAN: u64 = 256 << 10;
 
 /// Counters of one mounted layer, readable at any time.
 #[derive(Debug, Default)]
@@ -46,6 +52,22 @@ fn first_chunk(chunks: &[Chunk], offset: u64) -> usize {
     chunks.partition_point(|c| c.chunk_offset + c.size <= offset)
 }
 
+/// `chunks` (in blob order) split into runs of neighbours in the blob.
+fn runs(chunks: &[(u64, Chunk)]) -> impl Iterator<Item = &[(u64, Chunk)]> {
+    chunks.chunk_by(|a, b| adjacent(&a.1, &b.1))
+}
+
+/// The compressed bytes a run of neighbouring chunks occupies.
+fn span_of(run: &[(u64, Chunk)]) -> std::ops::Range<u64> {
+    let start = run.first().map_or(0, |(_, c)| c.offset);
+    let end = run
+        .iter()
+        .map(|(_, c)| c.compressed_end)
+        .max()
+        .unwrap_or(start);
+    start..end
+}
+
 /// One layer, ready to mount: a cheap handle to state shared by the FUSE session and the
 /// prefetch and background-fetch threads.
 #[derive(Clone)]
@@ -56,12 +78,10 @@ pub struct Inner {
     tree: Tree,
     source: Arc<dyn BlobSource>,
     cache: Arc<ChunkCache>,
+    scheduler: Arc<FetchScheduler>,
     stats: Arc<LayerStats>,
-    /// On-demand reads in progress; background fetching waits while there are any.
-    active_reads: AtomicU64,
-    /// When the last on-demand read ended (nanoseconds since `born`).
-    last_read_end: AtomicU64,
-    born: std::time::Instant,
+    /// Unmounted: nothing more is fetched for it.
+    closed: std::sync::atomic::AtomicBool,
     prefetch_done: std::sync::atomic::AtomicBool,
     background_done: std::sync::atomic::AtomicBool,
 }
@@ -75,16 +95,21 @@ impl std::ops::Deref for LayerFs {
 
 impl LayerFs {
     /// A file system for the layer described by `toc`, reading from `source` through
-    /// `cache`. Keeps a compact inode table built from the TOC, not the TOC itself.
-    pub fn new(toc: &Toc, source: Arc<dyn BlobSource>, cache: Arc<ChunkCache>) -> LayerFs {
+    /// `cache`, prefetched and fetched in the background by `scheduler` once mounted.
+    /// Keeps a compact inode table built from the TOC, not the TOC itself.
+    pub fn new(
+        toc: &Toc,
+        source: Arc<dyn BlobSource>,
+        cache: Arc<ChunkCache>,
+        scheduler: Arc<FetchScheduler>,
+    ) -> LayerFs {
         LayerFs(Arc::new(Inner {
             tree: Tree::build(toc),
             source,
             cache,
+            scheduler,
             stats: Arc::new(LayerStats::default()),
-            active_reads: AtomicU64::new(0),
-            last_read_end: AtomicU64::new(0),
-            born: std::time::Instant::now(),
+            closed: Default::default(),
             prefetch_done: Default::default(),
             background_done: Default::default(),
         }))
@@ -138,17 +163,9 @@ impl Inner {
         &self.cache
     }
 
-    /// Whether on-demand reads are in flight or ended less than `quiet` ago: a process that
-    /// is starting reads file after file, and a background request started between two of
-    /// its reads would delay the next one.
-    pub(crate) fn reads_recent(&self, quiet: std::time::Duration) -> bool {
-        if self.active_reads.load(Ordering::SeqCst) > 0 {
-            return true;
-        }
-        let last = self.last_read_end.load(Ordering::Relaxed);
-        last != 0
-            && (self.born.elapsed().as_nanos() as u64).saturating_sub(last)
-                < quiet.as_nanos() as u64
+    /// Whether the layer was unmounted.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
     }
 
     pub(crate) fn mark_prefetch_done(&self) {
@@ -212,53 +229,80 @@ impl Inner {
 
     /// Claims the chunks of `chunks` (file inode, chunk; in blob order) that nobody has or is
     /// fetching, and fetches those with one range request per run of neighbours in the blob
-    /// (chunks sharing a gzip member count as neighbours), verifying and caching each. With
-    /// `hot`, fetched chunks also go to the cache's memory tier, for the reader that asked.
-    pub(crate) fn fetch_claimed(&self, chunks: &[(u64, Chunk)], hot: bool) -> io::Result<()> {
+    /// (chunks sharing a gzip member count as neighbours), verifying and caching each.
+    /// Chunks named in `hot` also go to the cache's memory tier, for the reader that asked.
+    pub(crate) fn fetch_claimed(
+        &self,
+        chunks: &[(u64, Chunk)],
+        hot: &[Sha256Digest],
+    ) -> io::Result<()> {
         let digests: Vec<Sha256Digest> = chunks.iter().map(|(_, c)| c.digest).collect();
         let mut claim = self.cache.claim(&digests);
         if claim.is_empty() {
             return Ok(());
         }
-        let mine: Vec<&(u64, Chunk)> = chunks
+        let mine: Vec<(u64, Chunk)> = chunks
             .iter()
             .filter(|(_, c)| claim.has(&c.digest))
+            .copied()
             .collect();
-        let mut runs: Vec<Vec<&(u64, Chunk)>> = Vec::new();
-        for item in mine {
-            match runs.last_mut() {
-                Some(run)
-                    if run.last().is_some_and(|(_, p)| {
-                        p.compressed_end == item.1.offset || p.offset == item.1.offset
-                    }) =>
-                {
-                    run.push(item)
-                }
-                _ => runs.push(vec![item]),
-            }
+        for run in runs(&mine) {
+            let bytes = self.fetch_range(span_of(run))?;
+            self.store(run, &bytes, &mut claim, hot)?;
         }
-        for run in runs {
-            let start = run[0].1.offset;
-            let end = run
-                .iter()
-                .map(|(_, c)| c.compressed_end)
-                .max()
-                .unwrap_or(start);
-            let bytes = self.fetch_range(start..end)?;
-            for (ino, c) in run {
-                if !claim.has(&c.digest) {
-                    continue; // the same content twice in this run
-                }
-                let from = (c.offset - start) as usize;
-                let to = (c.compressed_end - start) as usize;
-                let data = self
-                    .decompress(*ino, &bytes[from..to], c)
-                    .map_err(io::Error::other)?;
-                self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
-                claim.fulfil(&c.digest, &data);
-                if hot {
-                    self.cache.memory_put(c.digest, data.into());
-                }
+        Ok(())
+    }
+
+    /// Fetches the neighbouring chunks of `span` in requests of at most `piece` bytes,
+    /// calling `pause` before each (it waits until a request may go; `false` abandons the
+    /// span), then verifies and caches those chunks nobody else has fetched meanwhile.
+    /// Nothing is claimed while the requests run, so that a reader never waits for a span
+    /// that pauses for it.
+    pub(crate) fn fetch_paced(
+        &self,
+        span: &[(u64, Chunk)],
+        piece: u64,
+        mut pause: impl FnMut() -> bool,
+    ) -> io::Result<()> {
+        let range = span_of(span);
+        let mut bytes = Vec::with_capacity((range.end - range.start) as usize);
+        let mut at = range.start;
+        while at < range.end {
+            if !pause() {
+                return Ok(());
+            }
+            let end = range.end.min(at + piece.max(1));
+            bytes.extend_from_slice(&self.fetch_range(at..end)?);
+            at = end;
+        }
+        let digests: Vec<Sha256Digest> = span.iter().map(|(_, c)| c.digest).collect();
+        let mut claim = self.cache.claim(&digests);
+        self.store(span, &bytes, &mut claim, &[])
+    }
+
+    /// Verifies and caches the claimed chunks of `run`, whose bytes (from the run's first
+    /// offset) are `bytes`.
+    fn store(
+        &self,
+        run: &[(u64, Chunk)],
+        bytes: &[u8],
+        claim: &mut estargz_cache::SpanClaim<'_>,
+        hot: &[Sha256Digest],
+    ) -> io::Result<()> {
+        let start = span_of(run).start;
+        for (ino, c) in run {
+            if !claim.has(&c.digest) {
+                continue; // someone else's, or the same content twice in this run
+            }
+            let from = (c.offset - start) as usize;
+            let to = (c.compressed_end - start) as usize;
+            let data = self
+                .decompress(*ino, &bytes[from..to], c)
+                .map_err(io::Error::other)?;
+            self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
+            claim.fulfil(&c.digest, &data);
+            if hot.contains(&c.digest) {
+                self.cache.memory_put(c.digest, data.into());
             }
         }
         Ok(())
@@ -268,13 +312,67 @@ impl Inner {
     fn fetch_range(&self, range: std::ops::Range<u64>) -> io::Result<Vec<u8>> {
         let started = std::time::Instant::now();
         let bytes = self.source.read_range(range)?;
+        let took = started.elapsed();
+        self.scheduler.record(bytes.len() as u64, took);
         let s = &self.stats;
         s.fetch_nanos
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
         s.fetched_bytes
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         s.fetch_requests.fetch_add(1, Ordering::Relaxed);
         Ok(bytes)
+    }
+
+    /// The small files of the directory of `ino` next to its chunk `c` in the blob, with
+    /// `c`, as one run of at most [`NEIGHBOUR_SPAN`] bytes: each neighbour is a one-chunk
+    /// file of the same directory, not cached, adjacent in the blob.
+    fn with_neighbours(&self, ino: u64, c: &Chunk) -> Vec<(u64, Chunk)> {
+        let tree = &self.tree;
+        let (Some(node), Some(at)) = (tree.node(ino), tree.blob_position(c.offset)) else {
+            return vec![(ino, *c)];
+        };
+        let dir = node.parent;
+        let fits = |owner: u64, n: &Chunk| {
+            tree.node(owner).is_some_and(|o| {
+                o.parent == dir && o.kind == NodeKind::File && tree.chunks(o).len() == 1
+            }) && !self.cache.contains(&n.digest)
+        };
+        let (mut first, mut last) = (at, at);
+        let (mut lo, mut hi) = (c.offset, c.compressed_end);
+        let (mut up, mut down) = (true, true);
+        while up || down {
+            if up {
+                up = match tree.blob_chunk(last + 1) {
+                    Some((owner, n))
+                        if adjacent(&tree.blob_chunk(last).unwrap_or((ino, *c)).1, &n)
+                            && n.compressed_end - lo <= NEIGHBOUR_SPAN
+                            && fits(owner, &n) =>
+                    {
+                        last += 1;
+                        hi = n.compressed_end;
+                        true
+                    }
+                    _ => false,
+                };
+            }
+            if down && first > 0 {
+                down = match tree.blob_chunk(first - 1) {
+                    Some((owner, p))
+                        if adjacent(&p, &tree.blob_chunk(first).unwrap_or((ino, *c)).1)
+                            && hi - p.offset <= NEIGHBOUR_SPAN
+                            && fits(owner, &p) =>
+                    {
+                        first -= 1;
+                        lo = p.offset;
+                        true
+                    }
+                    _ => false,
+                };
+            } else {
+                down = false;
+            }
+        }
+        (first..=last).filter_map(|n| tree.blob_chunk(n)).collect()
     }
 
     /// Chunk `c` of inode `ino` from the disk cache or, fetched, from the source; kept in
@@ -311,14 +409,28 @@ impl Inner {
             .copied()
             .collect();
         // Neighbouring missing chunks: one request for the whole span (chunks someone else
-        // is fetching are waited for below, not fetched again).
+        // is fetching are waited for below, not fetched again). A small file's missing
+        // chunk brings its small neighbours along.
         if covering.len() > 1 {
             let missing: Vec<(u64, Chunk)> = covering
                 .iter()
                 .filter(|c| self.cache.memory_get(&c.digest).is_none())
                 .map(|c| (ino, *c))
                 .collect();
-            self.fetch_claimed(&missing, true)?;
+            let hot: Vec<Sha256Digest> = missing.iter().map(|(_, c)| c.digest).collect();
+            self.fetch_claimed(&missing, &hot)?;
+        } else if let [c] = chunks {
+            if !self.cache.contains(&c.digest) && self.cache.memory_get(&c.digest).is_none() {
+                let run = self.with_neighbours(ino, c);
+                match self.fetch_claimed(&run, &[c.digest]) {
+                    // A bad neighbour must not fail this read: the chunk is fetched alone
+                    // below if it did not arrive.
+                    Err(e) if run.len() > 1 => {
+                        tracing::debug!(error = %e, "fetching a file with its neighbours failed")
+                    }
+                    other => other?,
+                }
+            }
         }
         let mut out = Vec::with_capacity((end - offset) as usize);
         for c in &covering {
@@ -434,13 +546,10 @@ impl fuser::Filesystem for LayerFs {
             Some(_) => return reply.error(Errno::EINVAL),
             None => return reply.error(Errno::ENOENT),
         }
-        self.active_reads.fetch_add(1, Ordering::SeqCst);
-        let result = self.read_file(ino.0, offset, size);
-        self.active_reads.fetch_sub(1, Ordering::SeqCst);
-        self.last_read_end.store(
-            self.born.elapsed().as_nanos().max(1) as u64,
-            Ordering::Relaxed,
-        );
+        let result = {
+            let _reading = self.scheduler.reading();
+            self.read_file(ino.0, offset, size)
+        };
         match result {
             Ok(data) => {
                 self.stats
@@ -607,8 +716,6 @@ pub struct MountedLayer {
     mountpoint: PathBuf,
     stats: Arc<LayerStats>,
     fs: LayerFs,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    fetcher: Option<std::thread::JoinHandle<()>>,
 }
 
 impl MountedLayer {
@@ -627,11 +734,9 @@ impl MountedLayer {
         &self.fs
     }
 
+    /// Tells the scheduler to fetch nothing more for this layer.
     fn stop_fetching(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.fetcher.take() {
-            let _ = t.join();
-        }
+        self.fs.closed.store(true, Ordering::SeqCst);
     }
 
     /// Stops fetching, unmounts, and waits for the session to end.
@@ -656,13 +761,9 @@ impl Drop for MountedLayer {
 }
 
 /// Mounts `fs` read-only at `mountpoint`, readable by every user (as overlayfs needs for a
-/// lower layer), served by several threads; then prefetches and fetches in the background
-/// as `fetch` says.
-pub fn mount(
-    fs: LayerFs,
-    mountpoint: &Path,
-    fetch: &crate::fetch::FetchOptions,
-) -> io::Result<MountedLayer> {
+/// lower layer), served by several threads; then hands it to its scheduler for prefetch
+/// and background fetch.
+pub fn mount(fs: LayerFs, mountpoint: &Path) -> io::Result<MountedLayer> {
     let stats = fs.stats();
     let handle = fs.clone();
     let mut config = fuser::Config::default();
@@ -679,30 +780,11 @@ pub fn mount(
     config.n_threads = Some(4);
     config.clone_fd = true;
     let session = fuser::spawn_mount(fs, mountpoint, &config)?;
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let fetcher = {
-        let (fs, stop, fetch) = (handle.clone(), stop.clone(), fetch.clone());
-        std::thread::Builder::new()
-            .name("estargz-fetch".into())
-            .spawn(move || {
-                if fetch.prefetch {
-                    if let Err(e) = fs.prefetch() {
-                        tracing::warn!(error = %e, "prefetch failed; files are fetched on demand");
-                    }
-                } else {
-                    fs.mark_prefetch_done();
-                }
-                if fetch.background && !stop.load(Ordering::SeqCst) {
-                    fs.background_fetch(fetch.background_concurrency, &stop);
-                }
-            })?
-    };
+    handle.scheduler.add_layer(&handle.0);
     Ok(MountedLayer {
         session: Some(session),
         mountpoint: mountpoint.to_path_buf(),
         stats,
         fs: handle,
-        stop,
-        fetcher: Some(fetcher),
     })
 }

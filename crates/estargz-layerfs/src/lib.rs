@@ -15,11 +15,16 @@
 mod fetch;
 mod fs;
 pub mod memory;
+mod scheduler;
 mod source;
 mod tree;
 
-pub use fetch::{FetchOptions, Progress};
+pub use fetch::Progress;
 pub use fs::{mount, Inner, LayerFs, LayerStats, MountedLayer};
+pub use scheduler::{
+    FetchOptions, FetchScheduler, LinkEstimate, ReadGuard, MAX_BACKGROUND_REQUEST,
+    MIN_BACKGROUND_REQUEST,
+};
 pub use source::{fetch_toc_json, load_toc, BlobSource, FileSource, RegistrySource};
 
 pub use estargz_cache::ChunkCache;

@@ -74,6 +74,10 @@ pub(crate) struct Tree {
     nodes: Vec<Node>,
     dirents: Vec<Dirent>,
     chunks: Vec<Chunk>,
+    /// The file (inode) each chunk of `chunks` belongs to.
+    chunk_owner: Vec<u32>,
+    /// Indexes into `chunks` in blob order (by offset), for fetching neighbours in the blob.
+    blob_order: Vec<u32>,
     strings: String,
     xattrs: HashMap<u32, XattrList>,
     /// Compressed bytes before `.prefetch.landmark`'s content, if the layer has one.
@@ -96,6 +100,8 @@ impl Tree {
             nodes: Vec::with_capacity(entries.len()),
             dirents: Vec::with_capacity(entries.len()),
             chunks: Vec::with_capacity(toc.chunk_count()),
+            chunk_owner: Vec::with_capacity(toc.chunk_count()),
+            blob_order: Vec::new(),
             strings: String::new(),
             xattrs: HashMap::new(),
             prefetch_size: toc.prefetch_size(),
@@ -124,6 +130,7 @@ impl Tree {
                     tree.total_size += e.size;
                     let at = tree.chunks.len();
                     tree.chunks.extend_from_slice(&e.chunks);
+                    tree.chunk_owner.resize(tree.chunks.len(), ino);
                     (small(at), small(e.chunks.len()))
                 }
                 NodeKind::Symlink => tree.intern(&e.link_name),
@@ -211,6 +218,12 @@ impl Tree {
             node.first = at;
             node.count = small(children.len());
         }
+        let mut order: Vec<u32> = (0..small(tree.chunks.len())).collect();
+        order.sort_by_key(|&i| {
+            let c = &tree.chunks[i as usize];
+            (c.offset, c.inner_offset)
+        });
+        tree.blob_order = order;
         tree.nodes.shrink_to_fit();
         tree.dirents.shrink_to_fit();
         tree.strings.shrink_to_fit();
@@ -267,15 +280,29 @@ impl Tree {
     }
 
     /// Every chunk of the layer, with its file's inode, in blob order.
-    pub fn chunks_in_blob_order(&self) -> Vec<(u64, Chunk)> {
-        let mut all: Vec<(u64, Chunk)> = self
-            .nodes
-            .iter()
-            .enumerate()
-            .flat_map(|(i, n)| self.chunks(n).iter().map(move |c| (i as u64 + 1, *c)))
-            .collect();
-        all.sort_by_key(|(_, c)| (c.offset, c.inner_offset));
-        all
+    pub fn chunks_in_blob_order(&self) -> impl Iterator<Item = (u64, Chunk)> + '_ {
+        self.blob_order.iter().map(|&i| self.chunk_by_index(i))
+    }
+
+    /// The `n`th chunk in blob order, with its file's inode.
+    pub fn blob_chunk(&self, n: usize) -> Option<(u64, Chunk)> {
+        self.blob_order.get(n).map(|&i| self.chunk_by_index(i))
+    }
+
+    /// The position in blob order of the chunk whose member starts at `offset` (the
+    /// first, if several chunks share the member).
+    pub fn blob_position(&self, offset: u64) -> Option<usize> {
+        let n = self
+            .blob_order
+            .partition_point(|&i| self.chunks[i as usize].offset < offset);
+        self.blob_order
+            .get(n)
+            .filter(|&&i| self.chunks[i as usize].offset == offset)
+            .map(|_| n)
+    }
+
+    fn chunk_by_index(&self, i: u32) -> (u64, Chunk) {
+        (self.chunk_owner[i as usize] as u64, self.chunks[i as usize])
     }
 
     /// A symlink's target.
@@ -316,6 +343,7 @@ impl Tree {
         self.nodes.capacity() * std::mem::size_of::<Node>()
             + self.dirents.capacity() * std::mem::size_of::<Dirent>()
             + self.chunks.capacity() * std::mem::size_of::<Chunk>()
+            + (self.chunk_owner.capacity() + self.blob_order.capacity()) * 4
             + self.strings.capacity()
             + self
                 .xattrs

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use estargz_cache::{CacheConfig, ChunkCache};
 use estargz_format::{convert, ConvertOptions, EstargzReader, OpenOptions};
-use estargz_layerfs::{FileSource, LayerFs};
+use estargz_layerfs::{FetchOptions, FetchScheduler, FileSource, LayerFs};
 
 #[test]
 fn chunk_at_finds_the_chunk_holding_an_offset() {
@@ -30,6 +30,7 @@ fn chunk_at_finds_the_chunk_holding_an_offset() {
         reader.toc(),
         Arc::new(FileSource::open(&path).unwrap()),
         cache,
+        FetchScheduler::new(FetchOptions::default()),
     );
     let c = fs.chunk_at("usr/lib/big.so", 0).unwrap();
     assert_eq!((c.chunk_offset, c.size), (0, 65536));

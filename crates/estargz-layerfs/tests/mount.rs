@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use estargz_cache::{CacheConfig, ChunkCache};
 use estargz_format::{convert, ConvertOptions, EstargzReader, OpenOptions};
-use estargz_layerfs::{mount, FetchOptions, FileSource, LayerFs, MountedLayer};
+use estargz_layerfs::{mount, FetchOptions, FetchScheduler, FileSource, LayerFs, MountedLayer};
 use estargz_testutil::{real_rootfs_tar, synthetic_tar, SMALL_CHUNK};
 
 fn xattrs(path: &Path) -> BTreeMap<String, Vec<u8>> {
@@ -211,11 +211,11 @@ fn mount_layer(tar: Vec<u8>, opts: &ConvertOptions) -> Layer {
         &toc,
         Arc::new(FileSource::open(&blob_path).unwrap()),
         cache.clone(),
+        FetchScheduler::new(FetchOptions::default()),
     );
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let mounted =
-        mount(fs, &mnt, &FetchOptions::default()).expect("FUSE mount (needs root and /dev/fuse)");
+    let mounted = mount(fs, &mnt).expect("FUSE mount (needs root and /dev/fuse)");
     Layer {
         _dir: dir,
         extracted,

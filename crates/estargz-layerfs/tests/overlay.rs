@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use estargz_cache::{CacheConfig, ChunkCache};
 use estargz_format::{convert, ConvertOptions, EstargzReader, OpenOptions};
-use estargz_layerfs::{mount, FetchOptions, FileSource, LayerFs, MountedLayer};
+use estargz_layerfs::{mount, FetchOptions, FetchScheduler, FileSource, LayerFs, MountedLayer};
 
 fn layer(entries: &[(&str, Option<&[u8]>)]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
@@ -44,9 +44,13 @@ fn mount_blob(dir: &Path, name: &str, tar: &[u8], cache: Arc<ChunkCache>) -> Mou
     let mnt = dir.join(name);
     std::fs::create_dir(&mnt).unwrap();
     mount(
-        LayerFs::new(&toc, Arc::new(FileSource::open(&path).unwrap()), cache),
+        LayerFs::new(
+            &toc,
+            Arc::new(FileSource::open(&path).unwrap()),
+            cache,
+            FetchScheduler::new(FetchOptions::default()),
+        ),
         &mnt,
-        &FetchOptions::default(),
     )
     .expect("FUSE mount")
 }

@@ -8,11 +8,14 @@ use std::time::Duration;
 
 use estargz_cache::{CacheConfig, ChunkCache};
 use estargz_format::{convert, ConvertOptions, Limits};
-use estargz_layerfs::{load_toc, mount, FetchOptions, LayerFs, MountedLayer, RegistrySource};
+use estargz_layerfs::{
+    load_toc, mount, FetchOptions, FetchScheduler, LayerFs, MountedLayer, RegistrySource,
+};
 use estargz_oci::Digest;
 use estargz_registry::{ClientConfig, ImageRef, RegistryClient, RetryPolicy};
 use estargz_testutil::{
-    expected_from_tar, noise, synthetic_tar, Fault, FaultProxy, TestRegistry, SMALL_CHUNK,
+    expected_from_tar, files_tar, noise, synthetic_tar, Fault, FaultProxy, TestRegistry,
+    SMALL_CHUNK,
 };
 
 struct Remote {
@@ -82,7 +85,7 @@ impl Remote {
         let lazy = FetchOptions {
             prefetch: false,
             background: false,
-            background_concurrency: 1,
+            ..Default::default()
         };
         self.mount_with(blob, cache, at, &lazy)
     }
@@ -103,7 +106,8 @@ impl Remote {
         let (toc, _) = load_toc(&source, blob.1, None, &Limits::default()).unwrap();
         let mnt = self.dir.path().join(at);
         std::fs::create_dir_all(&mnt).unwrap();
-        mount(LayerFs::new(&toc, Arc::new(source), cache), &mnt, fetch).expect("FUSE mount")
+        let scheduler = FetchScheduler::new(fetch.clone());
+        mount(LayerFs::new(&toc, Arc::new(source), cache, scheduler), &mnt).expect("FUSE mount")
     }
 }
 
@@ -267,13 +271,23 @@ fn registry_faults_give_eio_or_correct_data_and_recover_without_remount() {
     let tar = synthetic_tar();
     let expected = files(&tar);
     let blob = r.push(&tar, &small_opts());
-    let m = r.mount(&blob, r.cache("cache", 1 << 30), "mnt");
+    let cache = r.cache("cache", 1 << 30);
+    let m = r.mount(&blob, cache.clone(), "mnt");
     let mnt: PathBuf = m.mountpoint().to_path_buf();
     let names: Vec<&String> = expected
         .keys()
         .filter(|n| !expected[*n].is_empty())
         .collect();
     let mut next = names.iter();
+    // A file not local yet (a read also fetches its small neighbours).
+    let mut next_remote = || {
+        next.by_ref()
+            .find(|f| {
+                let first = m.fs().chunk_at(f, 0).unwrap();
+                !cache.contains(&first.digest)
+            })
+            .expect("a file not fetched yet")
+    };
     // Persistent faults: the reader gets an error, never wrong bytes.
     for fault in [
         Fault::Status(500),
@@ -282,7 +296,7 @@ fn registry_faults_give_eio_or_correct_data_and_recover_without_remount() {
         Fault::Truncate,
     ] {
         r.proxy.set_always(Some(fault.clone()));
-        let f = next.next().unwrap();
+        let f = next_remote();
         match read(&mnt, f) {
             Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{fault:?}: {e}"),
             // A corrupted byte outside the chunk's own data (in tar headers sharing its gzip
@@ -308,7 +322,7 @@ fn registry_faults_give_eio_or_correct_data_and_recover_without_remount() {
         Fault::TooManyRequests(0),
     ] {
         r.proxy.push(fault.clone());
-        let f = next.next().unwrap();
+        let f = next_remote();
         assert!(read(&mnt, f).unwrap() == expected[*f], "{fault:?}: {f}");
     }
     m.unmount().unwrap();
@@ -383,7 +397,7 @@ fn prefetch_and_background_fetch() {
     let prefetch_only = FetchOptions {
         prefetch: true,
         background: false,
-        background_concurrency: 1,
+        ..Default::default()
     };
     let m = r.mount_with(&blob, r.cache("c1", 1 << 30), "m1", &prefetch_only);
     wait_for("prefetch", || m.fs().is_prefetch_done());
@@ -441,5 +455,63 @@ fn prefetch_and_background_fetch() {
         0,
         "everything was already local"
     );
+    m.unmount().unwrap();
+}
+
+/// A background fetch in progress does not hold an on-demand read back: over a slow link,
+/// a read issued while the background fetch runs is served with at most one background
+/// request in flight beside it (before the node-wide scheduler, two 1 MiB background
+/// requests per layer were), and the background fetch resumes afterwards.
+#[test]
+fn background_fetch_yields_to_on_demand_reads() {
+    let r = Remote::start();
+    let big = noise(6 << 20, 7);
+    let small = noise(20_000, 8);
+    let tar = files_tar(&[("data/big", &big), ("z/small", &small)]);
+    let blob = r.push(&tar, &small_opts());
+    // 4 MB/s for all connections together: the layer takes about 1.6 s.
+    r.proxy.set_rate(Some(4e6));
+    let fetch = FetchOptions {
+        prefetch: false,
+        background: true,
+        background_quiet: Duration::from_millis(50),
+    };
+    let before = r.proxy.blob_log().len();
+    let m = r.mount_with(&blob, r.cache("c", 1 << 30), "mnt", &fetch);
+    let toc_requests = 2;
+    let done_after = |n: usize| {
+        r.proxy.blob_log()[before + toc_requests..]
+            .iter()
+            .filter(|q| q.ended.is_some())
+            .count()
+            >= n
+    };
+    wait_for("the background fetch to run", || done_after(2));
+    let target = m.fs().chunk_at("z/small", 0).unwrap();
+    assert!(std::fs::read(m.mountpoint().join("z/small")).unwrap() == small);
+    let log = r.proxy.blob_log()[before + toc_requests..].to_vec();
+    let read = log
+        .iter()
+        .position(|q| q.range.as_ref().is_some_and(|g| g.start == target.offset))
+        .expect("the read's range request");
+    let beside: Vec<_> = log
+        .iter()
+        .enumerate()
+        .filter(|(i, q)| *i != read && q.overlaps(&log[read]))
+        .collect();
+    assert!(
+        beside.len() <= 1,
+        "{} background requests were in flight with the read: {beside:?}",
+        beside.len()
+    );
+    for q in &log {
+        let len = q.range.as_ref().map_or(u64::MAX, |g| g.end - g.start);
+        assert!(
+            len <= estargz_layerfs::MAX_BACKGROUND_REQUEST,
+            "a {len} byte request"
+        );
+    }
+    wait_for("the background fetch", || m.fs().is_background_done());
+    assert_eq!(m.fs().progress().percent(), 100.0);
     m.unmount().unwrap();
 }

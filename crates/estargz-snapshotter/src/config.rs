@@ -64,10 +64,14 @@ pub struct CacheSection {
 pub struct FetchSection {
     /// Fetch prioritized files (before `.prefetch.landmark`) right after mounting.
     pub prefetch: bool,
-    /// Then fetch the rest of each layer in the background.
+    /// Then fetch the rest of each layer in the background, one layer after another.
     pub background: bool,
-    /// Background range requests in flight per layer.
-    pub background_concurrency: usize,
+    /// Background fetch starts only after no container on the node has read on demand (and
+    /// no layer was mounted or prefetched) for this many milliseconds.
+    pub background_quiet_ms: u64,
+    /// Ignored (background requests are paced node-wide now); accepted so that older
+    /// configuration files still load.
+    pub background_concurrency: Option<usize>,
 }
 
 /// `[registry]`.
@@ -113,7 +117,8 @@ impl Default for FetchSection {
         FetchSection {
             prefetch: true,
             background: true,
-            background_concurrency: 2,
+            background_quiet_ms: 1000,
+            background_concurrency: None,
         }
     }
 }
@@ -148,13 +153,22 @@ impl Config {
         Duration::from_secs(self.resolve_timeout_secs.max(1))
     }
 
-    /// Fetch options for mounted layers.
+    /// Fetch options for the node's fetch scheduler.
     pub fn fetch_options(&self) -> estargz_layerfs::FetchOptions {
         estargz_layerfs::FetchOptions {
             prefetch: self.fetch.prefetch,
             background: self.fetch.background,
-            background_concurrency: self.fetch.background_concurrency.max(1),
+            background_quiet: Duration::from_millis(self.fetch.background_quiet_ms),
         }
+    }
+
+    /// Settings that are accepted but no longer do anything, for a warning at start-up.
+    pub fn deprecated_keys(&self) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        if self.fetch.background_concurrency.is_some() {
+            keys.push("fetch.background_concurrency");
+        }
+        keys
     }
 
     /// A registry client with these settings.
@@ -209,16 +223,16 @@ mod tests {
         // The shipped example parses, and says what the defaults are.
         let example = include_str!("../../../systemd/config.toml");
         let e: Config = toml::from_str(example).unwrap();
+        assert!(e.deprecated_keys().is_empty());
         let d = Config::default();
         assert_eq!(
             (e.socket, e.root, e.resolve_timeout_secs, e.cache.max_bytes),
             (d.socket, d.root, d.resolve_timeout_secs, d.cache.max_bytes)
         );
         assert_eq!(e.registry.hosts_dirs, d.registry.hosts_dirs);
-        assert_eq!(
-            e.fetch.background_concurrency,
-            d.fetch.background_concurrency
-        );
+        assert_eq!(e.fetch.background_quiet_ms, d.fetch.background_quiet_ms);
+        let old: Config = toml::from_str("[fetch]\nbackground_concurrency = 2\n").unwrap();
+        assert_eq!(old.deprecated_keys(), ["fetch.background_concurrency"]);
         let missing = Path::new("/nonexistent/config.toml");
         assert!(Config::load(missing, false).is_ok());
         assert!(Config::load(missing, true).is_err());

@@ -60,6 +60,9 @@ fn main() -> Result<()> {
     let path = cli.config.clone().unwrap_or_else(|| DEFAULT_CONFIG.into());
     let config = Config::load(&path, explicit)?;
     init_logging(config.log_format);
+    for key in config.deprecated_keys() {
+        tracing::warn!(key, config = %path.display(), "configuration key is ignored now; remove it");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

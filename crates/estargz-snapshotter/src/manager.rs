@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use estargz_cache::{CacheConfig, ChunkCache};
 use estargz_format::{Limits, Sha256Digest, Toc};
-use estargz_layerfs::{mount, LayerFs, MountedLayer, RegistrySource};
+use estargz_layerfs::{mount, FetchScheduler, LayerFs, MountedLayer, RegistrySource};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
@@ -128,8 +128,9 @@ struct Mounted {
 
 /// The manager's state.
 pub struct Manager {
-    config: Config,
     cache: Arc<ChunkCache>,
+    /// Prefetch and background fetch of every layer, paced around on-demand reads.
+    scheduler: Arc<FetchScheduler>,
     client: Arc<estargz_registry::RegistryClient>,
     runtime: tokio::runtime::Handle,
     mounts: Mutex<BTreeMap<PathBuf, Mounted>>,
@@ -163,7 +164,7 @@ impl Manager {
         }));
         let client = Arc::new(config.registry_client()?);
         Ok(Manager {
-            config,
+            scheduler: FetchScheduler::new(config.fetch_options()),
             cache,
             client,
             runtime,
@@ -205,11 +206,16 @@ impl Manager {
             .parse()
             .map_err(|e| Error::InvalidArgument(format!("layer digest: {e}")))?;
         let source = RegistrySource::new(self.client.clone(), image, digest, self.runtime.clone());
-        let fs = LayerFs::new(&toc, Arc::new(source), self.cache.clone());
+        let fs = LayerFs::new(
+            &toc,
+            Arc::new(source),
+            self.cache.clone(),
+            self.scheduler.clone(),
+        );
         drop(toc);
         // The parsed TOC was several times the size of the index that replaces it.
         estargz_layerfs::memory::release_freed_memory();
-        let mounted = mount(fs, mountpoint, &self.config.fetch_options())
+        let mounted = mount(fs, mountpoint)
             .map_err(|e| Error::io(format!("FUSE mount at {}", mountpoint.display()), e))?;
         tracing::info!(mountpoint = %mountpoint.display(), layer = %layer.digest, "layer mounted");
         mounts.insert(

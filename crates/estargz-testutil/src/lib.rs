@@ -11,7 +11,7 @@ mod proxy;
 
 use std::io::Write;
 
-pub use proxy::{Fault, FaultProxy};
+pub use proxy::{BlobRequest, Fault, FaultProxy};
 
 use estargz_format::{normalize_name, EntryKind, EstargzReader, ReadAt};
 use estargz_oci::{media_types, Descriptor, Digest, OciLayout, Platform};
@@ -830,13 +830,20 @@ pub fn real_rootfs_tar(dir: &std::path::Path) -> Vec<u8> {
 
 /// A one-file tar layer.
 pub fn one_file_tar(name: &str, content: &[u8]) -> Vec<u8> {
+    files_tar(&[(name, content)])
+}
+
+/// A tar layer of regular files, in the order given (parent directories implied).
+pub fn files_tar(files: &[(&str, &[u8])]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_gnu();
-    h.set_size(content.len() as u64);
-    h.set_mode(0o644);
-    h.set_mtime(1_700_000_000);
-    h.set_cksum();
-    b.append_data(&mut h, name, content).expect("tar");
+    for (name, content) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(content.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(1_700_000_000);
+        h.set_cksum();
+        b.append_data(&mut h, name, *content).expect("tar");
+    }
     b.into_inner().expect("tar")
 }
 

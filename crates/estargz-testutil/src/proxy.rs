@@ -4,13 +4,18 @@
 //! then an optional persistent fault, else the request passes through unchanged. Each
 //! connection carries one request (`Connection: close`), which keeps the proxy simple and
 //! the faults precise.
+//!
+//! The proxy can also play a slow link: with [`FaultProxy::set_rate`], blob response bodies
+//! share one byte rate, first come first served, as responses share a real link; and it
+//! logs every blob GET ([`FaultProxy::blob_log`]) with its range and when it arrived and
+//! ended, so that tests can see which requests were in flight together.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What to do to a blob request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +47,36 @@ struct Shared {
     blob_requests: AtomicUsize,
     bytes_served: AtomicUsize,
     stop: AtomicBool,
+    /// Bytes per second for blob bodies, shared by all connections.
+    rate: Mutex<Option<f64>>,
+    /// When the shared link is free again.
+    link_free: Mutex<Instant>,
+    log: Mutex<Vec<BlobRequest>>,
+}
+
+/// One blob GET as the proxy saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobRequest {
+    /// The requested byte range (`start..end`), if a single range was asked for.
+    pub range: Option<std::ops::Range<u64>>,
+    /// When the request arrived.
+    pub arrived: Instant,
+    /// When the last byte of the answer was sent (`None` while in flight or if it failed).
+    pub ended: Option<Instant>,
+}
+
+impl BlobRequest {
+    /// Whether this request was in flight at any time while `other` was.
+    pub fn overlaps(&self, other: &BlobRequest) -> bool {
+        let far = Instant::now() + Duration::from_secs(3600);
+        self.arrived < other.ended.unwrap_or(far) && other.arrived < self.ended.unwrap_or(far)
+    }
+}
+
+/// `bytes=A-B` as `A..B+1`.
+fn parse_range(header: &str) -> Option<std::ops::Range<u64>> {
+    let (a, b) = header.strip_prefix("bytes=")?.split_once('-')?;
+    Some(a.trim().parse().ok()?..b.trim().parse::<u64>().ok()? + 1)
 }
 
 /// A running proxy; stops when dropped.
@@ -63,6 +98,9 @@ impl FaultProxy {
             blob_requests: AtomicUsize::new(0),
             bytes_served: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
+            rate: Mutex::new(None),
+            link_free: Mutex::new(Instant::now()),
+            log: Mutex::new(Vec::new()),
         });
         let s = shared.clone();
         std::thread::spawn(move || {
@@ -94,6 +132,17 @@ impl FaultProxy {
     /// Blob requests seen so far.
     pub fn blob_requests(&self) -> usize {
         self.shared.blob_requests.load(Ordering::SeqCst)
+    }
+
+    /// Limits blob response bodies to `bytes_per_sec` for all connections together (or
+    /// lifts the limit).
+    pub fn set_rate(&self, bytes_per_sec: Option<f64>) {
+        *self.shared.rate.lock().unwrap() = bytes_per_sec;
+    }
+
+    /// Every blob GET so far, in order of arrival.
+    pub fn blob_log(&self) -> Vec<BlobRequest> {
+        self.shared.log.lock().unwrap().clone()
     }
 
     /// Body bytes of blob responses passed to clients so far.
@@ -163,6 +212,10 @@ fn simple(conn: &mut TcpStream, status: u16, extra: &str) -> std::io::Result<()>
 fn handle(mut conn: TcpStream, s: &Shared) -> std::io::Result<()> {
     let (request_line, mut headers, body) = read_request(&mut conn)?;
     let is_blob_get = request_line.starts_with("GET ") && request_line.contains("/blobs/sha256:");
+    let range = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("range"))
+        .map(|(_, v)| v.clone());
     let fault = if is_blob_get {
         s.blob_requests.fetch_add(1, Ordering::SeqCst);
         let queued = s.queue.lock().unwrap().pop_front();
@@ -170,10 +223,15 @@ fn handle(mut conn: TcpStream, s: &Shared) -> std::io::Result<()> {
     } else {
         None
     };
-    let range = headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("range"))
-        .map(|(_, v)| v.clone());
+    let logged = is_blob_get.then(|| {
+        let mut log = s.log.lock().unwrap();
+        log.push(BlobRequest {
+            range: range.as_deref().and_then(parse_range),
+            arrived: Instant::now(),
+            ended: None,
+        });
+        log.len() - 1
+    });
     match &fault {
         Some(Fault::Reset) => {
             let _ = conn.shutdown(Shutdown::Both);
@@ -245,8 +303,33 @@ fn handle(mut conn: TcpStream, s: &Shared) -> std::io::Result<()> {
         }
         _ => {
             conn.write_all(head)?;
-            conn.write_all(&body)?;
+            if is_blob_get {
+                write_at_rate(&mut conn, &body, s)?;
+            } else {
+                conn.write_all(&body)?;
+            }
         }
+    }
+    if let Some(i) = logged {
+        s.log.lock().unwrap()[i].ended = Some(Instant::now());
+    }
+    Ok(())
+}
+
+/// Writes `body` in pieces, each waiting for its turn on the shared link when a rate is set.
+fn write_at_rate(conn: &mut TcpStream, body: &[u8], s: &Shared) -> std::io::Result<()> {
+    for piece in body.chunks(16 << 10) {
+        let rate = *s.rate.lock().unwrap();
+        if let Some(rate) = rate {
+            let due = {
+                let mut free = s.link_free.lock().unwrap();
+                let start = (*free).max(Instant::now());
+                *free = start + Duration::from_secs_f64(piece.len() as f64 / rate);
+                *free
+            };
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
+        conn.write_all(piece)?;
     }
     Ok(())
 }
