@@ -25,6 +25,8 @@ pub use scheduler::{
     FetchOptions, FetchScheduler, LinkEstimate, ReadGuard, MAX_BACKGROUND_REQUEST,
     MIN_BACKGROUND_REQUEST,
 };
-pub use source::{fetch_toc_json, load_toc, BlobSource, FileSource, RegistrySource};
+pub use source::{
+    fetch_toc_json, load_toc, toc_json_from_tail, BlobSource, FileSource, RegistrySource,
+};
 
 pub use estargz_cache::ChunkCache;

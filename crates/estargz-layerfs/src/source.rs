@@ -73,12 +73,26 @@ pub fn fetch_toc_json(
     blob_size: u64,
     limits: &estargz_format::Limits,
 ) -> Result<(Vec<u8>, u64), estargz_format::Error> {
-    use estargz_format::{decode_toc_member, parse_footer, Error, FOOTER_SIZE};
-    let tail_len = blob_size.min(FOOTER_SIZE as u64);
+    let tail_len = blob_size.min(estargz_format::FOOTER_SIZE as u64);
     let tail = source
         .read_range(blob_size - tail_len..blob_size)
-        .map_err(|e| Error::io("fetching the footer", e))?;
-    let footer = parse_footer(&tail, blob_size)?;
+        .map_err(|e| estargz_format::Error::io("fetching the footer", e))?;
+    toc_json_from_tail(&tail, blob_size, |r| source.read_range(r), limits)
+}
+
+/// The TOC JSON and the TOC's offset from `tail`, the last bytes of a blob of `blob_size`
+/// bytes (at least its footer), fetching with `fetch` only the part of the TOC member that
+/// lies before `tail` (nothing, when the tail holds the whole member: one round trip for a
+/// layer's TOC). Decoded within `limits`; neither verified nor parsed.
+pub fn toc_json_from_tail(
+    tail: &[u8],
+    blob_size: u64,
+    fetch: impl FnOnce(Range<u64>) -> io::Result<Vec<u8>>,
+    limits: &estargz_format::Limits,
+) -> Result<(Vec<u8>, u64), estargz_format::Error> {
+    use estargz_format::{decode_toc_member, parse_footer, Error, FOOTER_SIZE};
+    let tail = &tail[tail.len().saturating_sub(blob_size as usize)..];
+    let footer = parse_footer(&tail[tail.len().saturating_sub(FOOTER_SIZE)..], blob_size)?;
     let end = blob_size - footer.kind.size() as u64;
     if end - footer.toc_offset > limits.max_toc_size.saturating_add(1 << 20) {
         return Err(Error::TocTooLarge {
@@ -86,10 +100,16 @@ pub fn fetch_toc_json(
             limit: limits.max_toc_size,
         });
     }
-    let member = source
-        .read_range(footer.toc_offset..end)
-        .map_err(|e| Error::io("fetching the TOC", e))?;
-    let json = decode_toc_member(&member, footer.toc_offset, limits)?;
+    let tail_start = blob_size - tail.len() as u64;
+    let in_tail = |from: u64| &tail[(from - tail_start) as usize..(end - tail_start) as usize];
+    let json = if footer.toc_offset >= tail_start {
+        decode_toc_member(in_tail(footer.toc_offset), footer.toc_offset, limits)?
+    } else {
+        let mut member =
+            fetch(footer.toc_offset..tail_start).map_err(|e| Error::io("fetching the TOC", e))?;
+        member.extend_from_slice(in_tail(tail_start));
+        decode_toc_member(&member, footer.toc_offset, limits)?
+    };
     Ok((json, footer.toc_offset))
 }
 
@@ -113,4 +133,52 @@ pub fn load_toc(
         }
     }
     Ok((Toc::parse(&json, toc_offset, limits)?, digest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toc_from_any_tail_matches_the_two_request_fetch() {
+        let mut blob = Vec::new();
+        let tar = estargz_testutil::synthetic_tar();
+        estargz_format::convert(&tar[..], &mut blob, &Default::default(), &()).unwrap();
+        let limits = estargz_format::Limits::default();
+        let size = blob.len() as u64;
+        let source = BufSource(blob.clone());
+        let want = fetch_toc_json(&source, size, &limits).unwrap();
+        for tail_len in [51, 1000, 40_000, blob.len()] {
+            let tail = &blob[blob.len() - tail_len..];
+            let mut asked = None;
+            let got = toc_json_from_tail(
+                tail,
+                size,
+                |r| {
+                    asked = Some(r.clone());
+                    source.read_range(r)
+                },
+                &limits,
+            )
+            .unwrap();
+            assert_eq!(got, want, "tail of {tail_len}");
+            // Only what the tail lacks is fetched.
+            let tail_start = size - tail_len as u64;
+            match asked {
+                Some(r) => assert_eq!((r.start, r.end), (want.1, tail_start)),
+                None => assert!(want.1 >= tail_start),
+            }
+        }
+        // A tail without a footer is refused.
+        let err = toc_json_from_tail(&blob[..100], size, |r| source.read_range(r), &limits);
+        assert!(err.is_err());
+    }
+
+    struct BufSource(Vec<u8>);
+
+    impl BlobSource for BufSource {
+        fn read_range(&self, range: Range<u64>) -> io::Result<Vec<u8>> {
+            Ok(self.0[range.start as usize..range.end as usize].to_vec())
+        }
+    }
 }

@@ -516,6 +516,72 @@ impl RegistryClient {
         .await
     }
 
+    /// Reads the last `len` bytes of a blob (all of it when it is shorter) with one suffix
+    /// range request, and returns them with the blob's size: one round trip where a HEAD
+    /// and a range request would be two. A host that ignores `Range` is read whole up to
+    /// 64 MiB (beyond that the answer is refused rather than buffered).
+    pub async fn fetch_tail(
+        &self,
+        image: &ImageRef,
+        digest: &Digest,
+        len: u64,
+    ) -> Result<(Bytes, u64)> {
+        const WHOLE_LIMIT: u64 = 64 << 20;
+        let target = format!(
+            "{}/{} blob {digest} last {len} bytes",
+            image.registry, image.repository
+        );
+        let scope = format!("repository:{}:pull", image.repository);
+        self.with_hosts(&image.registry, Need::Pull, &target, |ctx| {
+            let target = target.clone();
+            let scope = scope.clone();
+            async move {
+                let url = ctx.url(&image.repository, &format!("blobs/{digest}"))?;
+                let header = format!("bytes=-{}", len.max(1));
+                let resp = self
+                    .send(
+                        &ctx,
+                        &scope,
+                        &target,
+                        Some(self.config.request_timeout),
+                        &|c| c.get(url.clone()).header(RANGE, header.clone()),
+                    )
+                    .await?;
+                match resp.status() {
+                    StatusCode::PARTIAL_CONTENT => {
+                        let bad = |detail: String| Error::BadResponse {
+                            target: target.clone(),
+                            detail,
+                        };
+                        let (s, e, total) = parse_content_range(resp.headers())
+                            .ok_or_else(|| bad("206 without a usable Content-Range".into()))?;
+                        let total = total
+                            .ok_or_else(|| bad("Content-Range without the blob size".into()))?;
+                        if e + 1 != total || e - s + 1 != len.min(total) {
+                            return Err(bad(format!(
+                                "Content-Range bytes {s}-{e}/{total} is not the last {len} bytes"
+                            )));
+                        }
+                        let body = read_exact_len(resp, e - s + 1, &target).await?;
+                        Ok((body, total))
+                    }
+                    StatusCode::OK => {
+                        tracing::debug!(%target, "registry ignored Range; reading the whole blob");
+                        let body = read_limited(resp, WHOLE_LIMIT, &target).await?;
+                        let total = body.len() as u64;
+                        let from = total.saturating_sub(len) as usize;
+                        Ok((body.slice(from..), total))
+                    }
+                    s => Err(Error::BadResponse {
+                        target,
+                        detail: format!("unexpected status {s} for a range request"),
+                    }),
+                }
+            }
+        })
+        .await
+    }
+
     /// Reads several byte ranges of a blob. Uses one multi-range request where the host
     /// answers them properly (206 `multipart/byteranges`); a host that answers 200 or 400
     /// is remembered as single-range only, and the ranges are fetched one by one.

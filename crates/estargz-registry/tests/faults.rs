@@ -261,3 +261,23 @@ async fn redirects_keep_the_range_header() {
         .unwrap();
     assert!(r[..] == s.blob[100..300]);
 }
+
+/// A host that ignores `Range` still gives the right tail and size (the whole blob is read,
+/// within a limit); a truncated answer is retried, never returned short.
+#[tokio::test]
+async fn tail_of_a_blob_through_faults() {
+    let s = setup(noise(100_000, 9)).await;
+    let c = client();
+    s.proxy.push(Fault::IgnoreRange);
+    let (tail, size) = c.fetch_tail(&s.image, &s.desc.digest, 5000).await.unwrap();
+    assert_eq!(size, 100_000);
+    assert!(tail[..] == s.blob[95_000..]);
+    s.proxy.push(Fault::Truncate);
+    s.proxy.push(Fault::Status(503));
+    let (tail, size) = c
+        .fetch_tail(&s.image, &s.desc.digest, 70_000)
+        .await
+        .unwrap();
+    assert_eq!(size, 100_000);
+    assert!(tail[..] == s.blob[30_000..]);
+}

@@ -127,6 +127,21 @@ async fn resolve_pull_ranges_and_push() {
     }
     // docker-registry (Go's http.ServeContent) answers multi-range properly.
     assert!(!c.is_single_range_only(&image.registry));
+    // The tail of a blob, with its size, in one suffix range request; all of a short blob.
+    let (tail, size) = c
+        .fetch_tail(&image, &layer_desc.digest, 4096)
+        .await
+        .unwrap();
+    assert_eq!(size, layer.len() as u64);
+    assert_eq!(&tail[..], &layer[layer.len() - 4096..]);
+    let (all, size) = c
+        .fetch_tail(&image, &layer_desc.digest, 1 << 40)
+        .await
+        .unwrap();
+    assert_eq!(
+        (all.len() as u64, size),
+        (layer.len() as u64, layer.len() as u64)
+    );
 
     // Cross-repository mount.
     let other: ImageRef = format!("{}/test/other:v1", reg.addr).parse().unwrap();

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use estargz_format::{Limits, Sha256Digest, Toc};
-use estargz_layerfs::{fetch_toc_json, RegistrySource};
+use estargz_layerfs::{toc_json_from_tail, BlobSource, RegistrySource};
 use tokio::sync::OnceCell;
 
 use crate::store::RemoteLayer;
@@ -135,6 +135,10 @@ pub struct Resolver {
     pending: Mutex<HashMap<String, (Instant, Cell)>>,
 }
 
+/// The last bytes of a layer fetched first: the footer, and the whole TOC when it is
+/// small; a larger TOC costs one more request for the rest of it.
+const TOC_TAIL: u64 = 64 << 10;
+
 /// Background resolutions kept for at most this long.
 const PENDING_TTL: std::time::Duration = std::time::Duration::from_secs(300);
 
@@ -179,9 +183,11 @@ impl Resolver {
         let blob: estargz_oci::Digest = digest
             .parse()
             .map_err(|e| (Fallback::BadLabel, format!("layer digest {digest:?}: {e}")))?;
-        let size = match self.client.blob_exists(&image, &blob).await {
-            Ok(Some(size)) => size,
-            Ok(None) => {
+        // The footer and, for a small TOC, the whole TOC in one request that also gives the
+        // blob's size.
+        let (tail, size) = match self.client.fetch_tail(&image, &blob, TOC_TAIL).await {
+            Ok(got) => got,
+            Err(estargz_registry::Error::NotFound { .. }) => {
                 return Err((
                     Fallback::Registry,
                     format!("{reference}: blob {digest} not found"),
@@ -200,10 +206,12 @@ impl Resolver {
         tokio::task::spawn_blocking(move || {
             use estargz_format::Error as F;
             let (json, toc_offset) =
-                fetch_toc_json(&source, size, &limits).map_err(|e| match e {
-                    F::Io { .. } => (Fallback::Registry, e.to_string()),
-                    _ => (Fallback::NotEstargz, e.to_string()),
-                })?;
+                toc_json_from_tail(&tail, size, |r| source.read_range(r), &limits).map_err(
+                    |e| match e {
+                        F::Io { .. } => (Fallback::Registry, e.to_string()),
+                        _ => (Fallback::NotEstargz, e.to_string()),
+                    },
+                )?;
             // Validate now, so that a hostile TOC falls back instead of failing the mount.
             Toc::parse(&json, toc_offset, &limits)
                 .map_err(|e| (Fallback::NotEstargz, e.to_string()))?;
