@@ -1,11 +1,13 @@
-"""Shared pieces of the benchmarks: running commands, the emulated link to the registry,
-and building the Debian images."""
+"""Shared pieces of the benchmarks: running commands, the emulated links to the registry,
+building the Debian images, and the reference snapshotter."""
 import argparse
+import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -14,35 +16,48 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "testdata" / "scripts"
 ESTARGZ = REPO / "target" / "release" / "estargz"
 SNAPSHOTTER = REPO / "target" / "release" / "estargz-snapshotter"
+# The reference daemon (containerd/stargz-snapshotter v0.12 built from Debian's Go sources).
+REFERENCE = REPO / "target" / "ref" / "stargz-ref"
+
+# The links to the registry: name -> (tc tbf rate, round-trip time in ms). A shaped link is
+# a network namespace whose loopback is limited with tc tbf, behind delay_proxy.py (netem is
+# not available here); registry, containerd, daemons and clients all run inside it.
+LINKS = {"loopback": (None, 0), "100mbit": ("100mbit", 20), "20mbit": ("20mbit", 50)}
 
 
 class Link:
-    """Where the registry is, and how every command reaches it."""
+    """Where the registry is, and how every command reaches it. With `data`, the registry
+    starts with a copy (hard links) of that registry storage: images prepared once
+    elsewhere."""
 
-    def __init__(self, name, rate, rtt_ms, work):
+    def __init__(self, name, work, data=None):
+        if name not in LINKS:
+            raise ValueError(f"unknown link {name!r}; known: {', '.join(LINKS)}")
         self.name = name
-        self.work = work
+        self.rate, self.rtt_ms = LINKS[name]
         self.netns = None
         self.proxy = None
-        if name == "wan":
-            self.netns = f"esgz-bench-{os.getpid()}"
+        self.prefix = []
+        if self.rate:
+            self.netns = f"esgz-{name}-{os.getpid()}"
             run(["ip", "netns", "add", self.netns])
             self.prefix = ["nsenter", f"--net=/run/netns/{self.netns}"]
             run(self.prefix + ["ip", "link", "set", "lo", "up"])
             run(self.prefix + ["tc", "qdisc", "replace", "dev", "lo", "root", "tbf",
-                               "rate", rate, "burst", "256kb", "latency", "50ms"])
-        else:
-            self.prefix = []
+                               "rate", self.rate, "burst", "256kb", "latency", "50ms"])
         reg_dir = work / f"reg-{name}"
         self.registry_dir = reg_dir
+        if data:
+            reg_dir.mkdir(parents=True)
+            run(["cp", "-al", data, reg_dir / "data"])
         addr = run(self.prefix + ["bash", str(SCRIPTS / "registry.sh"), "start", str(reg_dir)],
                    env={"REGISTRY_LOG_LEVEL": "info"}).strip()
         self.addr = addr
-        if name == "wan":
+        if self.rate:
             port = free_port(self.prefix)
             self.proxy = subprocess.Popen(
                 self.prefix + [sys.executable, str(REPO / "benches" / "delay_proxy.py"),
-                               str(port), addr, str(rtt_ms / 2)],
+                               str(port), addr, str(self.rtt_ms / 2)],
                 stdout=subprocess.PIPE, text=True)
             assert self.proxy.stdout.readline().strip() == "ready"
             self.addr = f"127.0.0.1:{port}"
@@ -58,6 +73,7 @@ class Link:
     def close(self):
         if self.proxy:
             self.proxy.kill()
+            self.proxy.wait()
         run(self.prefix + ["bash", str(SCRIPTS / "registry.sh"), "stop", str(self.registry_dir)],
             check=False)
         if self.netns:
@@ -81,8 +97,11 @@ def free_port(prefix):
                              "print(s.getsockname()[1])"]).strip())
 
 
-# Images built from Debian packages (testdata/scripts/rootfs.sh, one layer each); None is
-# rootfs.sh's default set (python3.11 and a shell).
+# Images built from Debian packages (testdata/scripts/rootfs.sh): each image's full package
+# set (None is rootfs.sh's default: python3.11 and a shell). Pushed as two layers: the
+# Debian base the images share (BASE_PACKAGES) and the rest of the image.
+BASE_PACKAGES = ("base-files bash coreutils dash libc6 libselinux1 libpcre2-8-0 libacl1 "
+                 "libattr1 libgmp10 zlib1g")
 IMAGES = {
     "python": None,
     "gcc": "base-files bash coreutils dash libc6 libselinux1 libpcre2-8-0 libacl1 libattr1 "
@@ -94,17 +113,27 @@ IMAGES = {
 }
 
 
-def arguments(doc, samples, links=True):
-    """An argument parser with what every benchmark takes: --samples and --out, and with
-    `links` the emulated link's --links, --rate and --rtt-ms."""
+def arguments(doc, samples, links=None):
+    """An argument parser with what every benchmark takes: --samples and --out, and when
+    `links` is given (its default, e.g. "loopback,100mbit"), --links: names of LINKS."""
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--samples", type=int, default=samples)
     ap.add_argument("--out", default=str(REPO / "target" / "bench"))
     if links:
-        ap.add_argument("--links", default="loopback,wan")
-        ap.add_argument("--rate", default="100mbit")
-        ap.add_argument("--rtt-ms", type=float, default=20)
+        ap.add_argument("--links", default=links, type=choices(LINKS),
+                        help=f"comma-separated, of: {', '.join(LINKS)} (default {links})")
     return ap
+
+
+def choices(known):
+    """An argparse type: a comma-separated list of names from KNOWN."""
+    def parse(text):
+        names = [n for n in text.split(",") if n]
+        for n in names:
+            if n not in known:
+                raise argparse.ArgumentTypeError(f"unknown {n!r}; known: {', '.join(known)}")
+        return names
+    return parse
 
 
 def start(args, name):
@@ -126,35 +155,127 @@ def check_prerequisites():
                        'need skopeo skopeo; need ctr-remote stargz-snapshotter'])
 
 
-def image_tar(work, image):
-    """The root filesystem tar of one of IMAGES (built once per work directory)."""
-    tar = work / f"rootfs-{image}.tar"
+def rootfs_tar(work, name, packages):
+    """A root filesystem tar of PACKAGES (None: rootfs.sh's default), built once per work
+    directory as work/rootfs-NAME.tar."""
+    tar = work / f"rootfs-{name}.tar"
     if not tar.exists():
-        env = {"ROOTFS_PACKAGES": IMAGES[image]} if IMAGES[image] else {}
-        run(["bash", str(SCRIPTS / "rootfs.sh"), tar], env=env)
+        run(["bash", str(SCRIPTS / "rootfs.sh"), tar],
+            env={"ROOTFS_PACKAGES": packages} if packages else {})
     return tar
 
 
-def push_image(link, work, image):
-    """Pushes one of IMAGES, as an ordinary one-layer gzip image, to LINK's registry as
-    bench/IMAGE:orig. Returns the reference and the compressed size of its layers."""
-    layout = work / f"image-{image}"
+def image_tar(work, image):
+    """The whole root filesystem of one of IMAGES, as one tar."""
+    return rootfs_tar(work, image, IMAGES[image])
+
+
+def image_layers(work, image):
+    """The layer tars of one of IMAGES, bottom first: the shared Debian base, and the
+    entries of the image that the base does not have identically."""
+    base = rootfs_tar(work, "base", BASE_PACKAGES)
+    app = work / f"layer-{image}.tar"
+    if not app.exists():
+        upper_layer(base, image_tar(work, image), app)
+    return [base, app]
+
+
+def upper_layer(lower_tar, full_tar, out):
+    """Writes OUT, the layer that turns LOWER_TAR into FULL_TAR: every entry of FULL_TAR
+    that LOWER_TAR does not have identically (see identity), with its parent directories
+    and the rest of its hard link group, in FULL_TAR's order."""
+    def entries(path):
+        with tarfile.open(path) as t:
+            return {m.name: (m, identity(t, m)) for m in t.getmembers()}
+
+    lower, full = entries(lower_tar), entries(full_tar)
+    gone = sorted(set(lower) - set(full))
+    if gone:
+        raise RuntimeError(f"{full_tar} lacks {len(gone)} entries of {lower_tar} "
+                           f"(e.g. {gone[0]}): the base is not a lower layer of the image")
+    keep = {n for n, (_, ident) in full.items() if lower.get(n, (None, None))[1] != ident}
+    groups = {}  # hard link groups, by the entry they link to
+    for n, (m, _) in full.items():
+        if m.islnk():
+            groups.setdefault(m.linkname, {m.linkname}).add(n)
+    for group in groups.values():
+        if keep & group:
+            keep |= group
+    for n in list(keep):
+        while n not in (".", ""):
+            n = os.path.dirname(n) or "."
+            keep.add(n)
+    with tarfile.open(full_tar) as src, tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as dst:
+        for m in src.getmembers():
+            if m.name in keep:
+                dst.addfile(m, src.extractfile(m) if m.isreg() else None)
+
+
+def identity(tar, m):
+    """What makes tar entry M of TAR the same file: type, metadata, xattrs, content."""
+    digest = hashlib.sha256(tar.extractfile(m).read()).hexdigest() if m.isreg() else None
+    return (m.type, m.mode, m.uid, m.gid, m.uname, m.gname, m.size, m.mtime, m.linkname,
+            m.devmajor, m.devminor, sorted(m.pax_headers.items()), digest)
+
+
+def push_image(link, work, image, layered=True):
+    """Pushes one of IMAGES, as an ordinary gzip image (two layers, see image_layers; one
+    with layered=False), to LINK's registry as bench/IMAGE:orig. Returns the reference and
+    the compressed size of its layers."""
+    layers = image_layers(work, image) if layered else [image_tar(work, image)]
+    layout = work / f"image-{image}-{len(layers)}"
     if not layout.exists():
-        run(["bash", "-c", f'. "{SCRIPTS}/lib.sh"; '
-                           f'make_oci_image "{layout}" orig "" "{image_tar(work, image)}"'])
+        run(["bash", "-c", f'. "{SCRIPTS}/lib.sh"; make_oci_image "$@"', "-",
+             layout, "orig", ""] + layers)
     ref = f"{link.addr}/bench/{image}:orig"
     link.cmd(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:orig",
               f"docker://{ref}"])
-    return ref, sum(layer["size"] for layer in manifest(link, ref)["layers"])
+    return ref, image_bytes(link, ref)
 
 
-def manifest(link, ref):
-    """The OCI manifest of REF (host/repository:tag) in LINK's registry."""
+def manifest(link, ref, raw=False):
+    """The OCI manifest of REF (host/repository:tag) in LINK's registry (its bytes, as
+    text, with raw)."""
     host, rest = ref.split("/", 1)
     repo, tag = rest.rsplit(":", 1)
-    return json.loads(link.cmd(["curl", "-sf", "-H",
-                                "Accept: application/vnd.oci.image.manifest.v1+json",
-                                f"http://{host}/v2/{repo}/manifests/{tag}"]))
+    text = link.cmd(["curl", "-sf", "-H", "Accept: application/vnd.oci.image.manifest.v1+json",
+                     f"http://{host}/v2/{repo}/manifests/{tag}"])
+    return text if raw else json.loads(text)
+
+
+def manifest_digest(link, ref):
+    """The digest of REF's manifest (sha256:...)."""
+    return "sha256:" + hashlib.sha256(manifest(link, ref, raw=True).encode()).hexdigest()
+
+
+def image_bytes(link, ref):
+    """The compressed size of REF's layers."""
+    return sum(layer["size"] for layer in manifest(link, ref)["layers"])
+
+
+def reference_binary():
+    """The reference daemon, built (about 2 minutes) when missing with
+    $STARGZ_REF_BUILD (default: ../shared/reference/build.sh beside the repository)."""
+    if not REFERENCE.exists():
+        script = os.environ.get("STARGZ_REF_BUILD",
+                                str(REPO.parent / "shared" / "reference" / "build.sh"))
+        print(f"# building the reference snapshotter with {script}", file=sys.stderr, flush=True)
+        run(["bash", script, REFERENCE], timeout=1800)
+    return REFERENCE
+
+
+def drop_caches():
+    """Empties the kernel's page cache (and dentries and inodes), after writing back."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def fuse_mounts(under):
+    """How many FUSE filesystems are mounted below the directory UNDER."""
+    prefix = str(under).rstrip("/") + "/"
+    with open("/proc/self/mounts") as f:
+        return sum(1 for line in f
+                   if line.split()[2].startswith("fuse") and line.split()[1].startswith(prefix))
 
 
 def metric_sum(cmd, addr, name):

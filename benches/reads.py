@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Reads through a lazily mounted layer, against the same files unpacked on disk.
 
-    python3 benches/reads.py [--samples N] [--links loopback,wan] [--random-reads N] [--image gcc]
+    python3 benches/reads.py [--samples N] [--links loopback,100mbit] [--random-reads N] [--image gcc]
 
 For one of the benchmark images (default gcc: compilers and libraries, many large files; one
 layer, converted to eStargz without prioritized files), mounted
@@ -31,16 +31,12 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import ESTARGZ, IMAGES, Link, arguments, image_tar, p95, push_image, run, start
+from benchlib import (ESTARGZ, IMAGES, LINKS, Link, arguments, drop_caches, image_tar, p95,
+                      push_image, run, start)
 
 SEQ_MIN = 1 << 20
 RAND_MIN = 64 << 10
 BLOCK = 128 << 10
-
-
-def drop_caches():
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 class Mount:
@@ -109,7 +105,7 @@ def read_random(root, plan):
 
 
 def main():
-    ap = arguments(__doc__, samples=3)
+    ap = arguments(__doc__, samples=3, links="loopback,100mbit")
     ap.add_argument("--random-reads", type=int, default=100)
     ap.add_argument("--image", default="gcc", choices=sorted(IMAGES))
     args = ap.parse_args()
@@ -129,10 +125,10 @@ def main():
         seq_bytes = sum(s for _, s in seq)
         print(f"# seq: {len(seq)} files, {seq_bytes:,} B; random: {len(plan)} reads over "
               f"{len(big)} files", file=sys.stderr)
-        for name in args.links.split(","):
-            link = Link(name, args.rate, args.rtt_ms, work)
+        for name in args.links:
+            link = Link(name, work)
             try:
-                orig, _ = push_image(link, work, args.image)
+                orig, _ = push_image(link, work, args.image, layered=False)
                 ref = orig.replace(":orig", ":esgz")
                 link.cmd([ESTARGZ, "convert", orig, ref, "--quiet"])
                 warm_cache = work / f"warm-cache-{name}"
@@ -178,13 +174,13 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
     (out / "reads.json").write_text(json.dumps(
         {"samples": samples, "image": args.image, "seq_bytes": seq_bytes, "seq_files": len(seq),
-         "random_reads": len(plan), "rate": args.rate, "rtt_ms": args.rtt_ms}, indent=1))
+         "random_reads": len(plan), "links": {n: LINKS[n] for n in args.links}}, indent=1))
     print(f"\nimage {args.image}; seq: {len(seq)} files of 1 MiB or more, {seq_bytes:,} bytes; random: "
           f"{len(plan)} reads of 4 KiB")
     print("| link | source | seq MB/s | random 4 KiB: median ms | p95 ms | reads/s | "
           "registry bytes (seq / random) | n |")
     print("|---|---|---|---|---|---|---|---|")
-    for name in args.links.split(","):
+    for name in args.links:
         for mode in ("cold", "warm", "native"):
             sq = [s for s in samples if (s["link"], s["mode"], s["pattern"]) == (name, mode, "seq")]
             rd = [s for s in samples if (s["link"], s["mode"], s["pattern"]) == (name, mode, "random")]

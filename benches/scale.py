@@ -131,7 +131,7 @@ def main():
     args = arguments(__doc__, samples=3, links=False).parse_args()
     out, work = start(args, "scale")
     result = {"layers": [], "big": []}
-    link = Link("loopback", None, 0, work)
+    link = Link("loopback", work)
     try:
         print("# building 50 layers and a 100,000-file layer", file=sys.stderr, flush=True)
         tars = []

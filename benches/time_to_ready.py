@@ -1,38 +1,57 @@
 #!/usr/bin/env python3
-"""Time to ready: how long until a container's command has run, per pull mode.
+"""Time to ready: how long until a container's command has run, per pull mode, ours
+against the reference stargz-snapshotter.
 
-    python3 benches/time_to_ready.py [--samples N] [--links loopback,wan] [--workloads ...]
+    python3 benches/time_to_ready.py [--samples N] [--links loopback,100mbit,20mbit]
+        [--workloads python3,python-imports,gcc] [--modes ordinary,lazy,ref,...]
 
-For each link (loopback; `wan`: the registry in a network namespace whose loopback is
-limited to --rate with tc tbf, behind a proxy adding --rtt-ms of round trip), each workload
-and each mode, runs SAMPLES fresh environments (a private containerd and
-estargz-snapshotter, nothing cached) in random order and times pull, create and run:
+Images: real Debian root filesystems in two layers, a Debian base shared by the images and
+the application (python; gcc with binutils and libc headers), pushed as ordinary gzip
+images and converted to eStargz with ours (`estargz convert`) and with the reference
+(`ctr-remote image convert --estargz --oci`), each without and with the workload's
+prioritized files (recorded with strace from a run of the workload in the unpacked image).
+
+Every sample is a cold node: a fresh private containerd with both snapshotters started
+with empty roots (ours as `estargz`, the reference daemon as `stargz-ref`), and the page
+cache dropped right before the timed pull, create and run. Modes:
 
   ordinary   ctr images pull (containerd's overlayfs snapshotter unpacks every layer)
-  lazy       ctr-remote images rpull --snapshotter estargz, image converted without
-             prioritized files
-  lazy-prio  the same, image converted with the workload's files prioritized (recorded
-             with strace from a run of the workload in the unpacked image)
+  lazy       ours: ctr-remote images rpull --snapshotter estargz, our conversion
+  ref        the reference: rpull --snapshotter stargz-ref, the reference's conversion
+  lazy-prio  ours, our conversion with the workload's files prioritized
+  ref-prio   the reference, its conversion with the same files (--estargz-record-in)
   lazy-warm  lazy-prio on a node whose chunk cache already holds the image (another
              image of the same content ran and was removed): a second node of a fleet
              sharing a cache volume, or a re-pull after GC
+  lazy-ctr   ours on the reference's conversion (the `ref` image)
+  ref-ours   the reference on our conversion (the `lazy` image)
 
-Prints a Markdown table (median and p95 of total, medians of each phase, registry bytes
-served, bytes read through the lazy layers, the image's size and the size of the files the
-workload opens) and writes every sample to OUT/time_to_ready.json. Needs root.
+Links (--links): loopback, and network namespaces shaped with tc tbf behind delay_proxy.py:
+100mbit (20 ms round trip) and 20mbit (50 ms). Cells run in random order.
+
+Prints a Markdown table per cell (median and p95 of total, medians of each phase, registry
+bytes served, bytes read through our lazy layers, FUSE mounts after the run, the pulled
+image's size and the size of the files the workload opens), then ours/reference: ratios
+of median totals of lazy/ref and lazy-prio/ref-prio per link and workload, with registry
+bytes, and their geometric means. Writes samples and ratios to OUT/time_to_ready.json.
+Needs root.
 """
 import json
+import math
 import os
 import random
 import re
 import shutil
 import statistics
 import sys
+import tarfile
 import time
 from pathlib import Path
 
-from benchlib import (ESTARGZ, SCRIPTS, SNAPSHOTTER, Link, arguments, image_tar, metric_sum,
-                      p95, push_image, run, start, wait_background_fetch)
+from benchlib import (ESTARGZ, LINKS, SCRIPTS, SNAPSHOTTER, Link, arguments, choices,
+                      drop_caches, fuse_mounts, image_bytes, image_layers, image_tar,
+                      manifest_digest, metric_sum, p95, push_image, reference_binary, run,
+                      start, wait_background_fetch)
 
 IMPORTS = ("argparse, ast, bisect, calendar, collections, compileall, configparser, "
            "contextlib, copy, csv, datetime, dis, email, email.mime.text, email.parser, enum, "
@@ -52,34 +71,67 @@ WORKLOADS = {
     "gcc": ("gcc", ["/bin/sh", "-c", f'printf "{HELLO_C}" > /tmp/h.c && gcc -O2 /tmp/h.c '
                     '-o /tmp/h && /tmp/h']),
 }
-MODES = ["ordinary", "lazy", "lazy-prio", "lazy-warm"]
+OURS, REF = "estargz", "stargz-ref"
+# mode: (snapshotter, or None for containerd's overlayfs and an ordinary pull; image kind)
+MODES = {
+    "ordinary": (None, "orig"),
+    "lazy": (OURS, "lazy"),
+    "ref": (REF, "ref"),
+    "lazy-prio": (OURS, "prio"),
+    "ref-prio": (REF, "ref-prio"),
+    "lazy-warm": (OURS, "prio"),
+    "lazy-ctr": (OURS, "ref"),
+    "ref-ours": (REF, "lazy"),
+}
+# Image kinds converted per workload (with its prioritized files); the others per image.
+PER_WORKLOAD = ("prio", "ref-prio")
+# (ours, reference) compared in the ratio table.
+PAIRS = [("lazy", "ref"), ("lazy-prio", "ref-prio")]
 
 
-def prepare_images(link, work, workloads):
-    """Pushes each image the workloads need and converts it twice per workload (without and
-    with its prioritized files). Returns the refs, each image's compressed size, and the
+def repo_tag(wl, kind):
+    """Repository and tag, in every link's registry, of the image of KIND for workload WL."""
+    image = WORKLOADS[wl][0]
+    return f"bench/{image}:{wl}-{kind}" if kind in PER_WORKLOAD else f"bench/{image}:{kind}"
+
+
+def prepare_images(reg, work, workloads, modes):
+    """Pushes the images the workloads need to REG (a registry on loopback) and converts
+    them into the kinds MODES use. Returns each kind's image size (by repo:tag) and the
     bytes of the files each workload opens."""
-    refs, sizes, opened = {}, {}, {}
-    for image in sorted({WORKLOADS[wl][0] for wl in workloads}):
-        refs[f"{image}-orig"], sizes[image] = push_image(link, work, image)
+    kinds = {MODES[m][1] for m in modes}
+    sizes, opened, done = {}, {}, set()
     for wl in workloads:
-        image, command = WORKLOADS[wl]
-        prio, opened[wl] = record_prioritized(work, image, wl, command)
-        base = f"{link.addr}/bench/{image}"
-        link.cmd([ESTARGZ, "convert", f"{base}:orig", f"{base}:{wl}-lazy", "--quiet"])
-        link.cmd([ESTARGZ, "convert", f"{base}:orig", f"{base}:{wl}-prio", "--quiet",
-                  "--prioritize", prio])
-        refs[f"{wl}-lazy"] = f"{base}:{wl}-lazy"
-        refs[f"{wl}-prio"] = f"{base}:{wl}-prio"
-    return refs, sizes, opened
+        orig = f"{reg.addr}/{repo_tag(wl, 'orig')}"
+        if orig not in done:
+            _, sizes[repo_tag(wl, "orig")] = push_image(reg, work, WORKLOADS[wl][0])
+            done.add(orig)
+        prio, record, opened[wl] = record_prioritized(reg, work, wl, orig)
+        for kind in sorted(kinds - {"orig"}):
+            dst = f"{reg.addr}/{repo_tag(wl, kind)}"
+            if dst in done:
+                continue
+            print(f"# converting {dst}", file=sys.stderr, flush=True)
+            if kind in ("lazy", "prio"):
+                reg.cmd([ESTARGZ, "convert", orig, dst, "--quiet"]
+                        + (["--prioritize", prio] if kind == "prio" else []))
+            else:
+                run(["bash", SCRIPTS / "reference-convert-registry.sh", orig, dst],
+                    env={"EXTRA_CONVERT_ARGS": f"--estargz-record-in {record}"
+                         if kind == "ref-prio" else ""})
+            sizes[repo_tag(wl, kind)] = image_bytes(reg, dst)
+            done.add(dst)
+    return sizes, opened
 
 
-def record_prioritized(work, image, wl, command):
-    """The files of the image that `command` opens, in order, from a profiling run of it
-    (strace, chroot into the unpacked image): the prioritized-files list for the lazy-prio
-    mode. Returns the list's path and the files' total size (what the workload can read at
-    most: the floor of what a lazy start must fetch)."""
-    out = work / f"prio-{wl}.txt"
+def record_prioritized(reg, work, wl, orig):
+    """The files of the image that the workload opens, in order, from a profiling run of it
+    (strace, chroot into the unpacked image): the prioritized files of the *-prio modes.
+    Returns the list for `estargz convert --prioritize`, the same files as a record file
+    for `ctr-remote image convert --estargz-record-in` (each with the index of the layer
+    that holds it, the upper one when both do), and the files' total size (what the
+    workload can read at most: the floor of what a lazy start must fetch)."""
+    image, command = WORKLOADS[wl]
     root = work / f"rootfs-{image}"
     if not root.exists():
         root.mkdir()
@@ -109,103 +161,214 @@ def record_prioritized(work, image, wl, command):
             if rel in in_image and p.is_file() and not p.is_symlink() and rel not in seen:
                 seen.add(rel)
                 files.append(rel)
-    out.write_text(f"# recorded from: {' '.join(command)}\n" + "\n".join(files) + "\n")
-    return out, sum(os.path.getsize(root / f) for f in files)
+    prio = work / f"prio-{wl}.txt"
+    prio.write_text(f"# recorded from: {' '.join(command)}\n" + "\n".join(files) + "\n")
+    layers = []
+    for tar in image_layers(work, image):
+        with tarfile.open(tar) as t:
+            layers.append({os.path.normpath(n) for n in t.getnames()})
+    digest = manifest_digest(reg, orig)
+    record = work / f"record-{wl}.json"
+    record.write_text("".join(json.dumps({
+        "path": f, "manifestDigest": digest,
+        "layerIndex": max(i for i, names in enumerate(layers) if f in names)}) + "\n"
+        for f in files))
+    return prio, record, sum(os.path.getsize(root / f) for f in files)
 
 
-def one_sample(link, work, wl, mode, refs, n):
-    image, command = WORKLOADS[wl]
+def one_sample(link, work, wl, mode, n, logs):
+    """Times one cold start; on failure keeps the daemons' and containerd's logs in LOGS."""
+    command = WORKLOADS[wl][1]
+    snap, kind = MODES[mode]
+    ref = f"{link.addr}/{repo_tag(wl, kind)}"
     env_dir = work / f"env-{n}"
-    start = run(link.prefix + ["bash", str(SCRIPTS / "snapshotter.sh"), "start", str(env_dir)],
-                env={"SNAPSHOTTER": str(SNAPSHOTTER)}).strip()
+    env = {"SNAPSHOTTER": str(SNAPSHOTTER), "STARGZ_REF": str(reference_binary())}
     sock = env_dir / "c" / "containerd.sock"
-    ctr = ["ctr", "-a", sock]
+    opts = ["--snapshotter", snap] if snap else []
+
+    def pull(ns):
+        if snap:
+            return ["ctr-remote", "-a", sock, "-n", ns, "images", "rpull", "--plain-http"] + opts
+        return ["ctr", "-a", sock, "-n", ns, "images", "pull", "--plain-http"]
+
+    ctr = ["ctr", "-a", sock, "-n", "b"]
     try:
-        if mode == "ordinary":
-            ref, pull, snap = refs[f"{image}-orig"], ctr + ["-n", "b", "images", "pull", "--plain-http"], []
-        else:
-            ref = refs[f"{wl}-lazy" if mode == "lazy" else f"{wl}-prio"]
-            pull = ["ctr-remote", "-a", sock, "-n", "b", "images", "rpull", "--plain-http",
-                    "--snapshotter", "estargz"]
-            snap = ["--snapshotter", "estargz"]
+        metrics = run(link.prefix + ["bash", SCRIPTS / "snapshotter.sh", "start", env_dir],
+                      env=env).strip()
         if mode == "lazy-warm":
             # Run once and let the background fetch finish, then remove it all but the cache.
-            link.cmd(pull[:4] + ["warm"] + pull[5:] + [ref])
-            link.cmd(ctr + ["-n", "warm", "run", "--rm"] + snap + [ref, "warm"] + command)
-            wait_background_fetch(link.cmd, start)
-            link.cmd(ctr + ["-n", "warm", "images", "rm", "--sync", ref])
+            warm = ["ctr", "-a", sock, "-n", "warm"]
+            link.cmd(pull("warm") + [ref])
+            link.cmd(warm + ["run", "--rm"] + opts + [ref, "warm"] + command)
+            wait_background_fetch(link.cmd, metrics, seconds=900)
+            link.cmd(warm + ["images", "rm", "--sync", ref])
+        drop_caches()
         before = link.served()
         t0 = time.monotonic()
-        link.cmd(pull + [ref])
+        link.cmd(pull("b") + [ref])
         t1 = time.monotonic()
-        link.cmd(ctr + ["-n", "b", "containers", "create"] + snap + [ref, "c1", "--"] + command)
+        link.cmd(ctr + ["containers", "create"] + opts + [ref, "c1", "--"] + command)
         t2 = time.monotonic()
-        out = link.cmd(ctr + ["-n", "b", "tasks", "start", "c1"])
+        out = link.cmd(ctr + ["tasks", "start", "c1"])
         t3 = time.monotonic()
         if not out.strip():
             raise RuntimeError(f"{wl} printed nothing in mode {mode}")
         sample = {"link": link.name, "workload": wl, "mode": mode, "pull": t1 - t0,
                   "create": t2 - t1, "run": t3 - t2, "total": t3 - t0,
-                  "bytes": link.served() - before}
-        if mode in ("lazy", "lazy-prio"):
+                  "bytes": link.served() - before, "output": out.strip()[-200:],
+                  # Lazily mounted layers (FUSE) of the snapshotter the mode uses.
+                  "fuse_mounts": fuse_mounts(env_dir / ("ref-root" if snap == REF else "root"))}
+        if snap == OURS and mode != "lazy-warm":
             # What the workload read from the image, as the kernel asked the lazy layers
             # for it (read-ahead included); lazy-warm's layers also served its warm-up.
-            sample["read_bytes"] = int(metric_sum(link.cmd, start, "estargz_layer_read_bytes_total"))
+            sample["read_bytes"] = int(metric_sum(link.cmd, metrics,
+                                                  "estargz_layer_read_bytes_total"))
         return sample
+    except Exception:
+        keep = logs / f"failed-{n}-{link.name}-{wl}-{mode}"
+        keep.mkdir(parents=True, exist_ok=True)
+        for log in ("snapshotter.log", "ref.log", "c/containerd.log"):
+            if (env_dir / log).exists():
+                shutil.copy(env_dir / log, keep)
+        raise
     finally:
-        run(link.prefix + ["bash", str(SCRIPTS / "snapshotter.sh"), "stop", str(env_dir)],
-            env={"SNAPSHOTTER": str(SNAPSHOTTER)}, check=False)
+        run(link.prefix + ["bash", SCRIPTS / "snapshotter.sh", "stop", env_dir], env=env,
+            check=False)
         shutil.rmtree(env_dir, ignore_errors=True)
 
 
+def cell(samples, link, wl, mode):
+    return [s for s in samples if (s["link"], s["workload"], s["mode"]) == (link, wl, mode)
+            and "error" not in s]
+
+
+def median(xs, key):
+    return statistics.median(s[key] for s in xs)
+
+
+def geomean(xs):
+    return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else None
+
+
+def compare(samples, links, workloads, modes):
+    """Ours/reference per link, workload and pair of PAIRS (median totals and registry
+    bytes), and the geometric means of the ratios per link and pair, and per link."""
+    rows, means = [], []
+    for link in links:
+        for ours, theirs in PAIRS + [(None, None)]:
+            if ours is None:  # every pair of the link
+                ratios = [r["ratio"] for r in rows if r["link"] == link]
+                label = "all"
+            else:
+                if ours not in modes or theirs not in modes:
+                    continue
+                for wl in workloads:
+                    a, b = cell(samples, link, wl, ours), cell(samples, link, wl, theirs)
+                    if a and b:
+                        rows.append({"link": link, "workload": wl, "ours": ours,
+                                     "reference": theirs, "ours_s": median(a, "total"),
+                                     "reference_s": median(b, "total"),
+                                     "ratio": median(a, "total") / median(b, "total"),
+                                     "ours_bytes": median(a, "bytes"),
+                                     "reference_bytes": median(b, "bytes")})
+                ratios = [r["ratio"] for r in rows if (r["link"], r["ours"]) == (link, ours)]
+                label = f"{ours}/{theirs}"
+            if ratios:
+                means.append({"link": link, "pair": label, "geomean": geomean(ratios),
+                              "cells": len(ratios)})
+    return rows, means
+
+
+def flag(ratio):
+    """A ratio, in bold and marked when ours is slower."""
+    return f"**{ratio:.2f} (slower)**" if ratio > 1.0 else f"{ratio:.2f}"
+
+
+def print_tables(samples, links, workloads, modes, sizes, opened, rows, means):
+    print("| link | workload | mode | total median s | total p95 s | pull | create | run | "
+          "registry bytes (median) | read through our lazy layers | FUSE mounts | "
+          "image bytes | opened files bytes | n |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for link in links:
+        for wl in workloads:
+            for mode in modes:
+                xs = cell(samples, link, wl, mode)
+                if not xs:
+                    continue
+                read = f"{int(median(xs, 'read_bytes')):,}" if "read_bytes" in xs[0] else "-"
+                print(f"| {link} | {wl} | {mode} | {median(xs, 'total'):.2f} | "
+                      f"{p95([s['total'] for s in xs]):.2f} | {median(xs, 'pull'):.2f} | "
+                      f"{median(xs, 'create'):.2f} | {median(xs, 'run'):.2f} | "
+                      f"{int(median(xs, 'bytes')):,} | {read} | "
+                      f"{min(s['fuse_mounts'] for s in xs)} | "
+                      f"{sizes[repo_tag(wl, MODES[mode][1])]:,} | {opened[wl]:,} | {len(xs)} |")
+    if not rows:
+        return
+    print("\nOurs/reference (median total time; above 1.00 ours is slower):\n")
+    print("| link | workload | ours | reference | ours s | reference s | ours/reference | "
+          "registry bytes ours | registry bytes reference |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['link']} | {r['workload']} | {r['ours']} | {r['reference']} | "
+              f"{r['ours_s']:.2f} | {r['reference_s']:.2f} | {flag(r['ratio'])} | "
+              f"{int(r['ours_bytes']):,} | {int(r['reference_bytes']):,} |")
+    print("\n| link | pair | geometric mean of ours/reference | cells |")
+    print("|---|---|---|---|")
+    for m in means:
+        print(f"| {m['link']} | {m['pair']} | {flag(m['geomean'])} | {m['cells']} |")
+
+
 def main():
-    ap = arguments(__doc__, samples=5)
-    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap = arguments(__doc__, samples=5, links=",".join(LINKS))
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), type=choices(WORKLOADS))
+    ap.add_argument("--modes", default=",".join(MODES), type=choices(MODES),
+                    help=f"comma-separated, of: {', '.join(MODES)} (default all)")
     args = ap.parse_args()
     out, work = start(args, "ttr")
-    workloads = args.workloads.split(",")
-    for wl in workloads:
-        if wl not in WORKLOADS:
-            sys.exit(f"unknown workload {wl!r}; known: {', '.join(WORKLOADS)}")
-    samples, sizes, opened = [], {}, {}
+    workloads, links, modes = args.workloads, args.links, args.modes
+    reference_binary()
+    samples, failed, t_start = [], 0, time.monotonic()
     try:
-        for name in args.links.split(","):
-            link = Link(name, args.rate, args.rtt_ms, work)
+        # Images are prepared once, on loopback; every link's registry serves a copy.
+        stage = Link("loopback", work / "stage")
+        try:
+            sizes, opened = prepare_images(stage, work, workloads, modes)
+        finally:
+            stage.close()
+        for name in links:
+            link = Link(name, work, data=stage.registry_dir / "data")
             try:
-                refs, sizes, opened = prepare_images(link, work, workloads)
-                plan = [(wl, mode) for wl in workloads for mode in MODES
+                plan = [(wl, mode) for wl in workloads for mode in modes
                         for _ in range(args.samples)]
                 random.shuffle(plan)
                 for n, (wl, mode) in enumerate(plan):
-                    s = one_sample(link, work, wl, mode, refs, n)
-                    print(f"# {name} {wl} {mode}: {s['total']:.2f}s, {s['bytes']:,} B",
-                          file=sys.stderr, flush=True)
+                    progress = f"# [{time.monotonic() - t_start:.0f} s] {name} {wl} {mode}"
+                    try:
+                        s = one_sample(link, work, wl, mode, n, out / "logs")
+                    except Exception as e:  # noqa: BLE001 - recorded, reported, fails the run
+                        failed += 1
+                        s = {"link": name, "workload": wl, "mode": mode, "error": str(e)}
+                        print(f"{progress}: FAILED: {e}", file=sys.stderr, flush=True)
+                    else:
+                        print(f"{progress}: {s['total']:.2f}s, {s['bytes']:,} B, "
+                              f"{s['fuse_mounts']} FUSE mounts, printed {s['output'][-40:]!r}",
+                              file=sys.stderr, flush=True)
                     samples.append(s)
             finally:
                 link.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    rows, means = compare(samples, links, workloads, modes)
     (out / "time_to_ready.json").write_text(json.dumps(
-        {"samples": samples, "image_bytes": sizes, "opened_bytes": opened,
-         "images": {wl: WORKLOADS[wl][0] for wl in workloads},
-         "rate": args.rate, "rtt_ms": args.rtt_ms},
+        {"samples": samples, "comparison": rows, "geomeans": means, "image_bytes": sizes,
+         "opened_bytes": opened, "images": {wl: WORKLOADS[wl][0] for wl in workloads},
+         "modes": modes, "links": {name: {"rate": LINKS[name][0], "rtt_ms": LINKS[name][1]}
+                                   for name in links}},
         indent=1))
-    print("| link | workload | mode | total median s | total p95 s | pull | create | run | "
-          "registry bytes (median) | read through the lazy layer | image bytes | "
-          "opened files bytes | n |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name in args.links.split(","):
-        for wl in workloads:
-            for mode in MODES:
-                xs = [s for s in samples if (s["link"], s["workload"], s["mode"]) == (name, wl, mode)]
-                if not xs:
-                    continue
-                med = lambda k: statistics.median(s[k] for s in xs)  # noqa: E731
-                read = f"{int(med('read_bytes')):,}" if "read_bytes" in xs[0] else "-"
-                print(f"| {name} | {wl} | {mode} | {med('total'):.2f} | "
-                      f"{p95([s['total'] for s in xs]):.2f} | {med('pull'):.2f} | "
-                      f"{med('create'):.2f} | {med('run'):.2f} | {int(med('bytes')):,} | "
-                      f"{read} | {sizes[WORKLOADS[wl][0]]:,} | {opened[wl]:,} | {len(xs)} |")
+    print_tables(samples, links, workloads, modes, sizes, opened, rows, means)
+    if failed:
+        sys.exit(f"{failed} samples failed (errors above and in time_to_ready.json, logs in "
+                 f"{out / 'logs'})")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,12 @@
 # with its own root DIR/root, socket DIR/snap.sock and metrics on a free 127.0.0.1 port,
 # and a private containerd (DIR/c) whose proxy_plugins name it `estargz`. CONFIG_EXTRA is
 # appended to the daemon's config.toml. Prints the metrics address on stdout.
+# With STARGZ_REF set to the reference daemon (containerd/stargz-snapshotter, built by
+# ../shared/reference/build.sh), `start` also starts it with root DIR/ref-root and socket
+# DIR/ref.sock (config file $STARGZ_REF_CONFIG if set; log DIR/ref.log), and containerd
+# knows it as the snapshotter `stargz-ref`.
 # `kill` SIGKILLs the daemon only (the FUSE manager and containerd keep running);
-# `stop` stops containerd, the daemon and its FUSE manager, and unmounts what is left.
+# `stop` stops containerd, both daemons and our FUSE manager, and unmounts what is left.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -31,6 +35,23 @@ start_daemon() {
     die "estargz-snapshotter did not start (log: $dir/snapshotter.log)"
 }
 
+# The reference daemon, once its socket accepts connections.
+start_reference() {
+    [ -x "$STARGZ_REF" ] || die "no reference snapshotter binary at $STARGZ_REF (STARGZ_REF)"
+    mkdir -p "$dir/ref-root"
+    "$STARGZ_REF" -address "$dir/ref.sock" -root "$dir/ref-root" \
+        ${STARGZ_REF_CONFIG:+-config "$STARGZ_REF_CONFIG"} >>"$dir/ref.log" 2>&1 &
+    echo $! > "$dir/ref.pid"
+    for _ in $(seq 1 300); do
+        python3 -c 'import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])' \
+            "$dir/ref.sock" 2>/dev/null && return 0
+        kill -0 "$(cat "$dir/ref.pid")" 2>/dev/null || break
+        sleep 0.1
+    done
+    tail -n 30 "$dir/ref.log" >&2 || true
+    die "the reference snapshotter did not start (log: $dir/ref.log)"
+}
+
 case "$cmd" in
 start)
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -42,9 +63,17 @@ ${3:-}
 TOML
     : > "$dir/snapshotter.log"
     start_daemon
-    CONTAINERD_EXTRA_CONFIG="[proxy_plugins.estargz]
+    plugins="[proxy_plugins.estargz]
   type = \"snapshot\"
-  address = \"$dir/snap.sock\"" bash "$SCRIPTS_DIR/containerd.sh" start "$dir/c" >&2
+  address = \"$dir/snap.sock\""
+    if [ -n "${STARGZ_REF:-}" ]; then
+        start_reference
+        plugins="$plugins
+[proxy_plugins.stargz-ref]
+  type = \"snapshot\"
+  address = \"$dir/ref.sock\""
+    fi
+    CONTAINERD_EXTRA_CONFIG=$plugins bash "$SCRIPTS_DIR/containerd.sh" start "$dir/c" >&2
     echo "127.0.0.1:$port"
     ;;
 restart)
@@ -75,6 +104,13 @@ stop)
     fi
     if [ -x "$bin" ] && [ -f "$dir/config.toml" ]; then
         timeout 60 "$bin" --config "$dir/config.toml" stop-fuse-manager >/dev/null 2>&1 || true
+    fi
+    if [ -f "$dir/ref.pid" ]; then
+        pid=$(cat "$dir/ref.pid")
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+        rm -f "$dir/ref.pid"
     fi
     for m in $(awk -v d="$dir" '$2 ~ "^"d {print $2}' /proc/self/mounts | sort -r); do
         umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
