@@ -19,10 +19,12 @@ SNAPSHOTTER = REPO / "target" / "release" / "estargz-snapshotter"
 # The reference daemon (containerd/stargz-snapshotter v0.12 built from Debian's Go sources).
 REFERENCE = REPO / "target" / "ref" / "stargz-ref"
 
-# The links to the registry: name -> (tc tbf rate, round-trip time in ms). A shaped link is
-# a network namespace whose loopback is limited with tc tbf, behind delay_proxy.py (netem is
-# not available here); registry, containerd, daemons and clients all run inside it.
-LINKS = {"loopback": (None, 0), "100mbit": ("100mbit", 20), "20mbit": ("20mbit", 50)}
+# The links to the registry: name -> (rate in Mbit/s, round-trip time in ms). A shaped link
+# is a network namespace whose loopback is limited with tc tbf, behind delay_proxy.py (netem
+# is not available here); registry, containerd, daemons and clients all run inside it.
+# Blob bytes cross that loopback twice (registry to proxy, proxy to client), so tbf gets
+# twice the link's rate: with the rate itself, a 100 Mbit/s link moved 6.2 MB/s.
+LINKS = {"loopback": (None, 0), "100mbit": (100, 20), "20mbit": (20, 50)}
 
 
 class Link:
@@ -44,7 +46,8 @@ class Link:
             self.prefix = ["nsenter", f"--net=/run/netns/{self.netns}"]
             run(self.prefix + ["ip", "link", "set", "lo", "up"])
             run(self.prefix + ["tc", "qdisc", "replace", "dev", "lo", "root", "tbf",
-                               "rate", self.rate, "burst", "256kb", "latency", "50ms"])
+                               "rate", f"{2 * self.rate}mbit", "burst", "256kb",
+                               "latency", "50ms"])
         reg_dir = work / f"reg-{name}"
         self.registry_dir = reg_dir
         if data:

@@ -176,13 +176,16 @@ def record_prioritized(reg, work, wl, orig):
     return prio, record, sum(os.path.getsize(root / f) for f in files)
 
 
-def one_sample(link, work, wl, mode, n, logs):
-    """Times one cold start; on failure keeps the daemons' and containerd's logs in LOGS."""
+def one_sample(link, work, wl, mode, n, logs, keep_logs=False):
+    """Times one cold start; on failure (or always, with KEEP_LOGS, and then with our
+    fetches logged) keeps the daemons' and containerd's logs in LOGS."""
     command = WORKLOADS[wl][1]
     snap, kind = MODES[mode]
     ref = f"{link.addr}/{repo_tag(wl, kind)}"
     env_dir = work / f"env-{n}"
     env = {"SNAPSHOTTER": str(SNAPSHOTTER), "STARGZ_REF": str(reference_binary())}
+    if keep_logs:
+        env["RUST_LOG"] = "info,estargz_layerfs=debug"
     sock = env_dir / "c" / "containerd.sock"
     opts = ["--snapshotter", snap] if snap else []
 
@@ -223,18 +226,28 @@ def one_sample(link, work, wl, mode, n, logs):
             # for it (read-ahead included); lazy-warm's layers also served its warm-up.
             sample["read_bytes"] = int(metric_sum(link.cmd, metrics,
                                                   "estargz_layer_read_bytes_total"))
+            # Range requests our layers sent, and the time reads and prefetch waited on them.
+            sample["requests"] = int(metric_sum(link.cmd, metrics,
+                                                "estargz_layer_fetch_requests_total"))
+            sample["fetch_seconds"] = metric_sum(link.cmd, metrics,
+                                                 "estargz_layer_fetch_seconds_sum")
+        if keep_logs:
+            keep_logs_of(env_dir, logs / f"{n}-{link.name}-{wl}-{mode}")
         return sample
     except Exception:
-        keep = logs / f"failed-{n}-{link.name}-{wl}-{mode}"
-        keep.mkdir(parents=True, exist_ok=True)
-        for log in ("snapshotter.log", "ref.log", "c/containerd.log"):
-            if (env_dir / log).exists():
-                shutil.copy(env_dir / log, keep)
+        keep_logs_of(env_dir, logs / f"failed-{n}-{link.name}-{wl}-{mode}")
         raise
     finally:
         run(link.prefix + ["bash", SCRIPTS / "snapshotter.sh", "stop", env_dir], env=env,
             check=False)
         shutil.rmtree(env_dir, ignore_errors=True)
+
+
+def keep_logs_of(env_dir, keep):
+    keep.mkdir(parents=True, exist_ok=True)
+    for log in ("snapshotter.log", "ref.log", "c/containerd.log"):
+        if (env_dir / log).exists():
+            shutil.copy(env_dir / log, keep)
 
 
 def cell(samples, link, wl, mode):
@@ -323,6 +336,8 @@ def main():
     ap.add_argument("--workloads", default=",".join(WORKLOADS), type=choices(WORKLOADS))
     ap.add_argument("--modes", default=",".join(MODES), type=choices(MODES),
                     help=f"comma-separated, of: {', '.join(MODES)} (default all)")
+    ap.add_argument("--keep-logs", action="store_true",
+                    help="keep every sample's logs in OUT/logs, with our fetches logged")
     args = ap.parse_args()
     out, work = start(args, "ttr")
     workloads, links, modes = args.workloads, args.links, args.modes
@@ -344,7 +359,7 @@ def main():
                 for n, (wl, mode) in enumerate(plan):
                     progress = f"# [{time.monotonic() - t_start:.0f} s] {name} {wl} {mode}"
                     try:
-                        s = one_sample(link, work, wl, mode, n, out / "logs")
+                        s = one_sample(link, work, wl, mode, n, out / "logs", args.keep_logs)
                     except Exception as e:  # noqa: BLE001 - recorded, reported, fails the run
                         failed += 1
                         s = {"link": name, "workload": wl, "mode": mode, "error": str(e)}
