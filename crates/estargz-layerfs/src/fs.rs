@@ -22,11 +22,22 @@ use crate::tree::{NodeKind, Tree};
 /// The layer never changes: let the kernel cache names and attributes for long.
 const TTL: Duration = Duration::from_secs(3600);
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
-/// A read that misses a small file's chunk fetches, in the same request, the neighbouring
-/// small files of its directory (in blob order) up to this many compressed bytes: a
+/// A read that misses a small file's chunk fetches, in the same round trip, the small files
+/// of its directory nearest to it in blob order, up to this many compressed bytes in all: a
 /// starting process opens file after file of one directory (a language runtime's
 /// modules), and each would otherwise cost a round trip of its own.
 const NEIGHBOUR_SPAN: u64 = 256 << 10;
+/// Neighbours are looked for at most this many chunks away in blob order (entries of
+/// subdirectories sit between a directory's files in tar order, and are skipped).
+const NEIGHBOUR_SCAN: usize = 512;
+/// Neighbours come in at most this many range requests (runs of adjacent chunks), sent at
+/// once.
+const NEIGHBOUR_RUNS: usize = 8;
+/// A read that misses a chunk of a file of several chunks, at its start or right after a
+/// local chunk, has the file's next chunks fetched ahead of it, up to this many compressed
+/// bytes: a program maps its executable and libraries and touches them from start to end,
+/// and a sequential reader reads on.
+const READ_AHEAD: u64 = 4 << 20;
 
 /// Counters of one mounted layer, readable at any time.
 #[derive(Debug, Default)]
@@ -82,6 +93,8 @@ pub struct Inner {
     stats: Arc<LayerStats>,
     /// Unmounted: nothing more is fetched for it.
     closed: std::sync::atomic::AtomicBool,
+    /// This layer, for handing work to the scheduler.
+    me: std::sync::Weak<Inner>,
     prefetch_done: std::sync::atomic::AtomicBool,
     background_done: std::sync::atomic::AtomicBool,
 }
@@ -103,7 +116,8 @@ impl LayerFs {
         cache: Arc<ChunkCache>,
         scheduler: Arc<FetchScheduler>,
     ) -> LayerFs {
-        LayerFs(Arc::new(Inner {
+        LayerFs(Arc::new_cyclic(|me| Inner {
+            me: me.clone(),
             tree: Tree::build(toc),
             source,
             cache,
@@ -246,8 +260,9 @@ impl Inner {
             .filter(|(_, c)| claim.has(&c.digest))
             .copied()
             .collect();
-        for run in runs(&mine) {
-            let bytes = self.fetch_range(span_of(run))?;
+        let runs: Vec<&[(u64, Chunk)]> = runs(&mine).collect();
+        let ranges: Vec<std::ops::Range<u64>> = runs.iter().map(|r| span_of(r)).collect();
+        for (run, bytes) in runs.iter().zip(self.fetch_ranges(&ranges)?) {
             self.store(run, &bytes, &mut claim, hot)?;
         }
         Ok(())
@@ -310,74 +325,103 @@ impl Inner {
 
     /// One range request to the source, timed and counted.
     fn fetch_range(&self, range: std::ops::Range<u64>) -> io::Result<Vec<u8>> {
+        let mut all = self.fetch_ranges(std::slice::from_ref(&range))?;
+        Ok(all.pop().unwrap_or_default())
+    }
+
+    /// Range requests to the source, sent at once, timed and counted.
+    fn fetch_ranges(&self, ranges: &[std::ops::Range<u64>]) -> io::Result<Vec<Vec<u8>>> {
         let started = std::time::Instant::now();
-        let bytes = self.source.read_range(range)?;
+        let all = self.source.read_ranges(ranges)?;
         let took = started.elapsed();
-        self.scheduler.record(bytes.len() as u64, took);
+        let bytes: u64 = all.iter().map(|b| b.len() as u64).sum();
+        tracing::debug!(
+            start = ranges.first().map_or(0, |r| r.start),
+            ranges = ranges.len(),
+            bytes,
+            ms = took.as_secs_f64() * 1e3,
+            "ranges fetched"
+        );
+        self.scheduler.record(bytes, took);
         let s = &self.stats;
         s.fetch_nanos
             .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
-        s.fetched_bytes
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        s.fetch_requests.fetch_add(1, Ordering::Relaxed);
-        Ok(bytes)
+        s.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
+        s.fetch_requests
+            .fetch_add(ranges.len() as u64, Ordering::Relaxed);
+        Ok(all)
     }
 
-    /// The small files of the directory of `ino` next to its chunk `c` in the blob, with
-    /// `c`, as one run of at most [`NEIGHBOUR_SPAN`] bytes: each neighbour is a one-chunk
-    /// file of the same directory, not cached, adjacent in the blob.
+    /// `c` (the chunk of the one-chunk file `ino`) and the small files of the same
+    /// directory nearest to it in blob order: one-chunk files not cached, at most
+    /// [`NEIGHBOUR_SCAN`] chunks away, [`NEIGHBOUR_SPAN`] bytes and [`NEIGHBOUR_RUNS`] runs
+    /// of adjacent chunks in all; in blob order.
     fn with_neighbours(&self, ino: u64, c: &Chunk) -> Vec<(u64, Chunk)> {
         let tree = &self.tree;
         let (Some(node), Some(at)) = (tree.node(ino), tree.blob_position(c.offset)) else {
             return vec![(ino, *c)];
         };
         let dir = node.parent;
-        let fits = |owner: u64, n: &Chunk| {
-            tree.node(owner).is_some_and(|o| {
-                o.parent == dir && o.kind == NodeKind::File && tree.chunks(o).len() == 1
-            }) && !self.cache.contains(&n.digest)
+        let neighbour = |n: usize| {
+            let (owner, chunk) = tree.blob_chunk(n)?;
+            let o = tree.node(owner)?;
+            let small = o.parent == dir && o.kind == NodeKind::File && tree.chunks(o).len() == 1;
+            (small && !self.cache.contains(&chunk.digest)).then_some((owner, chunk))
         };
-        let (mut first, mut last) = (at, at);
-        let (mut lo, mut hi) = (c.offset, c.compressed_end);
-        let (mut up, mut down) = (true, true);
-        while up || down {
-            if up {
-                up = match tree.blob_chunk(last + 1) {
-                    Some((owner, n))
-                        if adjacent(&tree.blob_chunk(last).unwrap_or((ino, *c)).1, &n)
-                            && n.compressed_end - lo <= NEIGHBOUR_SPAN
-                            && fits(owner, &n) =>
-                    {
-                        last += 1;
-                        hi = n.compressed_end;
-                        true
-                    }
-                    _ => false,
-                };
+        let mut picked = vec![(ino, *c)];
+        let mut budget = NEIGHBOUR_SPAN.saturating_sub(c.compressed_end - c.offset);
+        let mut runs = 1;
+        // Looks at position `n`, coming from `last` (the last pick in this direction):
+        // whether to go on in this direction.
+        let mut look = |n: usize, last: &mut usize, picked: &mut Vec<(u64, Chunk)>| {
+            let Some(item) = neighbour(n) else {
+                return true;
+            };
+            let size = item.1.compressed_end - item.1.offset;
+            let prev = tree.blob_chunk(*last).map(|(_, p)| p);
+            let joins = n.abs_diff(*last) == 1
+                && prev.is_some_and(|p| {
+                    let (first, second) = if n > *last {
+                        (&p, &item.1)
+                    } else {
+                        (&item.1, &p)
+                    };
+                    adjacent(first, second)
+                });
+            if size > budget || (!joins && runs == NEIGHBOUR_RUNS) {
+                return false;
             }
-            if down && first > 0 {
-                down = match tree.blob_chunk(first - 1) {
-                    Some((owner, p))
-                        if adjacent(&p, &tree.blob_chunk(first).unwrap_or((ino, *c)).1)
-                            && hi - p.offset <= NEIGHBOUR_SPAN
-                            && fits(owner, &p) =>
-                    {
-                        first -= 1;
-                        lo = p.offset;
-                        true
-                    }
-                    _ => false,
+            budget -= size;
+            runs += usize::from(!joins);
+            *last = n;
+            picked.push(item);
+            budget > 0
+        };
+        let (mut up, mut up_last, mut up_open) = (at + 1, at, true);
+        let (mut down, mut down_last, mut down_open) = (at, at, true);
+        while up_open || down_open {
+            if up_open {
+                up_open = up - at <= NEIGHBOUR_SCAN
+                    && up < tree.chunk_count()
+                    && look(up, &mut up_last, &mut picked);
+                up += 1;
+            }
+            if down_open {
+                down_open = down > 0 && at - down < NEIGHBOUR_SCAN && {
+                    down -= 1;
+                    look(down, &mut down_last, &mut picked)
                 };
-            } else {
-                down = false;
             }
         }
-        (first..=last).filter_map(|n| tree.blob_chunk(n)).collect()
+        picked.sort_by_key(|(_, c)| (c.offset, c.inner_offset));
+        picked
     }
 
     /// Chunk `c` of inode `ino` from the disk cache or, fetched, from the source; kept in
     /// the memory tier afterwards. The caller has looked in the memory tier already.
     fn chunk_data(&self, ino: u64, c: &Chunk) -> io::Result<Arc<[u8]>> {
+        tracing::debug!(file = %self.tree.path(ino), chunk_offset = c.chunk_offset,
+            bytes = c.compressed_end - c.offset, "chunk missed");
         let data = self
             .cache
             .get_or_fetch(&c.digest, || {
@@ -403,11 +447,15 @@ impl Inner {
         }
         let end = node.size.min(offset.saturating_add(size as u64));
         let chunks = self.tree.chunks(node);
-        let covering: Vec<Chunk> = chunks[first_chunk(chunks, offset)..]
+        let first = first_chunk(chunks, offset);
+        let covering: Vec<Chunk> = chunks[first..]
             .iter()
             .take_while(|c| c.chunk_offset < end)
             .copied()
             .collect();
+        let read_ahead = chunks.len() > first + covering.len()
+            && (first == 0 || self.cache.contains(&chunks[first - 1].digest))
+            && covering.iter().any(|c| !self.cache.contains(&c.digest));
         // Neighbouring missing chunks: one request for the whole span (chunks someone else
         // is fetching are waited for below, not fetched again). A small file's missing
         // chunk brings its small neighbours along.
@@ -422,6 +470,8 @@ impl Inner {
         } else if let [c] = chunks {
             if !self.cache.contains(&c.digest) && self.cache.memory_get(&c.digest).is_none() {
                 let run = self.with_neighbours(ino, c);
+                tracing::debug!(file = %self.tree.path(ino), neighbours = run.len() - 1,
+                    bytes = span_of(&run).end - span_of(&run).start, "small file missed");
                 match self.fetch_claimed(&run, &[c.digest]) {
                     // A bad neighbour must not fail this read: the chunk is fetched alone
                     // below if it did not arrive.
@@ -450,7 +500,30 @@ impl Inner {
             };
             out.extend_from_slice(&data[from as usize..to as usize]);
         }
+        if read_ahead {
+            self.read_ahead(ino, &chunks[first + covering.len()..]);
+        }
         Ok(out)
+    }
+
+    /// Hands the first of `next` (the following chunks of file `ino`) that are not local,
+    /// up to [`READ_AHEAD`] bytes, to the scheduler to fetch ahead of the reader.
+    fn read_ahead(&self, ino: u64, next: &[Chunk]) {
+        let mut budget = READ_AHEAD;
+        let ahead: Vec<(u64, Chunk)> = next
+            .iter()
+            .take_while(|c| {
+                let size = c.compressed_end - c.offset;
+                let fits = size <= budget;
+                budget = budget.saturating_sub(size);
+                fits
+            })
+            .filter(|c| !self.cache.contains(&c.digest))
+            .map(|c| (ino, *c))
+            .collect();
+        if !ahead.is_empty() {
+            self.scheduler.read_ahead(self.me.clone(), ahead);
+        }
     }
 
     fn xattrs(&self, ino: u64) -> Option<Vec<(String, Vec<u8>)>> {

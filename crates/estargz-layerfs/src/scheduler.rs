@@ -5,8 +5,10 @@
 //! Priorities, across all layers and images:
 //! 1. On-demand reads (a process waits): never queued here; FUSE threads fetch at once and
 //!    tell the scheduler they are reading ([`FetchScheduler::reading`]).
-//! 2. Prefetch of prioritized files (a starting process will read them soon): spans of at
-//!    most 1 MiB, [`PREFETCH_CONCURRENCY`] in flight for the node, layers in mount order.
+//! 2. Read-ahead (the next chunks of a file a process is reading) and prefetch of
+//!    prioritized files (a starting process will read them soon): spans of at most 1 MiB,
+//!    [`PREFETCH_CONCURRENCY`] in flight for the node, read-ahead first, then layers in
+//!    mount order.
 //! 3. Background fetch of the rest: one layer after another, one request in flight for
 //!    the node, only after no on-demand read, mount or prefetch has happened for the quiet
 //!    period. Each request carries about one round trip of data at the link's measured
@@ -152,6 +154,9 @@ struct BackgroundJob {
     failed: bool,
 }
 
+/// Chunks (with their files' inodes) of one layer.
+type LayerChunks = (Weak<Inner>, Vec<(u64, Chunk)>);
+
 struct State {
     stop: bool,
     next_id: u64,
@@ -159,6 +164,9 @@ struct State {
     reading: usize,
     /// The last on-demand read, mount or prefetch.
     last_activity: Instant,
+    /// Chunks to fetch ahead of readers, and read-ahead requests in flight.
+    read_ahead: VecDeque<LayerChunks>,
+    reading_ahead: usize,
     prefetch: VecDeque<PrefetchJob>,
     background: VecDeque<BackgroundJob>,
     /// Background fetch waits until then (a backoff after failed passes).
@@ -183,6 +191,8 @@ impl Shared {
                 next_id: 0,
                 reading: 0,
                 last_activity: now,
+                read_ahead: VecDeque::new(),
+                reading_ahead: 0,
                 prefetch: VecDeque::new(),
                 background: VecDeque::new(),
                 background_not_before: now,
@@ -261,6 +271,15 @@ impl FetchScheduler {
         ReadGuard(&self.shared)
     }
 
+    /// Queues `chunks` (neighbours in the blob, of one file of `layer`) to be fetched ahead
+    /// of a reader, before any prefetch.
+    pub(crate) fn read_ahead(&self, layer: Weak<Inner>, chunks: Vec<(u64, Chunk)>) {
+        lock(&self.shared.state)
+            .read_ahead
+            .push_back((layer, chunks));
+        self.shared.wake.notify_all();
+    }
+
     /// Takes a newly mounted layer: queues its prefetch, then its background fetch, as the
     /// options say. A mount counts as activity for the quiet period (its container is
     /// about to start reading).
@@ -324,55 +343,79 @@ fn live(layer: &Weak<Inner>) -> Option<Arc<Inner>> {
     layer.upgrade().filter(|l| !l.is_closed())
 }
 
+/// What a prefetch worker does next.
+enum Work {
+    ReadAhead(Weak<Inner>, Vec<(u64, Chunk)>),
+    /// A span of the prefetch job with this id.
+    Prefetch(u64, Weak<Inner>, Vec<(u64, Chunk)>),
+}
+
 fn prefetch_worker(shared: &Shared) {
     loop {
-        let (id, layer, span) = {
+        let work = {
             let mut st = lock(&shared.state);
             loop {
                 if st.stop {
                     return;
                 }
+                if let Some((layer, chunks)) = st.read_ahead.pop_front() {
+                    st.reading_ahead += 1;
+                    break Work::ReadAhead(layer, chunks);
+                }
                 if let Some(job) = st.prefetch.iter_mut().find(|j| j.next < j.spans.len()) {
                     job.next += 1;
                     job.running += 1;
-                    break (
-                        job.id,
-                        job.layer.clone(),
-                        std::mem::take(&mut job.spans[job.next - 1]),
-                    );
+                    let span = std::mem::take(&mut job.spans[job.next - 1]);
+                    break Work::Prefetch(job.id, job.layer.clone(), span);
                 }
                 st = shared.wake.wait(st).unwrap_or_else(|p| p.into_inner());
             }
         };
-        let layer = live(&layer);
-        let failed = match &layer {
-            Some(l) => l
-                .fetch_claimed(&l.missing(&span), &[])
-                .map_err(|e| tracing::warn!(error = %e, "prefetch failed; the rest of the layer's prioritized files are fetched on demand"))
-                .is_err(),
-            None => true,
-        };
-        let mut st = lock(&shared.state);
-        st.last_activity = Instant::now();
-        let Some(at) = st.prefetch.iter().position(|j| j.id == id) else {
-            continue;
-        };
-        let job = &mut st.prefetch[at];
-        job.running -= 1;
-        if failed {
-            job.next = job.spans.len();
-        }
-        if job.next == job.spans.len() && job.running == 0 {
-            let job = st.prefetch.remove(at).unwrap_or_else(|| unreachable!());
-            if let Some(l) = &layer {
-                l.mark_prefetch_done();
-                if shared.options.background {
-                    st.background.push_back(BackgroundJob::new(job.id, l));
+        match work {
+            Work::ReadAhead(layer, chunks) => {
+                if let Some(l) = live(&layer) {
+                    if let Err(e) = l.fetch_claimed(&l.missing(&chunks), &[]) {
+                        tracing::debug!(error = %e, "read-ahead failed; left to reads");
+                    }
                 }
+                let mut st = lock(&shared.state);
+                st.reading_ahead -= 1;
+                st.last_activity = Instant::now();
+            }
+            Work::Prefetch(id, layer, span) => prefetched(shared, id, &layer, &span),
+        }
+        shared.wake.notify_all();
+    }
+}
+
+/// Fetches one span of prefetch job `id` and settles the job.
+fn prefetched(shared: &Shared, id: u64, layer: &Weak<Inner>, span: &[(u64, Chunk)]) {
+    let layer = live(layer);
+    let failed = match &layer {
+        Some(l) => l
+            .fetch_claimed(&l.missing(span), &[])
+            .map_err(|e| tracing::warn!(error = %e, "prefetch failed; the rest of the layer's prioritized files are fetched on demand"))
+            .is_err(),
+        None => true,
+    };
+    let mut st = lock(&shared.state);
+    st.last_activity = Instant::now();
+    let Some(at) = st.prefetch.iter().position(|j| j.id == id) else {
+        return;
+    };
+    let job = &mut st.prefetch[at];
+    job.running -= 1;
+    if failed {
+        job.next = job.spans.len();
+    }
+    if job.next == job.spans.len() && job.running == 0 {
+        let job = st.prefetch.remove(at).unwrap_or_else(|| unreachable!());
+        if let Some(l) = &layer {
+            l.mark_prefetch_done();
+            if shared.options.background {
+                st.background.push_back(BackgroundJob::new(job.id, l));
             }
         }
-        drop(st);
-        shared.wake.notify_all();
     }
 }
 
@@ -388,7 +431,8 @@ fn wait_quiet(shared: &Shared) -> Option<MutexGuard<'_, State>> {
         let now = Instant::now();
         let until =
             (st.last_activity + shared.options.background_quiet).max(st.background_not_before);
-        if st.background.is_empty() || !st.prefetch.is_empty() || st.reading > 0 {
+        let busy = st.reading > 0 || st.reading_ahead > 0 || !st.read_ahead.is_empty();
+        if st.background.is_empty() || !st.prefetch.is_empty() || busy {
             st = shared.wake.wait(st).unwrap_or_else(|p| p.into_inner());
         } else if now < until {
             st = shared

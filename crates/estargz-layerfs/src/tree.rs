@@ -284,6 +284,11 @@ impl Tree {
         self.blob_order.iter().map(|&i| self.chunk_by_index(i))
     }
 
+    /// Number of chunks in the layer.
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
     /// The `n`th chunk in blob order, with its file's inode.
     pub fn blob_chunk(&self, n: usize) -> Option<(u64, Chunk)> {
         self.blob_order.get(n).map(|&i| self.chunk_by_index(i))

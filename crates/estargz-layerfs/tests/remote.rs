@@ -515,3 +515,109 @@ fn background_fetch_yields_to_on_demand_reads() {
     assert_eq!(m.fs().progress().percent(), 100.0);
     m.unmount().unwrap();
 }
+
+/// A read that misses a small file fetches, in one round trip, the small files of the same
+/// directory nearest to it (skipping a subdirectory's entries between them, and other
+/// directories), up to 256 KiB.
+#[test]
+fn a_small_file_comes_with_its_directory_neighbours() {
+    let r = Remote::start();
+    let names: Vec<String> = (0..30)
+        .map(|i| format!("a/f{i:02}"))
+        .chain((0..3).map(|i| format!("a/sub/s{i}")))
+        .chain(["a/big".to_string()])
+        .chain((0..3).map(|i| format!("b/g{i}")))
+        .collect();
+    // Tar order: a/f00..a/f05, then a/sub/*, then the rest of a/, a/big, then b/.
+    let mut order: Vec<&String> = names[..6].iter().collect();
+    order.extend(&names[30..33]);
+    order.extend(&names[6..30]);
+    order.extend(&names[33..]);
+    let contents: Vec<Vec<u8>> = order
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            noise(
+                if *n == "a/big" { 300_000 } else { 10_000 },
+                2 * i as u64 + 1,
+            )
+        })
+        .collect();
+    let files: Vec<(&str, &[u8])> = order
+        .iter()
+        .zip(&contents)
+        .map(|(n, c)| (n.as_str(), &c[..]))
+        .collect();
+    let blob = r.push(&files_tar(&files), &small_opts());
+    let cache = r.cache("cache", 1 << 30);
+    let m = r.mount(&blob, cache.clone(), "mnt");
+    let local = |f: &str| cache.contains(&m.fs().chunk_at(f, 0).unwrap().digest);
+
+    let before = r.proxy.blob_log().len();
+    assert!(std::fs::read(m.mountpoint().join("a/f10")).unwrap() == contents[13]);
+    let requests = r.proxy.blob_log()[before..].to_vec();
+    let siblings: Vec<&String> = names[..30].iter().filter(|f| local(f)).collect();
+    assert!(
+        siblings.len() >= 20,
+        "only {} small files of a/ came along: {siblings:?}",
+        siblings.len()
+    );
+    // 256 KiB of 10 kB files: not all 30.
+    assert!(siblings.len() < 30, "{siblings:?}");
+    for other in names[30..].iter() {
+        assert!(!local(other), "{other} was fetched with a/f10");
+    }
+    // Each run of adjacent files is one range request, all in flight together.
+    assert!((2..=8).contains(&requests.len()), "{requests:?}");
+    for (i, a) in requests.iter().enumerate() {
+        for b in &requests[i + 1..] {
+            assert!(a.overlaps(b), "requests one after another: {requests:?}");
+        }
+    }
+    // The neighbours read like the tar.
+    for (n, c) in order.iter().zip(&contents) {
+        assert!(
+            std::fs::read(m.mountpoint().join(n.as_str())).unwrap() == *c,
+            "{n}"
+        );
+    }
+    m.unmount().unwrap();
+}
+
+/// A read at the start of a file of several chunks has the next chunks fetched ahead of
+/// the reader; a read that starts in the middle (a random reader) does not.
+#[test]
+fn reads_from_the_start_of_a_file_fetch_ahead() {
+    let r = Remote::start();
+    let content = noise(1 << 20, 3);
+    let blob = r.push(&files_tar(&[("big", &content)]), &small_opts());
+    let chunk = |m: &MountedLayer, offset: u64| m.fs().chunk_at("big", offset).unwrap().digest;
+    let read_at = |m: &MountedLayer, offset: u64| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(m.mountpoint().join("big")).unwrap();
+        let mut buf = vec![0u8; 4096];
+        f.read_exact_at(&mut buf, offset).unwrap();
+        assert!(buf[..] == content[offset as usize..offset as usize + 4096]);
+    };
+
+    let cache = r.cache("cache-start", 1 << 30);
+    let m = r.mount(&blob, cache.clone(), "start");
+    read_at(&m, 0);
+    wait_for("read-ahead of the whole 1 MiB file", || {
+        (0..16).all(|i| cache.contains(&chunk(&m, i * SMALL_CHUNK)))
+    });
+    m.unmount().unwrap();
+
+    let cache = r.cache("cache-middle", 1 << 30);
+    let m = r.mount(&blob, cache.clone(), "middle");
+    read_at(&m, 8 * SMALL_CHUNK);
+    std::thread::sleep(Duration::from_millis(500));
+    let ahead: Vec<u64> = (12..16)
+        .filter(|i| cache.contains(&chunk(&m, i * SMALL_CHUNK)))
+        .collect();
+    assert!(
+        ahead.is_empty(),
+        "a random read fetched chunks {ahead:?} ahead"
+    );
+    m.unmount().unwrap();
+}
