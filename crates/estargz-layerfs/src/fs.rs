@@ -63,6 +63,16 @@ fn first_chunk(chunks: &[Chunk], offset: u64) -> usize {
     chunks.partition_point(|c| c.chunk_offset + c.size <= offset)
 }
 
+/// Whom a fetch is for.
+#[derive(Clone, Copy)]
+pub(crate) enum For<'a> {
+    /// A reader waiting for these chunks (they also go to the memory tier): an on-demand
+    /// fetch, which prefetch and read-ahead make way for.
+    Reader(&'a [Sha256Digest]),
+    /// Prefetch, read-ahead or background fetch.
+    Ahead,
+}
+
 /// `chunks` (in blob order) split into runs of neighbours in the blob.
 fn runs(chunks: &[(u64, Chunk)]) -> impl Iterator<Item = &[(u64, Chunk)]> {
     chunks.chunk_by(|a, b| adjacent(&a.1, &b.1))
@@ -244,12 +254,8 @@ impl Inner {
     /// Claims the chunks of `chunks` (file inode, chunk; in blob order) that nobody has or is
     /// fetching, and fetches those with one range request per run of neighbours in the blob
     /// (chunks sharing a gzip member count as neighbours), verifying and caching each.
-    /// Chunks named in `hot` also go to the cache's memory tier, for the reader that asked.
-    pub(crate) fn fetch_claimed(
-        &self,
-        chunks: &[(u64, Chunk)],
-        hot: &[Sha256Digest],
-    ) -> io::Result<()> {
+    /// A reader's chunks also go to the cache's memory tier.
+    pub(crate) fn fetch_claimed(&self, chunks: &[(u64, Chunk)], whom: For<'_>) -> io::Result<()> {
         let digests: Vec<Sha256Digest> = chunks.iter().map(|(_, c)| c.digest).collect();
         let mut claim = self.cache.claim(&digests);
         if claim.is_empty() {
@@ -262,7 +268,12 @@ impl Inner {
             .collect();
         let runs: Vec<&[(u64, Chunk)]> = runs(&mine).collect();
         let ranges: Vec<std::ops::Range<u64>> = runs.iter().map(|r| span_of(r)).collect();
-        for (run, bytes) in runs.iter().zip(self.fetch_ranges(&ranges)?) {
+        let hot = match whom {
+            For::Reader(hot) => hot,
+            For::Ahead => &[],
+        };
+        let on_demand = matches!(whom, For::Reader(_));
+        for (run, bytes) in runs.iter().zip(self.fetch_ranges(&ranges, on_demand)?) {
             self.store(run, &bytes, &mut claim, hot)?;
         }
         Ok(())
@@ -287,7 +298,7 @@ impl Inner {
                 return Ok(());
             }
             let end = range.end.min(at + piece.max(1));
-            bytes.extend_from_slice(&self.fetch_range(at..end)?);
+            bytes.extend_from_slice(&self.fetch_range(at..end, false)?);
             at = end;
         }
         let digests: Vec<Sha256Digest> = span.iter().map(|(_, c)| c.digest).collect();
@@ -324,13 +335,24 @@ impl Inner {
     }
 
     /// One range request to the source, timed and counted.
-    fn fetch_range(&self, range: std::ops::Range<u64>) -> io::Result<Vec<u8>> {
-        let mut all = self.fetch_ranges(std::slice::from_ref(&range))?;
+    fn fetch_range(&self, range: std::ops::Range<u64>, on_demand: bool) -> io::Result<Vec<u8>> {
+        let mut all = self.fetch_ranges(std::slice::from_ref(&range), on_demand)?;
         Ok(all.pop().unwrap_or_default())
     }
 
-    /// Range requests to the source, sent at once, timed and counted.
-    fn fetch_ranges(&self, ranges: &[std::ops::Range<u64>]) -> io::Result<Vec<Vec<u8>>> {
+    /// Range requests to the source, sent at once, timed and counted. Others wait until no
+    /// `on_demand` ones (for a reader) are in flight on the node.
+    fn fetch_ranges(
+        &self,
+        ranges: &[std::ops::Range<u64>],
+        on_demand: bool,
+    ) -> io::Result<Vec<Vec<u8>>> {
+        let _on_demand = if on_demand {
+            Some(self.scheduler.fetching())
+        } else {
+            self.scheduler.make_way();
+            None
+        };
         let started = std::time::Instant::now();
         let all = self.source.read_ranges(ranges)?;
         let took = started.elapsed();
@@ -426,7 +448,7 @@ impl Inner {
             .cache
             .get_or_fetch(&c.digest, || {
                 let bytes = self
-                    .fetch_range(c.offset..c.compressed_end)
+                    .fetch_range(c.offset..c.compressed_end, true)
                     .map_err(|e| Error::io("fetching a chunk", e))?;
                 let data = self.decompress(ino, &bytes, c)?;
                 self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
@@ -466,13 +488,13 @@ impl Inner {
                 .map(|c| (ino, *c))
                 .collect();
             let hot: Vec<Sha256Digest> = missing.iter().map(|(_, c)| c.digest).collect();
-            self.fetch_claimed(&missing, &hot)?;
+            self.fetch_claimed(&missing, For::Reader(&hot))?;
         } else if let [c] = chunks {
             if !self.cache.contains(&c.digest) && self.cache.memory_get(&c.digest).is_none() {
                 let run = self.with_neighbours(ino, c);
                 tracing::debug!(file = %self.tree.path(ino), neighbours = run.len() - 1,
                     bytes = span_of(&run).end - span_of(&run).start, "small file missed");
-                match self.fetch_claimed(&run, &[c.digest]) {
+                match self.fetch_claimed(&run, For::Reader(&[c.digest])) {
                     // A bad neighbour must not fail this read: the chunk is fetched alone
                     // below if it did not arrive.
                     Err(e) if run.len() > 1 => {

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use estargz_format::Chunk;
 
-use crate::fs::Inner;
+use crate::fs::{For, Inner};
 
 /// Largest prefetch request: a chunk becomes readable only when its whole request has
 /// arrived, and a process that starts reading prioritized files while they are prefetched
@@ -162,12 +162,16 @@ struct State {
     next_id: u64,
     /// On-demand reads in progress on the node.
     reading: usize,
+    /// On-demand fetches (of reads that missed) in flight on the node.
+    fetching: usize,
     /// The last on-demand read, mount or prefetch.
     last_activity: Instant,
     /// Chunks to fetch ahead of readers, and read-ahead requests in flight.
     read_ahead: VecDeque<LayerChunks>,
     reading_ahead: usize,
     prefetch: VecDeque<PrefetchJob>,
+    /// The prefetch job to take the next span from: layers take turns.
+    prefetch_turn: usize,
     background: VecDeque<BackgroundJob>,
     /// Background fetch waits until then (a backoff after failed passes).
     background_not_before: Instant,
@@ -190,10 +194,12 @@ impl Shared {
                 stop: false,
                 next_id: 0,
                 reading: 0,
+                fetching: 0,
                 last_activity: now,
                 read_ahead: VecDeque::new(),
                 reading_ahead: 0,
                 prefetch: VecDeque::new(),
+                prefetch_turn: 0,
                 background: VecDeque::new(),
                 background_not_before: now,
             }),
@@ -223,6 +229,16 @@ impl std::fmt::Debug for FetchScheduler {
 
 /// Marks an on-demand read in progress (see [`FetchScheduler::reading`]).
 pub struct ReadGuard<'a>(&'a Shared);
+
+/// Marks an on-demand fetch in flight (see [`FetchScheduler::fetching`]).
+pub(crate) struct FetchGuard<'a>(&'a Shared);
+
+impl Drop for FetchGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.state).fetching -= 1;
+        self.0.wake.notify_all();
+    }
+}
 
 impl Drop for ReadGuard<'_> {
     fn drop(&mut self) {
@@ -271,6 +287,23 @@ impl FetchScheduler {
         ReadGuard(&self.shared)
     }
 
+    /// Marks an on-demand fetch in flight until the guard is dropped: prefetch and
+    /// read-ahead start no new request meanwhile ([`FetchScheduler::make_way`]), so the
+    /// link is the reader's.
+    pub(crate) fn fetching(&self) -> FetchGuard<'_> {
+        lock(&self.shared.state).fetching += 1;
+        FetchGuard(&self.shared)
+    }
+
+    /// Waits, before a prefetch or read-ahead request is sent, until no on-demand fetch is
+    /// in flight on the node.
+    pub(crate) fn make_way(&self) {
+        let mut st = lock(&self.shared.state);
+        while st.fetching > 0 && !st.stop {
+            st = self.shared.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
     /// Queues `chunks` (neighbours in the blob, of one file of `layer`) to be fetched ahead
     /// of a reader, before any prefetch.
     pub(crate) fn read_ahead(&self, layer: Weak<Inner>, chunks: Vec<(u64, Chunk)>) {
@@ -307,6 +340,9 @@ impl FetchScheduler {
                 next: 0,
                 running: 0,
             });
+            // The newest layer goes next: containerd mounts an image's layers bottom up,
+            // and a container starts with its entrypoint, usually in the top layer.
+            st.prefetch_turn = st.prefetch.len() - 1;
         }
         drop(st);
         self.shared.wake.notify_all();
@@ -362,7 +398,15 @@ fn prefetch_worker(shared: &Shared) {
                     st.reading_ahead += 1;
                     break Work::ReadAhead(layer, chunks);
                 }
-                if let Some(job) = st.prefetch.iter_mut().find(|j| j.next < j.spans.len()) {
+                // Layers take turns: a process reads from all of its image's layers.
+                let jobs = st.prefetch.len();
+                let turn = st.prefetch_turn;
+                let next = (0..jobs)
+                    .map(|i| (turn + i) % jobs)
+                    .find(|&i| st.prefetch[i].next < st.prefetch[i].spans.len());
+                if let Some(i) = next {
+                    st.prefetch_turn = i + 1;
+                    let job = &mut st.prefetch[i];
                     job.next += 1;
                     job.running += 1;
                     let span = std::mem::take(&mut job.spans[job.next - 1]);
@@ -374,7 +418,7 @@ fn prefetch_worker(shared: &Shared) {
         match work {
             Work::ReadAhead(layer, chunks) => {
                 if let Some(l) = live(&layer) {
-                    if let Err(e) = l.fetch_claimed(&l.missing(&chunks), &[]) {
+                    if let Err(e) = l.fetch_claimed(&l.missing(&chunks), For::Ahead) {
                         tracing::debug!(error = %e, "read-ahead failed; left to reads");
                     }
                 }
@@ -393,7 +437,7 @@ fn prefetched(shared: &Shared, id: u64, layer: &Weak<Inner>, span: &[(u64, Chunk
     let layer = live(layer);
     let failed = match &layer {
         Some(l) => l
-            .fetch_claimed(&l.missing(span), &[])
+            .fetch_claimed(&l.missing(span), For::Ahead)
             .map_err(|e| tracing::warn!(error = %e, "prefetch failed; the rest of the layer's prioritized files are fetched on demand"))
             .is_err(),
         None => true,

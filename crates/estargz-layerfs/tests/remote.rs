@@ -621,3 +621,50 @@ fn reads_from_the_start_of_a_file_fetch_ahead() {
     );
     m.unmount().unwrap();
 }
+
+/// Prefetch makes way for on-demand reads: while a read's own fetch is in flight, no new
+/// prefetch request starts (those already in flight finish), so the reader gets the link.
+#[test]
+fn prefetch_makes_way_for_on_demand_reads() {
+    let r = Remote::start();
+    let big = noise(6 << 20, 11);
+    let small = noise(20_000, 12);
+    let tar = files_tar(&[("data/big", &big), ("z/small", &small)]);
+    let opts = ConvertOptions {
+        prioritized_files: vec!["data/big".into()],
+        ..small_opts()
+    };
+    let blob = r.push(&tar, &opts);
+    // 4 MB/s for all connections together: the prefetch takes about 1.6 s.
+    r.proxy.set_rate(Some(4e6));
+    let fetch = FetchOptions {
+        prefetch: true,
+        background: false,
+        ..Default::default()
+    };
+    let before = r.proxy.blob_log().len();
+    let m = r.mount_with(&blob, r.cache("c", 1 << 30), "mnt", &fetch);
+    let toc_requests = 2;
+    wait_for("the prefetch to run", || {
+        r.proxy.blob_log()[before + toc_requests..]
+            .iter()
+            .any(|q| q.ended.is_some())
+    });
+    let target = m.fs().chunk_at("z/small", 0).unwrap();
+    assert!(std::fs::read(m.mountpoint().join("z/small")).unwrap() == small);
+    let log = r.proxy.blob_log()[before + toc_requests..].to_vec();
+    let read = log
+        .iter()
+        .position(|q| q.range.as_ref().is_some_and(|g| g.start == target.offset))
+        .expect("the read's range request");
+    let started_during: Vec<_> = log
+        .iter()
+        .filter(|q| q.arrived > log[read].arrived && Some(q.arrived) < log[read].ended)
+        .collect();
+    assert!(
+        started_during.is_empty(),
+        "prefetch requests started while the read's was in flight: {started_during:?}"
+    );
+    wait_for("the prefetch", || m.fs().is_prefetch_done());
+    m.unmount().unwrap();
+}
