@@ -14,8 +14,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "testdata" / "scripts"
-ESTARGZ = REPO / "target" / "release" / "estargz"
-SNAPSHOTTER = REPO / "target" / "release" / "estargz-snapshotter"
+# The binaries under test; the environment can name others (to compare two builds).
+ESTARGZ = Path(os.environ.get("ESTARGZ_BIN", REPO / "target" / "release" / "estargz"))
+SNAPSHOTTER = Path(os.environ.get("SNAPSHOTTER_BIN",
+                                  REPO / "target" / "release" / "estargz-snapshotter"))
 # The reference daemon (containerd/stargz-snapshotter v0.12 built from Debian's Go sources).
 REFERENCE = REPO / "target" / "ref" / "stargz-ref"
 

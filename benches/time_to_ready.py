@@ -87,6 +87,9 @@ MODES = {
 PER_WORKLOAD = ("prio", "ref-prio")
 # (ours, reference) compared in the ratio table.
 PAIRS = [("lazy", "ref"), ("lazy-prio", "ref-prio")]
+# With --baseline BIN, our lazy modes also run with that build of the daemon, as MODE-base,
+# interleaved with the others: a comparison of two builds in one run.
+BASE = "-base"
 
 
 def repo_tag(wl, kind):
@@ -176,16 +179,17 @@ def record_prioritized(reg, work, wl, orig):
     return prio, record, sum(os.path.getsize(root / f) for f in files)
 
 
-def one_sample(link, work, wl, mode, n, logs, keep_logs=False):
+def one_sample(link, work, wl, mode, n, logs, keep_logs=False, baseline=None):
     """Times one cold start; on failure (or always, with KEEP_LOGS, and then with our
     fetches logged) keeps the daemons' and containerd's logs in LOGS."""
     command = WORKLOADS[wl][1]
     snap, kind = MODES[mode]
     ref = f"{link.addr}/{repo_tag(wl, kind)}"
     env_dir = work / f"env-{n}"
-    env = {"SNAPSHOTTER": str(SNAPSHOTTER), "STARGZ_REF": str(reference_binary())}
+    daemon = baseline if mode.endswith(BASE) else SNAPSHOTTER
+    env = {"SNAPSHOTTER": str(daemon), "STARGZ_REF": str(reference_binary())}
     if keep_logs:
-        env["RUST_LOG"] = "info,estargz_layerfs=debug"
+        env["RUST_LOG"] = "info,estargz_layerfs=debug,fuser::reply=off"
     sock = env_dir / "c" / "containerd.sock"
     opts = ["--snapshotter", snap] if snap else []
 
@@ -338,9 +342,16 @@ def main():
                     help=f"comma-separated, of: {', '.join(MODES)} (default all)")
     ap.add_argument("--keep-logs", action="store_true",
                     help="keep every sample's logs in OUT/logs, with our fetches logged")
+    ap.add_argument("--baseline", type=Path, metavar="BIN",
+                    help="also run our lazy modes with this estargz-snapshotter build")
     args = ap.parse_args()
     out, work = start(args, "ttr")
     workloads, links, modes = args.workloads, args.links, args.modes
+    if args.baseline:
+        for m in [m for m in modes if m in ("lazy", "lazy-prio")]:
+            MODES[m + BASE] = MODES[m]
+            PAIRS.append((m, m + BASE))
+            modes.append(m + BASE)
     reference_binary()
     samples, failed, t_start = [], 0, time.monotonic()
     try:
@@ -359,7 +370,8 @@ def main():
                 for n, (wl, mode) in enumerate(plan):
                     progress = f"# [{time.monotonic() - t_start:.0f} s] {name} {wl} {mode}"
                     try:
-                        s = one_sample(link, work, wl, mode, n, out / "logs", args.keep_logs)
+                        s = one_sample(link, work, wl, mode, n, out / "logs", args.keep_logs,
+                                       args.baseline)
                     except Exception as e:  # noqa: BLE001 - recorded, reported, fails the run
                         failed += 1
                         s = {"link": name, "workload": wl, "mode": mode, "error": str(e)}
