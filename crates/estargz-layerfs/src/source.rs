@@ -62,61 +62,33 @@ impl RegistrySource {
     }
 }
 
-/// A range of at least twice this many bytes is fetched as several range requests at once
-/// (at most [`MAX_PARTS`]): each runs on a connection of its own, and a registry's TCP
-/// connection starts slow (ten segments, doubling per round trip, and again after an idle
-/// moment), so one 2 MB request over a 100 Mbit/s, 20 ms link took 320 ms where the bytes
-/// alone need 160.
-const PART: u64 = 512 << 10;
-/// Most range requests one read is split into.
-const MAX_PARTS: u64 = 4;
-
 impl RegistrySource {
-    /// Starts fetching `range` (in parts, see [`PART`]) on the runtime.
-    fn start(&self, range: Range<u64>) -> Vec<RangeFetch> {
-        let len = range.end.saturating_sub(range.start);
-        let parts = (len / PART).clamp(1, MAX_PARTS);
-        let step = len.div_ceil(parts).max(1);
-        (0..parts)
-            .map(|i| range.start + i * step)
-            .map(|from| {
-                let part = from..(from + step).min(range.end);
-                let (client, image, digest) =
-                    (self.client.clone(), self.image.clone(), self.digest.clone());
-                self.runtime
-                    .spawn(async move { client.fetch_range(&image, &digest, part).await })
-            })
-            .collect()
+    /// Starts fetching `range` on the runtime.
+    fn start(&self, range: Range<u64>) -> RangeFetch {
+        let (client, image, digest) =
+            (self.client.clone(), self.image.clone(), self.digest.clone());
+        self.runtime
+            .spawn(async move { client.fetch_range(&image, &digest, range).await })
     }
 }
 
 type RangeFetch = tokio::task::JoinHandle<estargz_registry::Result<bytes::Bytes>>;
 
-/// The bytes of the fetches of one range, in order.
-async fn join(fetches: Vec<RangeFetch>) -> io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    for f in fetches {
-        let bytes = f
-            .await
-            .map_err(io::Error::other)?
-            .map_err(io::Error::other)?;
-        out.extend_from_slice(&bytes);
-    }
-    Ok(out)
-}
-
 impl BlobSource for RegistrySource {
     fn read_range(&self, range: Range<u64>) -> io::Result<Vec<u8>> {
-        let fetches = self.start(range);
-        self.runtime.block_on(join(fetches))
+        self.runtime
+            .block_on(self.client.fetch_range(&self.image, &self.digest, range))
+            .map(|b| b.to_vec())
+            .map_err(io::Error::other)
     }
 
     fn read_ranges(&self, ranges: &[Range<u64>]) -> io::Result<Vec<Vec<u8>>> {
-        let all: Vec<Vec<RangeFetch>> = ranges.iter().map(|r| self.start(r.clone())).collect();
+        let fetches: Vec<RangeFetch> = ranges.iter().map(|r| self.start(r.clone())).collect();
         self.runtime.block_on(async {
-            let mut out = Vec::with_capacity(all.len());
-            for fetches in all {
-                out.push(join(fetches).await?);
+            let mut out = Vec::with_capacity(fetches.len());
+            for f in fetches {
+                let bytes = f.await.map_err(io::Error::other)?;
+                out.push(bytes.map_err(io::Error::other)?.to_vec());
             }
             Ok(out)
         })
