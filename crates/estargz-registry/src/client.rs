@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::ops::Range;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -105,6 +105,8 @@ pub struct RegistryClient {
     tokens: TokenCache,
     limits: Mutex<HashMap<String, Arc<Semaphore>>>,
     single_range_only: Mutex<HashSet<String>>,
+    /// The system's trusted roots, loaded once.
+    system_roots: OnceLock<Arc<rustls::RootCertStore>>,
 }
 
 impl std::fmt::Debug for RegistryClient {
@@ -153,7 +155,14 @@ impl RegistryClient {
             tokens: TokenCache::default(),
             limits: Mutex::new(HashMap::new()),
             single_range_only: Mutex::new(HashSet::new()),
+            system_roots: OnceLock::new(),
         }
+    }
+
+    /// Loads what the first request would otherwise load on its way (the system's trusted
+    /// roots, about 40 ms): a daemon calls this at start, off its request path.
+    pub fn warm_up(&self) {
+        self.system_roots.get_or_init(crate::tls::system_roots);
     }
 
     /// The settings in use.
@@ -166,7 +175,11 @@ impl RegistryClient {
         if let Some(c) = lock(&self.clients).get(&key) {
             return Ok(c.clone());
         }
-        let tls = crate::tls::client_config(host)?;
+        let tls = crate::tls::client_config(host, || {
+            self.system_roots
+                .get_or_init(crate::tls::system_roots)
+                .clone()
+        })?;
         let client = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .connect_timeout(self.config.connect_timeout)

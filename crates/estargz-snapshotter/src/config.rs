@@ -171,8 +171,11 @@ impl Config {
         keys
     }
 
-    /// A registry client with these settings.
-    pub fn registry_client(&self) -> Result<estargz_registry::RegistryClient, Error> {
+    /// A registry client with these settings, already loading the system's trusted roots
+    /// in the background (so that the first layer's requests do not wait for them).
+    pub fn registry_client(
+        &self,
+    ) -> Result<std::sync::Arc<estargz_registry::RegistryClient>, Error> {
         use estargz_registry::{ClientConfig, Credentials, HostsConfig, RegistryClient};
         let credentials = if self.registry.docker_config.as_os_str().is_empty() {
             Credentials::from_default_docker_config()
@@ -180,7 +183,7 @@ impl Config {
             Credentials::from_docker_config(&self.registry.docker_config)
         }
         .map_err(|e| Error::InvalidArgument(format!("registry credentials: {e}")))?;
-        Ok(RegistryClient::new(ClientConfig {
+        let client = std::sync::Arc::new(RegistryClient::new(ClientConfig {
             credentials,
             hosts: HostsConfig {
                 dirs: self
@@ -193,7 +196,10 @@ impl Config {
                 insecure: self.registry.insecure.clone(),
             },
             ..Default::default()
-        }))
+        }));
+        let warm = client.clone();
+        std::thread::spawn(move || warm.warm_up());
+        Ok(client)
     }
 }
 

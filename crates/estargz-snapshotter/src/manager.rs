@@ -162,7 +162,7 @@ impl Manager {
             max_bytes: config.cache.max_bytes,
             memory_bytes: config.cache.memory_bytes,
         }));
-        let client = Arc::new(config.registry_client()?);
+        let client = config.registry_client()?;
         Ok(Manager {
             scheduler: FetchScheduler::new(config.fetch_options()),
             cache,

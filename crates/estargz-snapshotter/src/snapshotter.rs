@@ -60,7 +60,7 @@ impl Snapshotter {
         std::fs::create_dir_all(root.join("snapshots"))
             .map_err(io(format!("creating {}", root.display())))?;
         let store = Store::open(&root.join("metadata.redb"))?;
-        let resolver = Arc::new(Resolver::new(Arc::new(config.registry_client()?)));
+        let resolver = Arc::new(Resolver::new(config.registry_client()?));
         Ok(Snapshotter {
             root,
             store,
