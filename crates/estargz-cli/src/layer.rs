@@ -23,8 +23,10 @@ pub struct ConvertFlags {
     /// Largest chunk of a file in one gzip member, in bytes (suffixes K, M accepted).
     #[arg(long, default_value = "4M", value_parser = parse_size)]
     pub chunk_size: u64,
-    /// gzip compression level, 0 (none) to 9 (smallest).
-    #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u32).range(0..=9))]
+    /// Compression level, 0 (none) to 12 (smallest); levels above 9 compress better than
+    /// gzip -9 can.
+    #[arg(long, default_value_t = estargz_format::DEFAULT_LEVEL,
+          value_parser = clap::value_parser!(u32).range(0..=estargz_format::MAX_LEVEL as i64))]
     pub level: u32,
     /// Compression threads (0: one per core). The output is the same for any value.
     #[arg(long, default_value_t = 0)]

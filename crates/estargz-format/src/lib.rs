@@ -31,4 +31,4 @@ pub use toc::{
     normalize_name, Chunk, EntryKind, JsonEntry, JsonToc, Limits, Toc, TocEntry,
     NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME,
 };
-pub use writer::{convert, ConvertOptions, ConvertOutput, Progress};
+pub use writer::{convert, ConvertOptions, ConvertOutput, Progress, DEFAULT_LEVEL, MAX_LEVEL};
