@@ -5,6 +5,7 @@
 #   make demo     the main job: python started from a lazily pulled image, vs. an ordinary pull
 #   make bench    every benchmark (time to ready, conversion, memory); see BENCHMARKS.md
 #   make bench-quick  a subset in a few minutes
+#   make fuzz     long fuzzing of the parsers (FUZZ_CASES cases per property)
 #   make build    release binaries in target/release
 #   make install  binaries into $(PREFIX)/bin, the systemd unit, and an example config
 #                 (kept if one exists) into /etc/estargz-snapshotter/config.toml
@@ -16,7 +17,7 @@ PREFIX ?= /usr/local
 PROPTEST_CASES ?= 512
 export PROPTEST_CASES
 
-.PHONY: all build test deps lint check-fmt unit demo install clean bench bench-quick bench-venv
+.PHONY: all build test deps lint check-fmt unit demo install clean bench bench-quick bench-venv fuzz
 
 all: build
 
@@ -39,6 +40,13 @@ unit:
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' target/test.log
 
 test: deps check-fmt lint unit
+
+# Longer fuzzing of the footer, TOC and chunk parsers: the property tests (optimised build)
+# with FUZZ_CASES cases each; prints the time taken. Failures are kept by proptest in
+# crates/estargz-format/tests/properties.proptest-regressions and rerun by every make test.
+FUZZ_CASES ?= 200000
+fuzz:
+	time PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release -p estargz-format --test properties
 
 demo:
 	bash testdata/scripts/demo.sh

@@ -58,6 +58,18 @@ pub enum Error {
         /// Configured limit.
         limit: u64,
     },
+    /// The TOC holds more entries than the configured bound.
+    #[error("TOC has more than {limit} entries (files, directories and chunks); raise max_entries if the layer is trusted")]
+    TooManyEntries {
+        /// Configured limit.
+        limit: usize,
+    },
+    /// Paths imply more directories than their names could hold.
+    #[error("TOC entry {name:?} and those before it imply more parent directories than the TOC's names could hold: a hostile TOC")]
+    ImpliedDirectories {
+        /// The entry whose parents exhausted the bound (first 300 characters).
+        name: String,
+    },
     /// The TOC JSON does not parse.
     #[error("TOC JSON is invalid: {0}")]
     TocJson(#[source] serde_json::Error),

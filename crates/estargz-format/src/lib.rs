@@ -28,7 +28,7 @@ pub use reader::{
     decode_toc_member, decompress_chunk, EstargzReader, OpenOptions, ReadAt, VerifyReport,
 };
 pub use toc::{
-    normalize_name, Chunk, EntryKind, JsonEntry, JsonToc, Limits, Toc, TocEntry,
+    normalize_name, Chunk, EntryKind, JsonEntry, JsonToc, Limits, Toc, TocEntry, MAX_PATH_LEN,
     NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME,
 };
 pub use writer::{convert, ConvertOptions, ConvertOutput, Progress, DEFAULT_LEVEL, MAX_LEVEL};

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
@@ -31,6 +31,9 @@ pub struct Limits {
     /// Largest uncompressed chunk (plus its inner offset) accepted, in bytes. Bounds the memory
     /// one chunk read can take and defeats gzip bombs.
     pub max_chunk_size: u64,
+    /// Most entries a TOC may hold: its JSON entries (files, directories, chunks) and the
+    /// directories it only implies. Bounds the memory of parsing whatever the JSON's size.
+    pub max_entries: usize,
 }
 
 impl Default for Limits {
@@ -38,8 +41,21 @@ impl Default for Limits {
         Limits {
             max_toc_size: 128 << 20,
             max_chunk_size: 64 << 20,
+            // Ten times the largest layers seen in practice (about 100,000 files); a TOC of
+            // a million entries takes about 700 MB to parse and index.
+            max_entries: 1_000_000,
         }
     }
+}
+
+/// Longest path accepted, in bytes: Linux's `PATH_MAX` (4096, with its NUL).
+pub const MAX_PATH_LEN: usize = 4095;
+
+/// Compressed bytes a chunk's range may take beyond its uncompressed bytes: gzip's header
+/// and trailer, deflate's worst case on incompressible data (5 bytes per 64 KiB stored
+/// block) with a wide margin, and the tar padding and headers that share its member.
+fn max_compressed_span(raw: u64) -> u64 {
+    raw.saturating_add(raw / 16).saturating_add(128 << 10)
 }
 
 /// The TOC as serialized in `stargz.index.json`.
@@ -302,9 +318,16 @@ impl TocEntry {
 
 /// Normalizes a tar path: drops `.` components, leading `./` and trailing `/`.
 ///
-/// Refuses absolute paths, `..` components, NUL bytes and components longer than 255
-/// bytes: such names either escape the layer root or cannot exist on Linux.
+/// Refuses absolute paths, `..` components, NUL bytes, components longer than 255 bytes
+/// and paths longer than [`MAX_PATH_LEN`]: such names either escape the layer root or
+/// cannot exist on Linux.
 pub fn normalize_name(name: &str) -> std::result::Result<String, &'static str> {
+    const TOO_LONG: &str = "the path is longer than 4095 bytes";
+    // A name of `./` repeated can normalize to something short; anything longer than this
+    // is hostile, and refusing it up front keeps the work linear in a bounded input.
+    if name.len() > 4 * MAX_PATH_LEN {
+        return Err(TOO_LONG);
+    }
     if name.contains('\0') {
         return Err("the name contains a NUL byte");
     }
@@ -324,6 +347,9 @@ pub fn normalize_name(name: &str) -> std::result::Result<String, &'static str> {
                 out.push_str(c);
             }
         }
+    }
+    if out.len() > MAX_PATH_LEN {
+        return Err(TOO_LONG);
     }
     Ok(out)
 }
@@ -373,6 +399,82 @@ struct Builder<'a> {
     group_names: HashMap<u32, String>,
     /// Regular file that `chunk` entries continue, with the raw chunk size of its last chunk.
     open_file: Option<(usize, u64)>,
+    /// Bytes of names that directories only implied by deeper paths may still take: each
+    /// such directory stores its whole path, so without a bound one deep name would cost
+    /// memory quadratic in its length.
+    implied_name_budget: u64,
+}
+
+/// Deserializes a [`JsonToc`], refusing more than `max` entries before they are all in
+/// memory (a small entry takes 13 times its JSON size once parsed). Sets `overflow` when
+/// that is why it failed.
+#[derive(Clone, Copy)]
+struct BoundedToc<'a> {
+    max: usize,
+    overflow: &'a std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for BoundedToc<'_> {
+    type Value = JsonToc;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<JsonToc, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for BoundedToc<'_> {
+    type Value = JsonToc;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a TOC object with version and entries")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<JsonToc, A::Error> {
+        let mut toc = JsonToc::default();
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "version" => toc.version = map.next_value()?,
+                "entries" => toc.entries = map.next_value_seed(BoundedEntries(self))?,
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(toc)
+    }
+}
+
+struct BoundedEntries<'a>(BoundedToc<'a>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for BoundedEntries<'_> {
+    type Value = Vec<JsonEntry>;
+    fn deserialize<D: Deserializer<'de>>(
+        self,
+        d: D,
+    ) -> std::result::Result<Vec<JsonEntry>, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for BoundedEntries<'_> {
+    type Value = Vec<JsonEntry>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of TOC entries")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<Vec<JsonEntry>, A::Error> {
+        let mut entries = Vec::new();
+        while let Some(e) = seq.next_element::<JsonEntry>()? {
+            if entries.len() == self.0.max {
+                self.0.overflow.set(true);
+                return Err(serde::de::Error::custom("too many entries"));
+            }
+            entries.push(e);
+        }
+        Ok(entries)
+    }
 }
 
 impl Toc {
@@ -388,7 +490,23 @@ impl Toc {
                 limit,
             });
         }
-        let raw: JsonToc = serde_json::from_slice(json).map_err(Error::TocJson)?;
+        let overflow = std::cell::Cell::new(false);
+        let seed = BoundedToc {
+            max: limits.max_entries,
+            overflow: &overflow,
+        };
+        let mut de = serde_json::Deserializer::from_slice(json);
+        let raw = serde::de::DeserializeSeed::deserialize(seed, &mut de)
+            .and_then(|raw| de.end().map(|_| raw))
+            .map_err(|e| {
+                if overflow.get() {
+                    Error::TooManyEntries {
+                        limit: limits.max_entries,
+                    }
+                } else {
+                    Error::TocJson(e)
+                }
+            })?;
         Toc::from_json(&raw, toc_offset, limits)
     }
 
@@ -397,6 +515,12 @@ impl Toc {
         if raw.version != 1 {
             return Err(Error::TocVersion(raw.version));
         }
+        if raw.entries.len() > limits.max_entries {
+            return Err(Error::TooManyEntries {
+                limit: limits.max_entries,
+            });
+        }
+        let names: u64 = raw.entries.iter().map(|e| e.name.len() as u64).sum();
         let mut root = TocEntry::new_dir(String::new(), 0);
         root.num_link = 2;
         let mut b = Builder {
@@ -412,6 +536,7 @@ impl Toc {
             user_names: HashMap::new(),
             group_names: HashMap::new(),
             open_file: None,
+            implied_name_budget: names.saturating_add(1 << 20),
         };
         for (i, je) in raw.entries.iter().enumerate() {
             b.add(i, je)?;
@@ -564,6 +689,11 @@ impl Builder<'_> {
         }
 
         let idx = self.toc.entries.len();
+        if idx >= self.limits.max_entries {
+            return Err(Error::TooManyEntries {
+                limit: self.limits.max_entries,
+            });
+        }
         let mut e = TocEntry::new_dir(name.clone(), parent);
         e.kind = kind;
         e.num_link = if kind == EntryKind::Dir { 2 } else { 1 };
@@ -786,6 +916,18 @@ impl Builder<'_> {
                 }
                 None => {
                     let i = self.toc.entries.len();
+                    if i >= self.limits.max_entries {
+                        return Err(Error::TooManyEntries {
+                            limit: self.limits.max_entries,
+                        });
+                    }
+                    let Some(left) = self.implied_name_budget.checked_sub(prefix.len() as u64)
+                    else {
+                        return Err(Error::ImpliedDirectories {
+                            name: raw.chars().take(300).collect(),
+                        });
+                    };
+                    self.implied_name_budget = left;
                     self.toc
                         .entries
                         .push(TocEntry::new_dir(prefix.to_string(), parent));
@@ -813,7 +955,12 @@ impl Builder<'_> {
         for e in &mut self.toc.entries {
             for c in &mut e.chunks {
                 let next = offsets.partition_point(|&o| o <= c.offset);
-                c.compressed_end = offsets.get(next).copied().unwrap_or(self.toc.toc_offset);
+                let next = offsets.get(next).copied().unwrap_or(self.toc.toc_offset);
+                // Whatever lies beyond a chunk's member up to the next chunk (the headers of
+                // entries without content, or a hostile gigabyte) is never needed: the
+                // chunk decodes from a prefix of its member.
+                let limit = max_compressed_span(c.inner_offset + c.size);
+                c.compressed_end = next.min(c.offset.saturating_add(limit));
             }
         }
         let Toc {

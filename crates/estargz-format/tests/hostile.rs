@@ -421,3 +421,99 @@ fn hostile_input_tars_are_refused_by_the_converter() {
     let e = convert(&synthetic_tar()[..], std::io::sink(), &opts, &()).unwrap_err();
     assert!(matches!(e, Error::InvalidOption(_)), "{e}");
 }
+
+/// A TOC of `n` regular files named by `name(i)`, without directory entries, whose payloads
+/// all point at offset 0 of a blob whose TOC is at `toc_offset`.
+fn toc_json(n: usize, name: impl Fn(usize) -> String) -> Vec<u8> {
+    let entries: Vec<serde_json::Value> = (0..n)
+        .map(|i| serde_json::json!({"name": name(i), "type": "reg", "size": 0}))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({"version": 1, "entries": entries})).unwrap()
+}
+
+#[test]
+fn long_paths_are_refused() {
+    let ok = format!("{}/f", "d".repeat(200)).repeat(19);
+    assert!(ok.len() <= estargz_format::MAX_PATH_LEN);
+    Toc::parse(&toc_json(1, |_| ok.clone()), 1 << 20, &Limits::default()).unwrap();
+    for long in [
+        "a/".repeat(2048) + "b",
+        format!("{}/", "d".repeat(255)).repeat(17),
+        "./".repeat(1 << 20) + "x",
+    ] {
+        let e =
+            Toc::parse(&toc_json(1, |_| long.clone()), 1 << 20, &Limits::default()).unwrap_err();
+        assert!(
+            matches!(&e, Error::PathTraversal { detail, .. } if detail.contains("longer than")),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn deep_paths_cannot_make_parsing_quadratic() {
+    // Each name is 4 KiB deep in its own tree: materialising every parent by its whole
+    // path would take 4 MiB per entry, 40 GiB for the lot.
+    let deep = "a/".repeat(2000);
+    let json = toc_json(10_000, |i| format!("{i}/{deep}f"));
+    let started = std::time::Instant::now();
+    let e = Toc::parse(&json, 1 << 20, &Limits::default()).unwrap_err();
+    assert!(matches!(e, Error::ImpliedDirectories { .. }), "{e}");
+    assert!(e.to_string().contains("hostile"), "{e}");
+    // Not a benchmark: a generous bound that only quadratic work would exceed.
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    // Parents a TOC does not list are still created when their names are within reason.
+    let toc = Toc::parse(
+        &toc_json(100, |i| format!("usr/lib/{i}/x/y/z")),
+        1 << 20,
+        &Limits::default(),
+    )
+    .unwrap();
+    assert!(toc.lookup("usr/lib/99/x/y").is_some());
+}
+
+#[test]
+fn too_many_entries_are_refused_before_they_are_all_parsed() {
+    let limits = Limits {
+        max_entries: 1000,
+        ..Default::default()
+    };
+    Toc::parse(&toc_json(999, |i| format!("f{i}")), 1 << 20, &limits).unwrap();
+    for json in [
+        toc_json(5000, |i| format!("f{i}")),
+        // Implied directories count too.
+        toc_json(600, |i| format!("d{i}/f")),
+    ] {
+        let e = Toc::parse(&json, 1 << 20, &limits).unwrap_err();
+        assert!(matches!(e, Error::TooManyEntries { limit: 1000 }), "{e}");
+    }
+}
+
+#[test]
+fn compressed_spans_are_bounded_by_the_chunk_size() {
+    // One small chunk and the TOC 40 GiB later: the chunk's range must not run to the TOC.
+    let (blob, off) = good_blob();
+    let json = serde_json::to_vec(&toc_of(&blob)).unwrap();
+    let far = 40 << 30;
+    let toc = Toc::parse(&json, far, &Limits::default()).unwrap();
+    let mut last = None;
+    for e in toc.entries() {
+        for c in &e.chunks {
+            assert!(c.compressed_end > c.offset);
+            assert!(
+                c.compressed_end - c.offset <= c.size + c.size / 16 + (128 << 10),
+                "{}: {c:?}",
+                e.name
+            );
+            if last.is_none_or(|l: estargz_format::Chunk| c.offset > l.offset) {
+                last = Some(*c);
+            }
+        }
+    }
+    // The last chunk before the (far) TOC is cut short, and still decodes.
+    let last = last.unwrap();
+    assert!(last.compressed_end < off + (128 << 10) + last.size * 2);
+    let end = (last.compressed_end as usize).min(blob.len());
+    let name = "last";
+    decompress_chunk(&blob[last.offset as usize..end], name, &last).unwrap();
+}

@@ -122,6 +122,38 @@ proptest! {
         }
     }
 
+    /// Mutate a real TOC's JSON text (the fuzzer's best seed: every field is present): it
+    /// either fails to parse or yields a TOC whose invariants hold.
+    #[test]
+    fn mutated_real_tocs_never_panic(
+        edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..8)
+    ) {
+        let (blob, _, _) = fixture();
+        let r = EstargzReader::open(&blob[..], &OpenOptions::default()).unwrap();
+        let off = r.footer().toc_offset;
+        let member = &blob[off as usize..blob.len() - estargz_format::FOOTER_SIZE];
+        let mut json = decode_toc_member(member, off, &Limits::default()).unwrap();
+        for (at, byte, op) in &edits {
+            let i = at.index(json.len().max(1));
+            match op {
+                0 if i < json.len() => json[i] = *byte,
+                1 => json.insert(i.min(json.len()), *byte),
+                _ if i < json.len() => { json.remove(i); }
+                _ => {}
+            }
+        }
+        let toc_offset = r.footer().toc_offset;
+        if let Ok(t) = Toc::parse(&json, toc_offset, &Limits::default()) {
+            for e in t.entries() {
+                prop_assert!(e.name.len() <= estargz_format::MAX_PATH_LEN);
+                for c in &e.chunks {
+                    prop_assert!(c.offset < c.compressed_end && c.compressed_end <= toc_offset);
+                    prop_assert!(c.compressed_end - c.offset <= c.inner_offset + c.size + (c.inner_offset + c.size) / 16 + (128 << 10));
+                }
+            }
+        }
+    }
+
     #[test]
     fn toc_member_decoder_never_panics(member in prop::collection::vec(any::<u8>(), 0..600)) {
         let _ = decode_toc_member(&member, 0, &Limits::default());
