@@ -8,6 +8,9 @@
 #    the image holds;
 #  - a non-eStargz image, an image without TOC digest labels, and a plain `ctr pull`
 #    fall back to ordinary pulls and run; the metrics give the reasons;
+#  - a local user cannot reach the state directory or either socket (refused by peer
+#    credentials even when the socket mode lets them connect); lazy layers are mounted
+#    nosuid,nodev and a setuid binary still works through a container's overlayfs;
 #  - ctr snapshots ls / info / usage work;
 #  - SIGKILL of the daemon, restart: snapshots are all there, a container started before
 #    the kill reads a file it never read, a new container starts;
@@ -46,6 +49,11 @@ bash "$SCRIPTS_DIR/rootfs.sh" "$work/rootfs.tar" >&2
 mkdir -p "$work/l2/srv"
 echo "from the second layer" > "$work/l2/srv/hello.txt"
 head -c 3000000 /dev/urandom > "$work/l2/srv/big.bin"
+# A setuid-root copy of the image's own `id`: containers must keep setuid semantics.
+mkdir -p "$work/idx"
+tar -xf "$work/rootfs.tar" -C "$work/idx" --wildcards '*usr/bin/id'
+cp "$(find "$work/idx" -path '*usr/bin/id' | head -n 1)" "$work/l2/srv/suid-id"
+chmod 4755 "$work/l2/srv/suid-id"
 big_sum=$(sha256sum "$work/l2/srv/big.bin" | cut -d' ' -f1)
 tar -C "$work/l2" -cf "$work/l2.tar" srv
 make_oci_image "$work/image" orig "" "$work/rootfs.tar" "$work/l2.tar" >/dev/null
@@ -97,6 +105,59 @@ lazy_bytes=$(( $(served) - before ))
 [ "$(metric estargz_remote_layers_total)" -ge 2 ] || die "no layer was mounted lazily: $(tail -n 20 "$S/snapshotter.log")"
 [ "$lazy_bytes" -lt $(( image_size / 2 )) ] || die "lazy pull and run fetched $lazy_bytes of $image_size bytes"
 ok "estargz convert image: rpull + run python, registry served $lazy_bytes of $image_size bytes"
+
+log "a local user against the daemon"
+# The test's own directories are opened up so that only the daemon's protections count.
+chmod 755 "$work" "$S"
+as_nobody() { setpriv --reuid=65534 --regid=65534 --clear-groups "$@"; }
+connects() { # connects SOCKET: exit 0 if the server answers a connection with anything but EOF
+    python3 - "$1" <<'PY'
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+s.connect(sys.argv[1])
+s.sendall(b'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n{"op":"status"}\n')
+try:
+    data = s.recv(1)
+except (ConnectionResetError, socket.timeout):
+    data = b''
+sys.exit(0 if data else 1)
+PY
+}
+[ "$(stat -c %a "$S/root")" = 700 ] || die "state directory is $(stat -c %a "$S/root"), not 700"
+if as_nobody ls "$S/root" >/dev/null 2>&1; then die "a local user can list the state directory"; fi
+[ "$(stat -c %a "$S/snap.sock")" = 600 ] || die "socket is $(stat -c %a "$S/snap.sock"), not 600"
+if as_nobody python3 -c 'import socket,sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])' "$S/snap.sock" 2>/dev/null; then
+    die "a local user can connect to the snapshotter socket"
+fi
+# Even handed an open socket (here: a mode opened up by hand), other users are refused.
+connects "$S/snap.sock" || die "root cannot talk to the snapshotter socket"
+chmod 666 "$S/snap.sock"
+if as_nobody bash -c "$(declare -f connects); connects $S/snap.sock"; then
+    die "the snapshotter answered a local user"
+fi
+chmod 600 "$S/snap.sock"
+chmod 711 "$S/root"; chmod 666 "$S/root/fuse-manager.sock"
+connects "$S/root/fuse-manager.sock" || die "root cannot talk to the FUSE manager"
+if as_nobody bash -c "$(declare -f connects); connects $S/root/fuse-manager.sock"; then
+    die "the FUSE manager answered a local user"
+fi
+chmod 600 "$S/root/fuse-manager.sock"; chmod 700 "$S/root"
+lazy_opts=$(grep " $S/root/snapshots/[0-9]*/fs fuse" /proc/self/mounts | awk '{print $4}' | sort -u)
+for o in $lazy_opts; do
+    case ",$o," in *,nosuid,*nodev,*|*,nodev,*nosuid,*) ;; *) die "lazy layer mounted with $o";; esac
+done
+# Containers from ctr run with no_new_privs, so the kernel side is checked directly: the
+# overlay containerd would mount for a container on the lazy layers, used by another user.
+top=$(c -n "$NS_lazy" snapshots --snapshotter estargz ls | awk '$3 == "Committed" {print $1}' | head -n 1)
+c -n "$NS_lazy" snapshots --snapshotter estargz prepare e2e-suid "$top" >&2
+mkdir -p "$work/suid"
+eval "$(c -n "$NS_lazy" snapshots --snapshotter estargz mounts "$work/suid" e2e-suid)"
+euid=$(as_nobody "$work/suid/srv/suid-id" -u)
+umount "$work/suid"
+c -n "$NS_lazy" snapshots --snapshotter estargz rm e2e-suid >&2
+[ "$euid" = 0 ] || die "a setuid-root binary of a lazy layer ran through overlayfs with euid $euid"
+ok "local user: state 0700, sockets 0600 and refused by credentials, lazy layers nosuid,nodev; setuid works through overlayfs"
 
 log "lazy pull of the reference conversion"
 before=$(served)

@@ -35,6 +35,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -172,6 +173,41 @@ impl fmt::Debug for ChunkCache {
     }
 }
 
+/// Ends a leader's flight exactly once: with its result, or as failed if the leader
+/// unwinds before it has one.
+struct FlightGuard<'a> {
+    cache: &'a ChunkCache,
+    digest: Sha256Digest,
+    flight: Option<Arc<Flight>>,
+}
+
+impl FlightGuard<'_> {
+    fn settle(&mut self, result: Result<Arc<[u8]>, FetchError>) {
+        if let Some(flight) = self.flight.take() {
+            self.cache.settle(&self.digest, &flight, result);
+        }
+    }
+}
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        self.settle(Err(FetchError(Arc::new(std::io::Error::other(
+            "the chunk fetch failed unexpectedly (panicked)",
+        )))));
+    }
+}
+
+/// Creates `dir` (and its parents) if needed and makes it private to its owner whatever the
+/// umask: chunks of private images must not be readable by other local users.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -183,8 +219,8 @@ impl ChunkCache {
     pub fn open(config: &CacheConfig) -> ChunkCache {
         let chunks = config.root.join("chunks");
         let tmp = config.root.join("tmp");
-        for dir in [&chunks, &tmp] {
-            if let Err(e) = fs::create_dir_all(dir) {
+        for dir in [&config.root, &chunks, &tmp] {
+            if let Err(e) = private_dir(dir) {
                 tracing::warn!(dir = %dir.display(), error = %e,
                     "chunk cache directory cannot be created; chunks will be fetched every time");
             }
@@ -383,12 +419,29 @@ impl ChunkCache {
         let tmp = self
             .tmp
             .join(format!("{}.{}.{seq}", digest.hex(), std::process::id()));
+        let create = || {
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+        };
         let result = (|| {
-            let mut f = fs::File::create(&tmp)?;
+            let mut f = match create() {
+                // The directory was removed under us (by hand, or a cleanup job): make it
+                // again rather than fail every write until a restart.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::warn!(dir = %self.tmp.display(), "chunk cache directory vanished; creating it again");
+                    private_dir(&self.tmp)?;
+                    create()?
+                }
+                other => other?,
+            };
             f.write_all(data)?;
             let dest = self.path_of(digest);
             if let Some(dir) = dest.parent() {
-                fs::create_dir_all(dir)?;
+                private_dir(dir)?;
             }
             fs::rename(&tmp, &dest)
         })();
@@ -479,6 +532,13 @@ impl ChunkCache {
                 .unwrap_or_else(|| unreachable!())
                 .map_err(|e| (e, false));
         }
+        // Whatever happens below, even a panic in `fetch`, the flight ends and its waiters
+        // wake: an unsettled flight would hold every later reader of the chunk forever.
+        let mut guard = FlightGuard {
+            cache: self,
+            digest: *digest,
+            flight: Some(flight),
+        };
         // The leader may have raced with an insert by a previous flight.
         let result = match self.get(digest) {
             Some(data) => Ok(data),
@@ -496,9 +556,7 @@ impl ChunkCache {
                 }
             }
         };
-        *lock(&flight.result) = Some(result.clone());
-        flight.done.notify_all();
-        lock(&self.inflight).remove(digest);
+        guard.settle(result.clone());
         result.map_err(|e| (e, true))
     }
 

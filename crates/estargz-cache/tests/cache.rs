@@ -367,3 +367,88 @@ fn parts_are_read_directly_only_after_the_whole_file_was_verified() {
     assert!(cache.get(&d).is_none());
     assert!(cache.read_verified(&d, 100, 1).is_none());
 }
+
+#[test]
+fn a_panicking_fetch_releases_its_waiters() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(open(dir.path(), 1 << 20));
+    let (d, data) = chunk(7, 1000);
+    let started = Arc::new(Barrier::new(2));
+    let leader = {
+        let (cache, started) = (cache.clone(), started.clone());
+        std::thread::spawn(move || {
+            let _ = cache.get_or_fetch(&d, || -> Result<Vec<u8>, Boom> {
+                started.wait();
+                std::thread::sleep(Duration::from_millis(200));
+                panic!("a bug in a fetch")
+            });
+        })
+    };
+    started.wait();
+    // A reader waiting for the panicking fetch is woken and fetches itself.
+    let waiter = {
+        let (cache, data) = (cache.clone(), data.clone());
+        std::thread::spawn(move || cache.get_or_fetch(&d, || Ok::<_, Boom>(data)))
+    };
+    assert!(leader.join().is_err(), "the fetch panicked");
+    let got = waiter.join().unwrap().unwrap();
+    assert_eq!(&got[..], &data[..]);
+    // Later readers are not held by a stale in-flight entry either.
+    let (d2, data2) = chunk(8, 10);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cache.get_or_fetch(&d2, || -> Result<Vec<u8>, Boom> { panic!("again") })
+    }));
+    assert!(r.is_err());
+    let got = cache
+        .get_or_fetch(&d2, || Ok::<_, Boom>(data2.clone()))
+        .unwrap();
+    assert_eq!(&got[..], &data2[..]);
+}
+
+#[test]
+fn the_cache_is_private_and_comes_back_when_removed() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("cache");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cache = open(&root, 1 << 20);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode(&root),
+        0o700,
+        "an existing cache directory is made private"
+    );
+    let (d, data) = chunk(3, 1000);
+    cache.insert(&d, &data);
+    let mut files = vec![];
+    for e in walk(&root) {
+        let m = mode(&e);
+        if e.is_dir() {
+            assert_eq!(m, 0o700, "{}", e.display());
+        } else {
+            assert_eq!(m, 0o600, "{}", e.display());
+            files.push(e);
+        }
+    }
+    assert_eq!(files.len(), 1);
+    // Removed under a running cache: the next write makes it again.
+    std::fs::remove_dir_all(&root).unwrap();
+    let (d2, data2) = chunk(4, 1000);
+    cache.insert(&d2, &data2);
+    assert_eq!(cache.stats().write_errors, 0);
+    assert_eq!(&cache.get(&d2).unwrap()[..], &data2[..]);
+    assert_eq!(mode(&root), 0o700);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}

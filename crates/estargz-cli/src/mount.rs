@@ -86,7 +86,8 @@ fn mount_overlay(lowers: &[PathBuf], upper: &Path, work: &Path, at: &Path) -> Re
             src.as_ptr(),
             target.as_ptr(),
             fstype.as_ptr(),
-            0,
+            // An image being inspected gets no setuid binaries or device nodes on the host.
+            libc::MS_NOSUID | libc::MS_NODEV,
             data.as_ptr().cast(),
         )
     };
@@ -105,6 +106,7 @@ pub fn mount(args: &MountArgs, quiet: bool) -> Result<ExitCode> {
     estargz_layerfs::memory::tune_allocator();
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;
+    // ChunkCache::open makes the cache directory private (0700).
     let cache = Arc::new(ChunkCache::open(&CacheConfig {
         root: args.cache_dir.clone(),
         max_bytes: args.cache_size,

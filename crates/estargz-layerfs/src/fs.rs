@@ -855,8 +855,8 @@ impl Drop for MountedLayer {
     }
 }
 
-/// Mounts `fs` read-only at `mountpoint`, readable by every user (as overlayfs needs for a
-/// lower layer), served by several threads; then hands it to its scheduler for prefetch
+/// Mounts `fs` read-only, `nosuid` and `nodev` at `mountpoint`, readable by every user (as
+/// overlayfs needs for a lower layer), served by several threads; then hands it to its scheduler for prefetch
 /// and background fetch.
 pub fn mount(fs: LayerFs, mountpoint: &Path) -> io::Result<MountedLayer> {
     let stats = fs.stats();
@@ -867,8 +867,11 @@ pub fn mount(fs: LayerFs, mountpoint: &Path) -> io::Result<MountedLayer> {
         MountOption::FSName("estargz".into()),
         MountOption::Subtype("estargz".into()),
         MountOption::DefaultPermissions,
-        MountOption::Dev,
-        MountOption::Suid,
+        // A lower layer needs neither: overlayfs honours setuid bits and device nodes by its
+        // own mount's flags, so containers keep them, while a local user who reached this
+        // mount could not use an image's setuid binary or device node through it.
+        MountOption::NoDev,
+        MountOption::NoSuid,
         MountOption::Exec,
     ];
     config.acl = SessionACL::All;

@@ -27,6 +27,7 @@ pub use scheduler::{
 };
 pub use source::{
     fetch_toc_json, load_toc, toc_json_from_tail, BlobSource, FileSource, RegistrySource,
+    DEFAULT_READ_DEADLINE,
 };
 
 pub use estargz_cache::ChunkCache;

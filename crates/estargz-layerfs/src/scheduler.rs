@@ -99,6 +99,26 @@ impl LinkEstimate {
     }
 }
 
+impl LinkEstimate {
+    /// How long background fetch waits after the last on-demand read: `configured`, unless
+    /// one background request occupies the link for at most [`NEGLIGIBLE_DELAY`], as on a
+    /// fast local network, where a read arriving behind it could not tell and holding
+    /// back would only leave reads to miss what the background fetch would have brought.
+    pub fn background_quiet(&self, configured: Duration) -> Duration {
+        match self.throughput {
+            Some(thr)
+                if self.background_request() as f64 / thr <= NEGLIGIBLE_DELAY.as_secs_f64() =>
+            {
+                Duration::ZERO
+            }
+            _ => configured,
+        }
+    }
+}
+
+/// A delay of an on-demand read by background bytes too small to matter.
+pub const NEGLIGIBLE_DELAY: Duration = Duration::from_millis(5);
+
 /// Recent fetches: (bytes, time) of small and of large requests.
 #[derive(Default)]
 struct LinkSamples {
@@ -473,8 +493,10 @@ fn wait_quiet(shared: &Shared) -> Option<MutexGuard<'_, State>> {
             return None;
         }
         let now = Instant::now();
-        let until =
-            (st.last_activity + shared.options.background_quiet).max(st.background_not_before);
+        let quiet = lock(&shared.link)
+            .estimate()
+            .background_quiet(shared.options.background_quiet);
+        let until = (st.last_activity + quiet).max(st.background_not_before);
         let busy = st.reading > 0 || st.reading_ahead > 0 || !st.read_ahead.is_empty();
         if st.background.is_empty() || !st.prefetch.is_empty() || busy {
             st = shared.wake.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -660,6 +682,22 @@ mod tests {
             throughput: Some(1e8),
         };
         assert_eq!(long.background_request(), MAX_BACKGROUND_REQUEST);
+        // The quiet period: kept on links where a background request takes a noticeable
+        // share of a read's time, dropped where it cannot be noticed, kept until measured.
+        let quiet = Duration::from_secs(1);
+        assert_eq!(e.background_quiet(quiet), quiet, "100 Mbit/s, 20 ms");
+        assert_eq!(long.background_quiet(quiet), quiet);
+        assert_eq!(fast.background_quiet(quiet), Duration::ZERO, "loopback");
+        let lan = LinkEstimate {
+            rtt: Some(Duration::from_micros(500)),
+            throughput: Some(1.25e8),
+        };
+        assert_eq!(lan.background_quiet(quiet), Duration::ZERO, "1 Gbit/s LAN");
+        let unknown = LinkEstimate {
+            rtt: None,
+            throughput: None,
+        };
+        assert_eq!(unknown.background_quiet(quiet), quiet);
         // Old samples leave the window.
         for _ in 0..LINK_WINDOW {
             s.record(1 << 10, ms(50));

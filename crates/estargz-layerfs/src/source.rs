@@ -43,6 +43,7 @@ pub struct RegistrySource {
     image: estargz_registry::ImageRef,
     digest: estargz_oci::Digest,
     runtime: tokio::runtime::Handle,
+    deadline: std::time::Duration,
 }
 
 impl RegistrySource {
@@ -58,9 +59,31 @@ impl RegistrySource {
             image,
             digest,
             runtime,
+            deadline: DEFAULT_READ_DEADLINE,
         }
     }
+
+    /// Fails each fetch (with `TimedOut`, an EIO for the reader) that has not completed
+    /// within `deadline`, retries included: a registry that trickles bytes must not hold a
+    /// FUSE read, and the thread serving it, for minutes.
+    pub fn with_deadline(mut self, deadline: std::time::Duration) -> RegistrySource {
+        self.deadline = deadline;
+        self
+    }
+
+    fn timed_out(&self, range: &Range<u64>) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "{} bytes {range:?}: no complete answer from the registry within {:?}",
+                self.digest, self.deadline
+            ),
+        )
+    }
 }
+
+/// How long one fetch may take by default, retries included.
+pub const DEFAULT_READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl RegistrySource {
     /// Starts fetching `range` on the runtime.
@@ -76,22 +99,41 @@ type RangeFetch = tokio::task::JoinHandle<estargz_registry::Result<bytes::Bytes>
 
 impl BlobSource for RegistrySource {
     fn read_range(&self, range: Range<u64>) -> io::Result<Vec<u8>> {
-        self.runtime
-            .block_on(self.client.fetch_range(&self.image, &self.digest, range))
-            .map(|b| b.to_vec())
-            .map_err(io::Error::other)
+        let fetch = self
+            .client
+            .fetch_range(&self.image, &self.digest, range.clone());
+        match self
+            .runtime
+            .block_on(async { tokio::time::timeout(self.deadline, fetch).await })
+        {
+            Ok(r) => r.map(|b| b.to_vec()).map_err(io::Error::other),
+            Err(_) => Err(self.timed_out(&range)),
+        }
     }
 
     fn read_ranges(&self, ranges: &[Range<u64>]) -> io::Result<Vec<Vec<u8>>> {
+        if ranges.is_empty() {
+            return Ok(Vec::new());
+        }
         let fetches: Vec<RangeFetch> = ranges.iter().map(|r| self.start(r.clone())).collect();
-        self.runtime.block_on(async {
+        let aborts: Vec<_> = fetches.iter().map(|f| f.abort_handle()).collect();
+        let all = async {
             let mut out = Vec::with_capacity(fetches.len());
             for f in fetches {
                 let bytes = f.await.map_err(io::Error::other)?;
                 out.push(bytes.map_err(io::Error::other)?.to_vec());
             }
             Ok(out)
-        })
+        };
+        let result = self
+            .runtime
+            .block_on(async { tokio::time::timeout(self.deadline, all).await });
+        // Fetches nobody waits for any more must not go on using the link.
+        aborts.iter().for_each(|a| a.abort());
+        match result {
+            Ok(r) => r,
+            Err(_) => Err(self.timed_out(&(ranges[0].start..ranges[ranges.len() - 1].end))),
+        }
     }
 }
 

@@ -4,12 +4,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use estargz_cache::{CacheConfig, ChunkCache};
 use estargz_format::{convert, ConvertOptions, Limits};
 use estargz_layerfs::{
     load_toc, mount, FetchOptions, FetchScheduler, LayerFs, MountedLayer, RegistrySource,
+    DEFAULT_READ_DEADLINE,
 };
 use estargz_oci::Digest;
 use estargz_registry::{ClientConfig, ImageRef, RegistryClient, RetryPolicy};
@@ -28,6 +29,11 @@ struct Remote {
 
 impl Remote {
     fn start() -> Remote {
+        Remote::start_with(Duration::from_secs(3))
+    }
+
+    /// With the registry client's timeout for one request.
+    fn start_with(request_timeout: Duration) -> Remote {
         let reg = TestRegistry::start(None);
         let proxy = FaultProxy::start(&reg.addr);
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -41,7 +47,7 @@ impl Remote {
                 initial_backoff: Duration::from_millis(10),
                 max_backoff: Duration::from_millis(100),
             },
-            request_timeout: Duration::from_secs(3),
+            request_timeout,
             ..Default::default()
         }));
         Remote {
@@ -97,12 +103,24 @@ impl Remote {
         at: &str,
         fetch: &FetchOptions,
     ) -> MountedLayer {
+        self.mount_with_deadline(blob, cache, at, fetch, DEFAULT_READ_DEADLINE)
+    }
+
+    fn mount_with_deadline(
+        &self,
+        blob: &(Digest, u64),
+        cache: Arc<ChunkCache>,
+        at: &str,
+        fetch: &FetchOptions,
+        deadline: Duration,
+    ) -> MountedLayer {
         let source = RegistrySource::new(
             self.client.clone(),
             self.image(),
             blob.0.clone(),
             self.runtime.handle().clone(),
-        );
+        )
+        .with_deadline(deadline);
         let (toc, _) = load_toc(&source, blob.1, None, &Limits::default()).unwrap();
         let mnt = self.dir.path().join(at);
         std::fs::create_dir_all(&mnt).unwrap();
@@ -666,5 +684,55 @@ fn prefetch_makes_way_for_on_demand_reads() {
         "prefetch requests started while the read's was in flight: {started_during:?}"
     );
     wait_for("the prefetch", || m.fs().is_prefetch_done());
+    m.unmount().unwrap();
+}
+
+#[test]
+fn a_trickling_registry_fails_reads_at_their_deadline_and_the_mount_keeps_serving() {
+    // The client alone would wait minutes (its default, per attempt): the deadline decides.
+    let r = Remote::start_with(Duration::from_secs(60));
+    let tar = synthetic_tar();
+    let expected = files(&tar);
+    let blob = r.push(&tar, &small_opts());
+    let cache = r.cache("cache", 1 << 30);
+    let lazy = FetchOptions {
+        prefetch: false,
+        background: false,
+        ..Default::default()
+    };
+    let deadline = Duration::from_secs(2);
+    let m = r.mount_with_deadline(&blob, cache.clone(), "mnt", &lazy, deadline);
+    let mnt: PathBuf = m.mountpoint().to_path_buf();
+    // More readers than the mount has threads, each on a file that is not local.
+    let mut big: Vec<&String> = expected
+        .keys()
+        .filter(|n| expected[*n].len() > 20_000)
+        .collect();
+    big.truncate(6);
+    assert!(big.len() >= 5, "{big:?}");
+    r.proxy.set_rate(Some(1000.0));
+    let started = Instant::now();
+    let readers: Vec<_> = big
+        .iter()
+        .map(|f| {
+            let p = mnt.join(f);
+            std::thread::spawn(move || std::fs::read(p))
+        })
+        .collect();
+    for (f, t) in big.iter().zip(readers) {
+        let e = t.join().unwrap().expect_err(f);
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{f}: {e}");
+    }
+    // A bound on the deadline's effect, not a benchmark: at 1 kB/s the reads need minutes.
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "{:?}",
+        started.elapsed()
+    );
+    // The link is healthy again: the same mount serves the same files.
+    r.proxy.set_rate(None);
+    for f in &big {
+        assert!(read(&mnt, f).unwrap() == expected[*f], "{f}");
+    }
     m.unmount().unwrap();
 }

@@ -370,10 +370,13 @@ pub(crate) async fn authorize(
                     detail: format!("token server {realm} answered {status}"),
                 });
             }
-            let body = resp.bytes().await.map_err(|e| Error::Unauthorized {
-                target: target.to_string(),
-                detail: format!("reading the token from {realm}: {e}"),
-            })?;
+            // Tokens are a few KiB; a token server that sends more is broken or hostile.
+            let body = crate::client::read_limited(resp, 1 << 20, realm.as_str())
+                .await
+                .map_err(|e| Error::Unauthorized {
+                    target: target.to_string(),
+                    detail: format!("reading the token from {realm}: {e}"),
+                })?;
             let tok: TokenResponse =
                 serde_json::from_slice(&body).map_err(|e| Error::Unauthorized {
                     target: target.to_string(),
@@ -388,7 +391,8 @@ pub(crate) async fn authorize(
                     detail: format!("token response from {realm} holds no token"),
                 })?;
             // Tokens last at least 60 s per the spec; renew 10 s early.
-            let life = tok.expires_in.unwrap_or(60).max(20);
+            // A day at most: a hostile `expires_in` must not overflow the clock.
+            let life = tok.expires_in.unwrap_or(60).clamp(20, 24 * 3600);
             Ok(AuthHeader::Bearer(
                 token,
                 Instant::now() + Duration::from_secs(life - 10),

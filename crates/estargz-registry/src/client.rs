@@ -505,19 +505,8 @@ impl RegistryClient {
                     }
                     StatusCode::OK => {
                         // The server ignored Range: take our slice of the whole blob.
-                        tracing::debug!(%target, "registry ignored Range; reading the whole blob");
-                        let body = read_limited(resp, u64::MAX, &target).await?;
-                        let end = usize::try_from(range.end).unwrap_or(usize::MAX);
-                        if body.len() < end {
-                            return Err(Error::BadResponse {
-                                target,
-                                detail: format!(
-                                    "blob is {} bytes, shorter than the range",
-                                    body.len()
-                                ),
-                            });
-                        }
-                        Ok(body.slice(range.start as usize..end))
+                        tracing::debug!(%target, "registry ignored Range; reading the blob up to the range's end");
+                        read_slice(resp, range.clone(), &target).await
                     }
                     s => Err(Error::BadResponse {
                         target,
@@ -1045,7 +1034,15 @@ fn parse_retry_after(h: &HeaderMap) -> Option<Duration> {
 }
 
 async fn error_text(resp: Response) -> String {
-    let body = resp.bytes().await.unwrap_or_default();
+    // An error body is only shown, so a little of it is enough: an endless one is not read.
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(Ok(chunk)) = stream.next().await {
+        body.extend_from_slice(&chunk);
+        if body.len() >= 4096 {
+            break;
+        }
+    }
     let text = String::from_utf8_lossy(&body[..body.len().min(500)])
         .trim()
         .to_string();
@@ -1070,7 +1067,41 @@ async fn error_text(resp: Response) -> String {
     text
 }
 
-async fn read_limited(resp: Response, limit: u64, target: &str) -> Result<Bytes> {
+/// The bytes `range` of a whole-blob (200) answer to a range request: those before it are
+/// skipped as they arrive and the rest is not read, so a registry that ignores Range costs
+/// time, not memory.
+async fn read_slice(resp: Response, range: Range<u64>, target: &str) -> Result<Bytes> {
+    let want = (range.end - range.start) as usize;
+    let mut out = Vec::with_capacity(want);
+    let mut at = 0u64;
+    let mut stream = resp.bytes_stream();
+    while out.len() < want {
+        let Some(chunk) = stream.next().await else {
+            return Err(Error::BadResponse {
+                target: target.to_string(),
+                detail: format!("blob is {at} bytes, shorter than the range {range:?}"),
+            });
+        };
+        let chunk = chunk.map_err(|e| Error::Transport {
+            target: target.to_string(),
+            detail: format!(
+                "connection failed after {at} bytes: {}",
+                describe_reqwest(&e)
+            ),
+        })?;
+        let (start, end) = (at, at + chunk.len() as u64);
+        at = end;
+        if end > range.start {
+            let from = range.start.saturating_sub(start) as usize;
+            let to = (chunk.len()).min(from + (want - out.len()));
+            out.extend_from_slice(&chunk[from..to]);
+        }
+    }
+    Ok(Bytes::from(out))
+}
+
+/// The whole body, refused beyond `limit` bytes.
+pub(crate) async fn read_limited(resp: Response, limit: u64, target: &str) -> Result<Bytes> {
     if let Some(len) = resp.content_length() {
         if len > limit {
             return Err(Error::BadResponse {

@@ -281,3 +281,126 @@ async fn tail_of_a_blob_through_faults() {
     assert_eq!(size, 100_000);
     assert!(tail[..] == s.blob[30_000..]);
 }
+
+#[tokio::test]
+async fn endless_bodies_are_not_read_to_their_end() {
+    let s = setup(noise(10_000, 5)).await;
+    let c = client();
+    let bound = Duration::from_secs(30);
+    // A 200 answer to a range request: only the bytes up to the range's end are read.
+    s.proxy.push(Fault::Endless(200));
+    let r = tokio::time::timeout(
+        bound,
+        c.fetch_range(&s.image, &s.desc.digest, 100_000..100_010),
+    )
+    .await
+    .expect("a whole-blob answer to a range was read to its end")
+    .unwrap();
+    assert_eq!(&r[..], &[0u8; 10], "the endless body's bytes at the range");
+    assert!(s.proxy.blob_bytes_served() < 64 << 20);
+    // Error bodies are only shown: a little is read, then the error.
+    s.proxy.set_always(Some(Fault::Endless(500)));
+    let e = tokio::time::timeout(bound, c.fetch_range(&s.image, &s.desc.digest, 0..10))
+        .await
+        .expect("an endless error body was read to its end")
+        .unwrap_err();
+    assert!(matches!(e, Error::Status { status: 500, .. }), "{e}");
+    // A 200 answer to a request for the whole blob stops at the size it must have.
+    s.proxy.set_always(Some(Fault::Endless(200)));
+    let e = tokio::time::timeout(
+        bound,
+        c.download_blob(
+            &s.image,
+            &s.desc,
+            &tempfile::tempdir().unwrap().path().join("b"),
+            &|_| {},
+        ),
+    )
+    .await
+    .expect("an endless blob was downloaded to its end")
+    .unwrap_err();
+    assert!(
+        matches!(e, Error::BadResponse { .. } | Error::DigestMismatch { .. }),
+        "{e}"
+    );
+    s.proxy.set_always(None);
+}
+
+/// A registry on 127.0.0.1 that wants a bearer token from its own `/token`, answered with
+/// `token_body` (or an endless body when `None`); with the token, every blob is `0123456789`.
+fn token_registry(token_body: Option<&'static str>) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let realm = format!("http://{addr}/token");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let realm = realm.clone();
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    head.push(line);
+                }
+                let first = head.first().cloned().unwrap_or_default();
+                let authed = head.iter().any(|h| {
+                    h.to_ascii_lowercase()
+                        .starts_with("authorization: bearer t")
+                });
+                let reply = if first.contains(" /token") {
+                    match token_body {
+                        Some(b) => format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+                            b.len()
+                        ),
+                        None => {
+                            let _ = conn.write_all(
+                                b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{\"token\":\"",
+                            );
+                            while conn.write_all(&[b'x'; 65536]).is_ok() {}
+                            return;
+                        }
+                    }
+                } else if authed {
+                    "HTTP/1.1 200 OK\r\nContent-Length: 10\r\nConnection: close\r\n\r\n0123456789"
+                        .to_string()
+                } else {
+                    format!("HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"{realm}\",service=\"t\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                };
+                let _ = conn.write_all(reply.as_bytes());
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn hostile_token_servers_end_in_errors_not_panics() {
+    let digest = Digest::sha256_of(b"0123456789");
+    // A token that claims to last longer than the clock can count.
+    let addr = token_registry(Some(r#"{"token":"t","expires_in":18446744073709551615}"#));
+    let image: ImageRef = format!("{addr}/hostile/token:v1").parse().unwrap();
+    let c = client();
+    let r = c.fetch_range(&image, &digest, 2..5).await.unwrap();
+    assert_eq!(&r[..], b"234");
+    // The token is cached and reused.
+    let r = c.fetch_range(&image, &digest, 0..1).await.unwrap();
+    assert_eq!(&r[..], b"0");
+    // A token response that never ends is cut off with an error.
+    let addr = token_registry(None);
+    let image: ImageRef = format!("{addr}/hostile/token:v1").parse().unwrap();
+    let e = tokio::time::timeout(
+        Duration::from_secs(30),
+        client().fetch_range(&image, &digest, 0..1),
+    )
+    .await
+    .expect("an endless token body was read to its end")
+    .unwrap_err();
+    assert!(matches!(e, Error::Unauthorized { .. }), "{e}");
+    assert!(e.to_string().contains("limit"), "{e}");
+}

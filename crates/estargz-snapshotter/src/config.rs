@@ -69,6 +69,9 @@ pub struct FetchSection {
     /// Background fetch starts only after no container on the node has read on demand (and
     /// no layer was mounted or prefetched) for this many milliseconds.
     pub background_quiet_ms: u64,
+    /// A fetch from the registry (retries and mirrors included) that has not completed
+    /// after this many seconds fails, and the read waiting for it gets EIO.
+    pub read_timeout_secs: u64,
     /// Ignored (background requests are paced node-wide now); accepted so that older
     /// configuration files still load.
     pub background_concurrency: Option<usize>,
@@ -118,6 +121,7 @@ impl Default for FetchSection {
             prefetch: true,
             background: true,
             background_quiet_ms: 1000,
+            read_timeout_secs: 30,
             background_concurrency: None,
         }
     }

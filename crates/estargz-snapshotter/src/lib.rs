@@ -5,10 +5,11 @@
 //! Parts: [`store`] (durable metadata), [`snapshotter`] (snapshot semantics and mounts),
 //! [`remote`] (labels, TOC resolution), [`manager`] (the separate process serving FUSE
 //! mounts, so that they survive daemon restarts), [`service`] (gRPC), [`metrics`],
-//! [`config`].
+//! [`config`], [`access`] (who may use the sockets).
 
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod config;
 pub mod filter;
 pub mod manager;

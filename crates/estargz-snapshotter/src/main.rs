@@ -1,6 +1,6 @@
 //! `estargz-snapshotter`: the daemon containerd talks to through `proxy_plugins`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -10,7 +10,7 @@ use estargz_snapshotter::manager::{Manager, ManagerClient, Request};
 use estargz_snapshotter::metrics::Metrics;
 use estargz_snapshotter::service::SnapshotService;
 use estargz_snapshotter::snapshotter::Snapshotter;
-use estargz_snapshotter::Config;
+use estargz_snapshotter::{access, Config};
 use tokio::net::UnixListener;
 
 /// containerd snapshotter that starts containers from eStargz images lazily.
@@ -70,7 +70,7 @@ fn main() -> Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => runtime.block_on(serve(config, explicit.then_some(path))),
         Command::FuseManager => runtime.block_on(async {
-            std::fs::create_dir_all(&config.root)
+            estargz_cache::private_dir(&config.root)
                 .with_context(|| format!("creating {}", config.root.display()))?;
             let socket = manager_socket(&config);
             let manager = Arc::new(Manager::new(config, tokio::runtime::Handle::current())?);
@@ -94,9 +94,10 @@ fn main() -> Result<()> {
 
 async fn serve(config: Config, config_path: Option<PathBuf>) -> Result<()> {
     let socket = config.socket.clone();
-    for dir in [socket.parent().unwrap_or(Path::new("/")), &config.root] {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
+    access::socket_dir(&socket)
+        .with_context(|| format!("creating the directory of {}", socket.display()))?;
+    estargz_cache::private_dir(&config.root)
+        .with_context(|| format!("creating {}", config.root.display()))?;
     let manager = ManagerClient::new(manager_socket(&config));
     let exe = std::env::current_exe().context("finding this program's path")?;
     {
@@ -125,6 +126,8 @@ async fn serve(config: Config, config_path: Option<PathBuf>) -> Result<()> {
     }
     let listener = UnixListener::bind(&socket)
         .with_context(|| format!("listening on {}", socket.display()))?;
+    access::restrict_socket(&socket)
+        .with_context(|| format!("making {} private", socket.display()))?;
     tracing::info!(socket = %socket.display(), "estargz-snapshotter serving");
     notify_systemd("READY=1");
     let shutdown = async {
@@ -140,7 +143,7 @@ async fn serve(config: Config, config_path: Option<PathBuf>) -> Result<()> {
     tonic::transport::Server::builder()
         .add_service(SnapshotService::new(snapshotter).into_server())
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            access::trusted_peers(tokio_stream::wrappers::UnixListenerStream::new(listener)),
             shutdown,
         )
         .await

@@ -134,7 +134,14 @@ pub struct Manager {
     client: Arc<estargz_registry::RegistryClient>,
     runtime: tokio::runtime::Handle,
     mounts: Mutex<BTreeMap<PathBuf, Mounted>>,
+    /// How long one fetch may take before the read waiting for it fails.
+    read_deadline: Duration,
+    /// `ROOT/snapshots`: the only place the manager mounts at or reads TOCs from.
+    snapshots: PathBuf,
 }
+
+/// Longest request line accepted; a mount request is well under 4 KiB.
+const MAX_REQUEST: usize = 64 << 10;
 
 /// Whether `path` is a FUSE mount that lost its server (stat fails with ENOTCONN).
 pub fn is_dead_mount(path: &Path) -> bool {
@@ -169,10 +176,33 @@ impl Manager {
             client,
             runtime,
             mounts: Mutex::new(BTreeMap::new()),
+            snapshots: config.root.join("snapshots"),
+            read_deadline: Duration::from_secs(config.fetch.read_timeout_secs.max(1)),
         })
     }
 
+    /// Refuses paths outside the snapshots directory: whoever reaches the socket must not
+    /// be able to mount over, or have the manager read, anything else on the node.
+    fn check_path(&self, path: &Path) -> Result<(), Error> {
+        use std::path::Component;
+        let inside = path.starts_with(&self.snapshots)
+            && path
+                .components()
+                .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+        if inside {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "{} is not inside {}",
+                path.display(),
+                self.snapshots.display()
+            )))
+        }
+    }
+
     fn mount(&self, mountpoint: &Path, toc_path: &Path, layer: &RemoteLayer) -> Result<(), Error> {
+        self.check_path(mountpoint)?;
+        self.check_path(toc_path)?;
         let mut mounts = self.mounts.lock().unwrap_or_else(|p| p.into_inner());
         if mounts.contains_key(mountpoint) {
             return Ok(());
@@ -205,7 +235,8 @@ impl Manager {
             .digest
             .parse()
             .map_err(|e| Error::InvalidArgument(format!("layer digest: {e}")))?;
-        let source = RegistrySource::new(self.client.clone(), image, digest, self.runtime.clone());
+        let source = RegistrySource::new(self.client.clone(), image, digest, self.runtime.clone())
+            .with_deadline(self.read_deadline);
         let fs = LayerFs::new(
             &toc,
             Arc::new(source),
@@ -229,6 +260,7 @@ impl Manager {
     }
 
     fn unmount(&self, mountpoint: &Path) -> Result<(), Error> {
+        self.check_path(mountpoint)?;
         let taken = self
             .mounts
             .lock()
@@ -332,10 +364,12 @@ impl Manager {
     /// Serves requests on `socket` until a `Shutdown` request or SIGTERM/SIGINT (both
     /// unmount everything first).
     pub async fn serve(self: Arc<Self>, socket: &Path) -> Result<(), Error> {
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
         let _ = std::fs::remove_file(socket);
         let listener = tokio::net::UnixListener::bind(socket)
             .map_err(|e| Error::io(format!("listening on {}", socket.display()), e))?;
+        crate::access::restrict_socket(socket)
+            .map_err(|e| Error::io(format!("making {} private", socket.display()), e))?;
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| Error::io("installing a SIGTERM handler", e))?;
@@ -346,12 +380,29 @@ impl Manager {
                 _ = stop_rx.changed() => break,
                 conn = listener.accept() => {
                     let Ok((stream, _)) = conn else { continue };
+                    if let Err(why) = crate::access::check_peer(&stream) {
+                        tracing::warn!(%why, "refused a connection to the FUSE manager");
+                        continue;
+                    }
                     let (this, stop_tx) = (self.clone(), stop_tx.clone());
                     tokio::spawn(async move {
                         let (r, mut w) = stream.into_split();
-                        let mut lines = tokio::io::BufReader::new(r).lines();
-                        while let Ok(Some(line)) = lines.next_line().await {
-                            let (resp, stop) = match serde_json::from_str::<Request>(&line) {
+                        let mut r = tokio::io::BufReader::new(r);
+                        let mut line = Vec::new();
+                        loop {
+                            line.clear();
+                            match (&mut r).take(MAX_REQUEST as u64 + 1).read_until(b'\n', &mut line).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(_) => {}
+                            }
+                            if line.len() > MAX_REQUEST {
+                                let resp = Response { error: Some(format!("request longer than {MAX_REQUEST} bytes")), status: None };
+                                let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+                                out.push(b'\n');
+                                let _ = w.write_all(&out).await;
+                                break;
+                            }
+                            let (resp, stop) = match serde_json::from_slice::<Request>(&line) {
                                 Ok(req) => {
                                     let this = this.clone();
                                     tokio::task::spawn_blocking(move || this.handle(req))

@@ -133,7 +133,17 @@ pub struct Resolver {
     client: Arc<estargz_registry::RegistryClient>,
     limits: Limits,
     pending: Mutex<HashMap<String, (Instant, Cell)>>,
+    /// Background resolutions running at once, node-wide: each holds up to a TOC in memory,
+    /// and an image may list hundreds of layers.
+    background: Arc<tokio::sync::Semaphore>,
 }
+
+/// Background TOC fetches at once.
+const BACKGROUND_RESOLUTIONS: usize = 4;
+
+/// Layers of one image resolved ahead of their `Prepare`; containerd prepares the others
+/// in turn anyway.
+const MAX_AHEAD: usize = 64;
 
 /// The last bytes of a layer fetched first: the footer, and the whole TOC when it is
 /// small; a larger TOC costs one more request for the rest of it.
@@ -149,6 +159,7 @@ impl Resolver {
             client,
             limits: Limits::default(),
             pending: Mutex::new(HashMap::new()),
+            background: Arc::new(tokio::sync::Semaphore::new(BACKGROUND_RESOLUTIONS)),
         }
     }
 
@@ -235,13 +246,17 @@ impl Resolver {
 
     /// Starts fetching the TOCs of `layers` of `reference` in the background.
     pub fn prefetch(self: &Arc<Self>, reference: &str, layers: &[String]) {
-        for digest in layers {
+        for digest in layers.iter().take(MAX_AHEAD) {
             let cell = self.cell(reference, digest);
             if cell.initialized() {
                 continue;
             }
             let (this, reference, digest) = (self.clone(), reference.to_string(), digest.clone());
             tokio::spawn(async move {
+                let Ok(_permit) = this.background.clone().acquire_owned().await else {
+                    return;
+                };
+                // The layer's own Prepare may have resolved it meanwhile: then this is free.
                 let _ = cell.get_or_init(|| this.fetch(&reference, &digest)).await;
             });
         }

@@ -8,6 +8,8 @@
 //! the registry), and `cache/` (the chunk cache, owned by the FUSE manager).
 
 use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -17,6 +19,7 @@ use crate::metrics::Metrics;
 use crate::remote::{Fallback, LayerLabels, Resolver, REMOTE_LABEL};
 use crate::store::{Kind, RemoteLayer, Snapshot, Store, Time, Usage};
 use crate::{Config, Error};
+use estargz_cache::private_dir;
 
 /// A mount for containerd to perform.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +47,13 @@ pub struct Snapshotter {
     config: Config,
 }
 
+/// A snapshot's `fs` directory: 0755 whatever the umask, as containerd's overlayfs
+/// snapshotter makes it, since it becomes the container's `/` (its parents stay private).
+fn fs_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+}
+
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let context = context.into();
     move |e| Error::io(context, e)
@@ -57,9 +67,15 @@ impl Snapshotter {
         metrics: Arc<Metrics>,
     ) -> Result<Snapshotter, Error> {
         let root = config.root.clone();
-        std::fs::create_dir_all(root.join("snapshots"))
-            .map_err(io(format!("creating {}", root.display())))?;
-        let store = Store::open(&root.join("metadata.redb"))?;
+        // Private at every start, whatever the umask or an older version left: under the
+        // root lie containers' writable layers and lazily mounted images (CVE-2021-41103).
+        for dir in [root.clone(), root.join("snapshots"), root.join("empty")] {
+            private_dir(&dir).map_err(io(format!("creating {}", dir.display())))?;
+        }
+        let db = root.join("metadata.redb");
+        let store = Store::open(&db)?;
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600))
+            .map_err(io(format!("making {} private", db.display())))?;
         let resolver = Arc::new(Resolver::new(config.registry_client()?));
         Ok(Snapshotter {
             root,
@@ -115,6 +131,10 @@ impl Snapshotter {
             .map(|_| ())
     }
 
+    fn is_remote(&self, key: &str) -> Result<bool, Error> {
+        Ok(self.store.get(key)?.is_some_and(|s| s.remote.is_some()))
+    }
+
     /// Parent directories, nearest first.
     fn parent_dirs(&self, parent: &str) -> Result<Vec<PathBuf>, Error> {
         let mut out = Vec::new();
@@ -156,6 +176,18 @@ impl Snapshotter {
         Ok(vec![match (s.kind, parents.len()) {
             (Kind::Active, 0) => bind(&self.fs_dir(s.id), true),
             (_, 0) => bind(&self.fs_dir(s.id), false),
+            // A lazy layer is mounted nosuid: show it through overlayfs (over an empty
+            // directory, as overlayfs wants two lower layers without an upper one) so that
+            // setuid binaries behave as in any other view.
+            (Kind::View, 1) if self.is_remote(&s.parent)? => Mount {
+                kind: "overlay".into(),
+                source: "overlay".into(),
+                options: vec![format!(
+                    "lowerdir={}:{}",
+                    path(&parents[0]),
+                    path(&self.root.join("empty"))
+                )],
+            },
             (Kind::View, 1) => bind(&parents[0], false),
             (Kind::View, _) => Mount {
                 kind: "overlay".into(),
@@ -203,9 +235,10 @@ impl Snapshotter {
         let id = self.store.update(|t| t.next_id())?;
         let dir = self.dir(id);
         let made = (|| {
-            std::fs::create_dir_all(dir.join("fs"))?;
+            private_dir(&dir)?;
+            fs_dir(&dir.join("fs"))?;
             if kind == Kind::Active {
-                std::fs::create_dir_all(dir.join("work"))?;
+                private_dir(&dir.join("work"))?;
             }
             Ok(())
         })();
@@ -310,10 +343,17 @@ impl Snapshotter {
         let id = self.store.update(|t| t.next_id())?;
         let dir = self.dir(id);
         let staged = (|| -> std::io::Result<()> {
-            std::fs::create_dir_all(dir.join("fs"))?;
+            private_dir(&dir)?;
+            fs_dir(&dir.join("fs"))?;
             let tmp = dir.join("toc.json.tmp");
-            std::fs::write(&tmp, json)?;
-            std::fs::File::open(&tmp)?.sync_all()?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(json)?;
+            f.sync_all()?;
             std::fs::rename(&tmp, dir.join("toc.json"))
         })();
         let mounted = staged

@@ -138,8 +138,16 @@ fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         .collect()
 }
 
+/// The directory a view shows: a bind mount's source, or an overlay's top lower layer.
 fn mount_source(m: &[estargz_api::types::Mount]) -> String {
     assert_eq!(m.len(), 1, "{m:?}");
+    if m[0].r#type == "overlay" {
+        let lower = m[0]
+            .options
+            .iter()
+            .find_map(|o| o.strip_prefix("lowerdir="));
+        return lower.unwrap().split(':').next().unwrap().to_string();
+    }
     m[0].source.clone()
 }
 
@@ -553,6 +561,29 @@ async fn cri_labels_mount_lazily_and_survive_a_node_restart_without_the_registry
         .into_inner()
         .mounts;
     let lower = PathBuf::from(mount_source(&v));
+    // The view is an overlay (the lazy layer is mounted nosuid): mounted as containerd
+    // would, it shows the layer.
+    assert_eq!(v[0].r#type, "overlay", "{v:?}");
+    let shown = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &v[0].options.join(",")])
+        .arg(shown.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "mounting the view {v:?}");
+    let listed = |p: &Path| {
+        let mut names: Vec<_> = std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    let (through_view, direct) = (listed(shown.path()), listed(&lower));
+    let _ = std::process::Command::new("umount")
+        .arg(shown.path())
+        .status();
+    assert_eq!(through_view, direct);
     let expected = expected_from_tar(&tar);
     let check = |lower: &Path| {
         let mut files = 0;

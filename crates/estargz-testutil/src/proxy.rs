@@ -38,6 +38,9 @@ pub enum Fault {
     IgnoreRange,
     /// Answer 307 with a Location pointing straight at the registry (like blob storage).
     Redirect,
+    /// Answer with this status and a body that never ends (zeros, no Content-Length),
+    /// until the client goes away.
+    Endless(u16),
 }
 
 struct Shared {
@@ -253,6 +256,19 @@ fn handle(mut conn: TcpStream, s: &Shared) -> std::io::Result<()> {
                 307,
                 &format!("Location: http://{}{path}\r\n", s.upstream),
             );
+        }
+        Some(Fault::Endless(code)) => {
+            write!(
+                conn,
+                "HTTP/1.1 {code} Endless\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
+            )?;
+            let zeros = vec![0u8; 64 << 10];
+            // Ends when the client closes the connection (the write fails).
+            while !s.stop.load(Ordering::SeqCst) {
+                conn.write_all(&zeros)?;
+                s.bytes_served.fetch_add(zeros.len(), Ordering::SeqCst);
+            }
+            return Ok(());
         }
         Some(Fault::IgnoreRange) => headers.retain(|(k, _)| !k.eq_ignore_ascii_case("range")),
         _ => {}
