@@ -284,14 +284,29 @@ impl TokenCache {
 }
 
 /// Answers a challenge: returns the header to send, fetching a bearer token when needed.
+///
+/// `http` is the client for the token server (the registry host's own only when the realm
+/// is on that host); `host` is the registry host's base URL. Credentials never travel over
+/// plain HTTP except to loopback, and a token server on plain HTTP is accepted only on
+/// loopback or on the registry host itself when that is reached over HTTP anyway.
 pub(crate) async fn authorize(
     http: &reqwest::Client,
+    host: &reqwest::Url,
     challenge: &Challenge,
     cred: Option<&Credential>,
     scope: &str,
     target: &str,
 ) -> Result<AuthHeader> {
+    let cleartext = |u: &reqwest::Url| u.scheme() == "http" && !is_loopback(u);
+    let refuse = |what: String| Error::Unauthorized {
+        target: target.to_string(),
+        detail: what,
+    };
     match challenge {
+        Challenge::Basic if cred.is_some() && cleartext(host) => Err(refuse(format!(
+            "refusing to send credentials to {} over plain HTTP",
+            host.host_str().unwrap_or("")
+        ))),
         Challenge::Basic => match cred {
             Some(Credential::Basic { username, password }) => Ok(AuthHeader::Basic(
                 STANDARD.encode(format!("{username}:{password}")),
@@ -315,6 +330,18 @@ pub(crate) async fn authorize(
                 target: target.to_string(),
                 detail: format!("token realm {realm:?} is not a URL: {e}"),
             })?;
+            let on_host = url.host_str() == host.host_str()
+                && url.port_or_known_default() == host.port_or_known_default();
+            if cleartext(&url) && !(on_host && host.scheme() == "http") {
+                return Err(refuse(format!(
+                    "token server {realm} is on plain HTTP: refused (a token or credentials could be read on the way)"
+                )));
+            }
+            if cleartext(&url) && cred.is_some() {
+                return Err(refuse(format!(
+                    "refusing to send credentials to token server {realm} over plain HTTP"
+                )));
+            }
             let req = match cred {
                 Some(Credential::IdentityToken(refresh)) => {
                     let mut form = vec![
@@ -399,6 +426,16 @@ pub(crate) async fn authorize(
             ))
         }
     }
+}
+
+/// Whether `u` names this machine (127.0.0.0/8, ::1 or `localhost`).
+fn is_loopback(u: &reqwest::Url) -> bool {
+    let host = u.host_str().unwrap_or("");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn url_encode(s: &str) -> String {

@@ -19,7 +19,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
 
-use crate::auth::{authorize, parse_challenge, Credentials, TokenCache};
+use crate::auth::{authorize, parse_challenge, Challenge, Credentials, TokenCache};
 use crate::error::{Error, Result};
 use crate::hosts::{HostsConfig, RegistryHost};
 use crate::reference::ImageRef;
@@ -170,8 +170,11 @@ impl RegistryClient {
         &self.config
     }
 
+    /// The HTTP client for `host`: its TLS settings, used for that host only (redirects
+    /// and token servers elsewhere get [`RegistryClient::plain_http`]). Redirects are
+    /// followed by [`RegistryClient::send`], which decides what goes along.
     fn http_for(&self, host: &RegistryHost) -> Result<reqwest::Client> {
-        let key = host.tls_key();
+        let key = format!("{}|{}", host.authority(), host.tls_key());
         if let Some(c) = lock(&self.clients).get(&key) {
             return Ok(c.clone());
         }
@@ -185,6 +188,7 @@ impl RegistryClient {
             .connect_timeout(self.config.connect_timeout)
             .pool_max_idle_per_host(self.config.max_connections_per_host)
             .user_agent(self.config.user_agent.clone())
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| Error::Tls {
                 host: host.authority(),
@@ -192,6 +196,21 @@ impl RegistryClient {
             })?;
         lock(&self.clients).insert(key, client.clone());
         Ok(client)
+    }
+
+    /// A client with no host's settings (system roots, no client certificate, verified
+    /// TLS): for redirect targets and token servers on other hosts.
+    fn plain_http(&self, url: &reqwest::Url) -> Result<reqwest::Client> {
+        let host = RegistryHost {
+            base: url.clone(),
+            capabilities: crate::Capabilities::all(),
+            skip_verify: false,
+            ca: Vec::new(),
+            client: Vec::new(),
+            headers: Vec::new(),
+            upstream: false,
+        };
+        self.http_for(&host)
     }
 
     fn limit_for(&self, host: &RegistryHost) -> Arc<Semaphore> {
@@ -301,6 +320,10 @@ impl RegistryClient {
                 detail: "client is shutting down".into(),
             })?;
         let mut challenged = false;
+        let transport = |e: reqwest::Error| Error::Transport {
+            target: target.to_string(),
+            detail: describe_reqwest(&e),
+        };
         loop {
             let mut req = make(&ctx.http);
             for (k, v) in &ctx.host.headers {
@@ -312,10 +335,14 @@ impl RegistryClient {
             if let Some(auth) = self.tokens.get(&authority, scope).await {
                 req = req.header(reqwest::header::AUTHORIZATION, auth.value());
             }
-            let resp = req.send().await.map_err(|e| Error::Transport {
-                target: target.to_string(),
-                detail: describe_reqwest(&e),
-            })?;
+            let req = req.build().map_err(transport)?;
+            let resend = req.try_clone();
+            let mut resp = ctx.http.execute(req).await.map_err(transport)?;
+            if resp.status().is_redirection() {
+                if let Some(first) = resend {
+                    resp = self.follow(ctx, first, resp, target).await?;
+                }
+            }
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && !challenged {
                 challenged = true;
@@ -328,8 +355,22 @@ impl RegistryClient {
                         target: target.to_string(),
                         detail: "401 without a usable WWW-Authenticate challenge".into(),
                     })?;
-                let cred = self.config.credentials.get(&ctx.registry);
-                let header = authorize(&ctx.http, &challenge, cred, scope, target).await?;
+                // A mirror's credentials are its own: the registry's are never sent to it.
+                let cred = if ctx.host.upstream {
+                    self.config.credentials.get(&ctx.registry)
+                } else {
+                    self.config.credentials.get(&authority)
+                };
+                let realm_http = match &challenge {
+                    Challenge::Bearer { realm, .. } => match reqwest::Url::parse(realm) {
+                        Ok(u) if same_origin(&u, &ctx.host.base) => ctx.http.clone(),
+                        Ok(u) => self.plain_http(&u)?,
+                        Err(_) => ctx.http.clone(),
+                    },
+                    Challenge::Basic => ctx.http.clone(),
+                };
+                let header =
+                    authorize(&realm_http, &ctx.host.base, &challenge, cred, scope, target).await?;
                 self.tokens.put(&authority, scope, header).await;
                 continue;
             }
@@ -365,6 +406,62 @@ impl RegistryClient {
             }
             return Ok(resp);
         }
+    }
+
+    /// Follows the redirects `resp` starts (at most 10). A hop to the host itself keeps the
+    /// request as it was; a hop elsewhere (blob storage, a CDN) goes with no host's TLS
+    /// settings and without `Authorization` or `hosts.toml` headers: those were configured
+    /// for the host, not for whoever it points at.
+    async fn follow(
+        &self,
+        ctx: &Ctx,
+        first: reqwest::Request,
+        mut resp: Response,
+        target: &str,
+    ) -> Result<Response> {
+        let mut url = first.url().clone();
+        for _ in 0..10 {
+            if !resp.status().is_redirection() {
+                return Ok(resp);
+            }
+            let location = resp
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|l| url.join(l).ok())
+                .ok_or_else(|| Error::BadResponse {
+                    target: target.to_string(),
+                    detail: format!("{} without a usable Location", resp.status()),
+                })?;
+            url = location;
+            let own = same_origin(&url, &ctx.host.base);
+            let mut req = reqwest::Request::new(first.method().clone(), url.clone());
+            *req.timeout_mut() = first.timeout().copied();
+            for (k, v) in first.headers() {
+                let host_only = *k == reqwest::header::AUTHORIZATION
+                    || ctx
+                        .host
+                        .headers
+                        .iter()
+                        .any(|(h, _)| k.as_str().eq_ignore_ascii_case(h));
+                if own || !host_only {
+                    req.headers_mut().insert(k.clone(), v.clone());
+                }
+            }
+            let http = if own {
+                ctx.http.clone()
+            } else {
+                self.plain_http(&url)?
+            };
+            resp = http.execute(req).await.map_err(|e| Error::Transport {
+                target: target.to_string(),
+                detail: format!("following a redirect to {url}: {}", describe_reqwest(&e)),
+            })?;
+        }
+        Err(Error::BadResponse {
+            target: target.to_string(),
+            detail: "more than 10 redirects".into(),
+        })
     }
 
     /// Resolves a reference to its manifest or index descriptor (HEAD, falling back to GET).
@@ -1031,6 +1128,13 @@ fn retry_after_of(e: &Error) -> Option<Duration> {
 fn parse_retry_after(h: &HeaderMap) -> Option<Duration> {
     let v = h.get(RETRY_AFTER)?.to_str().ok()?.trim();
     v.parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// Whether two URLs name the same scheme, host and port.
+fn same_origin(a: &reqwest::Url, b: &reqwest::Url) -> bool {
+    a.scheme() == b.scheme()
+        && a.host_str() == b.host_str()
+        && a.port_or_known_default() == b.port_or_known_default()
 }
 
 async fn error_text(resp: Response) -> String {

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use estargz_format::{convert, decompress_chunk, ConvertOptions, EstargzReader, OpenOptions};
 use estargz_oci::{media_types, Descriptor, Digest};
 use estargz_registry::{ClientConfig, Credentials, Error, ImageRef, RegistryClient, RetryPolicy};
-use estargz_testutil::{noise, synthetic_tar, Fault, FaultProxy, TestRegistry};
+use estargz_testutil::{
+    noise, synthetic_tar, Fault, FaultProxy, StubAnswer, StubServer, TestRegistry,
+};
 
 fn client() -> RegistryClient {
     RegistryClient::new(ClientConfig {
@@ -328,63 +330,31 @@ async fn endless_bodies_are_not_read_to_their_end() {
 
 /// A registry on 127.0.0.1 that wants a bearer token from its own `/token`, answered with
 /// `token_body` (or an endless body when `None`); with the token, every blob is `0123456789`.
-fn token_registry(token_body: Option<&'static str>) -> String {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let realm = format!("http://{addr}/token");
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            let realm = realm.clone();
-            std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut r = BufReader::new(conn.try_clone().unwrap());
-                loop {
-                    let mut line = String::new();
-                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                        break;
-                    }
-                    head.push(line);
-                }
-                let first = head.first().cloned().unwrap_or_default();
-                let authed = head.iter().any(|h| {
-                    h.to_ascii_lowercase()
-                        .starts_with("authorization: bearer t")
-                });
-                let reply = if first.contains(" /token") {
-                    match token_body {
-                        Some(b) => format!(
-                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
-                            b.len()
-                        ),
-                        None => {
-                            let _ = conn.write_all(
-                                b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{\"token\":\"",
-                            );
-                            while conn.write_all(&[b'x'; 65536]).is_ok() {}
-                            return;
-                        }
-                    }
-                } else if authed {
-                    "HTTP/1.1 200 OK\r\nContent-Length: 10\r\nConnection: close\r\n\r\n0123456789"
-                        .to_string()
-                } else {
-                    format!("HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"{realm}\",service=\"t\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                };
-                let _ = conn.write_all(reply.as_bytes());
-            });
+fn token_registry(token_body: Option<&'static str>) -> StubServer {
+    StubServer::start(move |req, own| {
+        if req.path().starts_with("/token") {
+            match token_body {
+                Some(b) => StubAnswer::new(200, "", b),
+                None => StubAnswer::Endless(
+                    "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{\"token\":\"".into(),
+                ),
+            }
+        } else if req.header("authorization") == Some("Bearer t") {
+            StubAnswer::new(200, "", "0123456789")
+        } else {
+            let challenge =
+                format!("WWW-Authenticate: Bearer realm=\"http://{own}/token\",service=\"t\"\r\n");
+            StubAnswer::new(401, &challenge, "")
         }
-    });
-    addr
+    })
 }
 
 #[tokio::test]
 async fn hostile_token_servers_end_in_errors_not_panics() {
     let digest = Digest::sha256_of(b"0123456789");
     // A token that claims to last longer than the clock can count.
-    let addr = token_registry(Some(r#"{"token":"t","expires_in":18446744073709551615}"#));
-    let image: ImageRef = format!("{addr}/hostile/token:v1").parse().unwrap();
+    let reg = token_registry(Some(r#"{"token":"t","expires_in":18446744073709551615}"#));
+    let image: ImageRef = format!("{}/hostile/token:v1", reg.addr).parse().unwrap();
     let c = client();
     let r = c.fetch_range(&image, &digest, 2..5).await.unwrap();
     assert_eq!(&r[..], b"234");
@@ -392,8 +362,8 @@ async fn hostile_token_servers_end_in_errors_not_panics() {
     let r = c.fetch_range(&image, &digest, 0..1).await.unwrap();
     assert_eq!(&r[..], b"0");
     // A token response that never ends is cut off with an error.
-    let addr = token_registry(None);
-    let image: ImageRef = format!("{addr}/hostile/token:v1").parse().unwrap();
+    let reg = token_registry(None);
+    let image: ImageRef = format!("{}/hostile/token:v1", reg.addr).parse().unwrap();
     let e = tokio::time::timeout(
         Duration::from_secs(30),
         client().fetch_range(&image, &digest, 0..1),

@@ -702,3 +702,77 @@ async fn layers_without_a_toc_digest_are_mounted_only_when_allowed() {
     let info = stat(&mut c, "sha256:chain-u").await.unwrap();
     assert!(info.labels.contains_key("containerd.io/snapshot/remote"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_resolve_and_read_through_a_pull_only_mirror_when_the_registry_is_down() {
+    // A pull-through cache like Spegel: capabilities pull and resolve only, single ranges
+    // only; the registry the image names does not answer at all.
+    let reg = TestRegistry::start(None);
+    let direct: ImageRef = format!("{}/mirrored/app:v1", reg.addr).parse().unwrap();
+    let tar = synthetic_tar();
+    let (digest, toc_digest) = push_layer(&direct, &tar).await;
+    let mirror = estargz_testutil::FaultProxy::start(&reg.addr);
+    mirror.set_always(Some(estargz_testutil::Fault::RejectMultiRange(400)));
+    let upstream = "127.0.0.1:9";
+    let hosts = tempfile::tempdir().unwrap();
+    let d = hosts.path().join(upstream);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(
+        d.join("hosts.toml"),
+        format!(
+            "server = \"http://{upstream}\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            mirror.addr
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&format!(
+        "[registry]\nhosts_dirs = [\"{}\"]\n[fetch]\nbackground = false\n",
+        hosts.path().display()
+    ));
+    let mut c = d.client().await;
+    let reference = format!("{upstream}/mirrored/app:v1");
+    let l = labels(&[
+        ("containerd.io/snapshot.ref", "sha256:chain-m"),
+        ("containerd.io/snapshot/cri.image-ref", reference.as_str()),
+        (
+            "containerd.io/snapshot/cri.layer-digest",
+            &digest.to_string(),
+        ),
+        (
+            "containerd.io/snapshot/cri.image-layers",
+            &digest.to_string(),
+        ),
+        ("containerd.io/snapshot/stargz/toc.digest", &toc_digest),
+    ]);
+    let err = prepare(&mut c, "k8s.io/1/extract", "", l)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", d.log());
+    let info = stat(&mut c, "sha256:chain-m").await.unwrap();
+    assert!(info.labels.contains_key("containerd.io/snapshot/remote"));
+    // Files read through the mirror, byte for byte.
+    let v = c
+        .view(pb::ViewSnapshotRequest {
+            snapshotter: "estargz".into(),
+            key: "k8s.io/2/view".into(),
+            parent: "sha256:chain-m".into(),
+            labels: HashMap::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    let lower = PathBuf::from(mount_source(&v));
+    let before = mirror.blob_requests();
+    let mut read = 0;
+    for (path, e) in expected_from_tar(&tar) {
+        if e.kind == EntryKind::Reg && !e.content.is_empty() && !path.contains(".wh.") {
+            assert!(
+                std::fs::read(lower.join(&path)).unwrap() == e.content,
+                "{path}"
+            );
+            read += 1;
+        }
+    }
+    assert!(read > 10 && mirror.blob_requests() > before, "{read} files");
+}

@@ -8,10 +8,12 @@ use std::collections::BTreeMap;
 use std::io::Read;
 
 mod proxy;
+mod stub;
 
 use std::io::Write;
 
 pub use proxy::{BlobRequest, Fault, FaultProxy};
+pub use stub::{StubAnswer, StubRequest, StubServer};
 
 use estargz_format::{normalize_name, EntryKind, EstargzReader, ReadAt};
 use estargz_oci::{media_types, Descriptor, Digest, OciLayout, Platform};
