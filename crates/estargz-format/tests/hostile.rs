@@ -32,18 +32,7 @@ fn toc_of(blob: &[u8]) -> JsonToc {
 /// Rebuilds `blob` with the TOC JSON replaced by `json`.
 fn with_toc_json(blob: &[u8], toc_offset: u64, json: &[u8], declared: Option<u64>) -> Vec<u8> {
     let mut out = blob[..toc_offset as usize].to_vec();
-    let mut h = tar::Header::new_ustar();
-    h.set_path("stargz.index.json").unwrap();
-    h.set_size(declared.unwrap_or(json.len() as u64));
-    h.set_mode(0o644);
-    h.set_cksum();
-    let mut raw = h.as_bytes().to_vec();
-    raw.extend_from_slice(json);
-    raw.resize(raw.len().div_ceil(512) * 512 + 1024, 0);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(&raw).unwrap();
-    out.extend_from_slice(&gz.finish().unwrap());
-    out.extend_from_slice(&footer_bytes(toc_offset));
+    out.extend_from_slice(&estargz_testutil::toc_tail(toc_offset, json, declared));
     out
 }
 

@@ -736,3 +736,50 @@ fn a_trickling_registry_fails_reads_at_their_deadline_and_the_mount_keeps_servin
     }
     m.unmount().unwrap();
 }
+
+#[test]
+fn unmount_is_prompt_while_prefetch_and_background_fetch_trickle() {
+    let r = Remote::start_with(Duration::from_secs(60));
+    let tar = synthetic_tar();
+    let opts = ConvertOptions {
+        prioritized_files: vec!["srv/many-chunks".into(), "srv/huge.bin".into()],
+        ..small_opts()
+    };
+    let blob = r.push(&tar, &opts);
+    let fetch = FetchOptions {
+        prefetch: true,
+        background: true,
+        background_quiet: Duration::ZERO,
+        ..Default::default()
+    };
+    let mount = || {
+        r.mount_with_deadline(
+            &blob,
+            r.cache("cache", 1 << 30),
+            "mnt",
+            &fetch,
+            Duration::from_secs(600),
+        )
+    };
+    // The TOC arrives at full speed; the prefetch crawls at 1 kB/s.
+    let m = mount();
+    r.proxy.set_rate(Some(1000.0));
+    wait_for("a prefetch request in flight", || {
+        r.proxy.blob_log().iter().any(|b| b.ended.is_none())
+    });
+    let started = Instant::now();
+    m.unmount().unwrap();
+    // Not a benchmark: the prefetch would take minutes; unmount must not wait for it.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!mounts.contains(r.dir.path().to_str().unwrap()), "{mounts}");
+    // Nothing more is asked for the unmounted layer.
+    let asked = r.proxy.blob_requests();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(r.proxy.blob_requests(), asked);
+    r.proxy.set_rate(None);
+}

@@ -80,3 +80,37 @@ async fn client_certificates() {
         "a client certificate is required"
     );
 }
+
+#[tokio::test]
+async fn a_hosts_skip_verify_does_not_follow_its_redirects() {
+    // The redirect target serves a certificate nobody trusts; the host that redirects
+    // there is configured with skip_verify, which must not apply to the target.
+    let reg = TestRegistry::start_tls(false);
+    let target = format!("https://{}/v2/tls/app/manifests/missing", reg.addr);
+    let stub = estargz_testutil::StubServer::start(move |_, _| {
+        estargz_testutil::StubAnswer::new(307, &format!("Location: {target}\r\n"), "")
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join(&stub.addr);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(
+        d.join("hosts.toml"),
+        format!("server = \"http://{}\"\nskip_verify = true\n", stub.addr),
+    )
+    .unwrap();
+    let c = RegistryClient::new(ClientConfig {
+        hosts: HostsConfig {
+            dirs: vec![dir.path().to_path_buf()],
+            insecure: vec![],
+        },
+        retry: RetryPolicy {
+            max_attempts: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    let image: ImageRef = format!("{}/tls/app:missing", stub.addr).parse().unwrap();
+    let e = c.resolve(&image).await.unwrap_err();
+    assert!(matches!(e, Error::Transport { .. }), "{e}");
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+}

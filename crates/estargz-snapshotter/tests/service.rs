@@ -486,15 +486,19 @@ async fn push_layer(image: &ImageRef, tar: &[u8]) -> (Digest, String) {
         .unwrap()
         .toc_digest()
         .to_string();
-    let digest = Digest::sha256_of(&blob);
+    (push_blob(image, &blob).await, toc_digest)
+}
+
+async fn push_blob(image: &ImageRef, blob: &[u8]) -> Digest {
+    let digest = Digest::sha256_of(blob);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("blob");
-    std::fs::write(&path, &blob).unwrap();
+    std::fs::write(&path, blob).unwrap();
     RegistryClient::new(Default::default())
         .push_blob(image, &digest, &path, None)
         .await
         .unwrap();
-    (digest, toc_digest)
+    digest
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -775,4 +779,141 @@ async fn layers_resolve_and_read_through_a_pull_only_mirror_when_the_registry_is
         }
     }
     assert!(read > 10 && mirror.blob_requests() > before, "{read} files");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_layers_fall_back_and_the_node_keeps_serving() {
+    let reg = TestRegistry::start(None);
+    let reference = format!("{}/hostile/app:v1", reg.addr);
+    let image: ImageRef = reference.parse().unwrap();
+    // TOCs an attacker controls, with TOC digest labels that match them.
+    let names = |n: usize, name: &dyn Fn(usize) -> String| {
+        let entries: Vec<_> = (0..n)
+            .map(|i| serde_json::json!({"name": name(i), "type": "reg"}))
+            .collect();
+        serde_json::to_vec(&serde_json::json!({"version": 1, "entries": entries})).unwrap()
+    };
+    let deep = "a/".repeat(2000);
+    let hostile = [
+        names(10_000, &|i| format!("{i}/{deep}f")),
+        names(1, &|_| "d/".repeat(3000)),
+        names(1_100_000, &|i| format!("f{i}")),
+    ];
+    let d = Daemon::start("[fetch]\nbackground = false\n");
+    let mut c = d.client().await;
+    for (n, json) in hostile.iter().enumerate() {
+        let blob = estargz_testutil::toc_tail(0, json, None);
+        let digest = push_blob(&image, &blob).await;
+        let toc_digest = estargz_format::Sha256Digest::of(json).to_string();
+        let chain = format!("sha256:hostile{n}");
+        let l = labels(&[
+            ("containerd.io/snapshot.ref", chain.as_str()),
+            ("containerd.io/snapshot/cri.image-ref", reference.as_str()),
+            (
+                "containerd.io/snapshot/cri.layer-digest",
+                &digest.to_string(),
+            ),
+            (
+                "containerd.io/snapshot/cri.image-layers",
+                &digest.to_string(),
+            ),
+            ("containerd.io/snapshot/stargz/toc.digest", &toc_digest),
+        ]);
+        // Refused, so containerd pulls the layer the ordinary way (and finds it broken).
+        let key = format!("k8s.io/{n}/extract");
+        let m = prepare(&mut c, &key, "", l).await.unwrap();
+        assert_eq!(m[0].r#type, "bind", "case {n}: {}", d.log());
+        assert_eq!(
+            stat(&mut c, &chain).await.unwrap_err().code(),
+            Code::NotFound
+        );
+    }
+    // The daemon is still there, and mounts a good layer lazily.
+    let (digest, toc_digest) = push_layer(&image, &synthetic_tar()).await;
+    let l = labels(&[
+        ("containerd.io/snapshot.ref", "sha256:good"),
+        ("containerd.io/snapshot/cri.image-ref", reference.as_str()),
+        (
+            "containerd.io/snapshot/cri.layer-digest",
+            &digest.to_string(),
+        ),
+        (
+            "containerd.io/snapshot/cri.image-layers",
+            &digest.to_string(),
+        ),
+        ("containerd.io/snapshot/stargz/toc.digest", &toc_digest),
+    ]);
+    let err = prepare(&mut c, "k8s.io/9/extract", "", l)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", d.log());
+    let log = d.log();
+    for says in [
+        "imply more parent directories",
+        "longer than 4095",
+        "more than 1000000 entries",
+    ] {
+        assert!(log.contains(says), "the log does not say {says:?}: {log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_other_layers_are_resolved_a_few_at_a_time() {
+    let reg = TestRegistry::start(None);
+    let proxy = estargz_testutil::FaultProxy::start(&reg.addr);
+    let direct: ImageRef = format!("{}/many/app:v1", reg.addr).parse().unwrap();
+    let mut layers = Vec::new();
+    for i in 0..12 {
+        let tar =
+            estargz_testutil::one_file_tar(&format!("f{i}"), &estargz_testutil::noise(300_000, i));
+        layers.push(push_layer(&direct, &tar).await);
+    }
+    let all: Vec<String> = layers.iter().map(|(d, _)| d.to_string()).collect();
+    let all = all.join(",");
+    // A slow link, so that resolutions overlap if they can.
+    proxy.set_rate(Some(200_000.0));
+    let d = Daemon::start("[fetch]\nbackground = false\nprefetch = false\n");
+    let mut c = d.client().await;
+    let reference = format!("{}/many/app:v1", proxy.addr);
+    let (digest, toc) = &layers[0];
+    let l = labels(&[
+        ("containerd.io/snapshot.ref", "sha256:many0"),
+        ("containerd.io/snapshot/cri.image-ref", reference.as_str()),
+        (
+            "containerd.io/snapshot/cri.layer-digest",
+            &digest.to_string(),
+        ),
+        ("containerd.io/snapshot/cri.image-layers", all.as_str()),
+        ("containerd.io/snapshot/stargz/toc.digest", toc),
+    ]);
+    let err = prepare(&mut c, "k8s.io/1/extract", "", l)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", d.log());
+    // Wait for the background resolutions of the other eleven layers.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while proxy
+        .blob_log()
+        .iter()
+        .filter(|r| r.ended.is_some())
+        .count()
+        < 12
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = proxy.blob_log();
+    assert!(log.len() >= 12, "{} requests", log.len());
+    let most = log
+        .iter()
+        .map(|r| {
+            log.iter()
+                .filter(|o| o.arrived <= r.arrived && o.ended.is_none_or(|e| e > r.arrived))
+                .count()
+        })
+        .max()
+        .unwrap();
+    // Four background resolutions and the Prepare's own.
+    assert!(most <= 5, "{most} TOC requests at once");
+    proxy.set_rate(None);
 }

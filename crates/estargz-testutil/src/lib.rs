@@ -874,3 +874,20 @@ pub fn many_files_tar(files: usize) -> Vec<u8> {
     }
     b.into_inner().expect("tar")
 }
+
+/// The end of an eStargz blob whose TOC starts at `toc_offset`: the TOC's gzip member (a
+/// tar entry `stargz.index.json` holding `json`, declaring `declared` bytes if given) and
+/// the footer. Hostile-input tests put any payload before it.
+pub fn toc_tail(toc_offset: u64, json: &[u8], declared: Option<u64>) -> Vec<u8> {
+    let mut h = tar::Header::new_ustar();
+    h.set_path(estargz_format::TOC_TAR_NAME).unwrap();
+    h.set_size(declared.unwrap_or(json.len() as u64));
+    h.set_mode(0o644);
+    h.set_cksum();
+    let mut raw = h.as_bytes().to_vec();
+    raw.extend_from_slice(json);
+    raw.resize(raw.len().div_ceil(512) * 512 + 1024, 0);
+    let mut out = gzip(&raw);
+    out.extend_from_slice(&estargz_format::footer_bytes(toc_offset));
+    out
+}
