@@ -750,7 +750,6 @@ fn unmount_is_prompt_while_prefetch_and_background_fetch_trickle() {
         prefetch: true,
         background: true,
         background_quiet: Duration::ZERO,
-        ..Default::default()
     };
     let mount = || {
         r.mount_with_deadline(
