@@ -9,13 +9,16 @@
 //!    prioritized files (a starting process will read them soon): spans of at most 1 MiB,
 //!    [`PREFETCH_CONCURRENCY`] in flight for the node, read-ahead first, then layers in
 //!    mount order.
-//! 3. Background fetch of the rest: one layer after another, one request in flight for
-//!    the node, only after no on-demand read, mount or prefetch has happened for the quiet
-//!    period. Each request carries about one round trip of data at the link's measured
-//!    throughput (its bandwidth-delay product, 64 KiB to 1 MiB), so an on-demand read that
-//!    arrives while it is in flight waits for at most about one round trip of background
-//!    bytes; large chunks are fetched in several such requests, with the quiet check
-//!    between them.
+//! 3. Background fetch of the rest: one layer after another (the newest first), one
+//!    request in flight for the node, only after no on-demand read, mount or prefetch has
+//!    happened for the quiet period. Each request carries about one round trip of data
+//!    at the link's measured throughput (its bandwidth-delay product), or
+//!    [`NEGLIGIBLE_DELAY`] of it when the round trip is shorter (64 KiB to 1 MiB), so an
+//!    on-demand read that arrives while it is in flight waits for at most about one round
+//!    trip (or 5 ms) of background bytes; large chunks are fetched in several such
+//!    requests, with the quiet check between them. Where one request takes no more than
+//!    [`NEGLIGIBLE_DELAY`] (a fast local network), there is no quiet period, and
+//!    background requests do not wait for reads in progress either.
 //!
 //! Why: with a fetcher per layer, several layers fetched in the background at once, with
 //! 1 MiB requests, and every on-demand read queued behind background bytes on a slow link
@@ -90,10 +93,16 @@ impl LinkEstimate {
     /// The size of one background request: about one round trip of data (the
     /// bandwidth-delay product), within [`MIN_BACKGROUND_REQUEST`] and
     /// [`MAX_BACKGROUND_REQUEST`].
+    ///
+    /// On a fast link a round trip of data is little (64 KiB on loopback) while what a
+    /// read notices is time: there a request may carry as much as the link moves in
+    /// [`NEGLIGIBLE_DELAY`].
     pub fn background_request(&self) -> u64 {
         match (self.rtt, self.throughput) {
-            (Some(rtt), Some(thr)) => ((thr * rtt.as_secs_f64()) as u64)
-                .clamp(MIN_BACKGROUND_REQUEST, MAX_BACKGROUND_REQUEST),
+            (Some(rtt), Some(thr)) => {
+                let time = rtt.max(NEGLIGIBLE_DELAY).as_secs_f64();
+                ((thr * time) as u64).clamp(MIN_BACKGROUND_REQUEST, MAX_BACKGROUND_REQUEST)
+            }
             _ => DEFAULT_BACKGROUND_REQUEST,
         }
     }
@@ -106,8 +115,10 @@ impl LinkEstimate {
     /// back would only leave reads to miss what the background fetch would have brought.
     pub fn background_quiet(&self, configured: Duration) -> Duration {
         match self.throughput {
+            // Requests are sized to fill at least that time: allow for rounding.
             Some(thr)
-                if self.background_request() as f64 / thr <= NEGLIGIBLE_DELAY.as_secs_f64() =>
+                if self.background_request() as f64 / thr
+                    <= NEGLIGIBLE_DELAY.as_secs_f64() * 1.001 =>
             {
                 Duration::ZERO
             }
@@ -350,7 +361,9 @@ impl FetchScheduler {
         if spans.is_empty() {
             layer.mark_prefetch_done();
             if o.background {
-                st.background.push_back(BackgroundJob::new(id, layer));
+                // Newest first, as for prefetch: the top layer holds what the container
+                // runs, a base layer what many images share (often cached already).
+                st.background.push_front(BackgroundJob::new(id, layer));
             }
         } else {
             st.prefetch.push_back(PrefetchJob {
@@ -477,7 +490,7 @@ fn prefetched(shared: &Shared, id: u64, layer: &Weak<Inner>, span: &[(u64, Chunk
         if let Some(l) = &layer {
             l.mark_prefetch_done();
             if shared.options.background {
-                st.background.push_back(BackgroundJob::new(job.id, l));
+                st.background.push_front(BackgroundJob::new(job.id, l));
             }
         }
     }
@@ -497,7 +510,10 @@ fn wait_quiet(shared: &Shared) -> Option<MutexGuard<'_, State>> {
             .estimate()
             .background_quiet(shared.options.background_quiet);
         let until = (st.last_activity + quiet).max(st.background_not_before);
-        let busy = st.reading > 0 || st.reading_ahead > 0 || !st.read_ahead.is_empty();
+        // Where a background request cannot delay a read noticeably (no quiet period),
+        // it does not wait for reads either: it brings what they will ask for next.
+        let reading = st.reading > 0 && !quiet.is_zero();
+        let busy = reading || st.reading_ahead > 0 || !st.read_ahead.is_empty();
         if st.background.is_empty() || !st.prefetch.is_empty() || busy {
             st = shared.wake.wait(st).unwrap_or_else(|p| p.into_inner());
         } else if now < until {
@@ -671,12 +687,22 @@ mod tests {
         assert!((12.0e6..14.0e6).contains(&thr), "{thr}");
         let req = e.background_request();
         assert!((230_000..280_000).contains(&req), "{req}");
-        // Loopback: the floor; a slow satellite link: the ceiling.
+        // Loopback: 5 ms of data, up to the ceiling; a slow satellite link: the ceiling;
+        // a slow link with a short round trip: the floor.
         let fast = LinkEstimate {
             rtt: Some(Duration::from_micros(50)),
             throughput: Some(1e9),
         };
-        assert_eq!(fast.background_request(), MIN_BACKGROUND_REQUEST);
+        assert_eq!(fast.background_request(), MAX_BACKGROUND_REQUEST);
+        let thin = LinkEstimate {
+            rtt: Some(Duration::from_micros(500)),
+            throughput: Some(1e6),
+        };
+        assert_eq!(thin.background_request(), MIN_BACKGROUND_REQUEST);
+        assert_eq!(
+            thin.background_quiet(Duration::from_secs(1)),
+            Duration::from_secs(1)
+        );
         let long = LinkEstimate {
             rtt: Some(Duration::from_millis(600)),
             throughput: Some(1e8),

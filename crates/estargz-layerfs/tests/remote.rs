@@ -691,7 +691,15 @@ fn prefetch_makes_way_for_on_demand_reads() {
 fn a_trickling_registry_fails_reads_at_their_deadline_and_the_mount_keeps_serving() {
     // The client alone would wait minutes (its default, per attempt): the deadline decides.
     let r = Remote::start_with(Duration::from_secs(60));
-    let tar = synthetic_tar();
+    // Eight files of noise, each in a directory of its own (no neighbours fetched along).
+    let contents: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|i| (format!("d{i}/f"), estargz_testutil::noise(40_000, i)))
+        .collect();
+    let named: Vec<(&str, &[u8])> = contents
+        .iter()
+        .map(|(n, c)| (n.as_str(), c.as_slice()))
+        .collect();
+    let tar = estargz_testutil::files_tar(&named);
     let expected = files(&tar);
     let blob = r.push(&tar, &small_opts());
     let cache = r.cache("cache", 1 << 30);
@@ -704,12 +712,8 @@ fn a_trickling_registry_fails_reads_at_their_deadline_and_the_mount_keeps_servin
     let m = r.mount_with_deadline(&blob, cache.clone(), "mnt", &lazy, deadline);
     let mnt: PathBuf = m.mountpoint().to_path_buf();
     // More readers than the mount has threads, each on a file that is not local.
-    let mut big: Vec<&String> = expected
-        .keys()
-        .filter(|n| expected[*n].len() > 20_000)
-        .collect();
-    big.truncate(6);
-    assert!(big.len() >= 5, "{big:?}");
+    let big: Vec<&String> = expected.keys().collect();
+    assert_eq!(big.len(), 8);
     r.proxy.set_rate(Some(1000.0));
     let started = Instant::now();
     let readers: Vec<_> = big
@@ -720,8 +724,13 @@ fn a_trickling_registry_fails_reads_at_their_deadline_and_the_mount_keeps_servin
         })
         .collect();
     for (f, t) in big.iter().zip(readers) {
-        let e = t.join().unwrap().expect_err(f);
-        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{f}: {e}");
+        match t.join().unwrap() {
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{f}: {e}"),
+            Ok(data) => panic!(
+                "{f}: read {} bytes through a trickling registry",
+                data.len()
+            ),
+        }
     }
     // A bound on the deadline's effect, not a benchmark: at 1 kB/s the reads need minutes.
     assert!(
