@@ -53,17 +53,13 @@ async fn redirects_elsewhere_carry_neither_credentials_nor_host_headers() {
         Some(_) => StubAnswer::new(307, &format!("Location: {target}\r\n"), ""),
         None => StubAnswer::new(401, "WWW-Authenticate: Basic realm=\"r\"\r\n", ""),
     });
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join(&registry.addr);
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(
-        d.join("hosts.toml"),
-        format!(
+    let dir = estargz_testutil::hosts_dir(
+        &registry.addr,
+        &format!(
             "server = \"http://{0}\"\n[header]\n  x-secret = \"for the registry only\"\n",
             registry.addr
         ),
-    )
-    .unwrap();
+    );
     let mut creds = Credentials::none();
     creds.insert(&registry.addr, basic("user", "registry-password"));
     let c = client(creds, Some(dir.path()));
@@ -91,17 +87,13 @@ async fn a_mirror_never_gets_the_registrys_credentials() {
         None => StubAnswer::new(401, "WWW-Authenticate: Basic realm=\"m\"\r\n", ""),
     });
     let upstream = "127.0.0.1:9"; // discard port: nothing answers
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join(upstream);
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(
-        d.join("hosts.toml"),
-        format!(
+    let dir = estargz_testutil::hosts_dir(
+        upstream,
+        &format!(
             "server = \"http://{upstream}\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
             mirror.addr
         ),
-    )
-    .unwrap();
+    );
     let mut creds = Credentials::none();
     creds.insert(upstream, basic("user", "registry-password"));
     let image: ImageRef = format!("{upstream}/app/x:v1").parse().unwrap();

@@ -5,14 +5,15 @@ use estargz_registry::{ClientConfig, Error, HostsConfig, ImageRef, RegistryClien
 use estargz_testutil::TestRegistry;
 
 fn client_with_hosts(reg: &TestRegistry, body: &str) -> (RegistryClient, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join(&reg.addr);
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(
-        d.join("hosts.toml"),
-        format!("server = \"https://{}\"\n{body}", reg.addr),
+    client_for(
+        &reg.addr,
+        &format!("server = \"https://{}\"\n{body}", reg.addr),
     )
-    .unwrap();
+}
+
+/// A client whose only hosts.toml is `hosts` for `registry`.
+fn client_for(registry: &str, hosts: &str) -> (RegistryClient, tempfile::TempDir) {
+    let dir = estargz_testutil::hosts_dir(registry, hosts);
     let c = RegistryClient::new(ClientConfig {
         hosts: HostsConfig {
             dirs: vec![dir.path().to_path_buf()],
@@ -90,25 +91,10 @@ async fn a_hosts_skip_verify_does_not_follow_its_redirects() {
     let stub = estargz_testutil::StubServer::start(move |_, _| {
         estargz_testutil::StubAnswer::new(307, &format!("Location: {target}\r\n"), "")
     });
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join(&stub.addr);
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(
-        d.join("hosts.toml"),
-        format!("server = \"http://{}\"\nskip_verify = true\n", stub.addr),
-    )
-    .unwrap();
-    let c = RegistryClient::new(ClientConfig {
-        hosts: HostsConfig {
-            dirs: vec![dir.path().to_path_buf()],
-            insecure: vec![],
-        },
-        retry: RetryPolicy {
-            max_attempts: 1,
-            ..Default::default()
-        },
-        ..Default::default()
-    });
+    let (c, _dir) = client_for(
+        &stub.addr,
+        &format!("server = \"http://{}\"\nskip_verify = true\n", stub.addr),
+    );
     let image: ImageRef = format!("{}/tls/app:missing", stub.addr).parse().unwrap();
     let e = c.resolve(&image).await.unwrap_err();
     assert!(matches!(e, Error::Transport { .. }), "{e}");

@@ -138,6 +138,24 @@ fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         .collect()
 }
 
+/// The labels the CRI plugin sends for layer `digest` of `reference` (an image whose
+/// layers are `layers`), to be committed as `chain`.
+fn cri_labels(
+    chain: &str,
+    reference: &str,
+    digest: &str,
+    layers: &str,
+    toc_digest: &str,
+) -> HashMap<String, String> {
+    labels(&[
+        ("containerd.io/snapshot.ref", chain),
+        ("containerd.io/snapshot/cri.image-ref", reference),
+        ("containerd.io/snapshot/cri.layer-digest", digest),
+        ("containerd.io/snapshot/cri.image-layers", layers),
+        ("containerd.io/snapshot/stargz/toc.digest", toc_digest),
+    ])
+}
+
 /// The directory a view shows: a bind mount's source, or an overlay's top lower layer.
 fn mount_source(m: &[estargz_api::types::Mount]) -> String {
     assert_eq!(m.len(), 1, "{m:?}");
@@ -516,16 +534,13 @@ async fn cri_labels_mount_lazily_and_survive_a_node_restart_without_the_registry
 
     // The labels the CRI plugin sends. A wrong TOC digest falls back.
     let cri = |toc: &str| {
-        labels(&[
-            ("containerd.io/snapshot.ref", "sha256:chain1"),
-            ("containerd.io/snapshot/cri.image-ref", reference.as_str()),
-            (
-                "containerd.io/snapshot/cri.layer-digest",
-                &digest.to_string(),
-            ),
-            ("containerd.io/snapshot/cri.image-layers", layers.as_str()),
-            ("containerd.io/snapshot/stargz/toc.digest", toc),
-        ])
+        cri_labels(
+            "sha256:chain1",
+            reference.as_str(),
+            &digest.to_string(),
+            layers.as_str(),
+            toc,
+        )
     };
     let wrong = format!("sha256:{}", "0".repeat(64));
     let m = prepare(&mut c, "k8s.io/1/extract-1", "", cri(&wrong))
@@ -614,19 +629,13 @@ async fn cri_labels_mount_lazily_and_survive_a_node_restart_without_the_registry
     // gone, the second layer is still mounted lazily.
     tokio::time::sleep(Duration::from_secs(3)).await;
     drop(reg);
-    let l2 = labels(&[
-        ("containerd.io/snapshot.ref", "sha256:chain2"),
-        ("containerd.io/snapshot/cri.image-ref", reference.as_str()),
-        (
-            "containerd.io/snapshot/cri.layer-digest",
-            &digest2.to_string(),
-        ),
-        ("containerd.io/snapshot/cri.image-layers", layers.as_str()),
-        (
-            "containerd.io/snapshot/stargz/toc.digest",
-            toc_digest2.as_str(),
-        ),
-    ]);
+    let l2 = cri_labels(
+        "sha256:chain2",
+        reference.as_str(),
+        &digest2.to_string(),
+        layers.as_str(),
+        toc_digest2.as_str(),
+    );
     let err = prepare(&mut c, "k8s.io/1/extract-3", "sha256:chain1", l2)
         .await
         .unwrap_err();
@@ -718,36 +727,26 @@ async fn layers_resolve_and_read_through_a_pull_only_mirror_when_the_registry_is
     let mirror = estargz_testutil::FaultProxy::start(&reg.addr);
     mirror.set_always(Some(estargz_testutil::Fault::RejectMultiRange(400)));
     let upstream = "127.0.0.1:9";
-    let hosts = tempfile::tempdir().unwrap();
-    let d = hosts.path().join(upstream);
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(
-        d.join("hosts.toml"),
-        format!(
+    let hosts = estargz_testutil::hosts_dir(
+        upstream,
+        &format!(
             "server = \"http://{upstream}\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
             mirror.addr
         ),
-    )
-    .unwrap();
+    );
     let d = Daemon::start(&format!(
         "[registry]\nhosts_dirs = [\"{}\"]\n[fetch]\nbackground = false\n",
         hosts.path().display()
     ));
     let mut c = d.client().await;
     let reference = format!("{upstream}/mirrored/app:v1");
-    let l = labels(&[
-        ("containerd.io/snapshot.ref", "sha256:chain-m"),
-        ("containerd.io/snapshot/cri.image-ref", reference.as_str()),
-        (
-            "containerd.io/snapshot/cri.layer-digest",
-            &digest.to_string(),
-        ),
-        (
-            "containerd.io/snapshot/cri.image-layers",
-            &digest.to_string(),
-        ),
-        ("containerd.io/snapshot/stargz/toc.digest", &toc_digest),
-    ]);
+    let l = cri_labels(
+        "sha256:chain-m",
+        reference.as_str(),
+        &digest.to_string(),
+        &digest.to_string(),
+        &toc_digest,
+    );
     let err = prepare(&mut c, "k8s.io/1/extract", "", l)
         .await
         .unwrap_err();
@@ -806,19 +805,13 @@ async fn hostile_layers_fall_back_and_the_node_keeps_serving() {
         let digest = push_blob(&image, &blob).await;
         let toc_digest = estargz_format::Sha256Digest::of(json).to_string();
         let chain = format!("sha256:hostile{n}");
-        let l = labels(&[
-            ("containerd.io/snapshot.ref", chain.as_str()),
-            ("containerd.io/snapshot/cri.image-ref", reference.as_str()),
-            (
-                "containerd.io/snapshot/cri.layer-digest",
-                &digest.to_string(),
-            ),
-            (
-                "containerd.io/snapshot/cri.image-layers",
-                &digest.to_string(),
-            ),
-            ("containerd.io/snapshot/stargz/toc.digest", &toc_digest),
-        ]);
+        let l = cri_labels(
+            chain.as_str(),
+            reference.as_str(),
+            &digest.to_string(),
+            &digest.to_string(),
+            &toc_digest,
+        );
         // Refused, so containerd pulls the layer the ordinary way (and finds it broken).
         let key = format!("k8s.io/{n}/extract");
         let m = prepare(&mut c, &key, "", l).await.unwrap();
@@ -830,19 +823,13 @@ async fn hostile_layers_fall_back_and_the_node_keeps_serving() {
     }
     // The daemon is still there, and mounts a good layer lazily.
     let (digest, toc_digest) = push_layer(&image, &synthetic_tar()).await;
-    let l = labels(&[
-        ("containerd.io/snapshot.ref", "sha256:good"),
-        ("containerd.io/snapshot/cri.image-ref", reference.as_str()),
-        (
-            "containerd.io/snapshot/cri.layer-digest",
-            &digest.to_string(),
-        ),
-        (
-            "containerd.io/snapshot/cri.image-layers",
-            &digest.to_string(),
-        ),
-        ("containerd.io/snapshot/stargz/toc.digest", &toc_digest),
-    ]);
+    let l = cri_labels(
+        "sha256:good",
+        reference.as_str(),
+        &digest.to_string(),
+        &digest.to_string(),
+        &toc_digest,
+    );
     let err = prepare(&mut c, "k8s.io/9/extract", "", l)
         .await
         .unwrap_err();
@@ -876,16 +863,13 @@ async fn the_other_layers_are_resolved_a_few_at_a_time() {
     let mut c = d.client().await;
     let reference = format!("{}/many/app:v1", proxy.addr);
     let (digest, toc) = &layers[0];
-    let l = labels(&[
-        ("containerd.io/snapshot.ref", "sha256:many0"),
-        ("containerd.io/snapshot/cri.image-ref", reference.as_str()),
-        (
-            "containerd.io/snapshot/cri.layer-digest",
-            &digest.to_string(),
-        ),
-        ("containerd.io/snapshot/cri.image-layers", all.as_str()),
-        ("containerd.io/snapshot/stargz/toc.digest", toc),
-    ]);
+    let l = cri_labels(
+        "sha256:many0",
+        reference.as_str(),
+        &digest.to_string(),
+        all.as_str(),
+        toc,
+    );
     let err = prepare(&mut c, "k8s.io/1/extract", "", l)
         .await
         .unwrap_err();

@@ -891,3 +891,12 @@ pub fn toc_tail(toc_offset: u64, json: &[u8], declared: Option<u64>) -> Vec<u8> 
     out.extend_from_slice(&estargz_format::footer_bytes(toc_offset));
     out
 }
+
+/// A containerd-style `certs.d` directory holding `REGISTRY/hosts.toml` with `body`.
+pub fn hosts_dir(registry: &str, body: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join(registry);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("hosts.toml"), body).unwrap();
+    dir
+}
