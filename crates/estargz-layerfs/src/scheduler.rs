@@ -16,9 +16,9 @@
 //!    [`NEGLIGIBLE_DELAY`] of it when the round trip is shorter (64 KiB to 1 MiB), so an
 //!    on-demand read that arrives while it is in flight waits for at most about one round
 //!    trip (or 5 ms) of background bytes; large chunks are fetched in several such
-//!    requests, with the quiet check between them. Where one request takes no more than
-//!    [`NEGLIGIBLE_DELAY`] (a fast local network), there is no quiet period, and
-//!    background requests do not wait for reads in progress either.
+//!    requests, with the quiet check between them. Where the round trip and one request
+//!    take no more than [`NEGLIGIBLE_DELAY`] (a fast local network), there is no quiet
+//!    period, and background requests do not wait for reads in progress either.
 //!
 //! Why: with a fetcher per layer, several layers fetched in the background at once, with
 //! 1 MiB requests, and every on-demand read queued behind background bytes on a slow link
@@ -113,12 +113,17 @@ impl LinkEstimate {
     /// one background request occupies the link for at most [`NEGLIGIBLE_DELAY`], as on a
     /// fast local network, where a read arriving behind it could not tell and holding
     /// back would only leave reads to miss what the background fetch would have brought.
+    ///
+    /// Only a link whose round trip is that short qualifies: over a long round trip a
+    /// throughput measured from a few requests can be far too high (a shaper's burst, a
+    /// proxy's buffer), and a starting container would pay for the misjudgement.
     pub fn background_quiet(&self, configured: Duration) -> Duration {
-        match self.throughput {
+        match (self.rtt, self.throughput) {
             // Requests are sized to fill at least that time: allow for rounding.
-            Some(thr)
-                if self.background_request() as f64 / thr
-                    <= NEGLIGIBLE_DELAY.as_secs_f64() * 1.001 =>
+            (Some(rtt), Some(thr))
+                if rtt <= NEGLIGIBLE_DELAY
+                    && self.background_request() as f64 / thr
+                        <= NEGLIGIBLE_DELAY.as_secs_f64() * 1.001 =>
             {
                 Duration::ZERO
             }
@@ -719,6 +724,12 @@ mod tests {
             throughput: Some(1.25e8),
         };
         assert_eq!(lan.background_quiet(quiet), Duration::ZERO, "1 Gbit/s LAN");
+        // A long round trip whose throughput was measured far too high (a burst).
+        let burst = LinkEstimate {
+            rtt: Some(Duration::from_millis(20)),
+            throughput: Some(1e9),
+        };
+        assert_eq!(burst.background_quiet(quiet), quiet);
         let unknown = LinkEstimate {
             rtt: None,
             throughput: None,
