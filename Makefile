@@ -44,7 +44,7 @@ test: deps check-fmt lint unit
 # Longer fuzzing of the footer, TOC and chunk parsers: the property tests (optimised build)
 # with FUZZ_CASES cases each; prints the time taken. Failures are kept by proptest in
 # crates/estargz-format/tests/properties.proptest-regressions and rerun by every make test.
-FUZZ_CASES ?= 200000
+FUZZ_CASES ?= 2000000
 fuzz:
 	time PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release -p estargz-format --test properties
 
