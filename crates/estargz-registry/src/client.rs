@@ -338,7 +338,7 @@ impl RegistryClient {
             let req = req.build().map_err(transport)?;
             let resend = req.try_clone();
             let mut resp = ctx.http.execute(req).await.map_err(transport)?;
-            if resp.status().is_redirection() {
+            if is_redirect(resp.status()) {
                 if let Some(first) = resend {
                     resp = self.follow(ctx, first, resp, target).await?;
                 }
@@ -421,7 +421,7 @@ impl RegistryClient {
     ) -> Result<Response> {
         let mut url = first.url().clone();
         for _ in 0..10 {
-            if !resp.status().is_redirection() {
+            if !is_redirect(resp.status()) {
                 return Ok(resp);
             }
             let location = resp
@@ -1128,6 +1128,11 @@ fn retry_after_of(e: &Error) -> Option<Duration> {
 fn parse_retry_after(h: &HeaderMap) -> Option<Duration> {
     let v = h.get(RETRY_AFTER)?.to_str().ok()?.trim();
     v.parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// Statuses that send the request elsewhere (not 300 or 304, which do not).
+fn is_redirect(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308)
 }
 
 /// Whether two URLs name the same scheme, host and port.
