@@ -856,8 +856,8 @@ impl Drop for MountedLayer {
 }
 
 /// Mounts `fs` read-only, `nosuid` and `nodev` at `mountpoint`, readable by every user (as
-/// overlayfs needs for a lower layer), served by several threads; then hands it to its scheduler for prefetch
-/// and background fetch.
+/// overlayfs needs for a lower layer), served by several threads; then hands it to its
+/// scheduler for prefetch and background fetch.
 pub fn mount(fs: LayerFs, mountpoint: &Path) -> io::Result<MountedLayer> {
     let stats = fs.stats();
     let handle = fs.clone();

@@ -71,14 +71,23 @@ impl RegistrySource {
         self
     }
 
-    fn timed_out(&self, range: &Range<u64>) -> io::Error {
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!(
-                "{} bytes {range:?}: no complete answer from the registry within {:?}",
-                self.digest, self.deadline
-            ),
-        )
+    /// Runs `fetch` (of the bytes `span`) on the runtime, failing it at the deadline.
+    fn within<T>(
+        &self,
+        span: Range<u64>,
+        fetch: impl std::future::Future<Output = io::Result<T>>,
+    ) -> io::Result<T> {
+        self.runtime
+            .block_on(async { tokio::time::timeout(self.deadline, fetch).await })
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "{} bytes {span:?}: no complete answer from the registry within {:?}",
+                        self.digest, self.deadline
+                    ),
+                ))
+            })
     }
 }
 
@@ -102,13 +111,9 @@ impl BlobSource for RegistrySource {
         let fetch = self
             .client
             .fetch_range(&self.image, &self.digest, range.clone());
-        match self
-            .runtime
-            .block_on(async { tokio::time::timeout(self.deadline, fetch).await })
-        {
-            Ok(r) => r.map(|b| b.to_vec()).map_err(io::Error::other),
-            Err(_) => Err(self.timed_out(&range)),
-        }
+        self.within(range, async {
+            fetch.await.map(|b| b.to_vec()).map_err(io::Error::other)
+        })
     }
 
     fn read_ranges(&self, ranges: &[Range<u64>]) -> io::Result<Vec<Vec<u8>>> {
@@ -125,15 +130,10 @@ impl BlobSource for RegistrySource {
             }
             Ok(out)
         };
-        let result = self
-            .runtime
-            .block_on(async { tokio::time::timeout(self.deadline, all).await });
+        let result = self.within(ranges[0].start..ranges[ranges.len() - 1].end, all);
         // Fetches nobody waits for any more must not go on using the link.
         aborts.iter().for_each(|a| a.abort());
-        match result {
-            Ok(r) => r,
-            Err(_) => Err(self.timed_out(&(ranges[0].start..ranges[ranges.len() - 1].end))),
-        }
+        result
     }
 }
 

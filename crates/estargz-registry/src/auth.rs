@@ -330,9 +330,7 @@ pub(crate) async fn authorize(
                 target: target.to_string(),
                 detail: format!("token realm {realm:?} is not a URL: {e}"),
             })?;
-            let on_host = url.host_str() == host.host_str()
-                && url.port_or_known_default() == host.port_or_known_default();
-            if cleartext(&url) && !(on_host && host.scheme() == "http") {
+            if cleartext(&url) && !crate::client::same_origin(&url, host) {
                 return Err(refuse(format!(
                     "token server {realm} is on plain HTTP: refused (a token or credentials could be read on the way)"
                 )));
@@ -428,7 +426,8 @@ pub(crate) async fn authorize(
     }
 }
 
-/// Whether `u` names this machine (127.0.0.0/8, ::1 or `localhost`).
+/// Whether `u` names this machine (127.0.0.0/8, ::1 or `localhost`): an address that
+/// parses as loopback, not merely a name that starts like one.
 fn is_loopback(u: &reqwest::Url) -> bool {
     let host = u.host_str().unwrap_or("");
     let host = host.trim_start_matches('[').trim_end_matches(']');
