@@ -35,17 +35,7 @@ fn good_blob() -> (Vec<u8>, u64, serde_json::Value) {
 
 /// A blob of regular files named by `name(i)` (no content), without directory entries.
 fn names_blob(n: usize, name: impl Fn(usize) -> String) -> Vec<u8> {
-    let mut json = Vec::with_capacity(n * 40);
-    json.extend_from_slice(br#"{"version":1,"entries":["#);
-    for i in 0..n {
-        if i > 0 {
-            json.push(b',');
-        }
-        let e = serde_json::json!({"name": name(i), "type": "reg"});
-        json.extend_from_slice(e.to_string().as_bytes());
-    }
-    json.extend_from_slice(b"]}");
-    toc_tail(0, &json, None)
+    toc_tail(0, &estargz_testutil::names_toc(n, name), None)
 }
 
 struct Case {

@@ -411,27 +411,27 @@ fn hostile_input_tars_are_refused_by_the_converter() {
     assert!(matches!(e, Error::InvalidOption(_)), "{e}");
 }
 
-/// A TOC of `n` regular files named by `name(i)`, without directory entries, whose payloads
-/// all point at offset 0 of a blob whose TOC is at `toc_offset`.
-fn toc_json(n: usize, name: impl Fn(usize) -> String) -> Vec<u8> {
-    let entries: Vec<serde_json::Value> = (0..n)
-        .map(|i| serde_json::json!({"name": name(i), "type": "reg", "size": 0}))
-        .collect();
-    serde_json::to_vec(&serde_json::json!({"version": 1, "entries": entries})).unwrap()
-}
-
 #[test]
 fn long_paths_are_refused() {
     let ok = format!("{}/f", "d".repeat(200)).repeat(19);
     assert!(ok.len() <= estargz_format::MAX_PATH_LEN);
-    Toc::parse(&toc_json(1, |_| ok.clone()), 1 << 20, &Limits::default()).unwrap();
+    Toc::parse(
+        &estargz_testutil::names_toc(1, |_| ok.clone()),
+        1 << 20,
+        &Limits::default(),
+    )
+    .unwrap();
     for long in [
         "a/".repeat(2048) + "b",
         format!("{}/", "d".repeat(255)).repeat(17),
         "./".repeat(1 << 20) + "x",
     ] {
-        let e =
-            Toc::parse(&toc_json(1, |_| long.clone()), 1 << 20, &Limits::default()).unwrap_err();
+        let e = Toc::parse(
+            &estargz_testutil::names_toc(1, |_| long.clone()),
+            1 << 20,
+            &Limits::default(),
+        )
+        .unwrap_err();
         assert!(
             matches!(&e, Error::PathTraversal { detail, .. } if detail.contains("longer than")),
             "{e}"
@@ -444,7 +444,7 @@ fn deep_paths_cannot_make_parsing_quadratic() {
     // Each name is 4 KiB deep in its own tree: materialising every parent by its whole
     // path would take 4 MiB per entry, 40 GiB for the lot.
     let deep = "a/".repeat(2000);
-    let json = toc_json(10_000, |i| format!("{i}/{deep}f"));
+    let json = estargz_testutil::names_toc(10_000, |i| format!("{i}/{deep}f"));
     let started = std::time::Instant::now();
     let e = Toc::parse(&json, 1 << 20, &Limits::default()).unwrap_err();
     assert!(matches!(e, Error::ImpliedDirectories { .. }), "{e}");
@@ -453,7 +453,7 @@ fn deep_paths_cannot_make_parsing_quadratic() {
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
     // Parents a TOC does not list are still created when their names are within reason.
     let toc = Toc::parse(
-        &toc_json(100, |i| format!("usr/lib/{i}/x/y/z")),
+        &estargz_testutil::names_toc(100, |i| format!("usr/lib/{i}/x/y/z")),
         1 << 20,
         &Limits::default(),
     )
@@ -467,11 +467,16 @@ fn too_many_entries_are_refused_before_they_are_all_parsed() {
         max_entries: 1000,
         ..Default::default()
     };
-    Toc::parse(&toc_json(999, |i| format!("f{i}")), 1 << 20, &limits).unwrap();
+    Toc::parse(
+        &estargz_testutil::names_toc(999, |i| format!("f{i}")),
+        1 << 20,
+        &limits,
+    )
+    .unwrap();
     for json in [
-        toc_json(5000, |i| format!("f{i}")),
+        estargz_testutil::names_toc(5000, |i| format!("f{i}")),
         // Implied directories count too.
-        toc_json(600, |i| format!("d{i}/f")),
+        estargz_testutil::names_toc(600, |i| format!("d{i}/f")),
     ] {
         let e = Toc::parse(&json, 1 << 20, &limits).unwrap_err();
         assert!(matches!(e, Error::TooManyEntries { limit: 1000 }), "{e}");

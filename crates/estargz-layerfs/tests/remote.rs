@@ -15,8 +15,8 @@ use estargz_layerfs::{
 use estargz_oci::Digest;
 use estargz_registry::{ClientConfig, ImageRef, RegistryClient, RetryPolicy};
 use estargz_testutil::{
-    expected_from_tar, files_tar, noise, synthetic_tar, Fault, FaultProxy, TestRegistry,
-    SMALL_CHUNK,
+    expected_from_tar, files_tar, noise, synthetic_tar, BlobRequest, Fault, FaultProxy,
+    TestRegistry, SMALL_CHUNK,
 };
 
 struct Remote {
@@ -279,6 +279,25 @@ fn tiny_cache_and_shared_chunks() {
     m2.unmount().unwrap();
 }
 
+/// Reads `file` through `m`, checking it against `content`; returns the blob requests the
+/// proxy saw from the `since`-th on, and the index of the one that read sent.
+fn read_logged(
+    r: &Remote,
+    m: &MountedLayer,
+    since: usize,
+    file: &str,
+    content: &[u8],
+) -> (Vec<BlobRequest>, usize) {
+    let target = m.fs().chunk_at(file, 0).unwrap();
+    assert!(std::fs::read(m.mountpoint().join(file)).unwrap() == content);
+    let log = r.proxy.blob_log()[since..].to_vec();
+    let read = log
+        .iter()
+        .position(|q| q.range.as_ref().is_some_and(|g| g.start == target.offset))
+        .expect("the read's range request");
+    (log, read)
+}
+
 fn read(mnt: &Path, f: &str) -> std::io::Result<Vec<u8>> {
     std::fs::read(mnt.join(f))
 }
@@ -505,13 +524,7 @@ fn background_fetch_yields_to_on_demand_reads() {
             >= n
     };
     wait_for("the background fetch to run", || done_after(2));
-    let target = m.fs().chunk_at("z/small", 0).unwrap();
-    assert!(std::fs::read(m.mountpoint().join("z/small")).unwrap() == small);
-    let log = r.proxy.blob_log()[before + toc_requests..].to_vec();
-    let read = log
-        .iter()
-        .position(|q| q.range.as_ref().is_some_and(|g| g.start == target.offset))
-        .expect("the read's range request");
+    let (log, read) = read_logged(&r, &m, before + toc_requests, "z/small", &small);
     let beside: Vec<_> = log
         .iter()
         .enumerate()
@@ -668,13 +681,7 @@ fn prefetch_makes_way_for_on_demand_reads() {
             .iter()
             .any(|q| q.ended.is_some())
     });
-    let target = m.fs().chunk_at("z/small", 0).unwrap();
-    assert!(std::fs::read(m.mountpoint().join("z/small")).unwrap() == small);
-    let log = r.proxy.blob_log()[before + toc_requests..].to_vec();
-    let read = log
-        .iter()
-        .position(|q| q.range.as_ref().is_some_and(|g| g.start == target.offset))
-        .expect("the read's range request");
+    let (log, read) = read_logged(&r, &m, before + toc_requests, "z/small", &small);
     let started_during: Vec<_> = log
         .iter()
         .filter(|q| q.arrived > log[read].arrived && Some(q.arrived) < log[read].ended)

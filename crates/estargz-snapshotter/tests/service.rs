@@ -12,7 +12,7 @@ use estargz_api::snapshots::{self as pb, Kind};
 use estargz_format::{convert, ConvertOptions, EntryKind, EstargzReader, OpenOptions};
 use estargz_oci::Digest;
 use estargz_registry::{ImageRef, RegistryClient};
-use estargz_testutil::{expected_from_tar, synthetic_tar, TestRegistry};
+use estargz_testutil::{expected_from_tar, names_toc, synthetic_tar, TestRegistry};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -786,17 +786,11 @@ async fn hostile_layers_fall_back_and_the_node_keeps_serving() {
     let reference = format!("{}/hostile/app:v1", reg.addr);
     let image: ImageRef = reference.parse().unwrap();
     // TOCs an attacker controls, with TOC digest labels that match them.
-    let names = |n: usize, name: &dyn Fn(usize) -> String| {
-        let entries: Vec<_> = (0..n)
-            .map(|i| serde_json::json!({"name": name(i), "type": "reg"}))
-            .collect();
-        serde_json::to_vec(&serde_json::json!({"version": 1, "entries": entries})).unwrap()
-    };
     let deep = "a/".repeat(2000);
     let hostile = [
-        names(10_000, &|i| format!("{i}/{deep}f")),
-        names(1, &|_| "d/".repeat(3000)),
-        names(1_100_000, &|i| format!("f{i}")),
+        names_toc(10_000, |i| format!("{i}/{deep}f")),
+        names_toc(1, |_| "d/".repeat(3000)),
+        names_toc(1_100_000, |i| format!("f{i}")),
     ];
     let d = Daemon::start("[fetch]\nbackground = false\n");
     let mut c = d.client().await;

@@ -900,3 +900,20 @@ pub fn hosts_dir(registry: &str, body: &str) -> tempfile::TempDir {
     std::fs::write(d.join("hosts.toml"), body).unwrap();
     dir
 }
+
+/// TOC JSON of `n` empty regular files named `name(0..n)`, without directory entries:
+/// the shape of hostile TOCs (deep, long or countless names). Written entry by entry, so
+/// a million names cost their JSON, not a `serde_json::Value` each.
+pub fn names_toc(n: usize, name: impl Fn(usize) -> String) -> Vec<u8> {
+    let mut json = Vec::with_capacity(n * 40);
+    json.extend_from_slice(br#"{"version":1,"entries":["#);
+    for i in 0..n {
+        if i > 0 {
+            json.push(b',');
+        }
+        let e = serde_json::json!({"name": name(i), "type": "reg"});
+        json.extend_from_slice(e.to_string().as_bytes());
+    }
+    json.extend_from_slice(b"]}");
+    json
+}
