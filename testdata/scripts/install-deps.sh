@@ -11,7 +11,7 @@ for tool in containerd ctr ctr-remote runc; do
 done
 if command -v rustup >/dev/null; then
     for c in clippy rustfmt; do
-        rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
+        rustup component list --installed 2>/dev/null | grep "^$c" >/dev/null || rustup component add "$c"
     done
 fi
 command -v cargo >/dev/null || die "cargo is missing: install Rust with rustup (https://rustup.rs)"

@@ -18,6 +18,8 @@
 #  - removing the images lets containerd's GC remove every snapshot and unmount every
 #    lazily mounted layer.
 set -euo pipefail
+# With pipefail, never end a pipeline in `grep -q` or `head`: they exit at the first match and
+# the writer (curl, ctr) fails with SIGPIPE or EPIPE, failing the check at random.
 . "$(dirname "$0")/lib.sh"
 
 need ctr-remote stargz-snapshotter
@@ -149,7 +151,7 @@ for o in $lazy_opts; do
 done
 # Containers from ctr run with no_new_privs, so the kernel side is checked directly: the
 # overlay containerd would mount for a container on the lazy layers, used by another user.
-top=$(c -n "$NS_lazy" snapshots --snapshotter estargz ls | awk '$3 == "Committed" {print $1}' | head -n 1)
+top=$(c -n "$NS_lazy" snapshots --snapshotter estargz ls | awk '$3 == "Committed" && !n++ {print $1}')
 c -n "$NS_lazy" snapshots --snapshotter estargz prepare e2e-suid "$top" >&2
 mkdir -p "$work/suid"
 eval "$(c -n "$NS_lazy" snapshots --snapshotter estargz mounts "$work/suid" e2e-suid)"
@@ -178,7 +180,7 @@ ok "non-eStargz image falls back and runs"
 ctr-remote -a "$sock" -n "$NS_notoc" images rpull --plain-http --snapshotter estargz "$addr/e2e:notoc" >&2
 out=$(run_in "$NS_notoc" "$addr/e2e:notoc" /bin/cat /srv/hello.txt)
 [ "$out" = "from the second layer" ] || die "cat printed: $out"
-curl -sf "http://$metrics/metrics" | grep -q 'estargz_fallbacks_total{reason="no_toc_digest"}' || die "no no_toc_digest fallback counted"
+curl -sf "http://$metrics/metrics" | grep 'estargz_fallbacks_total{reason="no_toc_digest"}' >/dev/null || die "no no_toc_digest fallback counted"
 ok "image without TOC digest labels falls back and runs"
 c -n "$NS_plain" images pull --plain-http --snapshotter estargz "$addr/e2e:ours" >&2
 out=$(run_in "$NS_plain" "$addr/e2e:ours" /bin/cat /srv/hello.txt)
@@ -189,9 +191,9 @@ log "snapshots"
 list=$(c -n "$NS_lazy" snapshots --snapshotter estargz ls)
 echo "$list" >&2
 [ "$(echo "$list" | grep -c Committed)" -eq 2 ] || die "expected 2 committed snapshots in namespace lazy"
-top=$(echo "$list" | awk '$3 == "Committed" {print $1}' | head -n 1)
+top=$(echo "$list" | awk '$3 == "Committed" && !n++ {print $1}')
 [ -n "$top" ] || die "no committed snapshot with a parent"
-c -n "$NS_lazy" snapshots --snapshotter estargz info "$top" | grep -q 'containerd.io/snapshot/remote' \
+c -n "$NS_lazy" snapshots --snapshotter estargz info "$top" | grep 'containerd.io/snapshot/remote' >/dev/null \
     || die "snapshot info lacks the remote label"
 c -n "$NS_lazy" snapshots --snapshotter estargz usage >&2
 c -n "$NS_lazy" snapshots --snapshotter estargz prepare e2e-scratch "$top" >&2
@@ -222,7 +224,7 @@ ok "metrics: $fetched bytes fetched by lazily mounted layers"
 
 log "removal and garbage collection"
 c -n "$NS_lazy" task kill -s KILL keeper >&2 || true
-for _ in $(seq 1 50); do c -n "$NS_lazy" task ls | grep -q keeper || break; c -n "$NS_lazy" task delete keeper >/dev/null 2>&1 || true; sleep 0.1; done
+for _ in $(seq 1 50); do c -n "$NS_lazy" task ls | grep keeper >/dev/null || break; c -n "$NS_lazy" task delete keeper >/dev/null 2>&1 || true; sleep 0.1; done
 c -n "$NS_lazy" containers rm keeper >&2
 for ns in "$NS_lazy" "$NS_ref" "$NS_fallback" "$NS_notoc" "$NS_plain"; do
     for img in $(c -n "$ns" images ls -q); do c -n "$ns" images rm --sync "$img" >&2; done
