@@ -17,7 +17,7 @@ PREFIX ?= /usr/local
 PROPTEST_CASES ?= 512
 export PROPTEST_CASES
 
-.PHONY: all build test deps lint check-fmt unit demo install clean bench bench-quick bench-venv fuzz
+.PHONY: all build test deps crate-graph lint check-fmt unit demo install clean bench bench-quick bench-venv fuzz
 
 all: build
 
@@ -39,7 +39,11 @@ unit:
 	set -o pipefail; $(CARGO) test --workspace --no-fail-fast 2>&1 | tee target/test.log
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' target/test.log
 
-test: deps check-fmt lint unit
+# ARCHITECTURE.md's crate-graph block must match the workspace's dependencies (cargo metadata).
+crate-graph:
+	CARGO=$(CARGO) bash testdata/scripts/crate-graph.sh
+
+test: deps crate-graph check-fmt lint unit
 
 # Longer fuzzing of the footer, TOC and chunk parsers: the property tests (optimised build)
 # with FUZZ_CASES cases each; prints the time taken. Failures are kept by proptest in
