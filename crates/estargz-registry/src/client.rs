@@ -1,6 +1,6 @@
 //! The registry client: requests with hosts fallback, auth, retries and connection limits.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::ops::Range;
 use std::path::Path;
@@ -104,7 +104,6 @@ pub struct RegistryClient {
     clients: Mutex<HashMap<String, reqwest::Client>>,
     tokens: TokenCache,
     limits: Mutex<HashMap<String, Arc<Semaphore>>>,
-    single_range_only: Mutex<HashSet<String>>,
     /// The system's trusted roots, loaded once.
     system_roots: OnceLock<Arc<rustls::RootCertStore>>,
 }
@@ -154,7 +153,6 @@ impl RegistryClient {
             clients: Mutex::new(HashMap::new()),
             tokens: TokenCache::default(),
             limits: Mutex::new(HashMap::new()),
-            single_range_only: Mutex::new(HashSet::new()),
             system_roots: OnceLock::new(),
         }
     }
@@ -681,121 +679,6 @@ impl RegistryClient {
         .await
     }
 
-    /// Reads several byte ranges of a blob. Uses one multi-range request where the host
-    /// answers them properly (206 `multipart/byteranges`); a host that answers 200 or 400
-    /// is remembered as single-range only, and the ranges are fetched one by one.
-    pub async fn fetch_ranges(
-        &self,
-        image: &ImageRef,
-        digest: &Digest,
-        ranges: &[Range<u64>],
-    ) -> Result<Vec<Bytes>> {
-        let ranges: Vec<Range<u64>> = ranges.to_vec();
-        if ranges.len() > 1 && !self.is_single_range_only(&image.registry) {
-            match self.try_multi_range(image, digest, &ranges).await {
-                Ok(Some(parts)) => return Ok(parts),
-                Ok(None) => {
-                    tracing::info!(registry = %image.registry, "multi-range requests unsupported; using single ranges");
-                    lock(&self.single_range_only).insert(image.registry.clone());
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        let mut out = Vec::with_capacity(ranges.len());
-        for r in ranges {
-            out.push(self.fetch_range(image, digest, r).await?);
-        }
-        Ok(out)
-    }
-
-    /// Whether multi-range requests were found unsupported for `registry`.
-    pub fn is_single_range_only(&self, registry: &str) -> bool {
-        lock(&self.single_range_only).contains(registry)
-    }
-
-    /// `Ok(None)` when the host does not do multi-range properly.
-    async fn try_multi_range(
-        &self,
-        image: &ImageRef,
-        digest: &Digest,
-        ranges: &[Range<u64>],
-    ) -> Result<Option<Vec<Bytes>>> {
-        let spec = ranges
-            .iter()
-            .map(|r| format!("{}-{}", r.start, r.end.saturating_sub(1)))
-            .collect::<Vec<_>>()
-            .join(",");
-        let target = format!(
-            "{}/{} blob {digest} bytes {spec}",
-            image.registry, image.repository
-        );
-        let scope = format!("repository:{}:pull", image.repository);
-        self.with_hosts(&image.registry, Need::Pull, &target, |ctx| {
-            let target = target.clone();
-            let scope = scope.clone();
-            let spec = spec.clone();
-            async move {
-                let url = ctx.url(&image.repository, &format!("blobs/{digest}"))?;
-                let resp = match self
-                    .send(
-                        &ctx,
-                        &scope,
-                        &target,
-                        Some(self.config.request_timeout),
-                        &|c| c.get(url.clone()).header(RANGE, format!("bytes={spec}")),
-                    )
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(Error::Status {
-                        status: 400 | 416 | 501,
-                        ..
-                    }) => return Ok(None),
-                    Err(e) => return Err(e),
-                };
-                if resp.status() != StatusCode::PARTIAL_CONTENT {
-                    // 200 with the whole body: drop it unread.
-                    return Ok(None);
-                }
-                let ctype = resp
-                    .headers()
-                    .get(CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_string();
-                let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
-                let limit = total
-                    .saturating_mul(2)
-                    .saturating_add(64 * 1024 + 256 * ranges.len() as u64);
-                if let Some(boundary) = multipart_boundary(&ctype) {
-                    let body = read_limited(resp, limit, &target).await?;
-                    let parts =
-                        parse_multipart(&body, &boundary).map_err(|d| Error::BadResponse {
-                            target: target.clone(),
-                            detail: d,
-                        })?;
-                    return Ok(Some(
-                        pick_ranges(&parts, ranges)
-                            .map_err(|d| Error::BadResponse { target, detail: d })?,
-                    ));
-                }
-                // One part: the server may have merged the ranges into one span.
-                let (s, e, _) =
-                    parse_content_range(resp.headers()).ok_or_else(|| Error::BadResponse {
-                        target: target.clone(),
-                        detail: "206 without Content-Range".into(),
-                    })?;
-                let body = read_exact_len(resp, e - s + 1, &target).await?;
-                let parts = vec![(s, body)];
-                Ok(Some(
-                    pick_ranges(&parts, ranges)
-                        .map_err(|d| Error::BadResponse { target, detail: d })?,
-                ))
-            }
-        })
-        .await
-    }
-
     /// Downloads a whole blob to `path` (via a temporary file), checking size and digest;
     /// `progress` gets the bytes received so far. Retries restart the download.
     pub async fn download_blob(
@@ -1268,85 +1151,6 @@ fn parse_content_range_str(v: &str) -> Option<(u64, u64, Option<u64>)> {
     Some((s, e, total.trim().parse().ok()))
 }
 
-fn multipart_boundary(content_type: &str) -> Option<String> {
-    let mut parts = content_type.split(';');
-    if parts.next()?.trim() != "multipart/byteranges" {
-        return None;
-    }
-    parts
-        .filter_map(|p| p.trim().strip_prefix("boundary="))
-        .map(|b| b.trim_matches('"').to_string())
-        .next()
-}
-
-/// Parses a multipart/byteranges body into (start offset, bytes) parts.
-fn parse_multipart(body: &Bytes, boundary: &str) -> std::result::Result<Vec<(u64, Bytes)>, String> {
-    let delim = format!("--{boundary}");
-    let mut parts = Vec::new();
-    let mut pos = find(body, delim.as_bytes(), 0).ok_or("no multipart boundary in the body")?;
-    loop {
-        pos += delim.len();
-        if body[pos..].starts_with(b"--") {
-            break;
-        }
-        let header_end = find(body, b"\r\n\r\n", pos).ok_or("multipart part without headers")?;
-        let headers = std::str::from_utf8(&body[pos..header_end])
-            .map_err(|_| "multipart headers are not text")?;
-        let range = headers
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.trim()
-                    .eq_ignore_ascii_case("content-range")
-                    .then(|| parse_content_range_str(v))?
-            })
-            .ok_or("multipart part without Content-Range")?;
-        let data_start = header_end + 4;
-        let len = (range.1 - range.0 + 1) as usize;
-        let data_end = data_start
-            .checked_add(len)
-            .filter(|&e| e <= body.len())
-            .ok_or("multipart part is truncated")?;
-        parts.push((range.0, body.slice(data_start..data_end)));
-        pos = find(body, delim.as_bytes(), data_end)
-            .ok_or("multipart body ends without a closing boundary")?;
-    }
-    Ok(parts)
-}
-
-fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
-    if from > hay.len() {
-        return None;
-    }
-    hay[from..]
-        .windows(needle.len())
-        .position(|w| w == needle)
-        .map(|p| p + from)
-}
-
-/// Cuts each requested range out of the parts the server sent (which may be merged).
-fn pick_ranges(
-    parts: &[(u64, Bytes)],
-    ranges: &[Range<u64>],
-) -> std::result::Result<Vec<Bytes>, String> {
-    ranges
-        .iter()
-        .map(|r| {
-            parts
-                .iter()
-                .find(|(s, b)| *s <= r.start && r.end <= s + b.len() as u64)
-                .map(|(s, b)| b.slice((r.start - s) as usize..(r.end - s) as usize))
-                .ok_or_else(|| {
-                    format!(
-                        "the response does not cover bytes {}-{}",
-                        r.start,
-                        r.end - 1
-                    )
-                })
-        })
-        .collect()
-}
-
 fn sniff_media_type(body: &[u8]) -> String {
     let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     if let Some(mt) = v["mediaType"].as_str() {
@@ -1364,30 +1168,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn multipart_and_ranges() {
-        let body = Bytes::from_static(
-            b"--XYZ\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes 0-3/100\r\n\r\nabcd\r\n--XYZ\r\nContent-Range: bytes 10-12/100\r\n\r\nklm\r\n--XYZ--\r\n",
-        );
-        let parts = parse_multipart(&body, "XYZ").unwrap();
-        assert_eq!(parts.len(), 2);
-        assert_eq!(parts[1], (10, Bytes::from_static(b"klm")));
-        let got = pick_ranges(&parts, &[1..3, 10..13]).unwrap();
-        assert_eq!(
-            got,
-            vec![Bytes::from_static(b"bc"), Bytes::from_static(b"klm")]
-        );
-        let gap: [Range<u64>; 1] = [Range { start: 3, end: 6 }];
-        assert!(pick_ranges(&parts, &gap).is_err());
-        assert!(parse_multipart(
-            &Bytes::from_static(b"--XYZ\r\nContent-Range: bytes 0-99/100\r\n\r\nshort"),
-            "XYZ"
-        )
-        .is_err());
-        assert_eq!(
-            multipart_boundary("multipart/byteranges; boundary=\"a b\""),
-            Some("a b".into())
-        );
-        assert_eq!(multipart_boundary("text/plain"), None);
+    fn content_range() {
         assert_eq!(
             parse_content_range_str("bytes 5-9/10"),
             Some((5, 9, Some(10)))

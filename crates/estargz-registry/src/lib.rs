@@ -2,7 +2,7 @@
 //!
 //! - [`ImageRef`]: image references as users write them, normalized like Docker.
 //! - [`RegistryClient`]: manifests, whole blobs (streamed, digest checked), byte ranges
-//!   (multi-range when the registry answers it properly), pushes with cross-repository
+//!   (one range a request, or a blob's tail with its size), pushes with cross-repository
 //!   mounts; retries with backoff and jitter, per-host connection limits.
 //! - [`Credentials`]: docker config credentials; bearer tokens are fetched from the
 //!   registry's `WWW-Authenticate` challenge and cached per scope.

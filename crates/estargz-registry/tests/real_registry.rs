@@ -107,26 +107,19 @@ async fn resolve_pull_ranges_and_push() {
     assert!(std::fs::read(&out).unwrap() == layer);
     assert_eq!(seen.load(Ordering::Relaxed), layer.len() as u64);
 
-    // Single and multiple ranges.
-    let r = c
-        .fetch_range(&image, &layer_desc.digest, 1000..5000)
-        .await
-        .unwrap();
-    assert_eq!(&r[..], &layer[1000..5000]);
+    // Single ranges: the middle, the first bytes and the last bytes of the blob.
     let ranges = [
+        1000..5000,
         0..10,
-        100_000..100_512,
         (layer.len() as u64 - 7)..layer.len() as u64,
     ];
-    let parts = c
-        .fetch_ranges(&image, &layer_desc.digest, &ranges)
-        .await
-        .unwrap();
-    for (p, r) in parts.iter().zip(&ranges) {
-        assert_eq!(&p[..], &layer[r.start as usize..r.end as usize]);
+    for r in ranges {
+        let got = c
+            .fetch_range(&image, &layer_desc.digest, r.clone())
+            .await
+            .unwrap();
+        assert_eq!(&got[..], &layer[r.start as usize..r.end as usize]);
     }
-    // docker-registry (Go's http.ServeContent) answers multi-range properly.
-    assert!(!c.is_single_range_only(&image.registry));
     // The tail of a blob, with its size, in one suffix range request; all of a short blob.
     let (tail, size) = c
         .fetch_tail(&image, &layer_desc.digest, 4096)

@@ -32,8 +32,6 @@ pub enum Fault {
     Stall(Duration),
     /// Flip one byte in the middle of the body.
     CorruptBody,
-    /// Answer a multi-range request with this status (e.g. 400).
-    RejectMultiRange(u16),
     /// Drop the Range header, so the registry answers 200 with the whole blob.
     IgnoreRange,
     /// Answer 307 with a Location pointing straight at the registry (like blob storage).
@@ -243,11 +241,6 @@ fn handle(mut conn: TcpStream, s: &Shared) -> std::io::Result<()> {
         Some(Fault::Status(code)) => return simple(&mut conn, *code, ""),
         Some(Fault::TooManyRequests(secs)) => {
             return simple(&mut conn, 429, &format!("Retry-After: {secs}\r\n"))
-        }
-        Some(Fault::RejectMultiRange(code))
-            if range.as_deref().is_some_and(|r| r.contains(',')) =>
-        {
-            return simple(&mut conn, *code, "")
         }
         Some(Fault::Redirect) => {
             let path = request_line.split(' ').nth(1).unwrap_or("/");
