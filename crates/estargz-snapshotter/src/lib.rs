@@ -3,9 +3,11 @@
 //! it mounts the layer lazily through FUSE instead of letting containerd pull it.
 //!
 //! Parts: [`store`] (durable metadata), [`snapshotter`] (snapshot semantics and mounts),
-//! [`remote`] (labels, TOC resolution), [`manager`] (the separate process serving FUSE
-//! mounts, so that they survive daemon restarts), [`service`] (gRPC), [`metrics`],
-//! [`config`], [`access`] (who may use the sockets).
+//! [`remote`] (labels, TOC resolution), [`mounter`] (how the snapshotter gets layers
+//! mounted: a seam, and the client of the FUSE manager), [`manager`] (the separate process
+//! serving FUSE mounts, so that they survive daemon restarts), [`protocol`] (what the two
+//! say to each other), [`service`] (gRPC), [`metrics`], [`config`], [`access`] (who may use
+//! the sockets).
 
 #![warn(missing_docs)]
 
@@ -14,6 +16,8 @@ pub mod config;
 pub mod filter;
 pub mod manager;
 pub mod metrics;
+pub mod mounter;
+pub mod protocol;
 pub mod remote;
 pub mod service;
 pub mod snapshotter;
@@ -47,9 +51,17 @@ pub enum Error {
         /// The error.
         source: std::io::Error,
     },
-    /// The FUSE manager failed or could not be reached.
-    #[error("{0}")]
-    Manager(String),
+    /// The FUSE manager could not be reached (not running, or its socket is gone).
+    #[error("the FUSE manager at {} does not answer: {source}", socket.display())]
+    ManagerUnreachable {
+        /// Its socket.
+        socket: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The FUSE manager refused or failed a request.
+    #[error("FUSE manager: {0}")]
+    Manager(#[from] protocol::ManagerError),
 }
 
 impl Error {

@@ -6,8 +6,10 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use estargz_snapshotter::config::{LogFormat, DEFAULT_CONFIG};
-use estargz_snapshotter::manager::{Manager, ManagerClient, Request};
+use estargz_snapshotter::manager::Manager;
 use estargz_snapshotter::metrics::Metrics;
+use estargz_snapshotter::mounter::ManagerClient;
+use estargz_snapshotter::protocol::PROTOCOL;
 use estargz_snapshotter::service::SnapshotService;
 use estargz_snapshotter::snapshotter::Snapshotter;
 use estargz_snapshotter::{access, Config};
@@ -73,9 +75,10 @@ fn main() -> Result<()> {
             estargz_cache::private_dir(&config.root)
                 .with_context(|| format!("creating {}", config.root.display()))?;
             let socket = manager_socket(&config);
+            let root = config.root.clone();
             let manager = Arc::new(Manager::new(config, tokio::runtime::Handle::current())?);
-            tracing::info!(socket = %socket.display(), pid = std::process::id(), "FUSE manager serving");
-            manager.serve(&socket).await?;
+            tracing::info!(socket = %socket.display(), pid = std::process::id(), protocol = PROTOCOL, "FUSE manager serving");
+            manager.serve(&root, &socket).await?;
             tracing::info!("FUSE manager stopped; every lazy layer unmounted");
             Ok(())
         }),
@@ -85,7 +88,7 @@ fn main() -> Result<()> {
                 eprintln!("no FUSE manager answers at {}", manager_socket(&config).display());
                 return Ok(());
             }
-            client.call(&Request::Shutdown)?;
+            client.shutdown()?;
             eprintln!("FUSE manager stopped");
             Ok(())
         }
@@ -102,17 +105,27 @@ async fn serve(config: Config, config_path: Option<PathBuf>) -> Result<()> {
     let exe = std::env::current_exe().context("finding this program's path")?;
     {
         let (m, exe, cp) = (manager.clone(), exe.clone(), config_path.clone());
-        tokio::task::spawn_blocking(move || m.ensure_running(&exe, cp.as_deref())).await??;
+        tokio::task::spawn_blocking(move || start_manager(&m, &exe, cp.as_deref())).await??;
     }
     let metrics = Arc::new(Metrics::default());
     let metrics_address = config.metrics_address.clone();
-    let snapshotter = Arc::new(Snapshotter::open(config, manager.clone(), metrics.clone())?);
+    let snapshotter = Arc::new(Snapshotter::open(
+        config,
+        Arc::new(manager.clone()),
+        metrics.clone(),
+    )?);
     {
         let s = snapshotter.clone();
         tokio::task::spawn_blocking(move || s.restore())
             .await?
             .context("mounting lazy layers again")?;
     }
+    tokio::spawn(supervise(
+        manager.clone(),
+        snapshotter.clone(),
+        exe,
+        config_path,
+    ));
     if !metrics_address.is_empty() {
         let listener = tokio::net::TcpListener::bind(&metrics_address)
             .await
@@ -150,6 +163,96 @@ async fn serve(config: Config, config_path: Option<PathBuf>) -> Result<()> {
         .context("gRPC server")?;
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// Starts the FUSE manager unless one answers, and deals with one left by an older
+/// version: it serves running containers' layers, so it is replaced only when it serves
+/// none (then at no cost); otherwise it keeps serving, and the cost of switching is said.
+fn start_manager(
+    m: &ManagerClient,
+    exe: &std::path::Path,
+    config: Option<&std::path::Path>,
+) -> Result<()> {
+    let hello = m.ensure_running(exe, config)?;
+    let ours = env!("CARGO_PKG_VERSION");
+    if hello.protocol == PROTOCOL && hello.version == ours {
+        tracing::info!(
+            pid = hello.pid,
+            protocol = hello.protocol,
+            "FUSE manager answers"
+        );
+        return Ok(());
+    }
+    let serving = m.status().map(|s| s.mounts.len()).unwrap_or(usize::MAX);
+    if serving == 0 {
+        tracing::info!(old_version = %hello.version, old_protocol = hello.protocol, "replacing an idle FUSE manager of another version");
+        m.shutdown()
+            .context("stopping the idle FUSE manager of another version")?;
+        let hello = m.ensure_running(exe, config)?;
+        tracing::info!(
+            pid = hello.pid,
+            protocol = hello.protocol,
+            "FUSE manager answers"
+        );
+        return Ok(());
+    }
+    tracing::warn!(
+        old_version = %hello.version,
+        old_protocol = hello.protocol,
+        protocol = PROTOCOL,
+        layers = serving,
+        "a FUSE manager of another version serves lazy layers of running containers; it keeps \
+         serving them (and new ones) until it is stopped. To switch to this version's manager, \
+         stop the containers using lazy layers, then run `estargz-snapshotter stop-fuse-manager` \
+         and restart the daemon (or reboot the node)"
+    );
+    Ok(())
+}
+
+/// How often the daemon checks that its FUSE manager still answers.
+const SUPERVISE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Watches the FUSE manager: if it dies (its socket no longer accepts), starts a new one
+/// and mounts every lazy layer again, so that new containers start. Containers that were
+/// running on the dead manager's mounts get ENOTCONN: their mounts cannot be revived.
+async fn supervise(
+    manager: ManagerClient,
+    snapshotter: Arc<Snapshotter>,
+    exe: PathBuf,
+    config: Option<PathBuf>,
+) {
+    use estargz_snapshotter::Error;
+    loop {
+        tokio::time::sleep(SUPERVISE_EVERY).await;
+        let m = manager.clone();
+        let alive = tokio::task::spawn_blocking(move || m.hello()).await;
+        // A manager that answers slowly or with an error is alive; only one that cannot be
+        // reached at all is replaced.
+        if !matches!(alive, Ok(Err(Error::ManagerUnreachable { .. }))) {
+            continue;
+        }
+        tracing::error!(socket = %manager.socket().display(), "the FUSE manager is gone; starting a new one and mounting lazy layers again");
+        let (m, s, exe, config) = (
+            manager.clone(),
+            snapshotter.clone(),
+            exe.clone(),
+            config.clone(),
+        );
+        let result = tokio::task::spawn_blocking(move || {
+            m.ensure_running(&exe, config.as_deref())?;
+            s.restore()
+        })
+        .await;
+        match result {
+            Ok(Ok((mounted, failed))) => {
+                tracing::info!(mounted, failed, "FUSE manager replaced")
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "replacing the FUSE manager failed; retrying")
+            }
+            Err(e) => tracing::error!(error = %e, "replacing the FUSE manager failed; retrying"),
+        }
+    }
 }
 
 /// Tells systemd (Type=notify) about our state; nothing without `NOTIFY_SOCKET`.

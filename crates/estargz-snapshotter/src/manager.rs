@@ -9,11 +9,11 @@
 //! after a restart finds it still serving. The manager's job is small on purpose: mount,
 //! unmount, report.
 //!
-//! Protocol: one JSON request per line, one JSON response per line.
+//! Protocol: [`crate::protocol`]. One manager per root: it holds `ROOT/fuse-manager.lock`
+//! (an exclusive `flock`) for its whole life, and refuses to start while another holds it
+//! or answers on the socket, so a second manager can never orphan the first's mounts.
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,105 +21,15 @@ use std::time::Duration;
 use estargz_cache::{CacheConfig, ChunkCache};
 use estargz_format::{Limits, Sha256Digest, Toc};
 use estargz_layerfs::{mount, FetchScheduler, LayerFs, MountedLayer, RegistrySource};
-use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
+use crate::mounter::{detach, is_dead_mount};
+use crate::protocol::{
+    parse_request, CacheStatus, ErrorKind, Hello, LayerStatus, ManagerError, Request, Response,
+    Status, MAX_REQUEST, PROTOCOL,
+};
 use crate::store::RemoteLayer;
 use crate::Error;
-
-/// A request to the manager.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum Request {
-    /// Mount `layer` at `mountpoint`, with its TOC JSON read from `toc_path`.
-    Mount {
-        /// Where.
-        mountpoint: PathBuf,
-        /// The layer's TOC JSON, as saved when the layer was resolved.
-        toc_path: PathBuf,
-        /// The layer.
-        layer: RemoteLayer,
-    },
-    /// Unmount `mountpoint`.
-    Unmount {
-        /// Where.
-        mountpoint: PathBuf,
-    },
-    /// Report mounts and counters.
-    Status,
-    /// Unmount everything and exit.
-    Shutdown,
-}
-
-/// The manager's answer.
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct Response {
-    /// What failed, if anything.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// For `Status`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<Status>,
-}
-
-/// Mounts and counters.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Status {
-    /// The manager's pid.
-    pub pid: u32,
-    /// Mounted layers by mountpoint.
-    pub mounts: BTreeMap<PathBuf, LayerStatus>,
-    /// Chunk cache counters.
-    pub cache: CacheStatus,
-}
-
-/// One mounted layer.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct LayerStatus {
-    /// Layer digest.
-    pub digest: String,
-    /// Compressed bytes fetched from the registry.
-    pub fetched_bytes: u64,
-    /// Range requests sent.
-    pub fetch_requests: u64,
-    /// Chunks fetched and verified.
-    pub fetched_chunks: u64,
-    /// Time spent in on-demand fetches, nanoseconds.
-    pub fetch_nanos: u64,
-    /// Reads answered with EIO.
-    pub read_errors: u64,
-    /// File bytes read through the mount (absent from older managers).
-    #[serde(default)]
-    pub read_bytes: u64,
-    /// Distinct chunks local now.
-    pub cached_chunks: u64,
-    /// Distinct chunks of the layer.
-    pub total_chunks: u64,
-    /// Prefetch finished.
-    pub prefetch_done: bool,
-    /// Background fetch finished.
-    pub background_done: bool,
-}
-
-/// Chunk cache counters.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct CacheStatus {
-    /// Lookups answered from the cache.
-    pub hits: u64,
-    /// Lookups that were not.
-    pub misses: u64,
-    /// Bytes of chunk content stored.
-    pub usage_bytes: u64,
-    /// Chunks stored.
-    pub entries: u64,
-    /// Chunks evicted.
-    pub evictions: u64,
-    /// Chunks that could not be written.
-    pub write_errors: u64,
-    /// Bytes of decompressed chunks in the memory tier (absent from older managers).
-    #[serde(default)]
-    pub memory_bytes: u64,
-}
 
 struct Mounted {
     digest: String,
@@ -133,31 +43,75 @@ pub struct Manager {
     scheduler: Arc<FetchScheduler>,
     client: Arc<estargz_registry::RegistryClient>,
     runtime: tokio::runtime::Handle,
+    /// Layers served. Held only to look up, insert or take out: never across a TOC parse
+    /// or a mount, so that status and other layers' requests are never kept waiting.
     mounts: Mutex<BTreeMap<PathBuf, Mounted>>,
+    /// Mountpoints a request is mounting right now.
+    mounting: Mutex<BTreeSet<PathBuf>>,
     /// How long one fetch may take before the read waiting for it fails.
     read_deadline: Duration,
     /// `ROOT/snapshots`: the only place the manager mounts at or reads TOCs from.
     snapshots: PathBuf,
 }
 
-/// Longest request line accepted; a mount request is well under 4 KiB.
-const MAX_REQUEST: usize = 64 << 10;
+type Answer<T> = Result<T, ManagerError>;
 
-/// Whether `path` is a FUSE mount that lost its server (stat fails with ENOTCONN).
-pub fn is_dead_mount(path: &Path) -> bool {
-    matches!(std::fs::metadata(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
+fn fail(kind: ErrorKind) -> impl Fn(String) -> ManagerError {
+    move |message| ManagerError::new(kind, message)
 }
 
-/// Detaches whatever is mounted at `path` (lazily: busy mounts go once unused).
-pub fn detach(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: a valid NUL-terminated path; umount2 does not keep the pointer.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+/// Takes `mountpoint` out of `mounting` when the mount attempt ends, however it ends.
+struct Claim<'a> {
+    mounting: &'a Mutex<BTreeSet<PathBuf>>,
+    mountpoint: PathBuf,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.mounting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.mountpoint);
+    }
+}
+
+/// The single-instance lock of a root: held (by the open file) while the manager lives.
+pub struct InstanceLock {
+    _file: std::fs::File,
+}
+
+impl InstanceLock {
+    /// Takes `ROOT/fuse-manager.lock`, or says which process holds it.
+    pub fn acquire(root: &Path) -> Result<InstanceLock, Error> {
+        use std::io::{Read, Seek, Write};
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = root.join("fuse-manager.lock");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            return Err(Error::FailedPrecondition(format!(
+                "another FUSE manager (pid {}) serves {}; only one may",
+                holder.trim(),
+                root.display()
+            )));
+        }
+        let pid = std::process::id().to_string();
+        let written = file
+            .set_len(0)
+            .and_then(|_| file.rewind())
+            .and_then(|_| file.write_all(pid.as_bytes()));
+        written.map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        Ok(InstanceLock { _file: file })
     }
 }
 
@@ -176,6 +130,7 @@ impl Manager {
             client,
             runtime,
             mounts: Mutex::new(BTreeMap::new()),
+            mounting: Mutex::new(BTreeSet::new()),
             snapshots: config.root.join("snapshots"),
             read_deadline: Duration::from_secs(config.fetch.read_timeout_secs.max(1)),
         })
@@ -183,7 +138,7 @@ impl Manager {
 
     /// Refuses paths outside the snapshots directory: whoever reaches the socket must not
     /// be able to mount over, or have the manager read, anything else on the node.
-    fn check_path(&self, path: &Path) -> Result<(), Error> {
+    fn check_path(&self, path: &Path) -> Answer<()> {
         use std::path::Component;
         let inside = path.starts_with(&self.snapshots)
             && path
@@ -192,49 +147,82 @@ impl Manager {
         if inside {
             Ok(())
         } else {
-            Err(Error::InvalidArgument(format!(
-                "{} is not inside {}",
-                path.display(),
-                self.snapshots.display()
-            )))
+            Err(ManagerError::new(
+                ErrorKind::Forbidden,
+                format!(
+                    "{} is not inside {}",
+                    path.display(),
+                    self.snapshots.display()
+                ),
+            ))
         }
     }
 
-    fn mount(&self, mountpoint: &Path, toc_path: &Path, layer: &RemoteLayer) -> Result<(), Error> {
+    fn mount(&self, mountpoint: &Path, toc_path: &Path, layer: &RemoteLayer) -> Answer<()> {
         self.check_path(mountpoint)?;
         self.check_path(toc_path)?;
-        let mut mounts = self.mounts.lock().unwrap_or_else(|p| p.into_inner());
-        if mounts.contains_key(mountpoint) {
+        if self.lock_mounts().contains_key(mountpoint) {
+            return Ok(());
+        }
+        if !self
+            .mounting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(mountpoint.to_path_buf())
+        {
+            return Err(ManagerError::new(
+                ErrorKind::Busy,
+                format!(
+                    "{} is being mounted by another request",
+                    mountpoint.display()
+                ),
+            ));
+        }
+        let _claim = Claim {
+            mounting: &self.mounting,
+            mountpoint: mountpoint.to_path_buf(),
+        };
+        // Checked again now that this request owns the mountpoint: a request that finished
+        // between the two checks has mounted it.
+        if self.lock_mounts().contains_key(mountpoint) {
             return Ok(());
         }
         if is_dead_mount(mountpoint) {
             tracing::warn!(mountpoint = %mountpoint.display(), "replacing a dead FUSE mount");
-            detach(mountpoint).map_err(|e| Error::io("detaching a dead mount", e))?;
+            detach(mountpoint)
+                .map_err(|e| format!("detaching a dead mount at {}: {e}", mountpoint.display()))
+                .map_err(fail(ErrorKind::Mount))?;
         }
         let json = std::fs::read(toc_path)
-            .map_err(|e| Error::io(format!("reading {}", toc_path.display()), e))?;
+            .map_err(|e| format!("reading {}: {e}", toc_path.display()))
+            .map_err(fail(ErrorKind::Io))?;
         let actual = Sha256Digest::of(&json).to_string();
         if actual != layer.toc_digest {
-            return Err(Error::FailedPrecondition(format!(
-                "saved TOC {} has digest {actual}, expected {}",
-                toc_path.display(),
-                layer.toc_digest
-            )));
+            return Err(ManagerError::new(
+                ErrorKind::TocMismatch,
+                format!(
+                    "saved TOC {} has digest {actual}, expected {}",
+                    toc_path.display(),
+                    layer.toc_digest
+                ),
+            ));
         }
+        // The one place a layer's TOC is parsed: the daemon fetched it and checked its
+        // digest, and hands it over through the file it saved.
         let toc = Toc::parse(&json, layer.toc_offset, &Limits::default())
-            .map_err(|e| Error::FailedPrecondition(format!("saved TOC: {e}")))?;
+            .map_err(|e| format!("TOC of layer {}: {e}", layer.digest))
+            .map_err(fail(ErrorKind::InvalidToc))?;
         drop(json);
-        let image: estargz_registry::ImageRef =
-            layer
-                .reference
-                .parse()
-                .map_err(|e: estargz_registry::Error| {
-                    Error::InvalidArgument(format!("reference: {e}"))
-                })?;
+        let image: estargz_registry::ImageRef = layer
+            .reference
+            .parse()
+            .map_err(|e| format!("image reference {:?}: {e}", layer.reference))
+            .map_err(fail(ErrorKind::BadRequest))?;
         let digest: estargz_oci::Digest = layer
             .digest
             .parse()
-            .map_err(|e| Error::InvalidArgument(format!("layer digest: {e}")))?;
+            .map_err(|e| format!("layer digest {:?}: {e}", layer.digest))
+            .map_err(fail(ErrorKind::BadRequest))?;
         let source = RegistrySource::new(self.client.clone(), image, digest, self.runtime.clone())
             .with_deadline(self.read_deadline);
         let fs = LayerFs::new(
@@ -247,9 +235,10 @@ impl Manager {
         // The parsed TOC was several times the size of the index that replaces it.
         estargz_layerfs::memory::release_freed_memory();
         let mounted = mount(fs, mountpoint)
-            .map_err(|e| Error::io(format!("FUSE mount at {}", mountpoint.display()), e))?;
+            .map_err(|e| format!("FUSE mount at {}: {e}", mountpoint.display()))
+            .map_err(fail(ErrorKind::Mount))?;
         tracing::info!(mountpoint = %mountpoint.display(), layer = %layer.digest, "layer mounted");
-        mounts.insert(
+        self.lock_mounts().insert(
             mountpoint.to_path_buf(),
             Mounted {
                 digest: layer.digest.clone(),
@@ -259,54 +248,53 @@ impl Manager {
         Ok(())
     }
 
-    fn unmount(&self, mountpoint: &Path) -> Result<(), Error> {
+    fn lock_mounts(&self) -> std::sync::MutexGuard<'_, BTreeMap<PathBuf, Mounted>> {
+        self.mounts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn unmount(&self, mountpoint: &Path) -> Answer<()> {
         self.check_path(mountpoint)?;
-        let taken = self
-            .mounts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(mountpoint);
-        match taken {
-            Some(m) => m
-                .layer
-                .unmount()
-                .map_err(|e| Error::io(format!("unmounting {}", mountpoint.display()), e)),
+        let taken = self.lock_mounts().remove(mountpoint);
+        let result = match taken {
+            Some(m) => m.layer.unmount(),
             // Not ours (a mount left by an earlier manager): detach it if it is there.
-            None if is_dead_mount(mountpoint) => {
-                detach(mountpoint).map_err(|e| Error::io("detaching a dead mount", e))
-            }
+            None if is_dead_mount(mountpoint) => detach(mountpoint),
             None => Ok(()),
-        }
+        };
+        result
+            .map_err(|e| format!("unmounting {}: {e}", mountpoint.display()))
+            .map_err(fail(ErrorKind::Mount))
     }
 
     /// Mounts and counters now.
     pub fn status(&self) -> Status {
-        let mounts = self.mounts.lock().unwrap_or_else(|p| p.into_inner());
         let c = self.cache.stats();
         use std::sync::atomic::Ordering::Relaxed;
+        let mounts = self
+            .lock_mounts()
+            .iter()
+            .map(|(path, m)| {
+                let s = m.layer.stats();
+                let p = m.layer.fs().progress();
+                let st = LayerStatus {
+                    digest: m.digest.clone(),
+                    fetched_bytes: s.fetched_bytes.load(Relaxed),
+                    fetch_requests: s.fetch_requests.load(Relaxed),
+                    fetched_chunks: s.fetched_chunks.load(Relaxed),
+                    fetch_nanos: s.fetch_nanos.load(Relaxed),
+                    read_errors: s.read_errors.load(Relaxed),
+                    read_bytes: s.read_bytes.load(Relaxed),
+                    cached_chunks: p.cached_chunks,
+                    total_chunks: p.total_chunks,
+                    prefetch_done: p.prefetch_done,
+                    background_done: p.background_done,
+                };
+                (path.clone(), st)
+            })
+            .collect();
         Status {
             pid: std::process::id(),
-            mounts: mounts
-                .iter()
-                .map(|(path, m)| {
-                    let s = m.layer.stats();
-                    let p = m.layer.fs().progress();
-                    let st = LayerStatus {
-                        digest: m.digest.clone(),
-                        fetched_bytes: s.fetched_bytes.load(Relaxed),
-                        fetch_requests: s.fetch_requests.load(Relaxed),
-                        fetched_chunks: s.fetched_chunks.load(Relaxed),
-                        fetch_nanos: s.fetch_nanos.load(Relaxed),
-                        read_errors: s.read_errors.load(Relaxed),
-                        read_bytes: s.read_bytes.load(Relaxed),
-                        cached_chunks: p.cached_chunks,
-                        total_chunks: p.total_chunks,
-                        prefetch_done: p.prefetch_done,
-                        background_done: p.background_done,
-                    };
-                    (path.clone(), st)
-                })
-                .collect(),
+            mounts,
             cache: CacheStatus {
                 hits: c.hits,
                 misses: c.misses,
@@ -320,7 +308,7 @@ impl Manager {
     }
 
     fn shutdown(&self) {
-        let all = std::mem::take(&mut *self.mounts.lock().unwrap_or_else(|p| p.into_inner()));
+        let all = std::mem::take(&mut *self.lock_mounts());
         for (path, m) in all {
             if let Err(e) = m.layer.unmount() {
                 tracing::warn!(mountpoint = %path.display(), error = %e, "unmount failed; detaching");
@@ -329,42 +317,55 @@ impl Manager {
         }
     }
 
+    /// Answers one request; `true` when the manager must stop.
     fn handle(&self, req: Request) -> (Response, bool) {
-        let result = match req {
+        let answer = match req {
+            Request::Hello { protocol } => {
+                tracing::debug!(peer_protocol = protocol, "hello");
+                Ok(Response {
+                    hello: Some(Hello {
+                        protocol: PROTOCOL,
+                        version: env!("CARGO_PKG_VERSION").to_string(),
+                        pid: std::process::id(),
+                    }),
+                    ..Response::default()
+                })
+            }
             Request::Mount {
                 mountpoint,
                 toc_path,
                 layer,
-            } => self.mount(&mountpoint, &toc_path, &layer).map(|_| None),
-            Request::Unmount { mountpoint } => self.unmount(&mountpoint).map(|_| None),
-            Request::Status => Ok(Some(self.status())),
+            } => self
+                .mount(&mountpoint, &toc_path, &layer)
+                .map(|_| Response::default()),
+            Request::Unmount { mountpoint } => {
+                self.unmount(&mountpoint).map(|_| Response::default())
+            }
+            Request::Status => Ok(Response {
+                status: Some(self.status()),
+                ..Response::default()
+            }),
             Request::Shutdown => {
                 self.shutdown();
                 return (Response::default(), true);
             }
         };
-        match result {
-            Ok(status) => (
-                Response {
-                    error: None,
-                    status,
-                },
-                false,
-            ),
-            Err(e) => (
-                Response {
-                    error: Some(e.to_string()),
-                    status: None,
-                },
-                false,
-            ),
-        }
+        (answer.unwrap_or_else(Response::error), false)
     }
 
     /// Serves requests on `socket` until a `Shutdown` request or SIGTERM/SIGINT (both
-    /// unmount everything first).
-    pub async fn serve(self: Arc<Self>, socket: &Path) -> Result<(), Error> {
+    /// unmount everything first). Takes the root's single-instance lock first.
+    pub async fn serve(self: Arc<Self>, root: &Path, socket: &Path) -> Result<(), Error> {
         use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+        let _lock = InstanceLock::acquire(root)?;
+        // A manager of protocol 0 takes no lock: never take the socket from one that answers.
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return Err(Error::FailedPrecondition(format!(
+                "a FUSE manager already answers at {}; only one may serve {}",
+                socket.display(),
+                root.display()
+            )));
+        }
         let _ = std::fs::remove_file(socket);
         let listener = tokio::net::UnixListener::bind(socket)
             .map_err(|e| Error::io(format!("listening on {}", socket.display()), e))?;
@@ -379,7 +380,15 @@ impl Manager {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = stop_rx.changed() => break,
                 conn = listener.accept() => {
-                    let Ok((stream, _)) = conn else { continue };
+                    let stream = match conn {
+                        Ok((stream, _)) => stream,
+                        Err(e) => {
+                            // Out of descriptors, most likely: wait instead of spinning.
+                            tracing::warn!(error = %e, "accepting a connection to the FUSE manager");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
                     if let Err(why) = crate::access::check_peer(&stream) {
                         tracing::warn!(%why, "refused a connection to the FUSE manager");
                         continue;
@@ -395,25 +404,20 @@ impl Manager {
                                 Ok(0) | Err(_) => break,
                                 Ok(_) => {}
                             }
-                            if line.len() > MAX_REQUEST {
-                                let resp = Response { error: Some(format!("request longer than {MAX_REQUEST} bytes")), status: None };
-                                let mut out = serde_json::to_vec(&resp).unwrap_or_default();
-                                out.push(b'\n');
-                                let _ = w.write_all(&out).await;
-                                break;
-                            }
-                            let (resp, stop) = match serde_json::from_slice::<Request>(&line) {
+                            let too_long = line.len() > MAX_REQUEST;
+                            let (resp, stop) = match parse_request(&line) {
+                                _ if too_long => (Response::error(ManagerError::new(ErrorKind::BadRequest, format!("request longer than {MAX_REQUEST} bytes"))), false),
                                 Ok(req) => {
                                     let this = this.clone();
                                     tokio::task::spawn_blocking(move || this.handle(req))
                                         .await
-                                        .unwrap_or_else(|e| (Response { error: Some(e.to_string()), status: None }, false))
+                                        .unwrap_or_else(|e| (Response::error(ManagerError::new(ErrorKind::Internal, e.to_string())), false))
                                 }
-                                Err(e) => (Response { error: Some(format!("bad request: {e}")), status: None }, false),
+                                Err(e) => (Response::error(e), false),
                             };
                             let mut out = serde_json::to_vec(&resp).unwrap_or_default();
                             out.push(b'\n');
-                            if w.write_all(&out).await.is_err() {
+                            if w.write_all(&out).await.is_err() || too_long {
                                 break;
                             }
                             if stop {
@@ -429,97 +433,5 @@ impl Manager {
         let _ = tokio::task::spawn_blocking(move || this.shutdown()).await;
         let _ = std::fs::remove_file(socket);
         Ok(())
-    }
-}
-
-/// Talks to the manager.
-#[derive(Debug, Clone)]
-pub struct ManagerClient {
-    socket: PathBuf,
-}
-
-impl ManagerClient {
-    /// A client for the manager listening on `socket`.
-    pub fn new(socket: PathBuf) -> ManagerClient {
-        ManagerClient { socket }
-    }
-
-    /// Sends one request and waits for the answer.
-    pub fn call(&self, req: &Request) -> Result<Response, Error> {
-        let fail = |e: std::io::Error| {
-            Error::Manager(format!(
-                "talking to the FUSE manager at {}: {e}",
-                self.socket.display()
-            ))
-        };
-        let mut stream = UnixStream::connect(&self.socket).map_err(fail)?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(120)))
-            .map_err(fail)?;
-        let mut line = serde_json::to_vec(req).map_err(|e| Error::Manager(e.to_string()))?;
-        line.push(b'\n');
-        stream.write_all(&line).map_err(fail)?;
-        let mut answer = String::new();
-        BufReader::new(stream)
-            .read_line(&mut answer)
-            .map_err(fail)?;
-        let resp: Response = serde_json::from_str(&answer)
-            .map_err(|e| Error::Manager(format!("unreadable answer {answer:?}: {e}")))?;
-        match resp.error {
-            Some(e) => Err(Error::Manager(e)),
-            None => Ok(resp),
-        }
-    }
-
-    /// Whether a manager answers.
-    pub fn is_running(&self) -> bool {
-        self.call(&Request::Status).is_ok()
-    }
-
-    /// Mounts and counters.
-    pub fn status(&self) -> Result<Status, Error> {
-        Ok(self.call(&Request::Status)?.status.unwrap_or_default())
-    }
-
-    /// Starts a manager (`exe fuse-manager --config CONFIG`) detached from this process
-    /// unless one already answers, and waits until it does.
-    pub fn ensure_running(&self, exe: &Path, config: Option<&Path>) -> Result<(), Error> {
-        if self.is_running() {
-            return Ok(());
-        }
-        let mut cmd = std::process::Command::new(exe);
-        cmd.arg("fuse-manager");
-        if let Some(c) = config {
-            cmd.arg("--config").arg(c);
-        }
-        cmd.stdin(std::process::Stdio::null());
-        use std::os::unix::process::CommandExt;
-        // SAFETY: setsid is async-signal-safe; it makes the manager its own session so that
-        // signals to the daemon's process group do not reach it.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| Error::io(format!("starting {} fuse-manager", exe.display()), e))?;
-        for _ in 0..200 {
-            if self.is_running() {
-                // The manager outlives us; nobody waits for it here.
-                std::thread::spawn(move || child.wait());
-                return Ok(());
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(Error::Manager(format!(
-                    "the FUSE manager exited at start ({status}); see its log above"
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Err(Error::Manager(
-            "the FUSE manager did not answer within 10 s".into(),
-        ))
     }
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::manager::Status;
+use crate::protocol::Status;
 use crate::remote::Fallback;
 
 /// Layers remembered with their fallback reason (the most recent ones).
@@ -149,7 +149,7 @@ impl Metrics {
             "Layers mounted lazily now.",
             plain(st.mounts.len() as u64),
         );
-        type Field = fn(&crate::manager::LayerStatus) -> String;
+        type Field = fn(&crate::protocol::LayerStatus) -> String;
         let per_layer: [(&str, &str, &str, Field); 8] = [
             (
                 "estargz_layer_fetched_bytes_total",

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use estargz_format::{Limits, Sha256Digest, Toc};
+use estargz_format::{Limits, Sha256Digest};
 use estargz_layerfs::{toc_json_from_tail, BlobSource, RegistrySource};
 use tokio::sync::OnceCell;
 
@@ -223,11 +223,8 @@ impl Resolver {
                         _ => (Fallback::NotEstargz, e.to_string()),
                     },
                 )?;
-            // Validate now, so that a hostile TOC falls back instead of failing the mount.
-            Toc::parse(&json, toc_offset, &limits)
-                .map_err(|e| (Fallback::NotEstargz, e.to_string()))?;
-            // The parsed TOC (many small allocations) is gone again.
-            estargz_layerfs::memory::release_freed_memory();
+            // Not parsed here: the FUSE manager parses it once, to build the layer's index,
+            // and a TOC it refuses makes the layer fall back as not eStargz.
             let toc_digest = Sha256Digest::of(&json).to_string();
             Ok(Arc::new(Fetched {
                 json,

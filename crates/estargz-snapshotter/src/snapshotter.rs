@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::filter::{matches_any, Filter};
-use crate::manager::{self, ManagerClient, Request};
 use crate::metrics::Metrics;
+use crate::mounter::{detach, is_dead_mount, is_mountpoint, MountRequest, Mounter};
+use crate::protocol::ErrorKind;
 use crate::remote::{Fallback, LayerLabels, Resolver, REMOTE_LABEL};
 use crate::store::{Kind, RemoteLayer, Snapshot, Store, Time, Usage};
 use crate::{Config, Error};
@@ -39,9 +40,13 @@ const MAX_DEPTH: usize = 1000;
 pub struct Snapshotter {
     root: PathBuf,
     store: Store,
-    /// Serialises changes, so that checks and the writes that follow them agree.
+    /// Serialises changes, so that checks and the writes that follow them agree. Never held
+    /// across a call to the mounter: a slow mount must delay only its own layer.
     lock: Mutex<()>,
-    manager: ManagerClient,
+    /// Snapshot IDs whose directory exists before their record does (a lazy layer being
+    /// mounted): `Cleanup` must not take them for orphans.
+    staging: Mutex<HashSet<u64>>,
+    mounter: Arc<dyn Mounter>,
     resolver: Arc<Resolver>,
     metrics: Arc<Metrics>,
     config: Config,
@@ -60,10 +65,10 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 impl Snapshotter {
-    /// Opens the state under `config.root`, talking to the FUSE manager through `manager`.
+    /// Opens the state under `config.root`, with lazy layers mounted by `mounter`.
     pub fn open(
         config: Config,
-        manager: ManagerClient,
+        mounter: Arc<dyn Mounter>,
         metrics: Arc<Metrics>,
     ) -> Result<Snapshotter, Error> {
         let root = config.root.clone();
@@ -81,7 +86,8 @@ impl Snapshotter {
             root,
             store,
             lock: Mutex::new(()),
-            manager,
+            staging: Mutex::new(HashSet::new()),
+            mounter,
             resolver,
             metrics,
             config,
@@ -100,42 +106,49 @@ impl Snapshotter {
         self.lock.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Mounts every lazily mounted layer the FUSE manager is not serving (after a restart
-    /// of the manager, or of the machine). Needs no registry: TOCs are on disk.
-    pub fn restore(&self) -> Result<(), Error> {
-        let served = self.manager.status()?.mounts;
+    /// Mounts every lazily mounted layer the mounter is not serving (after a restart of the
+    /// FUSE manager, or of the machine). Needs no registry: TOCs are on disk. Returns how
+    /// many were mounted again and how many failed; a failed one is mounted again when a
+    /// snapshot on it is mounted, or that fails (never a lower directory with files missing).
+    pub fn restore(&self) -> Result<(usize, usize), Error> {
+        let served = self.mounter.mounted()?;
+        let (mut mounted, mut failed) = (0, 0);
         for (key, s) in self.store.all()? {
             let Some(layer) = &s.remote else { continue };
-            let fs = self.fs_dir(s.id);
-            if served.contains_key(&fs) {
+            if served.contains(&self.fs_dir(s.id)) {
                 continue;
             }
             match self.mount_remote(s.id, layer) {
                 Ok(()) => {
+                    mounted += 1;
                     tracing::info!(snapshot = %key, layer = %layer.digest, "lazy layer mounted again")
                 }
-                Err(e) => tracing::error!(snapshot = %key, layer = %layer.digest, error = %e,
-                    "could not mount a lazy layer again; containers using it will fail"),
+                Err(e) => {
+                    failed += 1;
+                    tracing::error!(snapshot = %key, layer = %layer.digest, error = %e,
+                        "could not mount a lazy layer again; snapshots on it cannot be mounted")
+                }
             }
         }
-        Ok(())
+        Ok((mounted, failed))
     }
 
     fn mount_remote(&self, id: u64, layer: &RemoteLayer) -> Result<(), Error> {
-        self.manager
-            .call(&Request::Mount {
-                mountpoint: self.fs_dir(id),
-                toc_path: self.dir(id).join("toc.json"),
-                layer: layer.clone(),
-            })
-            .map(|_| ())
+        self.mounter.mount(&MountRequest {
+            mountpoint: self.fs_dir(id),
+            toc_path: self.dir(id).join("toc.json"),
+            layer: layer.clone(),
+        })
     }
 
     fn is_remote(&self, key: &str) -> Result<bool, Error> {
         Ok(self.store.get(key)?.is_some_and(|s| s.remote.is_some()))
     }
 
-    /// Parent directories, nearest first.
+    /// Parent directories, nearest first. A lazy layer's directory is checked to be a live
+    /// mount, and mounted again if it is not (its FUSE manager died, or it failed to mount
+    /// at restore): handing containerd a dead or empty lower directory would start a
+    /// container with its image's files missing.
     fn parent_dirs(&self, parent: &str) -> Result<Vec<PathBuf>, Error> {
         let mut out = Vec::new();
         let mut at = parent.to_string();
@@ -149,7 +162,19 @@ impl Snapshotter {
                 .store
                 .get(&at)?
                 .ok_or_else(|| Error::NotFound(format!("parent snapshot {at:?}")))?;
-            out.push(self.fs_dir(s.id));
+            let dir = self.fs_dir(s.id);
+            if let Some(layer) = &s.remote {
+                if !self.mounter.is_serving(&dir) {
+                    tracing::warn!(snapshot = %at, layer = %layer.digest, "lazy layer is not mounted; mounting it again");
+                    self.mount_remote(s.id, layer).map_err(|e| {
+                        Error::FailedPrecondition(format!(
+                            "lazy layer {} (snapshot {at:?}) is not mounted and could not be mounted again: {e}",
+                            layer.digest
+                        ))
+                    })?;
+                }
+            }
+            out.push(dir);
             at = s.parent;
         }
         Ok(out)
@@ -258,6 +283,8 @@ impl Snapshotter {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
+        // The parents cannot go now (they have a child); their checks may mount a layer.
+        drop(_g);
         self.mounts_of(&s)
     }
 
@@ -320,10 +347,19 @@ impl Snapshotter {
         })
         .await
         .map_err(|e| (Fallback::Mount, e.to_string()))?
-        .map_err(|e| (Fallback::Mount, e.to_string()))
+        .map_err(|e| match &e {
+            Error::Manager(m) if m.kind == ErrorKind::InvalidToc => {
+                (Fallback::NotEstargz, e.to_string())
+            }
+            _ => (Fallback::Mount, e.to_string()),
+        })
     }
 
-    fn commit_remote(
+    /// Commits a lazily mounted layer as `target`: the snapshot's directory and saved TOC
+    /// are staged under the lock, the layer is mounted without it (a slow mount delays only
+    /// this layer), and the record is written under the lock again, after checking that
+    /// nothing changed meanwhile.
+    pub(crate) fn commit_remote(
         &self,
         target: &str,
         parent: &str,
@@ -331,38 +367,53 @@ impl Snapshotter {
         json: &[u8],
         layer: &RemoteLayer,
     ) -> Result<(), Error> {
+        let id = {
+            let _g = self.guard();
+            if self.store.get(target)?.is_some() {
+                return Ok(());
+            }
+            self.check_committed_parent(parent)?;
+            let id = self.store.update(|t| t.next_id())?;
+            let dir = self.dir(id);
+            let staged = (|| -> std::io::Result<()> {
+                private_dir(&dir)?;
+                fs_dir(&dir.join("fs"))?;
+                let tmp = dir.join("toc.json.tmp");
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)?;
+                f.write_all(json)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, dir.join("toc.json"))
+            })();
+            if let Err(e) = staged {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(Error::io(format!("saving the TOC in {}", dir.display()), e));
+            }
+            self.lock_staging().insert(id);
+            id
+        };
+        let mounted = self.mount_remote(id, layer);
         let _g = self.guard();
+        self.lock_staging().remove(&id);
+        let was_mounted = mounted.is_ok();
+        let undo = |e: Error| {
+            if was_mounted {
+                let _ = self.mounter.unmount(&self.fs_dir(id));
+            }
+            let _ = std::fs::remove_dir_all(self.dir(id));
+            e
+        };
+        mounted.map_err(undo)?;
+        // Another Prepare of the same layer may have finished first: its snapshot stands.
         if self.store.get(target)?.is_some() {
+            let _ = undo(Error::AlreadyExists(target.into()));
             return Ok(());
         }
-        if !parent.is_empty()
-            && !matches!(self.store.get(parent)?, Some(p) if p.kind == Kind::Committed)
-        {
-            return Err(Error::NotFound(format!("committed parent {parent:?}")));
-        }
-        let id = self.store.update(|t| t.next_id())?;
-        let dir = self.dir(id);
-        let staged = (|| -> std::io::Result<()> {
-            private_dir(&dir)?;
-            fs_dir(&dir.join("fs"))?;
-            let tmp = dir.join("toc.json.tmp");
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(json)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, dir.join("toc.json"))
-        })();
-        let mounted = staged
-            .map_err(io(format!("saving the TOC in {}", dir.display())))
-            .and_then(|_| self.mount_remote(id, layer));
-        if let Err(e) = mounted {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e);
-        }
+        self.check_committed_parent(parent).map_err(undo)?;
         labels.insert(REMOTE_LABEL.into(), "remote snapshot".into());
         let now = Time::now();
         let s = Snapshot {
@@ -375,15 +426,23 @@ impl Snapshotter {
             usage: Some(Usage::default()),
             remote: Some(layer.clone()),
         };
-        if let Err(e) = self.store.update(|t| t.put(target, &s)) {
-            let _ = self.manager.call(&Request::Unmount {
-                mountpoint: self.fs_dir(id),
-            });
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e);
-        }
+        self.store.update(|t| t.put(target, &s)).map_err(undo)?;
         tracing::info!(snapshot = %target, layer = %layer.digest, reference = %layer.reference, "layer mounted lazily");
         Ok(())
+    }
+
+    fn check_committed_parent(&self, parent: &str) -> Result<(), Error> {
+        if parent.is_empty()
+            || matches!(self.store.get(parent)?, Some(p) if p.kind == Kind::Committed)
+        {
+            Ok(())
+        } else {
+            Err(Error::NotFound(format!("committed parent {parent:?}")))
+        }
+    }
+
+    fn lock_staging(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+        self.staging.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The mounts of active or view snapshot `key`.
@@ -455,6 +514,7 @@ impl Snapshotter {
             t.delete(key)?;
             Ok(s)
         })?;
+        drop(_g);
         // The record is gone; what remains on disk is cleaned now, or by Cleanup.
         if let Err(e) = self.remove_dir(s.id) {
             tracing::warn!(snapshot = %key, error = %e, "removing the snapshot's directory failed; Cleanup will retry");
@@ -465,14 +525,12 @@ impl Snapshotter {
     fn remove_dir(&self, id: u64) -> Result<(), Error> {
         let dir = self.dir(id);
         let fs = dir.join("fs");
-        if is_mountpoint(&fs) || manager::is_dead_mount(&fs) {
-            if let Err(e) = self.manager.call(&Request::Unmount {
-                mountpoint: fs.clone(),
-            }) {
+        if self.mounter.is_serving(&fs) || is_mountpoint(&fs) || is_dead_mount(&fs) {
+            if let Err(e) = self.mounter.unmount(&fs) {
                 tracing::warn!(mountpoint = %fs.display(), error = %e, "the FUSE manager could not unmount; detaching");
             }
-            if is_mountpoint(&fs) || manager::is_dead_mount(&fs) {
-                manager::detach(&fs).map_err(io(format!("detaching {}", fs.display())))?;
+            if is_mountpoint(&fs) || is_dead_mount(&fs) {
+                detach(&fs).map_err(io(format!("detaching {}", fs.display())))?;
             }
         }
         match std::fs::remove_dir_all(&dir) {
@@ -549,54 +607,39 @@ impl Snapshotter {
             .collect())
     }
 
-    /// Removes directories (and mounts) that no snapshot owns.
-    pub fn cleanup(&self) -> Result<(), Error> {
-        let _g = self.guard();
-        let ids: HashSet<u64> = self.store.all()?.into_iter().map(|(_, s)| s.id).collect();
-        let base = self.root.join("snapshots");
-        let entries =
-            std::fs::read_dir(&base).map_err(io(format!("listing {}", base.display())))?;
-        for entry in entries.flatten() {
-            let Some(id) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            if !ids.contains(&id) {
-                match self.remove_dir(id) {
-                    Ok(()) => {
-                        tracing::info!(dir = %entry.path().display(), "removed an orphaned snapshot directory")
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cleanup"),
+    /// Removes directories (and mounts) that no snapshot owns. Returns how many.
+    pub fn cleanup(&self) -> Result<usize, Error> {
+        let orphans: Vec<u64> = {
+            let _g = self.guard();
+            let mut owned: HashSet<u64> =
+                self.store.all()?.into_iter().map(|(_, s)| s.id).collect();
+            owned.extend(self.lock_staging().iter());
+            let base = self.root.join("snapshots");
+            std::fs::read_dir(&base)
+                .map_err(io(format!("listing {}", base.display())))?
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u64>().ok())
+                .filter(|id| !owned.contains(id))
+                .collect()
+        };
+        // IDs are never reused, so what was an orphan under the lock still is one.
+        let mut removed = 0;
+        for id in orphans {
+            match self.remove_dir(id) {
+                Ok(()) => {
+                    removed += 1;
+                    tracing::info!(dir = %self.dir(id).display(), "removed an orphaned snapshot directory")
                 }
+                Err(e) => tracing::warn!(error = %e, "cleanup"),
             }
         }
-        Ok(())
+        Ok(removed)
     }
 
     /// The metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
-
-    /// The FUSE manager client.
-    pub fn manager(&self) -> &ManagerClient {
-        &self.manager
-    }
-}
-
-/// Whether `path` is a mount point (its device differs from its parent's).
-fn is_mountpoint(path: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let (Ok(m), Some(Ok(p))) = (
-        std::fs::symlink_metadata(path),
-        path.parent().map(std::fs::symlink_metadata),
-    ) else {
-        return false;
-    };
-    m.dev() != p.dev()
 }
 
 /// Allocated bytes and inodes under `dir`, each inode counted once, not crossing mounts.
@@ -624,3 +667,7 @@ fn disk_usage(dir: &Path) -> std::io::Result<Usage> {
     }
     Ok(usage)
 }
+
+#[cfg(test)]
+#[path = "snapshotter_tests.rs"]
+mod tests;
