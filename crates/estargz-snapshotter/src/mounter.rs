@@ -39,9 +39,20 @@ pub trait Mounter: Send + Sync {
     fn is_serving(&self, mountpoint: &Path) -> bool;
 }
 
-/// Whether `path` is a FUSE mount that lost its server (stat fails with ENOTCONN).
+/// Whether `path` is a FUSE mount that lost its server. Asked with `statfs`, which always
+/// goes to the server: a `stat` of the mount's root can be answered from the kernel's
+/// attribute cache long after the server died.
 pub fn is_dead_mount(path: &Path) -> bool {
-    matches!(std::fs::metadata(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: a valid NUL-terminated path and a zeroed statfs the call fills in.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut buf) } == 0 {
+        return false;
+    }
+    std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
 }
 
 /// Whether `path` is a mount point (its device differs from its parent's).

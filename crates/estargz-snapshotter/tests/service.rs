@@ -894,3 +894,113 @@ async fn the_other_layers_are_resolved_a_few_at_a_time() {
     assert!(most <= 5, "{most} TOC requests at once");
     proxy.set_rate(None);
 }
+
+/// The FUSE manager's pid, from its single-instance lock file.
+fn manager_pid(d: &Daemon) -> i32 {
+    let text = std::fs::read_to_string(d.root().join("fuse-manager.lock")).unwrap();
+    text.trim().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fuse_manager_is_one_per_root_and_replaced_when_it_dies() {
+    let reg = TestRegistry::start(None);
+    let reference = format!("{}/supervised/app:v1", reg.addr);
+    let image: ImageRef = reference.parse().unwrap();
+    let (digest, toc_digest) = push_layer(&image, &synthetic_tar()).await;
+    let second = estargz_testutil::one_file_tar("srv/second.txt", b"second layer\n");
+    let (digest2, toc_digest2) = push_layer(&image, &second).await;
+    let mut d = Daemon::start("[fetch]\nbackground = false\n");
+    let mut c = d.client().await;
+    let l = cri_labels(
+        "sha256:base",
+        &reference,
+        &digest.to_string(),
+        &digest.to_string(),
+        &toc_digest,
+    );
+    let err = prepare(&mut c, "k8s.io/1/extract", "", l)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", d.log());
+    let m = prepare(&mut c, "ctr-1", "sha256:base", HashMap::new())
+        .await
+        .unwrap();
+    let lower = PathBuf::from(mount_source(&m));
+    let (name, file) = expected_from_tar(&synthetic_tar())
+        .into_iter()
+        .filter(|(_, e)| e.kind == EntryKind::Reg && e.content.len() > 1000)
+        .max_by_key(|(_, e)| e.content.len())
+        .unwrap();
+    let path = lower.join(&name);
+    assert_eq!(std::fs::read(&path).unwrap(), file.content);
+
+    // A second manager on the same root refuses to start, and the first keeps serving.
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(d.config())
+        .arg("fuse-manager")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("another FUSE manager"), "{said}");
+    assert_eq!(std::fs::read(&path).unwrap(), file.content);
+
+    // A reader holding a file open across a daemon restart (an upgrade of the daemon)
+    // keeps reading: the manager, and its mounts, stay.
+    use std::io::Read;
+    let mut open = std::fs::File::open(&path).unwrap();
+    let mut head = vec![0u8; 100];
+    open.read_exact(&mut head).unwrap();
+    d.kill();
+    d.spawn();
+    let mut c = d.client().await;
+    let mut rest = Vec::new();
+    open.read_to_end(&mut rest).unwrap();
+    head.extend(rest);
+    assert_eq!(head, file.content);
+
+    // The manager dies: the daemon notices, starts a new one, and mounts the layer again.
+    let old = manager_pid(&d);
+    // SAFETY: kill(2) on a pid we read from our own test root's lock file.
+    assert_eq!(unsafe { libc::kill(old, libc::SIGKILL) }, 0);
+    let mut replaced = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = std::fs::read_to_string(d.root().join("fuse-manager.lock")).unwrap_or_default();
+        if now.trim() != old.to_string() && std::fs::read(&path).is_ok_and(|b| b == file.content) {
+            replaced = true;
+            break;
+        }
+    }
+    assert!(replaced, "the layer was not mounted again: {}", d.log());
+    // (The open file belonged to the dead mount: what the page cache holds of it still
+    // reads, anything else fails with ENOTCONN. Nothing can revive that mount.)
+    drop(open);
+    // Mounts hand out the live mount, and a new layer is mounted lazily.
+    let m = c
+        .mounts(pb::MountsRequest {
+            snapshotter: "estargz".into(),
+            key: "ctr-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    assert_eq!(
+        std::fs::read(PathBuf::from(mount_source(&m)).join(&name)).unwrap(),
+        file.content
+    );
+    let l = cri_labels(
+        "sha256:app",
+        &reference,
+        &digest2.to_string(),
+        &format!("{digest},{digest2}"),
+        &toc_digest2,
+    );
+    let err = prepare(&mut c, "k8s.io/2/extract", "sha256:base", l)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", d.log());
+    assert!(d.log().contains("the FUSE manager is gone"), "{}", d.log());
+}
