@@ -244,30 +244,81 @@ pub struct VerifyReport {
     pub bytes: u64,
 }
 
+/// The TOC JSON and the footer from `tail`, the last bytes of a blob of `blob_size` bytes
+/// (at least its footer), fetching with `fetch` only the part of the TOC member that lies
+/// before `tail` (nothing, when the tail holds the whole member: one round trip for a
+/// layer's TOC over a network). Decoded within `limits`; neither verified nor parsed.
+///
+/// This is the one place a TOC is located and decoded: [`read_toc_json`] and
+/// [`EstargzReader::open`] use it over [`ReadAt`], and the snapshotter with the tail its
+/// first range request returned.
+pub fn toc_json_from_tail(
+    tail: &[u8],
+    blob_size: u64,
+    fetch: impl FnOnce(std::ops::Range<u64>) -> io::Result<Vec<u8>>,
+    limits: &Limits,
+) -> Result<(Vec<u8>, Footer)> {
+    let tail = &tail[tail
+        .len()
+        .saturating_sub(usize::try_from(blob_size).unwrap_or(usize::MAX))..];
+    let footer = parse_footer(&tail[tail.len().saturating_sub(FOOTER_SIZE)..], blob_size)?;
+    let end = blob_size - footer.kind.size() as u64;
+    // A gzip member compresses at most ~1032:1; anything beyond that bound for the TOC is
+    // refused before allocating.
+    if end - footer.toc_offset > limits.max_toc_size.saturating_add(1 << 20) {
+        return Err(Error::TocTooLarge {
+            size: end - footer.toc_offset,
+            limit: limits.max_toc_size,
+        });
+    }
+    let tail_start = blob_size - tail.len() as u64;
+    let in_tail = |from: u64| &tail[(from - tail_start) as usize..(end - tail_start) as usize];
+    let json = if footer.toc_offset >= tail_start {
+        decode_toc_member(in_tail(footer.toc_offset), footer.toc_offset, limits)?
+    } else {
+        let mut member = fetch(footer.toc_offset..tail_start)
+            .map_err(|e| Error::io("reading the TOC member", e))?;
+        if member.len() as u64 != tail_start - footer.toc_offset {
+            return Err(Error::io(
+                "reading the TOC member",
+                io::Error::from(io::ErrorKind::UnexpectedEof),
+            ));
+        }
+        member.extend_from_slice(in_tail(tail_start));
+        decode_toc_member(&member, footer.toc_offset, limits)?
+    };
+    Ok((json, footer))
+}
+
+/// Reads a blob's TOC JSON and footer through `blob` (two reads: the footer, then the TOC
+/// member), decoded within `limits`; neither verified nor parsed. Returns the blob's size too.
+pub fn read_toc_json<R: ReadAt + ?Sized>(
+    blob: &R,
+    limits: &Limits,
+) -> Result<(Vec<u8>, Footer, u64)> {
+    let blob_size = blob
+        .size()
+        .map_err(|e| Error::io("reading the blob size", e))?;
+    let tail_len = blob_size.min(FOOTER_SIZE as u64);
+    let mut tail = vec![0u8; tail_len as usize];
+    blob.read_exact_at(&mut tail, blob_size - tail_len)
+        .map_err(|e| Error::io("reading the footer", e))?;
+    let (json, footer) = toc_json_from_tail(
+        &tail,
+        blob_size,
+        |r| {
+            let mut member = vec![0u8; (r.end - r.start) as usize];
+            blob.read_exact_at(&mut member, r.start).map(|_| member)
+        },
+        limits,
+    )?;
+    Ok((json, footer, blob_size))
+}
+
 impl<R: ReadAt> EstargzReader<R> {
     /// Reads the footer and TOC, checks the TOC digest when one is expected, validates it.
     pub fn open(blob: R, opts: &OpenOptions) -> Result<Self> {
-        let blob_size = blob
-            .size()
-            .map_err(|e| Error::io("reading the blob size", e))?;
-        let tail_len = blob_size.min(FOOTER_SIZE as u64);
-        let mut tail = vec![0u8; tail_len as usize];
-        blob.read_exact_at(&mut tail, blob_size - tail_len)
-            .map_err(|e| Error::io("reading the footer", e))?;
-        let footer = parse_footer(&tail, blob_size)?;
-        let member_len = blob_size - footer.kind.size() as u64 - footer.toc_offset;
-        // A gzip member compresses at most ~1032:1; anything beyond that bound for the TOC is
-        // refused before allocating.
-        if member_len > opts.limits.max_toc_size.saturating_add(1 << 20) {
-            return Err(Error::TocTooLarge {
-                size: member_len,
-                limit: opts.limits.max_toc_size,
-            });
-        }
-        let mut member = vec![0u8; member_len as usize];
-        blob.read_exact_at(&mut member, footer.toc_offset)
-            .map_err(|e| Error::io("reading the TOC member", e))?;
-        let json = decode_toc_member(&member, footer.toc_offset, &opts.limits)?;
+        let (json, footer, blob_size) = read_toc_json(&blob, &opts.limits)?;
         let toc_digest = Sha256Digest::of(&json);
         if let Some(expected) = opts.expected_toc_digest {
             if expected != toc_digest {
@@ -286,6 +337,11 @@ impl<R: ReadAt> EstargzReader<R> {
             toc_digest,
             toc_json_size: json.len() as u64,
         })
+    }
+
+    /// The validated TOC, without the blob (for callers that read chunks their own way).
+    pub fn into_toc(self) -> Toc {
+        self.toc
     }
 
     /// The validated TOC.

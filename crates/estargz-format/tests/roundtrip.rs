@@ -223,3 +223,45 @@ fn inner_offset_selects_a_payload_inside_a_shared_member() {
     // Past the end of the member: an error, not a short read.
     assert!(estargz_format::decompress_chunk(&member, "f", &chunk(30, 13, b"x")).is_err());
 }
+
+#[test]
+fn toc_from_any_tail_matches_the_two_read_path() {
+    use estargz_format::{read_toc_json, toc_json_from_tail, Limits};
+    let (blob, _) = conv(&synthetic_tar(), &ConvertOptions::default());
+    let limits = Limits::default();
+    let size = blob.len() as u64;
+    let (want_json, want_footer, got_size) = read_toc_json(&blob, &limits).unwrap();
+    assert_eq!(got_size, size);
+    let reader = EstargzReader::open(&blob[..], &OpenOptions::default()).unwrap();
+    assert_eq!(reader.toc_digest(), Sha256Digest::of(&want_json));
+    for tail_len in [51, 1000, 40_000, blob.len()] {
+        let tail = &blob[blob.len() - tail_len..];
+        let mut asked = None;
+        let (json, footer) = toc_json_from_tail(
+            tail,
+            size,
+            |r| {
+                asked = Some(r.clone());
+                Ok(blob[r.start as usize..r.end as usize].to_vec())
+            },
+            &limits,
+        )
+        .unwrap();
+        assert_eq!(
+            (&json, footer),
+            (&want_json, want_footer),
+            "tail of {tail_len}"
+        );
+        // Only what the tail lacks is fetched.
+        let tail_start = size - tail_len as u64;
+        match asked {
+            Some(r) => assert_eq!((r.start, r.end), (footer.toc_offset, tail_start)),
+            None => assert!(footer.toc_offset >= tail_start),
+        }
+    }
+    // A tail without a footer is refused, and so is a short answer for the member.
+    let whole = |r: std::ops::Range<u64>| Ok(blob[r.start as usize..r.end as usize].to_vec());
+    assert!(toc_json_from_tail(&blob[..100], size, whole, &limits).is_err());
+    let short = |_: std::ops::Range<u64>| Ok(vec![0u8; 3]);
+    assert!(toc_json_from_tail(&blob[blob.len() - 51..], size, short, &limits).is_err());
+}

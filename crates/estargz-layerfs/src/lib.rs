@@ -25,9 +25,6 @@ pub use scheduler::{
     FetchOptions, FetchScheduler, LinkEstimate, ReadGuard, MAX_BACKGROUND_REQUEST,
     MIN_BACKGROUND_REQUEST,
 };
-pub use source::{
-    fetch_toc_json, load_toc, toc_json_from_tail, BlobSource, FileSource, RegistrySource,
-    DEFAULT_READ_DEADLINE,
-};
+pub use source::{load_toc, BlobSource, FileSource, RegistrySource, DEFAULT_READ_DEADLINE};
 
 pub use estargz_cache::ChunkCache;

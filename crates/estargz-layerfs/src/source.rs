@@ -137,120 +137,46 @@ impl BlobSource for RegistrySource {
     }
 }
 
-/// Fetches a layer's TOC JSON through `source` (two range reads: the footer, then the TOC
-/// member), decoded within `limits`. Returns the JSON and the TOC's offset in the blob; the
-/// JSON is neither verified nor parsed.
-pub fn fetch_toc_json(
-    source: &dyn BlobSource,
-    blob_size: u64,
-    limits: &estargz_format::Limits,
-) -> Result<(Vec<u8>, u64), estargz_format::Error> {
-    let tail_len = blob_size.min(estargz_format::FOOTER_SIZE as u64);
-    let tail = source
-        .read_range(blob_size - tail_len..blob_size)
-        .map_err(|e| estargz_format::Error::io("fetching the footer", e))?;
-    toc_json_from_tail(&tail, blob_size, |r| source.read_range(r), limits)
+/// A [`BlobSource`] of known size seen as the format crate's [`estargz_format::ReadAt`], so
+/// that a layer's TOC is located, decoded and checked by the format crate's one path.
+struct SizedSource<'a> {
+    source: &'a dyn BlobSource,
+    size: u64,
 }
 
-/// The TOC JSON and the TOC's offset from `tail`, the last bytes of a blob of `blob_size`
-/// bytes (at least its footer), fetching with `fetch` only the part of the TOC member that
-/// lies before `tail` (nothing, when the tail holds the whole member: one round trip for a
-/// layer's TOC). Decoded within `limits`; neither verified nor parsed.
-pub fn toc_json_from_tail(
-    tail: &[u8],
-    blob_size: u64,
-    fetch: impl FnOnce(Range<u64>) -> io::Result<Vec<u8>>,
-    limits: &estargz_format::Limits,
-) -> Result<(Vec<u8>, u64), estargz_format::Error> {
-    use estargz_format::{decode_toc_member, parse_footer, Error, FOOTER_SIZE};
-    let tail = &tail[tail.len().saturating_sub(blob_size as usize)..];
-    let footer = parse_footer(&tail[tail.len().saturating_sub(FOOTER_SIZE)..], blob_size)?;
-    let end = blob_size - footer.kind.size() as u64;
-    if end - footer.toc_offset > limits.max_toc_size.saturating_add(1 << 20) {
-        return Err(Error::TocTooLarge {
-            size: end - footer.toc_offset,
-            limit: limits.max_toc_size,
-        });
+impl estargz_format::ReadAt for SizedSource<'_> {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.size)
     }
-    let tail_start = blob_size - tail.len() as u64;
-    let in_tail = |from: u64| &tail[(from - tail_start) as usize..(end - tail_start) as usize];
-    let json = if footer.toc_offset >= tail_start {
-        decode_toc_member(in_tail(footer.toc_offset), footer.toc_offset, limits)?
-    } else {
-        let mut member =
-            fetch(footer.toc_offset..tail_start).map_err(|e| Error::io("fetching the TOC", e))?;
-        member.extend_from_slice(in_tail(tail_start));
-        decode_toc_member(&member, footer.toc_offset, limits)?
-    };
-    Ok((json, footer.toc_offset))
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let bytes = self.source.read_range(offset..offset + buf.len() as u64)?;
+        if bytes.len() != buf.len() {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        buf.copy_from_slice(&bytes);
+        Ok(())
+    }
 }
 
-/// Loads and validates a layer's TOC through `source` (see [`fetch_toc_json`]). With
-/// `expected`, the TOC digest must match it.
+/// Loads and validates a layer's TOC through `source` (two range reads: the footer, then
+/// the TOC member). With `expected`, the TOC digest must match it.
 pub fn load_toc(
     source: &dyn BlobSource,
     blob_size: u64,
     expected: Option<estargz_format::Sha256Digest>,
     limits: &estargz_format::Limits,
 ) -> Result<(estargz_format::Toc, estargz_format::Sha256Digest), estargz_format::Error> {
-    use estargz_format::{Error, Toc};
-    let (json, toc_offset) = fetch_toc_json(source, blob_size, limits)?;
-    let digest = estargz_format::Sha256Digest::of(&json);
-    if let Some(exp) = expected {
-        if exp != digest {
-            return Err(Error::TocDigestMismatch {
-                expected: exp.to_string(),
-                actual: digest.to_string(),
-            });
-        }
-    }
-    Ok((Toc::parse(&json, toc_offset, limits)?, digest))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn toc_from_any_tail_matches_the_two_request_fetch() {
-        let mut blob = Vec::new();
-        let tar = estargz_testutil::synthetic_tar();
-        estargz_format::convert(&tar[..], &mut blob, &Default::default(), &()).unwrap();
-        let limits = estargz_format::Limits::default();
-        let size = blob.len() as u64;
-        let source = BufSource(blob.clone());
-        let want = fetch_toc_json(&source, size, &limits).unwrap();
-        for tail_len in [51, 1000, 40_000, blob.len()] {
-            let tail = &blob[blob.len() - tail_len..];
-            let mut asked = None;
-            let got = toc_json_from_tail(
-                tail,
-                size,
-                |r| {
-                    asked = Some(r.clone());
-                    source.read_range(r)
-                },
-                &limits,
-            )
-            .unwrap();
-            assert_eq!(got, want, "tail of {tail_len}");
-            // Only what the tail lacks is fetched.
-            let tail_start = size - tail_len as u64;
-            match asked {
-                Some(r) => assert_eq!((r.start, r.end), (want.1, tail_start)),
-                None => assert!(want.1 >= tail_start),
-            }
-        }
-        // A tail without a footer is refused.
-        let err = toc_json_from_tail(&blob[..100], size, |r| source.read_range(r), &limits);
-        assert!(err.is_err());
-    }
-
-    struct BufSource(Vec<u8>);
-
-    impl BlobSource for BufSource {
-        fn read_range(&self, range: Range<u64>) -> io::Result<Vec<u8>> {
-            Ok(self.0[range.start as usize..range.end as usize].to_vec())
-        }
-    }
+    let reader = estargz_format::EstargzReader::open(
+        SizedSource {
+            source,
+            size: blob_size,
+        },
+        &estargz_format::OpenOptions {
+            limits: *limits,
+            expected_toc_digest: expected,
+        },
+    )?;
+    let digest = reader.toc_digest();
+    Ok((reader.into_toc(), digest))
 }

@@ -10,8 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use estargz_format::{Limits, Sha256Digest};
-use estargz_layerfs::{toc_json_from_tail, BlobSource, RegistrySource};
+use estargz_format::{toc_json_from_tail, Limits, Sha256Digest};
 use tokio::sync::OnceCell;
 
 use crate::store::RemoteLayer;
@@ -149,6 +148,9 @@ const MAX_AHEAD: usize = 64;
 /// small; a larger TOC costs one more request for the rest of it.
 const TOC_TAIL: u64 = 64 << 10;
 
+/// How long fetching the rest of a TOC member may take.
+const MEMBER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Background resolutions kept for at most this long.
 const PENDING_TTL: std::time::Duration = std::time::Duration::from_secs(300);
 
@@ -206,23 +208,35 @@ impl Resolver {
             }
             Err(e) => return Err((Fallback::Registry, e.to_string())),
         };
-        let source = RegistrySource::new(
-            self.client.clone(),
-            image,
-            blob,
-            tokio::runtime::Handle::current(),
-        );
+        let (client, runtime) = (self.client.clone(), tokio::runtime::Handle::current());
         let limits = self.limits;
         let (reference, digest) = (reference.to_string(), digest.to_string());
+        // Decoding the TOC is CPU work: off the async threads, fetching what the tail lacks
+        // from there.
         tokio::task::spawn_blocking(move || {
             use estargz_format::Error as F;
-            let (json, toc_offset) =
-                toc_json_from_tail(&tail, size, |r| source.read_range(r), &limits).map_err(
-                    |e| match e {
-                        F::Io { .. } => (Fallback::Registry, e.to_string()),
-                        _ => (Fallback::NotEstargz, e.to_string()),
-                    },
-                )?;
+            let fetch = |r: std::ops::Range<u64>| {
+                let span = format!("{blob} bytes {r:?}");
+                runtime
+                    .block_on(tokio::time::timeout(
+                        MEMBER_DEADLINE,
+                        client.fetch_range(&image, &blob, r),
+                    ))
+                    .map_err(|_| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("{span}: no complete answer within {MEMBER_DEADLINE:?}"),
+                        )
+                    })?
+                    .map(|b| b.to_vec())
+                    .map_err(std::io::Error::other)
+            };
+            let (json, footer) =
+                toc_json_from_tail(&tail, size, fetch, &limits).map_err(|e| match e {
+                    F::Io { .. } => (Fallback::Registry, e.to_string()),
+                    _ => (Fallback::NotEstargz, e.to_string()),
+                })?;
+            let toc_offset = footer.toc_offset;
             // Not parsed here: the FUSE manager parses it once, to build the layer's index,
             // and a TOC it refuses makes the layer fall back as not eStargz.
             let toc_digest = Sha256Digest::of(&json).to_string();
