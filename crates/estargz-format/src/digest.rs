@@ -68,6 +68,19 @@ impl FromStr for Sha256Digest {
     }
 }
 
+impl serde::Serialize for Sha256Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Sha256Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Sha256Digest, D::Error> {
+        let s = <String as serde::Deserialize>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,6 +93,10 @@ mod tests {
             "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
         assert_eq!(d.to_string().parse::<Sha256Digest>().unwrap(), d);
+        let json = serde_json::to_string(&d).unwrap();
+        assert_eq!(json, format!("\"{d}\""));
+        assert_eq!(serde_json::from_str::<Sha256Digest>(&json).unwrap(), d);
+        assert!(serde_json::from_str::<Sha256Digest>("\"sha256:00\"").is_err());
         for bad in [
             "",
             "sha256:",

@@ -139,6 +139,19 @@ fn valid_domain(d: &str) -> bool {
         })
 }
 
+impl serde::Serialize for ImageRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ImageRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<ImageRef, D::Error> {
+        let s = <String as serde::Deserialize>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl FromStr for ImageRef {
     type Err = Error;
 
@@ -254,6 +267,16 @@ mod tests {
         );
         assert_eq!(p("[::1]:5000/x:1").registry, "[::1]:5000");
         assert_eq!(p("a/b").with_reference("v2").tag.as_deref(), Some("v2"));
+    }
+
+    #[test]
+    fn serialized_as_the_normalized_string() {
+        for r in ["python:3.12", "127.0.0.1:5000/a/b@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"] {
+            let json = serde_json::to_string(&p(r)).unwrap();
+            assert_eq!(json, format!("\"{}\"", p(r)));
+            assert_eq!(serde_json::from_str::<ImageRef>(&json).unwrap(), p(r));
+        }
+        assert!(serde_json::from_str::<ImageRef>("\"UPPER/case\"").is_err());
     }
 
     #[test]

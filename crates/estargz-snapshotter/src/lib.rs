@@ -41,8 +41,13 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
     /// The metadata store failed.
-    #[error("metadata store: {0}")]
-    Store(String),
+    #[error("metadata store: {context}: {source}")]
+    Store {
+        /// What was being done.
+        context: String,
+        /// The error (redb's, or a record's encoding).
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A file system operation failed.
     #[error("{context}: {source}")]
     Io {
@@ -65,6 +70,17 @@ pub enum Error {
 }
 
 impl Error {
+    /// A metadata store error with context.
+    pub fn store(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Error {
+        Error::Store {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
     /// An I/O error with context.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Error {
         Error::Io {

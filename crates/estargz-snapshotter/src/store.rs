@@ -117,12 +117,12 @@ pub struct Store {
 }
 
 fn db_err(e: impl Into<redb::Error>) -> Error {
-    Error::Store(e.into().to_string())
+    Error::store("database", e.into())
 }
 
 fn decode(key: &str, bytes: &[u8]) -> Result<Snapshot, Error> {
     serde_json::from_slice(bytes)
-        .map_err(|e| Error::Store(format!("record of {key:?} is unreadable: {e}")))
+        .map_err(|e| Error::store(format!("record of {key:?} is unreadable"), e))
 }
 
 /// A write transaction's view of the snapshots table.
@@ -142,7 +142,7 @@ impl Txn<'_> {
 
     /// Creates or replaces a record.
     pub fn put(&mut self, key: &str, s: &Snapshot) -> Result<(), Error> {
-        let bytes = serde_json::to_vec(s).map_err(|e| Error::Store(e.to_string()))?;
+        let bytes = serde_json::to_vec(s).map_err(|e| Error::store(format!("encoding {key:?}"), e))?;
         self.table.insert(key, bytes.as_slice()).map_err(db_err)?;
         Ok(())
     }
@@ -180,10 +180,13 @@ impl Store {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Store, Error> {
         let db = Database::create(path).map_err(|e| {
-            Error::Store(format!(
-                "opening {}: {e} (is another estargz-snapshotter using this root?)",
-                path.display()
-            ))
+            Error::store(
+                format!(
+                    "opening {} (is another estargz-snapshotter using this root?)",
+                    path.display()
+                ),
+                e,
+            )
         })?;
         let store = Store { db };
         store.update(|_| Ok(()))?;
