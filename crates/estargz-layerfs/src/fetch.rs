@@ -11,9 +11,10 @@ use crate::fs::LayerFs;
 pub struct Progress {
     /// Compressed bytes fetched by this layer so far.
     pub fetched_bytes: u64,
-    /// Chunks of the layer now in the cache.
+    /// Distinct chunks of the layer available locally, as counted by
+    /// [`LayerFs::progress`] (an estimate: see there).
     pub cached_chunks: u64,
-    /// Chunks in the layer.
+    /// Distinct chunks in the layer.
     pub total_chunks: u64,
     /// Prefetch of prioritized files finished (or there was nothing to prefetch).
     pub prefetch_done: bool,
@@ -56,25 +57,33 @@ impl fmt::Display for Progress {
 }
 
 impl LayerFs {
-    /// Where the layer stands now.
+    /// Where the layer stands now; reads counters only, so it costs the same for any layer
+    /// and may be asked for often (every metrics scrape asks for every layer).
+    ///
+    /// `cached_chunks` is an estimate: the distinct chunks that were in the cache when the
+    /// layer was made, plus the chunks this layer has fetched and stored since, at most
+    /// `total_chunks`; and `total_chunks` once the background fetch has found every chunk
+    /// local. It does not see chunks evicted from the cache since they were counted (it can
+    /// be too high then), nor chunks of this layer that another layer sharing them fetched
+    /// (too low, until this layer's background fetch finishes, if it runs); a chunk stored
+    /// while the disk was full counts as local. Walking the chunks to ask the cache (exact,
+    /// but a lookup per chunk on every call) is what this replaces.
     pub fn progress(&self) -> Progress {
-        let mut seen = std::collections::HashSet::new();
-        let mut total = 0;
-        let mut cached = 0;
-        for (_, c) in self.tree().chunks_in_blob_order() {
-            if seen.insert(c.digest) {
-                total += 1;
-                if self.cache().contains(&c.digest) {
-                    cached += 1;
-                }
-            }
-        }
+        let stats = self.stats();
+        let total = self.distinct_chunks;
+        let background_done = self.is_background_done();
+        let cached = if background_done {
+            total
+        } else {
+            let stored = stats.fetched_chunks.load(Ordering::Relaxed);
+            self.local_at_start.saturating_add(stored).min(total)
+        };
         Progress {
-            fetched_bytes: self.stats().fetched_bytes.load(Ordering::Relaxed),
+            fetched_bytes: stats.fetched_bytes.load(Ordering::Relaxed),
             cached_chunks: cached,
             total_chunks: total,
             prefetch_done: self.is_prefetch_done(),
-            background_done: self.is_background_done(),
+            background_done,
         }
     }
 }

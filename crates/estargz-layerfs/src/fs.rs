@@ -39,23 +39,161 @@ const NEIGHBOUR_RUNS: usize = 8;
 /// and a sequential reader reads on.
 const READ_AHEAD: u64 = 4 << 20;
 
-/// Counters of one mounted layer, readable at any time.
+/// Counters of one mounted layer, readable at any time. The FUSE manager copies every
+/// field into its status (`LayerStatus` in estargz-snapshotter, which exports each as a
+/// metric): a field added here is a compile error there until it is carried over.
 #[derive(Debug, Default)]
 pub struct LayerStats {
     /// Compressed bytes fetched from the source.
     pub fetched_bytes: AtomicU64,
     /// Range requests sent to the source.
     pub fetch_requests: AtomicU64,
-    /// Chunks fetched, verified and cached.
+    /// Fetches that completed: one per round trip (the range requests of one fetch are sent
+    /// together), on-demand, prefetch and background alike.
+    pub fetches: AtomicU64,
+    /// Chunks fetched, verified and cached by this layer.
     pub fetched_chunks: AtomicU64,
     /// Reads that failed (the reader got EIO).
     pub read_errors: AtomicU64,
     /// File bytes returned to the kernel (what processes read, with the kernel's
     /// read-ahead).
     pub read_bytes: AtomicU64,
-    /// Time spent waiting for on-demand fetches, in nanoseconds (with `fetch_requests`, the
-    /// mean latency of a range request).
+    /// Time the completed `fetches` took, in nanoseconds (with `fetches`, the mean round
+    /// trip of a fetch).
     pub fetch_nanos: AtomicU64,
+}
+
+/// A histogram of durations with fixed buckets, kept in atomics: observing costs two
+/// relaxed additions and a search of `N` bounds, so it can sit on the read path.
+#[derive(Debug)]
+pub struct LatencyHistogram<const N: usize> {
+    /// Upper bounds of the buckets, in nanoseconds, ascending; a duration equal to a bound
+    /// falls into its bucket (Prometheus's `le`).
+    bounds: [u64; N],
+    /// Observations per bucket (not cumulative).
+    counts: [AtomicU64; N],
+    /// Observations above the last bound.
+    over: AtomicU64,
+    /// Sum of the observations, nanoseconds.
+    sum_nanos: AtomicU64,
+}
+
+impl<const N: usize> LatencyHistogram<N> {
+    /// A histogram with buckets up to each of `bounds` (ascending) and one above them.
+    pub const fn new(bounds: [Duration; N]) -> Self {
+        let mut nanos = [0u64; N];
+        let mut i = 0;
+        while i < N {
+            nanos[i] = bounds[i].as_nanos() as u64;
+            i += 1;
+        }
+        LatencyHistogram {
+            bounds: nanos,
+            counts: [const { AtomicU64::new(0) }; N],
+            over: AtomicU64::new(0),
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one observation.
+    pub fn observe(&self, took: Duration) {
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let bucket = self.bounds.partition_point(|&b| b < nanos);
+        self.counts
+            .get(bucket)
+            .unwrap_or(&self.over)
+            .fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// The buckets' upper bounds, ascending (an unbounded last bucket follows them).
+    pub fn bounds(&self) -> impl Iterator<Item = Duration> + '_ {
+        self.bounds.iter().map(|&b| Duration::from_nanos(b))
+    }
+
+    /// Observations per bucket now, not cumulative: one count per bound, then the count
+    /// above the last bound (`N + 1` in all; their sum is the number of observations).
+    pub fn counts(&self) -> Vec<u64> {
+        self.counts
+            .iter()
+            .chain(std::iter::once(&self.over))
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Sum of the observations.
+    pub fn sum(&self) -> Duration {
+        Duration::from_nanos(self.sum_nanos.load(Ordering::Relaxed))
+    }
+}
+
+const fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// Bounds of [`NodeStats::fetch_latency`]: a round trip to a registry takes a millisecond
+/// on a fast local network and seconds over a slow link or on a large chunk.
+const FETCH_BOUNDS: [Duration; 12] = [
+    ms(1),
+    ms(5),
+    ms(10),
+    ms(25),
+    ms(50),
+    ms(100),
+    ms(250),
+    ms(500),
+    ms(1000),
+    ms(2500),
+    ms(5000),
+    ms(10_000),
+];
+
+/// Bounds of [`NodeStats::read_latency`]: the fetch bounds, with finer ones below a
+/// millisecond, where reads served from memory (microseconds) and from the disk cache
+/// (a hundred microseconds or so) fall.
+const READ_BOUNDS: [Duration; 15] = [
+    Duration::from_micros(100),
+    Duration::from_micros(250),
+    Duration::from_micros(500),
+    ms(1),
+    ms(5),
+    ms(10),
+    ms(25),
+    ms(50),
+    ms(100),
+    ms(250),
+    ms(500),
+    ms(1000),
+    ms(2500),
+    ms(5000),
+    ms(10_000),
+];
+
+/// Counters of every layer sharing one [`FetchScheduler`] (the node's, in the FUSE
+/// manager): [`FetchScheduler::node_stats`].
+///
+/// Node-wide rather than per layer because a per-layer histogram disappears with its
+/// layer: a node-wide sum over mounted layers would go down at every unmount, which
+/// Prometheus takes for a counter reset. These only grow while the scheduler lives.
+#[derive(Debug)]
+pub struct NodeStats {
+    /// How long on-demand fetches (a reader waiting) took, one observation per round
+    /// trip, failed ones included (a request that ran into the read deadline is the
+    /// latency its reader saw).
+    pub fetch_latency: LatencyHistogram<12>,
+    /// How long FUSE reads of regular files took, from the request reaching the layer's
+    /// handler to the reply being sent (not the time the request queued in the kernel),
+    /// errors included.
+    pub read_latency: LatencyHistogram<15>,
+}
+
+impl Default for NodeStats {
+    fn default() -> NodeStats {
+        NodeStats {
+            fetch_latency: LatencyHistogram::new(FETCH_BOUNDS),
+            read_latency: LatencyHistogram::new(READ_BOUNDS),
+        }
+    }
 }
 
 /// The index of the first of a file's `chunks` (in file order) that ends after `offset`.
@@ -101,6 +239,10 @@ pub struct Inner {
     cache: Arc<ChunkCache>,
     scheduler: Arc<FetchScheduler>,
     stats: Arc<LayerStats>,
+    /// Distinct chunk digests of the layer.
+    pub(crate) distinct_chunks: u64,
+    /// Those of them that were in the cache when the layer was made.
+    pub(crate) local_at_start: u64,
     /// Unmounted: nothing more is fetched for it.
     closed: std::sync::atomic::AtomicBool,
     /// This layer, for handing work to the scheduler.
@@ -126,18 +268,33 @@ impl LayerFs {
         cache: Arc<ChunkCache>,
         scheduler: Arc<FetchScheduler>,
     ) -> LayerFs {
+        let tree = Tree::build(toc);
+        let (distinct_chunks, local_at_start) = count_chunks(&tree, &cache);
         LayerFs(Arc::new_cyclic(|me| Inner {
             me: me.clone(),
-            tree: Tree::build(toc),
+            tree,
             source,
             cache,
             scheduler,
             stats: Arc::new(LayerStats::default()),
+            distinct_chunks,
+            local_at_start,
             closed: Default::default(),
             prefetch_done: Default::default(),
             background_done: Default::default(),
         }))
     }
+}
+
+/// The distinct chunk digests of `tree`, and how many of them `cache` holds: once per
+/// layer, so that [`LayerFs::progress`] need not walk the chunks.
+fn count_chunks(tree: &Tree, cache: &ChunkCache) -> (u64, u64) {
+    let mut digests: Vec<Sha256Digest> =
+        tree.chunks_in_blob_order().map(|(_, c)| c.digest).collect();
+    digests.sort_unstable();
+    digests.dedup();
+    let local = digests.iter().filter(|d| cache.contains(d)).count();
+    (digests.len() as u64, local as u64)
 }
 
 impl Inner {
@@ -354,8 +511,12 @@ impl Inner {
             None
         };
         let started = std::time::Instant::now();
-        let all = self.source.read_ranges(ranges)?;
+        let all = self.source.read_ranges(ranges);
         let took = started.elapsed();
+        if on_demand {
+            self.scheduler.node_stats().fetch_latency.observe(took);
+        }
+        let all = all?;
         let bytes: u64 = all.iter().map(|b| b.len() as u64).sum();
         tracing::debug!(
             start = ranges.first().map_or(0, |r| r.start),
@@ -366,6 +527,7 @@ impl Inner {
         );
         self.scheduler.record(bytes, took);
         let s = &self.stats;
+        s.fetches.fetch_add(1, Ordering::Relaxed);
         s.fetch_nanos
             .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
         s.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -641,6 +803,7 @@ impl fuser::Filesystem for LayerFs {
             Some(_) => return reply.error(Errno::EINVAL),
             None => return reply.error(Errno::ENOENT),
         }
+        let started = std::time::Instant::now();
         let result = {
             let _reading = self.scheduler.reading();
             self.read_file(ino.0, offset, size)
@@ -659,6 +822,10 @@ impl fuser::Filesystem for LayerFs {
                 reply.error(Errno::EIO)
             }
         }
+        self.scheduler
+            .node_stats()
+            .read_latency
+            .observe(started.elapsed());
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -885,4 +1052,35 @@ pub fn mount(fs: LayerFs, mountpoint: &Path) -> io::Result<MountedLayer> {
         stats,
         fs: handle,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_latency_falls_into_the_first_bucket_whose_bound_it_does_not_exceed() {
+        let h = LatencyHistogram::new([ms(1), ms(10)]);
+        for took in [
+            Duration::ZERO,
+            ms(1),
+            ms(1) + Duration::from_nanos(1),
+            ms(10),
+            Duration::from_secs(3600),
+        ] {
+            h.observe(took);
+        }
+        assert_eq!(h.counts(), vec![2, 2, 1]);
+        assert_eq!(h.bounds().collect::<Vec<_>>(), vec![ms(1), ms(10)]);
+        let sum = ms(12) + Duration::from_nanos(1) + Duration::from_secs(3600);
+        assert_eq!(h.sum(), sum);
+        // The node's histograms: ascending bounds.
+        let node = NodeStats::default();
+        for bounds in [
+            node.fetch_latency.bounds().collect::<Vec<_>>(),
+            node.read_latency.bounds().collect(),
+        ] {
+            assert!(bounds.windows(2).all(|w| w[0] < w[1]), "{bounds:?}");
+        }
+    }
 }

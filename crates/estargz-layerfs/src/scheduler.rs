@@ -253,6 +253,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// [`LayerFs`](crate::LayerFs); its worker threads end when it is dropped.
 pub struct FetchScheduler {
     shared: Arc<Shared>,
+    /// Latency histograms of every layer using this scheduler.
+    node_stats: crate::fs::NodeStats,
 }
 
 impl std::fmt::Debug for FetchScheduler {
@@ -298,7 +300,16 @@ impl FetchScheduler {
         }
         let s = shared.clone();
         spawn("estargz-background", move || background_worker(&s));
-        Arc::new(FetchScheduler { shared })
+        Arc::new(FetchScheduler {
+            shared,
+            node_stats: Default::default(),
+        })
+    }
+
+    /// Latency histograms of every layer using this scheduler (the node's, in the FUSE
+    /// manager).
+    pub fn node_stats(&self) -> &crate::fs::NodeStats {
+        &self.node_stats
     }
 
     /// The options in use.

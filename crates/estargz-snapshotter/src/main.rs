@@ -131,7 +131,11 @@ async fn serve(config: Config, config_path: Option<PathBuf>) -> Result<()> {
             .await
             .with_context(|| format!("metrics endpoint on {metrics_address}"))?;
         tracing::info!(address = %metrics_address, "metrics at /metrics");
-        tokio::spawn(serve_metrics(listener, metrics, manager));
+        tokio::spawn(estargz_snapshotter::metrics::serve(
+            listener,
+            metrics,
+            move || manager.status().ok(),
+        ));
     }
     if socket.exists() {
         std::fs::remove_file(&socket)
@@ -274,46 +278,5 @@ fn notify_systemd(state: &str) {
     };
     if let Err(e) = result {
         tracing::warn!(error = %e, "sd_notify");
-    }
-}
-
-/// A minimal HTTP/1.1 endpoint: `GET /metrics` in Prometheus text format.
-async fn serve_metrics(
-    listener: tokio::net::TcpListener,
-    metrics: Arc<Metrics>,
-    manager: ManagerClient,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
-        };
-        let (metrics, manager) = (metrics.clone(), manager.clone());
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let n =
-                match tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf))
-                    .await
-                {
-                    Ok(Ok(n)) => n,
-                    _ => return,
-                };
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let path = head.split_whitespace().nth(1).unwrap_or("");
-            let (code, body) = if path == "/metrics" {
-                let status = tokio::task::spawn_blocking(move || manager.status().ok())
-                    .await
-                    .ok()
-                    .flatten();
-                ("200 OK", metrics.render(status.as_ref()))
-            } else {
-                ("404 Not Found", "try /metrics\n".to_string())
-            };
-            let reply = format!(
-                "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(reply.as_bytes()).await;
-        });
     }
 }

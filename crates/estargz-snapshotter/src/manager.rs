@@ -266,24 +266,35 @@ impl Manager {
             .map_err(fail(ErrorKind::Mount))
     }
 
-    /// Mounts and counters now.
+    /// Mounts and counters now. Cheap whatever the layers' sizes (it only reads counters):
+    /// the daemon asks for it on every metrics scrape.
     pub fn status(&self) -> Status {
-        let c = self.cache.stats();
         use std::sync::atomic::Ordering::Relaxed;
         let mounts = self
             .lock_mounts()
             .iter()
             .map(|(path, m)| {
-                let s = m.layer.stats();
+                // Every counter, by name: a field added to `LayerStats` does not compile
+                // here until it is carried into the status (and so into the metrics).
+                let estargz_layerfs::LayerStats {
+                    fetched_bytes,
+                    fetch_requests,
+                    fetches,
+                    fetched_chunks,
+                    read_errors,
+                    read_bytes,
+                    fetch_nanos,
+                } = m.layer.stats();
                 let p = m.layer.fs().progress();
                 let st = LayerStatus {
                     digest: m.digest.clone(),
-                    fetched_bytes: s.fetched_bytes.load(Relaxed),
-                    fetch_requests: s.fetch_requests.load(Relaxed),
-                    fetched_chunks: s.fetched_chunks.load(Relaxed),
-                    fetch_nanos: s.fetch_nanos.load(Relaxed),
-                    read_errors: s.read_errors.load(Relaxed),
-                    read_bytes: s.read_bytes.load(Relaxed),
+                    fetched_bytes: fetched_bytes.load(Relaxed),
+                    fetch_requests: fetch_requests.load(Relaxed),
+                    fetches: fetches.load(Relaxed),
+                    fetched_chunks: fetched_chunks.load(Relaxed),
+                    fetch_nanos: fetch_nanos.load(Relaxed),
+                    read_errors: read_errors.load(Relaxed),
+                    read_bytes: read_bytes.load(Relaxed),
                     cached_chunks: p.cached_chunks,
                     total_chunks: p.total_chunks,
                     prefetch_done: p.prefetch_done,
@@ -292,6 +303,16 @@ impl Manager {
                 (path.clone(), st)
             })
             .collect();
+        let c = self.cache.stats();
+        let node = self.scheduler.node_stats();
+        let histogram = |bounds: Vec<Duration>, counts: Vec<u64>, sum: Duration| {
+            crate::protocol::HistogramStatus {
+                bounds: bounds.iter().map(Duration::as_secs_f64).collect(),
+                counts,
+                sum_nanos: u64::try_from(sum.as_nanos()).unwrap_or(u64::MAX),
+            }
+        };
+        let (fetch, read) = (&node.fetch_latency, &node.read_latency);
         Status {
             pid: std::process::id(),
             mounts,
@@ -303,7 +324,20 @@ impl Manager {
                 evictions: c.evictions,
                 write_errors: c.write_errors,
                 memory_bytes: c.memory_bytes,
+                memory_hits: c.memory_hits,
+                corrupt: c.corrupt,
+                max_bytes: c.max_bytes,
             },
+            fetch_seconds: Some(histogram(
+                fetch.bounds().collect(),
+                fetch.counts(),
+                fetch.sum(),
+            )),
+            read_seconds: Some(histogram(
+                read.bounds().collect(),
+                read.counts(),
+                read.sum(),
+            )),
         }
     }
 

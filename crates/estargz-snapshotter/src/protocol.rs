@@ -213,6 +213,36 @@ pub struct Status {
     pub mounts: BTreeMap<PathBuf, LayerStatus>,
     /// Chunk cache counters.
     pub cache: CacheStatus,
+    /// How long on-demand fetches took, all layers together (absent from older managers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch_seconds: Option<HistogramStatus>,
+    /// How long FUSE reads took, all layers together (absent from older managers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_seconds: Option<HistogramStatus>,
+}
+
+/// A histogram of durations. The bounds travel with the counts, so that a daemon renders
+/// the buckets of a manager of another version as they are.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HistogramStatus {
+    /// Upper bounds of the buckets in seconds, ascending; a last bucket above them is
+    /// implied.
+    pub bounds: Vec<f64>,
+    /// Observations per bucket, not cumulative: one count per bound, then the count above
+    /// the last bound. The number of observations is their sum.
+    pub counts: Vec<u64>,
+    /// Sum of the observations, nanoseconds.
+    pub sum_nanos: u64,
+}
+
+impl HistogramStatus {
+    /// Whether the counts fit the bounds and the bounds ascend (a status from a manager
+    /// that got it wrong is not rendered).
+    pub fn is_valid(&self) -> bool {
+        self.counts.len() == self.bounds.len() + 1
+            && self.bounds.iter().all(|b| b.is_finite())
+            && self.bounds.windows(2).all(|w| w[0] < w[1])
+    }
 }
 
 /// One mounted layer.
@@ -224,9 +254,13 @@ pub struct LayerStatus {
     pub fetched_bytes: u64,
     /// Range requests sent.
     pub fetch_requests: u64,
+    /// Fetches (round trips of one or more range requests sent together) that completed
+    /// (absent from older managers).
+    #[serde(default)]
+    pub fetches: u64,
     /// Chunks fetched and verified.
     pub fetched_chunks: u64,
-    /// Time spent in on-demand fetches, nanoseconds.
+    /// Time the completed fetches took (on-demand, prefetch and background), nanoseconds.
     pub fetch_nanos: u64,
     /// Reads answered with EIO.
     pub read_errors: u64,
@@ -261,6 +295,15 @@ pub struct CacheStatus {
     /// Bytes of decompressed chunks in the memory tier (absent from older managers).
     #[serde(default)]
     pub memory_bytes: u64,
+    /// Reads answered by the memory tier (absent from older managers).
+    #[serde(default)]
+    pub memory_hits: u64,
+    /// Damaged chunk files found and removed (absent from older managers).
+    #[serde(default)]
+    pub corrupt: u64,
+    /// The cache's size cap in bytes (absent from older managers).
+    #[serde(default)]
+    pub max_bytes: u64,
 }
 
 #[cfg(test)]

@@ -142,7 +142,8 @@ impl Txn<'_> {
 
     /// Creates or replaces a record.
     pub fn put(&mut self, key: &str, s: &Snapshot) -> Result<(), Error> {
-        let bytes = serde_json::to_vec(s).map_err(|e| Error::store(format!("encoding {key:?}"), e))?;
+        let bytes =
+            serde_json::to_vec(s).map_err(|e| Error::store(format!("encoding {key:?}"), e))?;
         self.table.insert(key, bytes.as_slice()).map_err(db_err)?;
         Ok(())
     }
