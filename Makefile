@@ -6,6 +6,7 @@
 #   make bench    every benchmark (time to ready, conversion, memory); see BENCHMARKS.md
 #   make bench-quick  a subset in a few minutes
 #   make fuzz     long fuzzing of the parsers (FUZZ_CASES cases per property)
+#   make upgrade-test  an older build (UPGRADE_FROM) upgraded to this one with a reader running
 #   make build    release binaries in target/release
 #   make install  binaries into $(PREFIX)/bin, the systemd unit, and an example config
 #                 (kept if one exists) into /etc/estargz-snapshotter/config.toml
@@ -17,7 +18,7 @@ PREFIX ?= /usr/local
 PROPTEST_CASES ?= 512
 export PROPTEST_CASES
 
-.PHONY: all build test deps crate-graph lint check-fmt unit demo install clean bench bench-quick bench-venv fuzz
+.PHONY: all build test deps crate-graph upgrade-test lint check-fmt unit demo install clean bench bench-quick bench-venv fuzz
 
 all: build
 
@@ -54,6 +55,12 @@ fuzz:
 
 demo:
 	bash testdata/scripts/demo.sh
+
+# An older build's daemon and FUSE manager replaced by this build's daemon, with a reader
+# running (builds UPGRADE_FROM from git history once: ~4 min).
+UPGRADE_FROM ?= 68ec092
+upgrade-test:
+	CARGO=$(CARGO) bash testdata/scripts/upgrade-test.sh $(UPGRADE_FROM)
 
 # Benchmarks print Markdown tables; results and plots land in benches/results/.
 BENCH_PY := target/bench-venv/bin/python

@@ -23,17 +23,28 @@ const BIN: &str = env!("CARGO_BIN_EXE_estargz-snapshotter");
 struct Daemon {
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// The daemon binary `spawn` runs (this build unless a test says otherwise).
+    bin: PathBuf,
 }
 
 impl Daemon {
     fn start(extra: &str) -> Daemon {
+        Daemon::start_with(BIN.as_ref(), extra)
+    }
+
+    /// A daemon of the build at `bin`.
+    fn start_with(bin: &Path, extra: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let config = format!(
             "socket = \"{0}/snap.sock\"\nroot = \"{0}/root\"\n{extra}\n",
             dir.path().display()
         );
         std::fs::write(dir.path().join("config.toml"), config).unwrap();
-        let mut d = Daemon { dir, child: None };
+        let mut d = Daemon {
+            dir,
+            child: None,
+            bin: bin.into(),
+        };
         d.spawn();
         d
     }
@@ -57,7 +68,7 @@ impl Daemon {
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .unwrap();
-        let child = Command::new(BIN)
+        let child = Command::new(&self.bin)
             .arg("--config")
             .arg(self.config())
             .stderr(log)
@@ -1003,4 +1014,107 @@ async fn the_fuse_manager_is_one_per_root_and_replaced_when_it_dies() {
         .unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", d.log());
     assert!(d.log().contains("the FUSE manager is gone"), "{}", d.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs OLD_SNAPSHOTTER_BIN, a build of an older version: run `make upgrade-test`"]
+async fn an_upgraded_daemon_keeps_an_older_manager_serving_running_containers() {
+    let old: PathBuf = std::env::var_os("OLD_SNAPSHOTTER_BIN")
+        .expect("OLD_SNAPSHOTTER_BIN must name an older estargz-snapshotter build")
+        .into();
+    let reg = TestRegistry::start(None);
+    let reference = format!("{}/upgrade/app:v1", reg.addr);
+    let image: ImageRef = reference.parse().unwrap();
+    let (digest, toc_digest) = push_layer(&image, &synthetic_tar()).await;
+    let second = estargz_testutil::one_file_tar("srv/second.txt", b"second layer\n");
+    let (digest2, toc_digest2) = push_layer(&image, &second).await;
+    let layers = format!("{digest},{digest2}");
+    // The old version mounts a layer, and a "container" starts reading a file of it.
+    let mut d = Daemon::start_with(&old, "[fetch]\nbackground = false\n");
+    let mut c = d.client().await;
+    let l = cri_labels(
+        "sha256:base",
+        &reference,
+        &digest.to_string(),
+        &layers,
+        &toc_digest,
+    );
+    let err = prepare(&mut c, "k8s.io/1/extract", "", l)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", d.log());
+    let m = prepare(&mut c, "ctr-1", "sha256:base", HashMap::new())
+        .await
+        .unwrap();
+    let lower = PathBuf::from(mount_source(&m));
+    let (name, file) = expected_from_tar(&synthetic_tar())
+        .into_iter()
+        .filter(|(_, e)| e.kind == EntryKind::Reg && e.content.len() > 1000)
+        .max_by_key(|(_, e)| e.content.len())
+        .unwrap();
+    use std::io::Read;
+    let mut open = std::fs::File::open(lower.join(&name)).unwrap();
+    let mut head = vec![0u8; 100];
+    open.read_exact(&mut head).unwrap();
+    let old_manager = std::fs::read_to_string(d.root().join("fuse-manager.lock")).ok();
+    assert_eq!(
+        old_manager, None,
+        "the old version takes no lock (protocol 0)"
+    );
+
+    // The upgrade: this version's daemon replaces the old one.
+    d.kill();
+    d.bin = BIN.into();
+    d.spawn();
+    let mut c = d.client().await;
+    let mut rest = Vec::new();
+    open.read_to_end(&mut rest).unwrap();
+    head.extend(rest);
+    assert_eq!(head, file.content, "the running container keeps reading");
+    assert!(
+        d.log()
+            .contains("a FUSE manager of another version serves lazy layers"),
+        "{}",
+        d.log()
+    );
+    // The old manager keeps serving, new layers included (requests it knows).
+    let l = cri_labels(
+        "sha256:app",
+        &reference,
+        &digest2.to_string(),
+        &layers,
+        &toc_digest2,
+    );
+    let err = prepare(&mut c, "k8s.io/2/extract", "sha256:base", l)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", d.log());
+    let m = prepare(&mut c, "ctr-2", "sha256:app", HashMap::new())
+        .await
+        .unwrap();
+    let lowers: Vec<PathBuf> = m[0]
+        .options
+        .iter()
+        .find_map(|o| o.strip_prefix("lowerdir="))
+        .unwrap()
+        .split(':')
+        .map(PathBuf::from)
+        .collect();
+    assert_eq!(
+        std::fs::read(lowers[0].join("srv/second.txt")).unwrap(),
+        b"second layer\n"
+    );
+    // Switching, as the log says: drained node, stop-fuse-manager, restart. This version's
+    // manager mounts both layers again.
+    drop(open);
+    d.kill();
+    d.stop_manager();
+    d.spawn();
+    let _c = d.client().await;
+    assert!(d.root().join("fuse-manager.lock").exists());
+    assert_eq!(std::fs::read(lower.join(&name)).unwrap(), file.content);
+    assert_eq!(
+        std::fs::read(lowers[0].join("srv/second.txt")).unwrap(),
+        b"second layer\n"
+    );
 }
