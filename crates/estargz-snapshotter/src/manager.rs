@@ -196,7 +196,7 @@ impl Manager {
         let json = std::fs::read(toc_path)
             .map_err(|e| format!("reading {}: {e}", toc_path.display()))
             .map_err(fail(ErrorKind::Io))?;
-        let actual = Sha256Digest::of(&json).to_string();
+        let actual = Sha256Digest::of(&json);
         if actual != layer.toc_digest {
             return Err(ManagerError::new(
                 ErrorKind::TocMismatch,
@@ -213,16 +213,7 @@ impl Manager {
             .map_err(|e| format!("TOC of layer {}: {e}", layer.digest))
             .map_err(fail(ErrorKind::InvalidToc))?;
         drop(json);
-        let image: estargz_registry::ImageRef = layer
-            .reference
-            .parse()
-            .map_err(|e| format!("image reference {:?}: {e}", layer.reference))
-            .map_err(fail(ErrorKind::BadRequest))?;
-        let digest: estargz_oci::Digest = layer
-            .digest
-            .parse()
-            .map_err(|e| format!("layer digest {:?}: {e}", layer.digest))
-            .map_err(fail(ErrorKind::BadRequest))?;
+        let (image, digest) = (layer.reference.clone(), layer.digest.clone());
         let source = RegistrySource::new(self.client.clone(), image, digest, self.runtime.clone())
             .with_deadline(self.read_deadline);
         let fs = LayerFs::new(
@@ -241,7 +232,7 @@ impl Manager {
         self.lock_mounts().insert(
             mountpoint.to_path_buf(),
             Mounted {
-                digest: layer.digest.clone(),
+                digest: layer.digest.to_string(),
                 layer: mounted,
             },
         );

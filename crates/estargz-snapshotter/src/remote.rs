@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use estargz_format::{toc_json_from_tail, Limits, Sha256Digest};
+use estargz_oci::Digest;
+use estargz_registry::ImageRef;
 use tokio::sync::OnceCell;
 
 use crate::store::RemoteLayer;
@@ -72,46 +74,81 @@ impl Fallback {
     }
 }
 
-/// What the labels of one `Prepare` say about its layer.
+/// What the labels of one `Prepare` say about its layer, parsed: past this point
+/// references and digests are typed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerLabels {
     /// Image reference.
-    pub reference: String,
+    pub reference: ImageRef,
     /// Layer digest.
-    pub digest: String,
+    pub digest: Digest,
     /// Expected TOC digest, if given.
-    pub toc_digest: Option<String>,
-    /// The image's other layers.
-    pub other_layers: Vec<String>,
+    pub toc_digest: Option<Sha256Digest>,
+    /// The image's other layers (malformed entries left out: they are only resolved ahead).
+    pub other_layers: Vec<Digest>,
 }
 
 impl LayerLabels {
-    /// Reads CRI or stargz labels (CRI first).
-    pub fn from_labels(labels: &BTreeMap<String, String>) -> Option<LayerLabels> {
+    /// The layer digest as the labels give it (CRI first), unparsed: for logs and metrics
+    /// of a layer whose labels may be malformed.
+    pub fn raw_digest(labels: &BTreeMap<String, String>) -> Option<&str> {
+        [CRI_LAYER_DIGEST, STARGZ_DIGEST]
+            .iter()
+            .find_map(|k| labels.get(*k).filter(|s| !s.is_empty()))
+            .map(String::as_str)
+    }
+
+    /// Reads CRI or stargz labels (CRI first): `None` without an image reference and layer
+    /// digest, an error when a label cannot be parsed.
+    pub fn from_labels(
+        labels: &BTreeMap<String, String>,
+    ) -> Option<Result<LayerLabels, (Fallback, String)>> {
         let get = |a: &str, b: &str| {
             labels
                 .get(a)
                 .or_else(|| labels.get(b))
                 .filter(|s| !s.is_empty())
-                .cloned()
         };
         let reference = get(CRI_IMAGE_REF, STARGZ_REF)?;
         let digest = get(CRI_LAYER_DIGEST, STARGZ_DIGEST)?;
-        let other_layers = get(CRI_IMAGE_LAYERS, STARGZ_LAYERS)
-            .map(|s| {
-                s.split(',')
-                    .map(str::trim)
-                    .filter(|d| !d.is_empty() && *d != digest)
-                    .map(String::from)
-                    .collect()
+        let bad = |what: &str, value: &str, e: &dyn std::fmt::Display| {
+            (
+                Fallback::BadLabel,
+                format!(
+                    "{what} {:?}: {e}",
+                    value.chars().take(200).collect::<String>()
+                ),
+            )
+        };
+        Some((|| {
+            let reference: ImageRef = reference
+                .parse()
+                .map_err(|e| bad("image reference", reference, &e))?;
+            let digest: Digest = digest
+                .parse()
+                .map_err(|e| bad("layer digest", digest, &e))?;
+            let toc_digest = match labels.get(TOC_DIGEST).filter(|s| !s.is_empty()) {
+                Some(t) => Some(
+                    t.parse::<Sha256Digest>()
+                        .map_err(|e| bad("TOC digest", t, &e))?,
+                ),
+                None => None,
+            };
+            let other_layers = get(CRI_IMAGE_LAYERS, STARGZ_LAYERS)
+                .map(|s| {
+                    s.split(',')
+                        .filter_map(|d| d.trim().parse::<Digest>().ok())
+                        .filter(|d| *d != digest)
+                        .collect()
+                })
+                .unwrap_or_default();
+            Ok(LayerLabels {
+                reference,
+                digest,
+                toc_digest,
+                other_layers,
             })
-            .unwrap_or_default();
-        Some(LayerLabels {
-            reference,
-            digest,
-            toc_digest: labels.get(TOC_DIGEST).filter(|s| !s.is_empty()).cloned(),
-            other_layers,
-        })
+        })())
     }
 }
 
@@ -165,7 +202,7 @@ impl Resolver {
         }
     }
 
-    fn cell(&self, reference: &str, digest: &str) -> Cell {
+    fn cell(&self, reference: &ImageRef, digest: &Digest) -> Cell {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         pending.retain(|_, (at, _)| at.elapsed() < PENDING_TTL);
         pending
@@ -175,7 +212,7 @@ impl Resolver {
             .clone()
     }
 
-    fn forget(&self, reference: &str, digest: &str) {
+    fn forget(&self, reference: &ImageRef, digest: &Digest) {
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -184,18 +221,10 @@ impl Resolver {
 
     async fn fetch(
         &self,
-        reference: &str,
-        digest: &str,
+        reference: &ImageRef,
+        digest: &Digest,
     ) -> Result<Arc<Fetched>, (Fallback, String)> {
-        let image: estargz_registry::ImageRef = reference.parse().map_err(|e| {
-            (
-                Fallback::BadLabel,
-                format!("image reference {reference:?}: {e}"),
-            )
-        })?;
-        let blob: estargz_oci::Digest = digest
-            .parse()
-            .map_err(|e| (Fallback::BadLabel, format!("layer digest {digest:?}: {e}")))?;
+        let (image, blob) = (reference.clone(), digest.clone());
         // The footer and, for a small TOC, the whole TOC in one request that also gives the
         // blob's size.
         let (tail, size) = match self.client.fetch_tail(&image, &blob, TOC_TAIL).await {
@@ -210,7 +239,6 @@ impl Resolver {
         };
         let (client, runtime) = (self.client.clone(), tokio::runtime::Handle::current());
         let limits = self.limits;
-        let (reference, digest) = (reference.to_string(), digest.to_string());
         // Decoding the TOC is CPU work: off the async threads, fetching what the tail lacks
         // from there.
         tokio::task::spawn_blocking(move || {
@@ -239,12 +267,12 @@ impl Resolver {
             let toc_offset = footer.toc_offset;
             // Not parsed here: the FUSE manager parses it once, to build the layer's index,
             // and a TOC it refuses makes the layer fall back as not eStargz.
-            let toc_digest = Sha256Digest::of(&json).to_string();
+            let toc_digest = Sha256Digest::of(&json);
             Ok(Arc::new(Fetched {
                 json,
                 layer: RemoteLayer {
-                    reference,
-                    digest,
+                    reference: image,
+                    digest: blob,
                     size,
                     toc_digest,
                     toc_offset,
@@ -256,13 +284,13 @@ impl Resolver {
     }
 
     /// Starts fetching the TOCs of `layers` of `reference` in the background.
-    pub fn prefetch(self: &Arc<Self>, reference: &str, layers: &[String]) {
+    pub fn prefetch(self: &Arc<Self>, reference: &ImageRef, layers: &[Digest]) {
         for digest in layers.iter().take(MAX_AHEAD) {
             let cell = self.cell(reference, digest);
             if cell.initialized() {
                 continue;
             }
-            let (this, reference, digest) = (self.clone(), reference.to_string(), digest.clone());
+            let (this, reference, digest) = (self.clone(), reference.clone(), digest.clone());
             tokio::spawn(async move {
                 let Ok(_permit) = this.background.clone().acquire_owned().await else {
                     return;
@@ -276,9 +304,9 @@ impl Resolver {
     /// The TOC of layer `digest` of `reference`, verified against `toc_digest` when given.
     pub async fn resolve(
         &self,
-        reference: &str,
-        digest: &str,
-        toc_digest: Option<&str>,
+        reference: &ImageRef,
+        digest: &Digest,
+        toc_digest: Option<Sha256Digest>,
     ) -> Result<Arc<Fetched>, (Fallback, String)> {
         let cell = self.cell(reference, digest);
         let result = cell
@@ -316,19 +344,51 @@ mod tests {
                     .collect(),
             )
         };
+        let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+        let (a, b, c, t) = (d('a'), d('b'), d('c'), d('e'));
         assert_eq!(l(&[(TARGET_REF, "sha256:chain")]), None);
+        let layers = format!("{a},{b}, sha256:bad,{c}");
         let cri = l(&[
             (CRI_IMAGE_REF, "r.example/app:1"),
-            (CRI_LAYER_DIGEST, "sha256:b"),
-            (CRI_IMAGE_LAYERS, "sha256:a,sha256:b,sha256:c"),
-            (TOC_DIGEST, "sha256:t"),
+            (CRI_LAYER_DIGEST, &b),
+            (CRI_IMAGE_LAYERS, &layers),
+            (TOC_DIGEST, &t),
         ])
+        .unwrap()
         .unwrap();
-        assert_eq!(cri.reference, "r.example/app:1");
-        assert_eq!(cri.other_layers, ["sha256:a", "sha256:c"]);
-        assert_eq!(cri.toc_digest.as_deref(), Some("sha256:t"));
-        let stargz = l(&[(STARGZ_REF, "r/x:y"), (STARGZ_DIGEST, "sha256:d")]).unwrap();
-        assert_eq!(stargz.digest, "sha256:d");
-        assert_eq!(stargz.toc_digest, None);
+        assert_eq!(cri.reference.to_string(), "r.example/app:1");
+        assert_eq!(cri.digest.to_string(), b);
+        let others: Vec<String> = cri.other_layers.iter().map(|d| d.to_string()).collect();
+        assert_eq!(
+            others,
+            [a.clone(), c.clone()],
+            "malformed entries are left out"
+        );
+        assert_eq!(cri.toc_digest.map(|t| t.to_string()), Some(t.clone()));
+        let stargz = l(&[(STARGZ_REF, "r/x:y"), (STARGZ_DIGEST, &c)])
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (stargz.digest.to_string(), stargz.toc_digest),
+            (c.clone(), None)
+        );
+        // Malformed labels are a fallback with the reason, decided once, here.
+        for bad in [
+            vec![
+                (CRI_IMAGE_REF, "UPPER/case"),
+                (CRI_LAYER_DIGEST, a.as_str()),
+            ],
+            vec![(CRI_IMAGE_REF, "r/x:y"), (CRI_LAYER_DIGEST, "sha256:short")],
+            vec![
+                (STARGZ_REF, "r/x:y"),
+                (STARGZ_DIGEST, &a),
+                (TOC_DIGEST, "md5:x"),
+            ],
+        ] {
+            let (why, _) = l(&bad).unwrap().unwrap_err();
+            assert_eq!(why, Fallback::BadLabel, "{bad:?}");
+        }
+        let labels = [(CRI_LAYER_DIGEST.to_string(), "not a digest".to_string())].into();
+        assert_eq!(LayerLabels::raw_digest(&labels), Some("not a digest"));
     }
 }

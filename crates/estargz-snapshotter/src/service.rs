@@ -120,8 +120,8 @@ impl Snapshots for SnapshotService {
                     )));
                 }
                 Err((reason, why)) => {
-                    let layer = LayerLabels::from_labels(&labels)
-                        .map(|l| l.digest)
+                    let layer = LayerLabels::raw_digest(&labels)
+                        .map(String::from)
                         .unwrap_or_else(|| target.clone());
                     self.inner.metrics().fallback(&layer, reason);
                     if reason == crate::remote::Fallback::NoLayerLabels {

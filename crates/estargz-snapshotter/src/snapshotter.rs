@@ -300,7 +300,7 @@ impl Snapshotter {
         let info = LayerLabels::from_labels(labels).ok_or((
             Fallback::NoLayerLabels,
             "no image reference or layer digest labels".into(),
-        ))?;
+        ))??;
         if !info.other_layers.is_empty() {
             self.resolver.prefetch(&info.reference, &info.other_layers);
         }
@@ -308,7 +308,7 @@ impl Snapshotter {
         let resolved = tokio::time::timeout(
             self.config.resolve_timeout(),
             self.resolver
-                .resolve(&info.reference, &info.digest, info.toc_digest.as_deref()),
+                .resolve(&info.reference, &info.digest, info.toc_digest),
         )
         .await
         .map_err(|_| {

@@ -53,9 +53,10 @@ impl Mounter for FakeMounter {
     fn mount(&self, req: &MountRequest) -> Result<(), Error> {
         assert!(req.toc_path.is_file(), "the TOC is saved before the mount");
         let mut hold = self.hold.lock().unwrap();
-        if hold.contains(&req.layer.digest) {
+        let digest = req.layer.digest.to_string();
+        if hold.contains(&digest) {
             *self.waiting.lock().unwrap() += 1;
-            while hold.contains(&req.layer.digest) {
+            while hold.contains(&digest) {
                 hold = self.released.wait(hold).unwrap();
             }
         }
@@ -80,6 +81,18 @@ impl Mounter for FakeMounter {
 
     fn is_serving(&self, mountpoint: &Path) -> bool {
         self.served.lock().unwrap().contains(mountpoint)
+    }
+}
+
+/// A layer whose digest is `sha256:` and `name` repeated (hex digits only).
+fn layer(name: &str) -> RemoteLayer {
+    let hex = name.repeat(64 / name.len() + 1)[..64].to_string();
+    RemoteLayer {
+        reference: "registry.example/app:1".parse().unwrap(),
+        digest: format!("sha256:{hex}").parse().unwrap(),
+        size: 1000,
+        toc_digest: format!("sha256:{}", "e".repeat(64)).parse().unwrap(),
+        toc_offset: 900,
     }
 }
 
@@ -114,15 +127,8 @@ impl Node {
     }
 
     fn lazy(&self, target: &str, parent: &str, digest: &str) -> Result<(), Error> {
-        let layer = RemoteLayer {
-            reference: "registry.example/app:1".into(),
-            digest: digest.into(),
-            size: 1000,
-            toc_digest: "sha256:toc".into(),
-            toc_offset: 900,
-        };
         self.snap
-            .commit_remote(target, parent, BTreeMap::new(), b"{}", &layer)
+            .commit_remote(target, parent, BTreeMap::new(), b"{}", &layer(digest))
     }
 
     fn dirs(&self) -> BTreeSet<String> {
@@ -149,8 +155,8 @@ fn lowerdirs(m: &[Mount]) -> Vec<PathBuf> {
 #[test]
 fn lazy_layers_stack_under_active_snapshots_and_are_unmounted_on_remove() {
     let n = Node::new();
-    n.lazy("base", "", "sha256:a").unwrap();
-    n.lazy("app", "base", "sha256:b").unwrap();
+    n.lazy("base", "", "a").unwrap();
+    n.lazy("app", "base", "b").unwrap();
     assert_eq!(
         n.snap.stat("app").unwrap().labels[REMOTE_LABEL],
         "remote snapshot"
@@ -171,7 +177,7 @@ fn lazy_layers_stack_under_active_snapshots_and_are_unmounted_on_remove() {
         ("overlay", n.fs("base"))
     );
     // Committing a lazy layer's target again is a no-op: containerd retries Prepare.
-    n.lazy("app", "base", "sha256:b").unwrap();
+    n.lazy("app", "base", "b").unwrap();
     assert_eq!(n.mounter.mounts.lock().unwrap().len(), 2);
     let e = n.snap.remove("base").unwrap_err();
     assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
@@ -189,7 +195,7 @@ fn lazy_layers_stack_under_active_snapshots_and_are_unmounted_on_remove() {
 fn a_failed_mount_leaves_nothing_and_says_why() {
     let n = Node::new();
     *n.mounter.fail_with.lock().unwrap() = Some(ErrorKind::InvalidToc);
-    let e = n.lazy("base", "", "sha256:a").unwrap_err();
+    let e = n.lazy("base", "", "a").unwrap_err();
     assert!(
         matches!(&e, Error::Manager(m) if m.kind == ErrorKind::InvalidToc),
         "{e}"
@@ -199,7 +205,7 @@ fn a_failed_mount_leaves_nothing_and_says_why() {
     // A missing parent is refused before anything is mounted.
     *n.mounter.fail_with.lock().unwrap() = None;
     assert!(matches!(
-        n.lazy("app", "nope", "sha256:b"),
+        n.lazy("app", "nope", "b"),
         Err(Error::NotFound(_))
     ));
     assert!(n.mounter.mounts.lock().unwrap().is_empty());
@@ -220,7 +226,7 @@ fn ordinary_snapshots_commit_and_chain() {
     n.snap.commit("c1", "l1", BTreeMap::new()).unwrap();
     assert!(matches!(n.snap.stat("l1"), Err(Error::NotFound(_))));
     assert!(n.snap.usage("c1").unwrap().inodes >= 1);
-    n.lazy("c2", "c1", "sha256:b").unwrap();
+    n.lazy("c2", "c1", "b").unwrap();
     let m = n
         .snap
         .create(Kind::Active, "ctr", "c2", BTreeMap::new())
@@ -239,8 +245,8 @@ fn ordinary_snapshots_commit_and_chain() {
 #[test]
 fn a_restarted_node_mounts_its_lazy_layers_again() {
     let n = Node::new();
-    n.lazy("base", "", "sha256:a").unwrap();
-    n.lazy("app", "base", "sha256:b").unwrap();
+    n.lazy("base", "", "a").unwrap();
+    n.lazy("app", "base", "b").unwrap();
     n.snap
         .create(Kind::Active, "ctr", "app", BTreeMap::new())
         .unwrap();
@@ -260,7 +266,7 @@ fn a_restarted_node_mounts_its_lazy_layers_again() {
 #[test]
 fn mounts_never_hand_out_a_lazy_layer_that_is_not_served() {
     let n = Node::new();
-    n.lazy("base", "", "sha256:a").unwrap();
+    n.lazy("base", "", "a").unwrap();
     n.snap
         .create(Kind::Active, "ctr", "base", BTreeMap::new())
         .unwrap();
@@ -270,7 +276,7 @@ fn mounts_never_hand_out_a_lazy_layer_that_is_not_served() {
     *n.mounter.fail_with.lock().unwrap() = Some(ErrorKind::Mount);
     let e = n.snap.mounts("ctr").unwrap_err();
     assert!(
-        matches!(&e, Error::FailedPrecondition(m) if m.contains("sha256:a")),
+        matches!(&e, Error::FailedPrecondition(m) if m.contains(&layer("a").digest.to_string())),
         "{e}"
     );
     assert!(n
@@ -287,24 +293,18 @@ fn mounts_never_hand_out_a_lazy_layer_that_is_not_served() {
 #[test]
 fn a_slow_mount_delays_only_its_own_layer() {
     let n = Node::new();
-    n.mounter.hold("sha256:slow");
+    n.mounter.hold(&layer("5").digest.to_string());
     let slow = {
         let n = (n.snap.clone(), n.mounter.clone());
         std::thread::spawn(move || {
-            let layer = RemoteLayer {
-                reference: "r/x:1".into(),
-                digest: "sha256:slow".into(),
-                size: 1,
-                toc_digest: "sha256:t".into(),
-                toc_offset: 0,
-            };
+            let layer = layer("5");
             let _keep = n.1;
             n.0.commit_remote("slow", "", BTreeMap::new(), b"{}", &layer)
         })
     };
     n.mounter.wait_held(1);
     // While it hangs: other layers, ordinary snapshots, removes and cleanup all proceed.
-    n.lazy("fast", "", "sha256:fast").unwrap();
+    n.lazy("fast", "", "f").unwrap();
     n.snap
         .create(Kind::Active, "a", "fast", BTreeMap::new())
         .unwrap();
@@ -325,18 +325,12 @@ fn a_slow_mount_delays_only_its_own_layer() {
 #[test]
 fn concurrent_prepares_of_one_layer_leave_one_snapshot() {
     let n = Node::new();
-    n.mounter.hold("sha256:same");
+    n.mounter.hold(&layer("5a").digest.to_string());
     let threads: Vec<_> = (0..2)
         .map(|_| {
             let snap = n.snap.clone();
             std::thread::spawn(move || {
-                let layer = RemoteLayer {
-                    reference: "r/x:1".into(),
-                    digest: "sha256:same".into(),
-                    size: 1,
-                    toc_digest: "sha256:t".into(),
-                    toc_offset: 0,
-                };
+                let layer = layer("5a");
                 snap.commit_remote("same", "", BTreeMap::new(), b"{}", &layer)
             })
         })

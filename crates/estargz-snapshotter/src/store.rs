@@ -76,14 +76,14 @@ pub struct Usage {
 /// restart without the registry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemoteLayer {
-    /// Image reference the layer was pulled for (`host/repo:tag` or `@digest`).
-    pub reference: String,
+    /// Image reference the layer was pulled for (stored as its normalized string).
+    pub reference: estargz_registry::ImageRef,
     /// Layer blob digest.
-    pub digest: String,
+    pub digest: estargz_oci::Digest,
     /// Blob size in bytes.
     pub size: u64,
     /// sha256 of the TOC JSON (verified, or computed when unverified layers are allowed).
-    pub toc_digest: String,
+    pub toc_digest: estargz_format::Sha256Digest,
     /// Offset of the TOC member in the blob.
     pub toc_offset: u64,
 }
