@@ -17,6 +17,14 @@ loopback:
            containerd waits for in Prepare) against an ordinary `ctr images pull` of the
            same content, and the FUSE manager's RSS growth per TOC entry
 
+  pull     the rpull times of the layers part (the pull phase of a multi-layer image:
+           resolve, fetch each new layer's TOC, mount) and of the 100k part, against the
+           reference snapshotter's rpull of the same 100k image (`ref`)
+
+Options: --parts layers,big (default both); --big-modes lazy,ref,ordinary (default all);
+--baseline BIN also runs our modes with that build of the daemon (`base`; a comparison of
+two builds' pull phase and memory in one run, interleaved).
+
 Prints Markdown tables and writes OUT/scale.json. Needs root.
 """
 import io
@@ -30,8 +38,8 @@ import tarfile
 import time
 from pathlib import Path
 
-from benchlib import (ESTARGZ, SCRIPTS, SNAPSHOTTER, Link, arguments, manifest, run, start,
-                      wait_background_fetch)
+from benchlib import (ESTARGZ, SCRIPTS, SNAPSHOTTER, Link, arguments, choices, manifest,
+                      p95, reference_binary, run, start, wait_background_fetch)
 
 LAYER_COUNTS = [1, 10, 50]
 
@@ -79,16 +87,19 @@ def push(link, work, name, tars):
 class Env:
     """A private containerd and estargz-snapshotter."""
 
-    def __init__(self, work, n):
+    def __init__(self, work, n, daemon=SNAPSHOTTER, reference=False):
         self.dir = work / f"env-{n}"
+        self.env = {"SNAPSHOTTER": str(daemon)}
+        if reference:
+            self.env["STARGZ_REF"] = str(reference_binary())
         self.metrics = run(["bash", SCRIPTS / "snapshotter.sh", "start", self.dir],
-                           env={"SNAPSHOTTER": str(SNAPSHOTTER)}).strip()
+                           env=self.env).strip()
         self.sock = self.dir / "c" / "containerd.sock"
 
-    def rpull(self, ref):
+    def rpull(self, ref, snapshotter="estargz"):
         t0 = time.monotonic()
         run(["ctr-remote", "-a", self.sock, "-n", "b", "images", "rpull", "--plain-http",
-             "--snapshotter", "estargz", ref])
+             "--snapshotter", snapshotter, ref])
         return time.monotonic() - t0
 
     def pull(self, ref):
@@ -117,8 +128,7 @@ class Env:
                    if line.split()[1].startswith(str(self.dir)) and "fuse" in line.split()[2])
 
     def close(self):
-        run(["bash", SCRIPTS / "snapshotter.sh", "stop", self.dir],
-            env={"SNAPSHOTTER": str(SNAPSHOTTER)}, check=False)
+        run(["bash", SCRIPTS / "snapshotter.sh", "stop", self.dir], env=self.env, check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -127,51 +137,72 @@ def kb(pid):
     return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))
 
 
+def layers_sample(work, s, refs, result, build="ours", daemon=SNAPSHOTTER):
+    """One sample of the layers part: each image's rpull time (only its new layers are
+    resolved and mounted), RSS after it and once its background fetch is done."""
+    env = Env(work, f"layers-{s}-{build}", daemon)
+    try:
+        time.sleep(1)
+        d, m = env.rss()
+        result["layers"].append({"sample": s, "build": build, "layers": 0, "daemon": d,
+                                 "manager": m, "manager_after_fetch": m})
+        for n in LAYER_COUNTS:
+            secs = env.rpull(refs[n])
+            mounted = env.mounted_layers()
+            d, m = env.rss()
+            wait_background_fetch(run, env.metrics)
+            d2, m2 = env.rss()
+            result["layers"].append({"sample": s, "build": build, "layers": mounted,
+                                     "image_layers": n, "pull_seconds": secs, "daemon": d,
+                                     "manager": m, "daemon_after_fetch": d2,
+                                     "manager_after_fetch": m2})
+            print(f"# {mounted} layers: daemon {d >> 20} MiB, manager {m >> 20} MiB "
+                  f"({m2 >> 20} MiB after the background fetch)", file=sys.stderr, flush=True)
+    finally:
+        env.close()
+
+
 def main():
-    args = arguments(__doc__, samples=3, links=False).parse_args()
+    ap = arguments(__doc__, samples=3, links=False)
+    ap.add_argument("--parts", default="layers,big", type=choices(["layers", "big"]))
+    ap.add_argument("--big-modes", default="lazy,ref,ordinary",
+                    type=choices(["lazy", "ref", "ordinary"]))
+    ap.add_argument("--baseline", type=Path, metavar="BIN",
+                    help="also rpull the 100k layer with this estargz-snapshotter build")
+    args = ap.parse_args()
+    big_modes = args.big_modes + (["lazy-base"] if args.baseline else [])
     out, work = start(args, "scale")
     result = {"layers": [], "big": []}
     link = Link("loopback", work)
     try:
         print("# building 50 layers and a 100,000-file layer", file=sys.stderr, flush=True)
         tars = []
-        for i in range(max(LAYER_COUNTS)):
+        for i in range(max(LAYER_COUNTS) if "layers" in args.parts else 0):
             tars.append(work / f"layer{i:02}.tar")
             layer_tar(tars[-1], i)
-        refs = {n: push(link, work, f"layers{n}", tars[:n])[1] for n in LAYER_COUNTS}
+        refs = ({n: push(link, work, f"layers{n}", tars[:n])[1] for n in LAYER_COUNTS}
+                if "layers" in args.parts else {})
         many_files_tar(work / "big.tar")
         big_orig, big_esgz = push(link, work, "big", [work / "big.tar"])
         toc_entries = 100_000 + 100
         big_manifest = manifest(link, big_esgz)
 
         for s in range(args.samples):
-            env = Env(work, f"layers-{s}")
-            try:
-                time.sleep(1)
-                d, m = env.rss()
-                result["layers"].append({"sample": s, "layers": 0, "daemon": d, "manager": m,
-                                         "manager_after_fetch": m})
-                for n in LAYER_COUNTS:
-                    env.rpull(refs[n])
-                    mounted = env.mounted_layers()
-                    d, m = env.rss()
-                    wait_background_fetch(run, env.metrics)
-                    d2, m2 = env.rss()
-                    result["layers"].append({"sample": s, "layers": mounted, "daemon": d,
-                                             "manager": m, "daemon_after_fetch": d2,
-                                             "manager_after_fetch": m2})
-                    print(f"# {mounted} layers: daemon {d >> 20} MiB, manager {m >> 20} MiB "
-                          f"({m2 >> 20} MiB after the background fetch)", file=sys.stderr,
-                          flush=True)
-            finally:
-                env.close()
-            for mode in random.sample(["lazy", "ordinary"], 2):
-                env = Env(work, f"big-{s}-{mode}")
+            if "layers" in args.parts:
+                builds = [("ours", SNAPSHOTTER)] + ([("base", args.baseline)]
+                                                    if args.baseline else [])
+                for build, daemon in random.sample(builds, len(builds)):
+                    layers_sample(work, s, refs, result, build, daemon)
+            for mode in random.sample(big_modes, len(big_modes)) if "big" in args.parts else []:
+                daemon = args.baseline if mode == "lazy-base" else SNAPSHOTTER
+                env = Env(work, f"big-{s}-{mode}", daemon, reference=mode == "ref")
                 try:
                     _, m0 = env.rss()
-                    if mode == "lazy":
+                    if mode in ("lazy", "lazy-base"):
                         secs = env.rpull(big_esgz)
                         _, m1 = env.rss()
+                    elif mode == "ref":
+                        secs, m1 = env.rpull(big_esgz, "stargz-ref"), m0
                     else:
                         secs, m1 = env.pull(big_orig), m0
                     result["big"].append({"sample": s, "mode": mode, "seconds": secs,
@@ -187,24 +218,41 @@ def main():
     result["toc_entries"] = toc_entries
     (out / "scale.json").write_text(json.dumps(result, indent=1))
 
-    print("| layers mounted | daemon RSS MiB | FUSE manager RSS MiB | manager after background fetch MiB | n |")
+    builds = sorted({r["build"] for r in result["layers"]}, key=lambda b: b != "ours")
+    print("| build | layers mounted | daemon RSS MiB | FUSE manager RSS MiB | manager after background fetch MiB | n |")
+    print("|---|---|---|---|---|---|")
+    for build in builds:
+        for n in [0] + LAYER_COUNTS:
+            xs = [r for r in result["layers"] if r["layers"] == n and r["build"] == build]
+            if not xs:
+                continue
+            med = lambda k: statistics.median(r[k] for r in xs) / 2**20  # noqa: E731
+            print(f"| {build} | {n} | {med('daemon'):.1f} | {med('manager'):.1f} | "
+                  f"{med('manager_after_fetch'):.1f} | {len(xs)} |")
+    print()
+    print("| pull phase: rpull of an image of | build | median s | p95 s | n |")
     print("|---|---|---|---|---|")
-    for n in [0] + LAYER_COUNTS:
-        xs = [r for r in result["layers"] if r["layers"] == n]
-        if not xs:
-            continue
-        med = lambda k: statistics.median(r[k] for r in xs) / 2**20  # noqa: E731
-        print(f"| {n} | {med('daemon'):.1f} | {med('manager'):.1f} | "
-              f"{med('manager_after_fetch'):.1f} | {len(xs)} |")
+    for n in LAYER_COUNTS:
+        for build in builds:
+            xs = sorted(r["pull_seconds"] for r in result["layers"]
+                        if r.get("image_layers") == n and r["build"] == build)
+            if xs:
+                print(f"| {n} layers ({n - ([0] + LAYER_COUNTS)[LAYER_COUNTS.index(n)]} new) "
+                      f"| {build} | {statistics.median(xs):.2f} | {p95(xs):.2f} | {len(xs)} |")
     print()
     print("| 100,000-file layer | median s | p95 s | FUSE manager growth | n |")
     print("|---|---|---|---|---|")
     for mode, label in (("lazy", "rpull (resolve + TOC + index + mount)"),
+                        ("lazy-base", f"rpull with {args.baseline}"),
+                        ("ref", "reference: rpull of the same image"),
                         ("ordinary", "ordinary pull (download + unpack)")):
         xs = [r for r in result["big"] if r["mode"] == mode]
+        if not xs:
+            continue
         secs = sorted(r["seconds"] for r in xs)
         growth = statistics.median(r["manager_growth"] for r in xs)
-        per = f"{growth / 2**20:.1f} MiB, {growth / toc_entries:.0f} B/entry" if mode == "lazy" else "-"
+        per = (f"{growth / 2**20:.1f} MiB, {growth / toc_entries:.0f} B/entry"
+               if mode in ("lazy", "lazy-base") else "-")
         print(f"| {label} | {statistics.median(secs):.2f} | "
               f"{secs[min(len(secs) - 1, int(round(0.95 * (len(secs) - 1))))]:.2f} | {per} | "
               f"{len(xs)} |")

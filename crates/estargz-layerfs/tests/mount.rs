@@ -186,6 +186,7 @@ struct Layer {
 }
 
 fn mount_layer(tar: Vec<u8>, opts: &ConvertOptions) -> Layer {
+    estargz_testutil::require_root_and_fuse("the FUSE mount tests");
     let dir = tempfile::tempdir().unwrap();
     let tar_path = dir.path().join("layer.tar");
     std::fs::write(&tar_path, &tar).unwrap();

@@ -41,6 +41,7 @@ fn mount_blob(dir: &Path, name: &str, tar: &[u8], cache: Arc<ChunkCache>) -> Mou
         .unwrap()
         .toc()
         .clone();
+    estargz_testutil::require_root_and_fuse("the overlay tests");
     let mnt = dir.join(name);
     std::fs::create_dir(&mnt).unwrap();
     mount(

@@ -88,6 +88,7 @@ impl Remote {
 
     /// Mounts with prefetch and background fetch off, so that only reads fetch.
     fn mount(&self, blob: &(Digest, u64), cache: Arc<ChunkCache>, at: &str) -> MountedLayer {
+        estargz_testutil::require_root_and_fuse("the FUSE mount tests");
         let lazy = FetchOptions {
             prefetch: false,
             background: false,

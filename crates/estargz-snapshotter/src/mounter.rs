@@ -240,15 +240,25 @@ impl ManagerClient {
 
 impl Mounter for ManagerClient {
     fn mount(&self, req: &MountRequest) -> Result<(), Error> {
-        self.call(
-            &Request::Mount {
-                mountpoint: req.mountpoint.clone(),
-                toc_path: req.toc_path.clone(),
-                layer: req.layer.clone(),
-            },
-            MOUNT_TIMEOUT,
-        )
-        .map(|_| ())
+        let request = Request::Mount {
+            mountpoint: req.mountpoint.clone(),
+            toc_path: req.toc_path.clone(),
+            layer: req.layer.clone(),
+        };
+        let started = std::time::Instant::now();
+        loop {
+            match self.call(&request, MOUNT_TIMEOUT) {
+                // Another request (the supervisor's restore, a Mounts call) is mounting the
+                // same layer: asked again once it is done, the manager answers that it is
+                // mounted, or mounts it (and says why not) if that request failed.
+                Err(Error::Manager(e))
+                    if e.kind == ErrorKind::Busy && started.elapsed() < MOUNT_TIMEOUT =>
+                {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                other => return other.map(|_| ()),
+            }
+        }
     }
 
     fn unmount(&self, mountpoint: &Path) -> Result<(), Error> {

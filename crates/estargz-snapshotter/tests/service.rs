@@ -34,6 +34,7 @@ impl Daemon {
 
     /// A daemon of the build at `bin`.
     fn start_with(bin: &Path, extra: &str) -> Daemon {
+        estargz_testutil::require_root_and_fuse("the daemon tests");
         let dir = tempfile::tempdir().unwrap();
         let config = format!(
             "socket = \"{0}/snap.sock\"\nroot = \"{0}/root\"\n{extra}\n",

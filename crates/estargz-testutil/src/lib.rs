@@ -801,9 +801,33 @@ impl Drop for TestRegistry {
     }
 }
 
+/// Fails the calling test at once, saying what to do, unless this machine gives what the
+/// tests with real components need: root (FUSE and overlayfs mounts, containerd, runc, apt
+/// for missing packages) and `/dev/fuse`. A missing prerequisite is a loud failure, never a
+/// skip; the tests that need none run with `cargo test --lib`.
+pub fn require_root_and_fuse(test: &str) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .unwrap_or("?");
+    assert!(
+        euid == "0",
+        "{test}: needs root (euid is {euid}); it mounts FUSE and overlayfs and runs real \
+         components (containerd, runc, a registry). Run `make test` as root; \
+         `cargo test --workspace --lib` runs the tests that need nothing"
+    );
+    assert!(
+        std::path::Path::new("/dev/fuse").exists(),
+        "{test}: needs /dev/fuse; load the fuse module (`modprobe fuse`)"
+    );
+}
+
 /// Runs `testdata/scripts/NAME` with `args` and `env`; panics with its output if it fails.
-/// Returns its standard output.
+/// Returns its standard output. The scripts start real components: they need root.
 pub fn run_script(name: &str, args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> String {
+    require_root_and_fuse(name);
     let mut cmd = std::process::Command::new("bash");
     cmd.arg(scripts_dir().join(name)).args(args);
     for (k, v) in env {
