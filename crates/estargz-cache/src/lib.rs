@@ -375,6 +375,21 @@ impl ChunkCache {
         Some(buf)
     }
 
+    /// The chunk's file, opened read-only, once this process has verified it (verifying it
+    /// now, a whole read and hash, if it has not): for a reader that reads the file itself,
+    /// such as the kernel through FUSE passthrough. `None` if the chunk is not cached or its
+    /// file is damaged (then removed).
+    pub fn open_verified(&self, digest: &Sha256Digest) -> Option<fs::File> {
+        let verified = lock(&self.index)
+            .lru
+            .get(digest)
+            .is_some_and(|e| e.verified);
+        if !verified {
+            self.get(digest)?;
+        }
+        fs::File::open(self.path_of(digest)).ok()
+    }
+
     fn forget(&self, digest: &Sha256Digest) {
         let mut idx = lock(&self.index);
         if let Some(e) = idx.lru.pop(digest) {

@@ -1,10 +1,11 @@
 //! The FUSE file system of one layer.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use estargz_cache::ChunkCache;
@@ -61,6 +62,8 @@ pub struct LayerStats {
     /// Time the completed `fetches` took, in nanoseconds (with `fetches`, the mean round
     /// trip of a fetch).
     pub fetch_nanos: AtomicU64,
+    /// Opens served in FUSE passthrough mode (the kernel reads the chunk file itself).
+    pub passthrough_opens: AtomicU64,
 }
 
 /// A histogram of durations with fixed buckets, kept in atomics: observing costs two
@@ -249,6 +252,22 @@ pub struct Inner {
     me: std::sync::Weak<Inner>,
     prefetch_done: std::sync::atomic::AtomicBool,
     background_done: std::sync::atomic::AtomicBool,
+    /// The kernel agreed to FUSE passthrough at init (and the options ask for it).
+    passthrough: std::sync::atomic::AtomicBool,
+    /// Open files by inode: how each is open, so that every open of an inode agrees with
+    /// the kernel's mode for it (see [`Opens`]).
+    opens: Mutex<HashMap<u64, Opens>>,
+}
+
+/// How an inode is open. The kernel keeps one I/O mode per inode: while any open reads
+/// through FUSE (cached), a passthrough open fails with EIO, and while a backing file is
+/// in use every new open must use the same one. So a file is opened in passthrough mode
+/// only when no cached open of it is left, and then shares the backing file until its last
+/// passthrough open is released.
+#[derive(Default)]
+struct Opens {
+    cached: u32,
+    backing: Option<(Arc<fuser::BackingId>, u32)>,
 }
 
 impl std::ops::Deref for LayerFs {
@@ -282,7 +301,74 @@ impl LayerFs {
             closed: Default::default(),
             prefetch_done: Default::default(),
             background_done: Default::default(),
+            passthrough: Default::default(),
+            opens: Default::default(),
         }))
+    }
+}
+
+/// The file handle of a regular file opened in passthrough mode.
+const PASSTHROUGH_FH: u64 = 1;
+/// The file handle of a regular file read through FUSE.
+const CACHED_FH: u64 = 2;
+
+impl Inner {
+    fn lock_opens(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Opens>> {
+        self.opens.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Opens inode `ino` (`node`, a regular file): in passthrough mode, returning the
+    /// backing file's ID, if the kernel agreed to passthrough, the file's content is one
+    /// chunk that is local and verified (its chunk file is the file's content), and no
+    /// open of it reads through FUSE; otherwise counts a cached open and returns `None`.
+    fn passthrough_open(
+        &self,
+        ino: u64,
+        node: &crate::tree::Node,
+        reply: &ReplyOpen,
+    ) -> Option<Arc<fuser::BackingId>> {
+        let eligible = self.passthrough.load(Ordering::Relaxed) && {
+            let o = self.lock_opens();
+            match o.get(&ino) {
+                Some(Opens {
+                    backing: Some(_), ..
+                }) => true,
+                Some(o) => o.cached == 0,
+                None => true,
+            }
+        };
+        let chunk = match self.tree.chunks(node) {
+            [c] if c.chunk_offset == 0 && c.size == node.size => Some(c.digest),
+            _ => None,
+        };
+        // Verifying a chunk file the first time reads and hashes it: not under the lock.
+        let file = eligible
+            .then_some(chunk)
+            .flatten()
+            .and_then(|d| self.cache.open_verified(&d));
+        let mut opens = self.lock_opens();
+        let o = opens.entry(ino).or_default();
+        if let Some((id, n)) = &mut o.backing {
+            *n += 1;
+            return Some(id.clone());
+        }
+        match file {
+            Some(file) if o.cached == 0 => match reply.open_backing(&file) {
+                Ok(id) => {
+                    let id = Arc::new(id);
+                    o.backing = Some((id.clone(), 1));
+                    return Some(id);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "FUSE passthrough refused by the kernel; \
+                        this layer reads through FUSE");
+                    self.passthrough.store(false, Ordering::Relaxed);
+                }
+            },
+            _ => {}
+        }
+        o.cached += 1;
+        None
     }
 }
 
@@ -775,11 +861,38 @@ impl fuser::Filesystem for LayerFs {
         }
     }
 
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> io::Result<()> {
+        if !self.scheduler.options().passthrough {
+            return Ok(());
+        }
+        // Depth 1: backing files on an ordinary file system, and this mount may be a lower
+        // layer of overlayfs (which adds one; the kernel allows two).
+        let on = config
+            .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+            .is_ok()
+            && config.set_max_stack_depth(1).is_ok();
+        self.passthrough.store(on, Ordering::Relaxed);
+        if !on {
+            self.scheduler.warn_once_no_passthrough();
+        }
+        Ok(())
+    }
+
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.tree.node(ino.0) {
             Some(n) if n.kind == NodeKind::File => {
+                if let Some(id) = self.passthrough_open(ino.0, n, &reply) {
+                    self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                    // No FOPEN_KEEP_CACHE: the kernel refuses it with passthrough (EIO); the
+                    // backing file's own page cache serves the reads.
+                    return reply.opened_passthrough(
+                        FileHandle(PASSTHROUGH_FH),
+                        FopenFlags::empty(),
+                        &id,
+                    );
+                }
                 // Content never changes: let the page cache keep it across opens.
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+                reply.opened(FileHandle(CACHED_FH), FopenFlags::FOPEN_KEEP_CACHE)
             }
             Some(n) if n.kind == NodeKind::Dir => reply.error(Errno::EISDIR),
             Some(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
@@ -918,6 +1031,38 @@ impl fuser::Filesystem for LayerFs {
         _lock_owner: LockOwner,
         reply: fuser::ReplyEmpty,
     ) {
+        reply.ok()
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: fuser::ReplyEmpty,
+    ) {
+        let mut opens = self.lock_opens();
+        if let Some(o) = opens.get_mut(&ino.0) {
+            match fh.0 {
+                PASSTHROUGH_FH => {
+                    if let Some((_, n)) = &mut o.backing {
+                        *n -= 1;
+                        if *n == 0 {
+                            // The last passthrough open: the backing file is closed.
+                            o.backing = None;
+                        }
+                    }
+                }
+                CACHED_FH => o.cached = o.cached.saturating_sub(1),
+                _ => {}
+            }
+            if o.cached == 0 && o.backing.is_none() {
+                opens.remove(&ino.0);
+            }
+        }
         reply.ok()
     }
 

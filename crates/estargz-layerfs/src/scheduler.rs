@@ -68,6 +68,9 @@ pub struct FetchOptions {
     /// Background fetch starts only after no on-demand read, mount or prefetch has
     /// happened on the node for this long.
     pub background_quiet: Duration,
+    /// Open files whose content is local in FUSE passthrough mode (Linux 6.9 and later):
+    /// the kernel reads the chunk file itself, without a round trip through this process.
+    pub passthrough: bool,
 }
 
 impl Default for FetchOptions {
@@ -76,6 +79,7 @@ impl Default for FetchOptions {
             prefetch: true,
             background: true,
             background_quiet: Duration::from_millis(1000),
+            passthrough: true,
         }
     }
 }
@@ -255,6 +259,8 @@ pub struct FetchScheduler {
     shared: Arc<Shared>,
     /// Latency histograms of every layer using this scheduler.
     node_stats: crate::fs::NodeStats,
+    /// Whether a mount already said that the kernel cannot do passthrough.
+    no_passthrough_said: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for FetchScheduler {
@@ -303,6 +309,7 @@ impl FetchScheduler {
         Arc::new(FetchScheduler {
             shared,
             node_stats: Default::default(),
+            no_passthrough_said: Default::default(),
         })
     }
 
@@ -310,6 +317,19 @@ impl FetchScheduler {
     /// manager).
     pub fn node_stats(&self) -> &crate::fs::NodeStats {
         &self.node_stats
+    }
+
+    /// Logs, once for the node, that the kernel does not offer FUSE passthrough.
+    pub(crate) fn warn_once_no_passthrough(&self) {
+        if !self
+            .no_passthrough_said
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                "this kernel does not offer FUSE passthrough (Linux 6.9 and later do); \
+                local files are read through FUSE"
+            );
+        }
     }
 
     /// The options in use.

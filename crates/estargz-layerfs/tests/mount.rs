@@ -186,6 +186,20 @@ struct Layer {
 }
 
 fn mount_layer(tar: Vec<u8>, opts: &ConvertOptions) -> Layer {
+    mount_layer_with(tar, opts, &FetchOptions::default())
+}
+
+/// Chunks become local only as files are read: nothing is fetched ahead.
+fn on_demand_only(passthrough: bool) -> FetchOptions {
+    FetchOptions {
+        prefetch: false,
+        background: false,
+        passthrough,
+        ..FetchOptions::default()
+    }
+}
+
+fn mount_layer_with(tar: Vec<u8>, opts: &ConvertOptions, fetch: &FetchOptions) -> Layer {
     estargz_testutil::require_root_and_fuse("the FUSE mount tests");
     let dir = tempfile::tempdir().unwrap();
     let tar_path = dir.path().join("layer.tar");
@@ -212,7 +226,7 @@ fn mount_layer(tar: Vec<u8>, opts: &ConvertOptions) -> Layer {
         &toc,
         Arc::new(FileSource::open(&blob_path).unwrap()),
         cache.clone(),
-        FetchScheduler::new(FetchOptions::default()),
+        FetchScheduler::new(fetch.clone()),
     );
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
@@ -257,5 +271,238 @@ fn real_rootfs_reads_like_tar_x() {
     assert!(n > 2000, "compared {n} paths");
     // Large files were read back from the disk cache (there is no memory tier here).
     assert!(layer.cache.stats().hits > 0);
+    // Read again with every chunk local and the page cache empty: the files of one chunk
+    // open in passthrough mode (the kernel reads the chunk files), and read the same.
+    drop_caches();
+    let before = layer.passthrough_opens();
+    assert_same_tree(&layer.extracted, &mnt, &layer.headers);
+    assert!(
+        layer.passthrough_opens() - before > 1000,
+        "{} passthrough opens",
+        layer.passthrough_opens() - before
+    );
+    // Programs run from passthrough files (mmap), through overlayfs as in a container.
+    let ovl = Overlay::new(&mnt);
+    let out = std::process::Command::new("chroot")
+        .arg(&ovl.merged)
+        .args(["/bin/sh", "-c", "ls /usr/bin/python3.11 && echo ran"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).ends_with("ran\n"),
+        "{out:?}"
+    );
+    drop(ovl);
+    layer.mounted.take().unwrap().unmount().unwrap();
+}
+
+/// Empties the page cache, so that reads reach the file systems again.
+fn drop_caches() {
+    std::fs::write("/proc/sys/vm/drop_caches", "3").expect("dropping the page cache (root)");
+}
+
+impl Layer {
+    fn passthrough_opens(&self) -> u64 {
+        let m = self.mounted.as_ref().unwrap();
+        m.stats()
+            .passthrough_opens
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// An overlayfs mount over `lower` with a writable upper layer, as a container has;
+/// unmounted when dropped.
+struct Overlay {
+    dir: tempfile::TempDir,
+    merged: PathBuf,
+}
+
+impl Overlay {
+    fn new(lower: &Path) -> Overlay {
+        let dir = tempfile::tempdir().unwrap();
+        let (upper, work, merged) = (
+            dir.path().join("u"),
+            dir.path().join("w"),
+            dir.path().join("m"),
+        );
+        for d in [&upper, &work, &merged] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let options = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            upper.display(),
+            work.display()
+        );
+        let status = std::process::Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &options])
+            .arg(&merged)
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "mounting overlayfs over {}",
+            lower.display()
+        );
+        Overlay { dir, merged }
+    }
+
+    fn upper(&self) -> PathBuf {
+        self.dir.path().join("u")
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.merged)
+            .status();
+    }
+}
+
+#[test]
+fn passthrough_on_and_off_read_the_same_bytes() {
+    for passthrough in [true, false] {
+        let mut layer = mount_layer_with(
+            synthetic_tar(),
+            &ConvertOptions::default(),
+            &on_demand_only(passthrough),
+        );
+        let mnt = layer.mounted.as_ref().unwrap().mountpoint().to_path_buf();
+        // First pass: files read through FUSE (but for those whose chunk another file with
+        // the same content made local first).
+        assert_same_tree(&layer.extracted, &mnt, &layer.headers);
+        let first = layer.passthrough_opens();
+        drop_caches();
+        assert_same_tree(&layer.extracted, &mnt, &layer.headers);
+        let opens = layer.passthrough_opens() - first;
+        if passthrough {
+            assert!(opens >= 10, "{opens} passthrough opens");
+        } else {
+            assert_eq!(opens + first, 0, "passthrough is off");
+        }
+        layer.mounted.take().unwrap().unmount().unwrap();
+    }
+}
+
+#[test]
+fn files_read_in_passthrough_mode_can_be_changed_in_a_container() {
+    let mut layer = mount_layer_with(
+        synthetic_tar(),
+        &ConvertOptions::default(),
+        &on_demand_only(true),
+    );
+    let mnt = layer.mounted.as_ref().unwrap().mountpoint().to_path_buf();
+    assert_same_tree(&layer.extracted, &mnt, &layer.headers);
+    drop_caches();
+    let ovl = Overlay::new(&mnt);
+    let files: Vec<(String, Vec<u8>)> = layer
+        .headers
+        .iter()
+        .filter(|(_, e)| e.kind == estargz_format::EntryKind::Reg && !e.content.is_empty())
+        .filter(|(_, e)| e.content.len() < (4 << 20))
+        .map(|(n, e)| (n.clone(), e.content.clone()))
+        .collect();
+    assert!(files.len() >= 4, "{files:?}");
+    let before = layer.passthrough_opens();
+    for (name, content) in &files {
+        assert_eq!(
+            &std::fs::read(ovl.merged.join(name)).unwrap(),
+            content,
+            "{name}"
+        );
+    }
+    assert!(layer.passthrough_opens() - before >= files.len() as u64);
+    // Copy-up of each kind, on files the kernel has open in passthrough mode.
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let held: Vec<std::fs::File> = files
+        .iter()
+        .map(|(n, _)| std::fs::File::open(ovl.merged.join(n)).unwrap())
+        .collect();
+    let at = |i: usize| ovl.merged.join(&files[i].0);
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(at(0))
+        .unwrap()
+        .write_all(b"+appended")
+        .unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(at(1))
+        .unwrap()
+        .set_len(1)
+        .unwrap();
+    std::fs::rename(at(2), ovl.merged.join("renamed")).unwrap();
+    std::fs::set_permissions(at(3), std::fs::Permissions::from_mode(0o600)).unwrap();
+    drop(held);
+    let mut appended = files[0].1.clone();
+    appended.extend_from_slice(b"+appended");
+    assert_eq!(std::fs::read(at(0)).unwrap(), appended);
+    assert_eq!(std::fs::read(at(1)).unwrap(), &files[1].1[..1]);
+    assert_eq!(
+        std::fs::read(ovl.merged.join("renamed")).unwrap(),
+        files[2].1
+    );
+    assert!(!at(2).exists());
+    let meta = std::fs::metadata(at(3)).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+    assert_eq!(std::fs::read(at(3)).unwrap(), files[3].1);
+    assert!(ovl.upper().join(&files[0].0).exists(), "copied up");
+    // The lazy layer itself is unchanged.
+    for (name, content) in &files {
+        assert_eq!(&std::fs::read(mnt.join(name)).unwrap(), content, "{name}");
+    }
+    drop(ovl);
+    layer.mounted.take().unwrap().unmount().unwrap();
+}
+
+#[test]
+fn a_file_whose_chunk_becomes_local_while_open_reads_the_same() {
+    use std::io::Read;
+    let mut layer = mount_layer_with(
+        synthetic_tar(),
+        &ConvertOptions::default(),
+        &on_demand_only(true),
+    );
+    let mnt = layer.mounted.as_ref().unwrap().mountpoint().to_path_buf();
+    let (name, file) = layer
+        .headers
+        .iter()
+        .filter(|(_, e)| e.kind == estargz_format::EntryKind::Reg)
+        .filter(|(_, e)| e.content.len() > 8192 && e.content.len() < (4 << 20))
+        .max_by_key(|(_, e)| e.content.len())
+        .map(|(n, e)| (n.clone(), e.content.clone()))
+        .unwrap();
+    let path = mnt.join(&name);
+    // Opened while nothing is local: read through FUSE.
+    let mut first = std::fs::File::open(&path).unwrap();
+    let mut head = vec![0u8; 4096];
+    first.read_exact(&mut head).unwrap();
+    assert_eq!(head, file[..4096]);
+    // Its chunk is local now; while the first open reads through FUSE, another open must
+    // too (the kernel refuses to mix modes on one inode).
+    let mut second = std::fs::File::open(&path).unwrap();
+    let mut all = Vec::new();
+    second.read_to_end(&mut all).unwrap();
+    assert_eq!(all, file);
+    assert_eq!(layer.passthrough_opens(), 0);
+    let mut rest = Vec::new();
+    first.read_to_end(&mut rest).unwrap();
+    head.extend(rest);
+    assert_eq!(head, file);
+    drop((first, second));
+    // Once they are closed, the next open is in passthrough mode, and shares its backing
+    // file with opens made while it is open.
+    drop_caches();
+    let mut third = std::fs::File::open(&path).unwrap();
+    let mut fourth = std::fs::File::open(&path).unwrap();
+    assert_eq!(layer.passthrough_opens(), 2);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    third.read_to_end(&mut a).unwrap();
+    fourth.read_to_end(&mut b).unwrap();
+    assert_eq!((a == file, b == file), (true, true));
+    drop((third, fourth));
     layer.mounted.take().unwrap().unmount().unwrap();
 }

@@ -513,6 +513,7 @@ fn background_fetch_yields_to_on_demand_reads() {
         prefetch: false,
         background: true,
         background_quiet: Duration::from_millis(50),
+        ..FetchOptions::default()
     };
     let before = r.proxy.blob_log().len();
     let m = r.mount_with(&blob, r.cache("c", 1 << 30), "mnt", &fetch);
@@ -767,6 +768,7 @@ fn unmount_is_prompt_while_prefetch_and_background_fetch_trickle() {
         prefetch: true,
         background: true,
         background_quiet: Duration::ZERO,
+        ..FetchOptions::default()
     };
     let mount = || {
         r.mount_with_deadline(

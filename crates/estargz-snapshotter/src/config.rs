@@ -72,6 +72,9 @@ pub struct FetchSection {
     /// A fetch from the registry (retries and mirrors included) that has not completed
     /// after this many seconds fails, and the read waiting for it gets EIO.
     pub read_timeout_secs: u64,
+    /// Open files whose content is local with FUSE passthrough (Linux 6.9 and later): the
+    /// kernel reads them from the chunk cache without a round trip through the manager.
+    pub passthrough: bool,
     /// Ignored (background requests are paced node-wide now); accepted so that older
     /// configuration files still load.
     pub background_concurrency: Option<usize>,
@@ -122,6 +125,7 @@ impl Default for FetchSection {
             background: true,
             background_quiet_ms: 1000,
             read_timeout_secs: 30,
+            passthrough: true,
             background_concurrency: None,
         }
     }
@@ -163,6 +167,7 @@ impl Config {
             prefetch: self.fetch.prefetch,
             background: self.fetch.background,
             background_quiet: Duration::from_millis(self.fetch.background_quiet_ms),
+            passthrough: self.fetch.passthrough,
         }
     }
 

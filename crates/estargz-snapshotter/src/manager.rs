@@ -275,6 +275,7 @@ impl Manager {
                     read_errors,
                     read_bytes,
                     fetch_nanos,
+                    passthrough_opens,
                 } = m.layer.stats();
                 let p = m.layer.fs().progress();
                 let st = LayerStatus {
@@ -286,6 +287,7 @@ impl Manager {
                     fetch_nanos: fetch_nanos.load(Relaxed),
                     read_errors: read_errors.load(Relaxed),
                     read_bytes: read_bytes.load(Relaxed),
+                    passthrough_opens: passthrough_opens.load(Relaxed),
                     cached_chunks: p.cached_chunks,
                     total_chunks: p.total_chunks,
                     prefetch_done: p.prefetch_done,

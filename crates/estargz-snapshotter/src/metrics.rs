@@ -289,6 +289,12 @@ const LAYER: &[Field<LayerStatus>] = &[
         read: Read::Counter(|l| l.read_bytes),
     },
     Field {
+        name: "estargz_layer_passthrough_opens",
+        help: "Opens served in FUSE passthrough mode: the kernel reads the file's local \
+               content itself, without this process.",
+        read: Read::Counter(|l| l.passthrough_opens),
+    },
+    Field {
         name: "estargz_layer_read_errors",
         help: "Reads answered with EIO.",
         read: Read::Counter(|l| l.read_errors),
@@ -518,6 +524,7 @@ mod tests {
             fetch_nanos: 1_500_000_000 * n,
             read_errors: 0,
             read_bytes: 4096 * n,
+            passthrough_opens: 5 * n,
             cached_chunks: 3 * n,
             total_chunks: 10,
             prefetch_done: true,

@@ -267,6 +267,9 @@ pub struct LayerStatus {
     /// File bytes read through the mount (absent from older managers).
     #[serde(default)]
     pub read_bytes: u64,
+    /// Opens served in FUSE passthrough mode (absent from older managers).
+    #[serde(default)]
+    pub passthrough_opens: u64,
     /// Distinct chunks local now.
     pub cached_chunks: u64,
     /// Distinct chunks of the layer.
