@@ -6,14 +6,24 @@
 //! recency, and evicts least recently used chunks past the size cap.
 //!
 //! Safety: a chunk file is written under a temporary name in `ROOT/tmp` and renamed into
-//! place only when complete, so no reader sees a partial chunk; and the first read of a
-//! chunk file by a process ([`ChunkCache::get`]) reads it whole and re-checks the digest,
-//! so a file damaged on disk (torn by a crash, bit rot before the read) is removed and
-//! reported as a miss, never served. Because of that check the cache does not fsync: a
-//! crash can lose recently written chunks (they are fetched again), never serve wrong
-//! ones. Once a file has been verified, [`ChunkCache::read_verified`] reads just the bytes
-//! asked for: a random 4 KiB read costs a 4 KiB read, not a 4 MiB read and hash. A file
-//! damaged while the process runs is then trusted like any other file on the node's disk.
+//! place only when complete, so no reader sees a partial chunk. The cache does not fsync,
+//! so a crash of the machine can leave a renamed file whose data never reached the disk
+//! (torn, or zeros). Such a file is never served: a chunk file is trusted only once its
+//! content has been checked against its digest *during the current boot*, and a crash
+//! means a new boot. Each file carries a mark, the extended attribute
+//! `user.estargz.verified` holding the boot ID (`/proc/sys/kernel/random/boot_id`) under
+//! which it was written from verified bytes or read whole and re-hashed. A file whose mark
+//! is this boot's is read without hashing, by any process (a daemon restart, `estargz
+//! mount` after an earlier mount); any other file is read whole and re-hashed on its first
+//! read ([`ChunkCache::get`]), then marked; a damaged one is removed and reported as a miss.
+//! Within a boot the page cache shows every process what was written, whether or not it
+//! reached the disk, so the mark cannot outlive the data it vouches for. Where extended
+//! attributes cannot be written, files are re-hashed once per process, as before the
+//! marks. Once a file is trusted, [`ChunkCache::read_verified`] reads just the bytes asked
+//! for (a random 4 KiB read costs a 4 KiB read, not a 4 MiB read and hash) and
+//! [`ChunkCache::open_verified`] hands it out for FUSE passthrough. A file damaged while
+//! the machine runs (by another root process) is then trusted like any other file on the
+//! node's disk.
 //!
 //! Single flight: [`ChunkCache::get_or_fetch`] lets one caller fetch a missing chunk while
 //! concurrent callers for the same chunk wait for its result; [`ChunkCache::claim`] does the
@@ -135,7 +145,8 @@ struct MemoryTier {
 /// A chunk file in the index.
 struct Entry {
     size: u64,
-    /// Read whole and checked against its digest by this process.
+    /// Trusted by this process: written by it, read whole and checked against its digest,
+    /// or marked verified during this boot.
     verified: bool,
 }
 
@@ -162,6 +173,50 @@ pub struct ChunkCache {
     inflight: Mutex<HashMap<Sha256Digest, Arc<Flight>>>,
     counters: Counters,
     tmp_seq: AtomicU64,
+    /// This boot's ID, the value of verification marks; `None` if it cannot be read
+    /// (then files are re-hashed once per process).
+    boot_id: Option<String>,
+}
+
+/// The extended attribute marking a chunk file as verified during a boot (its value).
+const VERIFIED_XATTR: &std::ffi::CStr = c"user.estargz.verified";
+
+fn c_path(path: &Path) -> Option<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes()).ok()
+}
+
+/// Whether `path` carries the verification mark of boot `boot_id`.
+fn has_mark(path: &Path, boot_id: &str) -> bool {
+    let Some(c) = c_path(path) else {
+        return false;
+    };
+    let mut buf = [0u8; 64];
+    // SAFETY: a NUL-terminated path and name, and a buffer of the length given.
+    let n = unsafe {
+        libc::getxattr(
+            c.as_ptr(),
+            VERIFIED_XATTR.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    n > 0 && &buf[..n as usize] == boot_id.as_bytes()
+}
+
+/// Marks `file` as verified during boot `boot_id` (best effort).
+fn set_mark(file: &fs::File, boot_id: &str) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an open descriptor, a NUL-terminated name, and a value of the length given.
+    unsafe {
+        libc::fsetxattr(
+            file.as_raw_fd(),
+            VERIFIED_XATTR.as_ptr(),
+            boot_id.as_ptr().cast(),
+            boot_id.len(),
+            0,
+        );
+    }
 }
 
 impl fmt::Debug for ChunkCache {
@@ -217,6 +272,19 @@ impl ChunkCache {
     /// oldest first, and removing leftovers of interrupted writes. Problems with the
     /// directory are logged, not fatal: the cache then stores nothing until they go away.
     pub fn open(config: &CacheConfig) -> ChunkCache {
+        let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .ok()
+            .filter(|s| !s.is_empty() && s.len() <= 64);
+        if boot_id.is_none() {
+            tracing::warn!("no boot ID in /proc/sys/kernel/random/boot_id; every process re-hashes each chunk file it reads first");
+        }
+        ChunkCache::open_in_boot(config, boot_id)
+    }
+
+    /// [`ChunkCache::open`] as if the machine's boot ID were `boot_id`: only marks of that
+    /// boot are trusted (`None`: none are, nor made). For tests acting out a reboot.
+    pub fn open_in_boot(config: &CacheConfig, boot_id: Option<String>) -> ChunkCache {
         let chunks = config.root.join("chunks");
         let tmp = config.root.join("tmp");
         for dir in [&config.root, &chunks, &tmp] {
@@ -279,6 +347,7 @@ impl ChunkCache {
             inflight: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             tmp_seq: AtomicU64::new(0),
+            boot_id,
         };
         cache.evict_to(config.max_bytes);
         cache
@@ -294,18 +363,42 @@ impl ChunkCache {
         lock(&self.index).lru.contains(digest)
     }
 
+    /// Whether the chunk's file can be read without hashing it: this process verified it,
+    /// or it carries this boot's mark (then remembered). `None` if it is not indexed.
+    fn trusted(&self, digest: &Sha256Digest) -> Option<bool> {
+        let verified = lock(&self.index).lru.get(digest).map(|e| e.verified)?;
+        if verified {
+            return Some(true);
+        }
+        let marked = self
+            .boot_id
+            .as_deref()
+            .is_some_and(|b| has_mark(&self.path_of(digest), b));
+        if marked {
+            if let Some(e) = lock(&self.index).lru.peek_mut(digest) {
+                e.verified = true;
+            }
+        }
+        Some(marked)
+    }
+
     /// The chunk, if cached and intact.
     pub fn get(&self, digest: &Sha256Digest) -> Option<Arc<[u8]>> {
-        let known = lock(&self.index).lru.get(digest).is_some();
-        if !known {
+        let Some(trusted) = self.trusted(digest) else {
             self.counters.misses.fetch_add(1, Ordering::Relaxed);
             return None;
-        }
-        match fs::read(self.path_of(digest)) {
-            Ok(data) if Sha256Digest::of(&data) == *digest => {
+        };
+        let path = self.path_of(digest);
+        match fs::read(&path) {
+            Ok(data) if trusted || Sha256Digest::of(&data) == *digest => {
                 self.counters.hits.fetch_add(1, Ordering::Relaxed);
-                if let Some(e) = lock(&self.index).lru.peek_mut(digest) {
-                    e.verified = true;
+                if !trusted {
+                    if let Some(e) = lock(&self.index).lru.peek_mut(digest) {
+                        e.verified = true;
+                    }
+                    if let (Some(b), Ok(f)) = (&self.boot_id, fs::File::open(&path)) {
+                        set_mark(&f, b);
+                    }
                 }
                 Some(data.into())
             }
@@ -361,11 +454,7 @@ impl ChunkCache {
     /// otherwise, or if the file is gone or shorter: then `get` the whole chunk.
     pub fn read_verified(&self, digest: &Sha256Digest, offset: u64, len: usize) -> Option<Vec<u8>> {
         use std::os::unix::fs::FileExt;
-        let verified = lock(&self.index)
-            .lru
-            .get(digest)
-            .is_some_and(|e| e.verified);
-        if !verified {
+        if self.trusted(digest) != Some(true) {
             return None;
         }
         let f = fs::File::open(self.path_of(digest)).ok()?;
@@ -380,11 +469,7 @@ impl ChunkCache {
     /// such as the kernel through FUSE passthrough. `None` if the chunk is not cached or its
     /// file is damaged (then removed).
     pub fn open_verified(&self, digest: &Sha256Digest) -> Option<fs::File> {
-        let verified = lock(&self.index)
-            .lru
-            .get(digest)
-            .is_some_and(|e| e.verified);
-        if !verified {
+        if self.trusted(digest) != Some(true) {
             self.get(digest)?;
         }
         fs::File::open(self.path_of(digest)).ok()
@@ -400,7 +485,7 @@ impl ChunkCache {
     }
 
     /// Stores a verified chunk (best effort). `data` must hash to `digest`; callers store
-    /// only what they have verified, and the first read of the file checks again.
+    /// only what they have verified. The file is marked verified for this boot.
     pub fn insert(&self, digest: &Sha256Digest, data: &[u8]) {
         let size = data.len() as u64;
         if size > self.max_bytes || self.contains(digest) {
@@ -414,9 +499,11 @@ impl ChunkCache {
         }
         {
             let mut idx = lock(&self.index);
+            // Written by this process from verified bytes: the page cache shows them as
+            // written for as long as this boot lasts.
             let fresh = Entry {
                 size,
-                verified: false,
+                verified: true,
             };
             if idx.lru.put(*digest, fresh).is_none() {
                 idx.usage += size;
@@ -454,6 +541,9 @@ impl ChunkCache {
                 other => other?,
             };
             f.write_all(data)?;
+            if let Some(b) = &self.boot_id {
+                set_mark(&f, b);
+            }
             let dest = self.path_of(digest);
             if let Some(dir) = dest.parent() {
                 private_dir(dir)?;
@@ -610,9 +700,11 @@ impl ChunkCache {
         flight: &Flight,
         result: Result<Arc<[u8]>, FetchError>,
     ) {
+        // Out of the in-flight table first: a waiter woken by a failure tries once more, and
+        // must start a new flight then, not find this settled one again.
+        lock(&self.inflight).remove(digest);
         *lock(&flight.result) = Some(result);
         flight.done.notify_all();
-        lock(&self.inflight).remove(digest);
     }
 
     /// Counters and usage now.

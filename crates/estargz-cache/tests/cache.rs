@@ -117,27 +117,87 @@ fn restart_reuses_chunks_and_drops_partial_writes() {
     assert!(small.stats().usage_bytes <= 700);
 }
 
+fn open_in_boot(root: &std::path::Path, boot: &str) -> ChunkCache {
+    ChunkCache::open_in_boot(
+        &CacheConfig {
+            root: root.to_path_buf(),
+            max_bytes: 1 << 20,
+            memory_bytes: CacheConfig::DEFAULT_MEMORY_BYTES,
+        },
+        Some(boot.to_string()),
+    )
+}
+
+fn file_of(root: &std::path::Path, d: &Sha256Digest) -> std::path::PathBuf {
+    let hex = d.hex();
+    root.join("chunks").join(&hex[..2]).join(&hex)
+}
+
 #[test]
-fn damaged_chunks_are_never_served() {
+fn damaged_chunks_are_never_served_after_a_crash() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = open(dir.path(), 1 << 20);
+    let cache = open_in_boot(dir.path(), "boot-1");
     let (d, data) = chunk(7, 2048);
     cache.insert(&d, &data);
-    let hex = d.hex();
-    let path = dir.path().join("chunks").join(&hex[..2]).join(&hex);
+    drop(cache);
+    // A crash: the file was renamed into place but its data never reached the disk. After
+    // the reboot (another boot ID), the whole read finds it.
+    let path = file_of(dir.path(), &d);
     let mut bad = std::fs::read(&path).unwrap();
     bad[100] ^= 1;
     std::fs::write(&path, &bad).unwrap();
+    let cache = open_in_boot(dir.path(), "boot-2");
+    assert!(cache.read_verified(&d, 0, 10).is_none());
+    assert!(cache.open_verified(&d).is_none());
     assert!(cache.get(&d).is_none());
     assert_eq!(cache.stats().corrupt, 1);
     assert!(!path.exists(), "the damaged file is removed");
     // A truncated file (torn write) likewise.
     cache.insert(&d, &data);
+    drop(cache);
     std::fs::write(&path, &data[..10]).unwrap();
+    let cache = open_in_boot(dir.path(), "boot-3");
     let got = cache
         .get_or_fetch(&d, || Ok::<_, Boom>(data.clone()))
         .unwrap();
     assert_eq!(&got[..], &data[..]);
+    assert_eq!(cache.stats().fetches, 1, "fetched again");
+}
+
+#[test]
+fn a_chunk_verified_in_this_boot_is_not_hashed_again_by_the_next_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, data) = chunk(9, 5000);
+    let cache = open_in_boot(dir.path(), "boot-1");
+    cache.insert(&d, &data);
+    drop(cache);
+    // The next process of the same boot (a daemon restart) reads parts at once.
+    let cache = open_in_boot(dir.path(), "boot-1");
+    assert_eq!(
+        cache.read_verified(&d, 10, 20).as_deref(),
+        Some(&data[10..30])
+    );
+    drop(cache);
+    // After a reboot, the first read hashes the file whole and marks it again.
+    let cache = open_in_boot(dir.path(), "boot-2");
+    assert!(cache.read_verified(&d, 10, 20).is_none());
+    assert_eq!(cache.get(&d).as_deref(), Some(&data[..]));
+    drop(cache);
+    let cache = open_in_boot(dir.path(), "boot-2");
+    assert_eq!(cache.read_verified(&d, 0, 5).as_deref(), Some(&data[..5]));
+    // Without a boot ID, nothing is trusted across processes.
+    drop(cache);
+    let cache = ChunkCache::open_in_boot(
+        &CacheConfig {
+            root: dir.path().to_path_buf(),
+            max_bytes: 1 << 20,
+            memory_bytes: 0,
+        },
+        None,
+    );
+    assert!(cache.read_verified(&d, 0, 5).is_none());
+    assert_eq!(cache.get(&d).as_deref(), Some(&data[..]));
+    assert_eq!(cache.read_verified(&d, 0, 5).as_deref(), Some(&data[..5]));
 }
 
 #[test]
@@ -331,15 +391,13 @@ fn memory_tier_is_bounded_and_least_recently_used_goes_first() {
 }
 
 #[test]
-fn parts_are_read_directly_only_after_the_whole_file_was_verified() {
+fn parts_are_read_directly_only_from_trusted_files() {
     let dir = tempfile::tempdir().unwrap();
     let (d, data) = chunk(5, 5000);
     {
-        let cache = open(dir.path(), 1 << 20);
+        let cache = open_in_boot(dir.path(), "boot-1");
         cache.insert(&d, &data);
-        // Written, but not yet read back and checked by this process.
-        assert!(cache.read_verified(&d, 10, 20).is_none());
-        assert_eq!(cache.get(&d).as_deref(), Some(&data[..]));
+        // Written by this process from verified bytes: trusted.
         assert_eq!(
             cache.read_verified(&d, 10, 20).as_deref(),
             Some(&data[10..30])
@@ -350,19 +408,13 @@ fn parts_are_read_directly_only_after_the_whole_file_was_verified() {
         );
         assert!(cache.read_verified(&d, 4995, 10).is_none(), "past the end");
     }
-    // A new process (a restart) verifies again before reading parts: a file torn or
-    // damaged while nobody ran is found by the whole read.
-    let path = std::fs::read_dir(dir.path().join("chunks"))
-        .unwrap()
-        .flatten()
-        .flat_map(|fan| std::fs::read_dir(fan.path()).unwrap().flatten())
-        .next()
-        .unwrap()
-        .path();
+    // After a reboot the first read is whole and hashed: a file torn or damaged while the
+    // machine was down is found.
+    let path = file_of(dir.path(), &d);
     let mut damaged = data.clone();
     damaged[100] ^= 1;
     std::fs::write(&path, &damaged).unwrap();
-    let cache = open(dir.path(), 1 << 20);
+    let cache = open_in_boot(dir.path(), "boot-2");
     assert!(cache.read_verified(&d, 100, 1).is_none());
     assert!(cache.get(&d).is_none());
     assert!(cache.read_verified(&d, 100, 1).is_none());

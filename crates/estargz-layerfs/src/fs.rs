@@ -1141,6 +1141,26 @@ impl MountedLayer {
         &self.fs
     }
 
+    /// Waits (up to 2 s) while the mount is busy: a file closed a moment ago can hold it a
+    /// moment more (the kernel puts a passthrough file's backing file after close returns),
+    /// and the unmount would fail with EBUSY. Asked with `MNT_EXPIRE`, which unmounts
+    /// nothing: it answers EBUSY while the mount is in use, EAGAIN once it is idle.
+    fn wait_until_idle(&self) {
+        use std::os::unix::ffi::OsStrExt;
+        let Ok(c) = std::ffi::CString::new(self.mountpoint.as_os_str().as_bytes()) else {
+            return;
+        };
+        for _ in 0..40 {
+            // SAFETY: a valid NUL-terminated path; umount2 does not keep the pointer.
+            let busy = unsafe { libc::umount2(c.as_ptr(), libc::MNT_EXPIRE) } != 0
+                && io::Error::last_os_error().raw_os_error() == Some(libc::EBUSY);
+            if !busy {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Tells the scheduler to fetch nothing more for this layer.
     fn stop_fetching(&mut self) {
         self.fs.closed.store(true, Ordering::SeqCst);
@@ -1149,6 +1169,7 @@ impl MountedLayer {
     /// Stops fetching, unmounts, and waits for the session to end.
     pub fn unmount(mut self) -> io::Result<()> {
         self.stop_fetching();
+        self.wait_until_idle();
         match self.session.take() {
             Some(s) => s.umount_and_join(),
             None => Ok(()),
