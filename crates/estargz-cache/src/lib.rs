@@ -475,6 +475,89 @@ impl ChunkCache {
         fs::File::open(self.path_of(digest)).ok()
     }
 
+    /// The content of a file made of the cached chunks `parts` (in order) as one cached
+    /// file of its own, keyed by the file's sha256 `digest`, opened read-only: for FUSE
+    /// passthrough of a file of several chunks. Assembled once (a copy of the chunks, hashed
+    /// as it is written) and cached and evicted like a chunk; `None` if a part is missing
+    /// or the parts do not hash to `digest` (a TOC whose file digest lies gets nothing).
+    pub fn assemble(&self, digest: &Sha256Digest, parts: &[Sha256Digest]) -> Option<fs::File> {
+        use sha2::Digest as _;
+        use std::io::Read;
+        if self.contains(digest) {
+            if let Some(f) = self.open_verified(digest) {
+                return Some(f);
+            }
+        }
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .tmp
+            .join(format!("{}.{}.{seq}", digest.hex(), std::process::id()));
+        let written = (|| -> std::io::Result<Option<(fs::File, u64)>> {
+            let mut out = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            let mut hash = sha2::Sha256::new();
+            let mut size = 0u64;
+            let mut buf = vec![0u8; 1 << 20];
+            for part in parts {
+                let Some(mut f) = self.open_verified(part) else {
+                    return Ok(None);
+                };
+                loop {
+                    let n = f.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    hash.update(&buf[..n]);
+                    out.write_all(&buf[..n])?;
+                    size += n as u64;
+                }
+            }
+            if Sha256Digest::from(hash) != *digest {
+                tracing::warn!(file = %digest, "a file's chunks do not hash to the digest its TOC gives; it is read through FUSE");
+                return Ok(None);
+            }
+            if let Some(b) = &self.boot_id {
+                set_mark(&out, b);
+            }
+            Ok(Some((out, size)))
+        })();
+        let Ok(Some((_, size))) = written.map(|w| w.filter(|(_, n)| *n <= self.max_bytes)) else {
+            let _ = fs::remove_file(&tmp);
+            return None;
+        };
+        let dest = self.path_of(digest);
+        let placed = dest
+            .parent()
+            .map_or(Ok(()), private_dir)
+            .and_then(|_| fs::rename(&tmp, &dest));
+        if placed.is_err() {
+            let _ = fs::remove_file(&tmp);
+            return None;
+        }
+        {
+            let mut idx = lock(&self.index);
+            let entry = Entry {
+                size,
+                verified: true,
+            };
+            if let Some(old) = idx.lru.put(*digest, entry) {
+                idx.usage -= old.size;
+            }
+            idx.usage += size;
+        }
+        self.counters.inserts.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .inserted_bytes
+            .fetch_add(size, Ordering::Relaxed);
+        // Opened before eviction can take it: an open file outlives its name.
+        let file = fs::File::open(&dest).ok();
+        self.evict_to(self.max_bytes);
+        file
+    }
+
     fn forget(&self, digest: &Sha256Digest) {
         let mut idx = lock(&self.index);
         if let Some(e) = idx.lru.pop(digest) {

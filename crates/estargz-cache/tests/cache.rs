@@ -504,3 +504,41 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn files_of_several_chunks_are_assembled_once_checked_and_evicted_like_chunks() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 20);
+    let (a, da) = chunk(1, 3000);
+    let (b, db) = chunk(2, 2000);
+    cache.insert(&a, &da);
+    cache.insert(&b, &db);
+    let whole: Vec<u8> = [da.clone(), db.clone(), da.clone()].concat();
+    let digest = Sha256Digest::of(&whole);
+    let usage = cache.stats().usage_bytes;
+    let mut f = cache.assemble(&digest, &[a, b, a]).expect("assembled");
+    let mut got = Vec::new();
+    f.read_to_end(&mut got).unwrap();
+    assert_eq!(got, whole);
+    assert_eq!(
+        cache.stats().usage_bytes,
+        usage + whole.len() as u64,
+        "accounted"
+    );
+    // Once: asked again, the same file.
+    let inserts = cache.stats().inserts;
+    assert!(cache.assemble(&digest, &[a, b, a]).is_some());
+    assert_eq!(cache.stats().inserts, inserts);
+    // A digest the parts do not hash to (a lying TOC) gets nothing, and nothing is kept.
+    let wrong = Sha256Digest::of(b"something else");
+    assert!(cache.assemble(&wrong, &[a, b]).is_none());
+    assert!(!cache.contains(&wrong));
+    // A missing part likewise.
+    let (c, _) = chunk(3, 10);
+    assert!(cache.assemble(&Sha256Digest::of(b"not cached"), &[c]).is_none());
+    // Evicted like a chunk: a cache too small for it keeps it out.
+    drop(cache);
+    let tiny = open(dir.path(), 6000);
+    assert!(tiny.stats().usage_bytes <= 6000);
+}

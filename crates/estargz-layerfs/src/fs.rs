@@ -307,6 +307,11 @@ impl LayerFs {
     }
 }
 
+/// Largest file of several chunks assembled as one local file for passthrough when it is
+/// opened: the open waits for the copy (about 50 ms at this size); larger files read
+/// through FUSE.
+const MAX_ASSEMBLED: u64 = 64 << 20;
+
 /// The file handle of a regular file opened in passthrough mode.
 const PASSTHROUGH_FH: u64 = 1;
 /// The file handle of a regular file read through FUSE.
@@ -315,6 +320,29 @@ const CACHED_FH: u64 = 2;
 impl Inner {
     fn lock_opens(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Opens>> {
         self.opens.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The file's whole content as one local, verified file, if it is local: a file of one
+    /// chunk is its chunk file; a file of several (up to [`MAX_ASSEMBLED`] bytes, with a
+    /// whole-file digest in the TOC) is assembled from its chunks once, and cached under
+    /// that digest (checked as it is written).
+    fn local_content(&self, ino: u64, node: &crate::tree::Node) -> Option<std::fs::File> {
+        match self.tree.chunks(node) {
+            [c] if c.chunk_offset == 0 && c.size == node.size => {
+                self.cache.open_verified(&c.digest)
+            }
+            [] | [_] => None,
+            chunks => {
+                let digest = self.tree.file_digest(ino)?;
+                if node.size > MAX_ASSEMBLED
+                    || !chunks.iter().all(|c| self.cache.contains(&c.digest))
+                {
+                    return None;
+                }
+                let parts: Vec<_> = chunks.iter().map(|c| c.digest).collect();
+                self.cache.assemble(&digest, &parts)
+            }
+        }
     }
 
     /// Opens inode `ino` (`node`, a regular file): in passthrough mode, returning the
@@ -337,15 +365,13 @@ impl Inner {
                 None => true,
             }
         };
-        let chunk = match self.tree.chunks(node) {
-            [c] if c.chunk_offset == 0 && c.size == node.size => Some(c.digest),
-            _ => None,
+        // Verifying a chunk file the first time reads and hashes it, and assembling a file
+        // of several chunks copies them: not under the lock.
+        let file = if eligible {
+            self.local_content(ino, node)
+        } else {
+            None
         };
-        // Verifying a chunk file the first time reads and hashes it: not under the lock.
-        let file = eligible
-            .then_some(chunk)
-            .flatten()
-            .and_then(|d| self.cache.open_verified(&d));
         let mut opens = self.lock_opens();
         let o = opens.entry(ino).or_default();
         if let Some((id, n)) = &mut o.backing {

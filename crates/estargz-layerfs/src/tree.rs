@@ -11,7 +11,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use estargz_format::{Chunk, EntryKind, Toc, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK};
+use estargz_format::{
+    Chunk, EntryKind, Sha256Digest, Toc, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK,
+};
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
@@ -80,6 +82,10 @@ pub(crate) struct Tree {
     blob_order: Vec<u32>,
     strings: String,
     xattrs: HashMap<u32, XattrList>,
+    /// Whole-file sha256 of the files of more than one chunk, as the TOC gives it: the key
+    /// of their content assembled as one file for passthrough (a file of one chunk has its
+    /// chunk's digest).
+    file_digests: HashMap<u32, Sha256Digest>,
     /// Compressed bytes before `.prefetch.landmark`'s content, if the layer has one.
     pub prefetch_size: Option<u64>,
     /// Sum of regular file sizes.
@@ -104,6 +110,7 @@ impl Tree {
             blob_order: Vec::new(),
             strings: String::new(),
             xattrs: HashMap::new(),
+            file_digests: HashMap::new(),
             prefetch_size: toc.prefetch_size(),
             total_size: 0,
         };
@@ -131,6 +138,9 @@ impl Tree {
                     let at = tree.chunks.len();
                     tree.chunks.extend_from_slice(&e.chunks);
                     tree.chunk_owner.resize(tree.chunks.len(), ino);
+                    if let (true, Some(d)) = (e.chunks.len() > 1, e.digest) {
+                        tree.file_digests.insert(ino, d);
+                    }
                     (small(at), small(e.chunks.len()))
                 }
                 NodeKind::Symlink => tree.intern(&e.link_name),
@@ -279,6 +289,11 @@ impl Tree {
         }
     }
 
+    /// The whole-file sha256 the TOC gives for file `ino` of more than one chunk.
+    pub fn file_digest(&self, ino: u64) -> Option<Sha256Digest> {
+        self.file_digests.get(&(ino as u32)).copied()
+    }
+
     /// Every chunk of the layer, with its file's inode, in blob order.
     pub fn chunks_in_blob_order(&self) -> impl Iterator<Item = (u64, Chunk)> + '_ {
         self.blob_order.iter().map(|&i| self.chunk_by_index(i))
@@ -349,6 +364,7 @@ impl Tree {
             + self.dirents.capacity() * std::mem::size_of::<Dirent>()
             + self.chunks.capacity() * std::mem::size_of::<Chunk>()
             + (self.chunk_owner.capacity() + self.blob_order.capacity()) * 4
+            + self.file_digests.capacity() * (4 + 32)
             + self.strings.capacity()
             + self
                 .xattrs
