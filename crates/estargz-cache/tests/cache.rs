@@ -536,7 +536,9 @@ fn files_of_several_chunks_are_assembled_once_checked_and_evicted_like_chunks() 
     assert!(!cache.contains(&wrong));
     // A missing part likewise.
     let (c, _) = chunk(3, 10);
-    assert!(cache.assemble(&Sha256Digest::of(b"not cached"), &[c]).is_none());
+    assert!(cache
+        .assemble(&Sha256Digest::of(b"not cached"), &[c])
+        .is_none());
     // Evicted like a chunk: a cache too small for it keeps it out.
     drop(cache);
     let tiny = open(dir.path(), 6000);

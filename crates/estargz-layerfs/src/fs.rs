@@ -308,7 +308,7 @@ impl LayerFs {
 }
 
 /// Largest file of several chunks assembled as one local file for passthrough when it is
-/// opened: the open waits for the copy (about 50 ms at this size); larger files read
+/// opened: the open waits for the copy and hash (tens of milliseconds); larger files read
 /// through FUSE.
 const MAX_ASSEMBLED: u64 = 64 << 20;
 
