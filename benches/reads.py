@@ -15,11 +15,12 @@ comparison, unpacked into a directory on the same disk:
 and two access patterns, each on a fresh mount with the kernel's page cache dropped:
 
   seq     every file of 1 MiB or more, read start to end in 128 KiB reads (like cat)
+  tree    every regular file of the image read start to end (like tar of the whole tree)
   random  N reads of 4 KiB at random offsets of the files of 64 KiB or more (seeded, the
           same offsets for every mode), one after another
 
-Prints a Markdown table of medians (MB/s for seq, latency per read for random, registry
-bytes) and writes the samples to OUT/reads.json. Needs root (FUSE, drop_caches).
+Prints a Markdown table of medians (MB/s for seq and tree, latency per read for random,
+registry bytes) and writes the samples to OUT/reads.json. Needs root (FUSE, drop_caches).
 """
 import json
 import os
@@ -138,7 +139,7 @@ def main():
                 finally:
                     m.close()
                 cells = [(mode, pattern) for mode in ("cold", "warm", "native")
-                         for pattern in ("seq", "random")] * args.samples
+                         for pattern in ("seq", "random", "tree")] * args.samples
                 random.shuffle(cells)
                 for mode, pattern in cells:
                     m = None
@@ -157,6 +158,9 @@ def main():
                             n, secs = read_seq(root, seq)
                             assert n == seq_bytes, (n, seq_bytes)
                             s.update(seconds=secs, mb_per_s=n / secs / 1e6)
+                        elif pattern == "tree":
+                            n, secs = read_seq(root, all_files)
+                            s.update(seconds=secs, mb_per_s=n / secs / 1e6, bytes=n)
                         else:
                             lat = read_random(root, plan)
                             s.update(seconds=sum(lat), latencies=lat)
@@ -177,16 +181,20 @@ def main():
          "random_reads": len(plan), "links": {n: LINKS[n] for n in args.links}}, indent=1))
     print(f"\nimage {args.image}; seq: {len(seq)} files of 1 MiB or more, {seq_bytes:,} bytes; random: "
           f"{len(plan)} reads of 4 KiB")
-    print("| link | source | seq MB/s | random 4 KiB: median ms | p95 ms | reads/s | "
+    tree_bytes = sum(s for _, s in all_files)
+    print(f"tree: {len(all_files)} files, {tree_bytes:,} bytes\n")
+    print("| link | source | seq MB/s | tree MB/s | random 4 KiB: median ms | p95 ms | reads/s | "
           "registry bytes (seq / random) | n |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.links:
         for mode in ("cold", "warm", "native"):
             sq = [s for s in samples if (s["link"], s["mode"], s["pattern"]) == (name, mode, "seq")]
             rd = [s for s in samples if (s["link"], s["mode"], s["pattern"]) == (name, mode, "random")]
+            tr = [s for s in samples if (s["link"], s["mode"], s["pattern"]) == (name, mode, "tree")]
             lat = [x for s in rd for x in s["latencies"]]
             rate = statistics.median(len(s["latencies"]) / s["seconds"] for s in rd)
             print(f"| {name} | {mode} | {statistics.median(s['mb_per_s'] for s in sq):.0f} | "
+                  f"{statistics.median(s['mb_per_s'] for s in tr):.0f} | "
                   f"{statistics.median(lat) * 1e3:.3f} | {p95(lat) * 1e3:.3f} | {rate:.0f} | "
                   f"{int(statistics.median(s['registry_bytes'] for s in sq)):,} / "
                   f"{int(statistics.median(s['registry_bytes'] for s in rd)):,} | {len(sq)} |")
