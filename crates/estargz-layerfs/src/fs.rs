@@ -334,7 +334,18 @@ impl Inner {
             [] | [_] => None,
             chunks => {
                 let digest = self.tree.file_digest(ino)?;
-                if node.size > MAX_ASSEMBLED
+                // The chunks must tile the file exactly, or the assembled file would not be
+                // the file FUSE reads show (a hostile TOC could leave gaps or overlaps).
+                let mut at = 0;
+                let tiled = chunks.iter().all(|c| {
+                    let next = (c.chunk_offset == at)
+                        .then(|| at.checked_add(c.size))
+                        .flatten();
+                    at = next.unwrap_or(u64::MAX);
+                    next.is_some()
+                }) && at == node.size;
+                if !tiled
+                    || node.size > MAX_ASSEMBLED
                     || !chunks.iter().all(|c| self.cache.contains(&c.digest))
                 {
                     return None;
