@@ -185,6 +185,21 @@ struct Layer {
     cache: Arc<ChunkCache>,
 }
 
+impl Drop for Layer {
+    /// A test that failed half way leaves no mount behind (a failed unmount included).
+    fn drop(&mut self) {
+        let mnt = self._dir.path().join("mnt");
+        drop(self.mounted.take());
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        if mounts.lines().any(|l| l.split(' ').nth(1) == mnt.to_str()) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&mnt)
+                .status();
+        }
+    }
+}
+
 fn mount_layer(tar: Vec<u8>, opts: &ConvertOptions) -> Layer {
     mount_layer_with(tar, opts, &FetchOptions::default())
 }
