@@ -9,7 +9,9 @@ with `estargz mount` (FUSE layer under overlayfs, no prefetch, no background fet
 comparison, unpacked into a directory on the same disk:
 
   cold    a fresh chunk cache: every chunk comes from the registry over the link
-  warm    a chunk cache that holds the whole layer (from an earlier mount); no network
+  warm    a chunk cache that holds the whole layer (from an earlier mount); no network;
+          files read through FUSE passthrough (the kernel reads the cached content)
+  warm-fuse  the same, every read through FUSE (`estargz mount --no-passthrough`)
   native  the unpacked files (an ordinary overlayfs snapshot reads the same way)
 
 and two access patterns, each on a fresh mount with the kernel's page cache dropped:
@@ -35,6 +37,7 @@ from pathlib import Path
 from benchlib import (ESTARGZ, IMAGES, LINKS, Link, arguments, drop_caches, image_tar, p95,
                       push_image, run, start)
 
+MODES = ("cold", "warm", "warm-fuse", "native")
 SEQ_MIN = 1 << 20
 RAND_MIN = 64 << 10
 BLOCK = 128 << 10
@@ -43,12 +46,12 @@ BLOCK = 128 << 10
 class Mount:
     """`estargz mount REF DIR` in LINK's network, until closed."""
 
-    def __init__(self, link, ref, dir, cache):
+    def __init__(self, link, ref, dir, cache, extra=()):
         self.dir = dir
         dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             link.prefix + [str(ESTARGZ), "mount", ref, str(dir), "--cache-dir", str(cache),
-                           "--no-prefetch", "--no-background-fetch", "--quiet"],
+                           "--no-prefetch", "--no-background-fetch", "--quiet", *extra],
             stderr=subprocess.PIPE, text=True)
         for line in self.proc.stderr:
             if line.startswith("mounted "):
@@ -138,7 +141,7 @@ def main():
                     read_seq(m.dir, all_files)  # fills the cache with the whole layer
                 finally:
                     m.close()
-                cells = [(mode, pattern) for mode in ("cold", "warm", "native")
+                cells = [(mode, pattern) for mode in MODES
                          for pattern in ("seq", "random", "tree")] * args.samples
                 random.shuffle(cells)
                 for mode, pattern in cells:
@@ -146,9 +149,10 @@ def main():
                     if mode == "native":
                         root = native
                     else:
-                        cache = warm_cache if mode == "warm" else work / "cold-cache"
+                        cache = warm_cache if mode.startswith("warm") else work / "cold-cache"
                         shutil.rmtree(work / "cold-cache", ignore_errors=True)
-                        m = Mount(link, ref, work / "mnt", cache)
+                        extra = ["--no-passthrough"] if mode == "warm-fuse" else []
+                        m = Mount(link, ref, work / "mnt", cache, extra)
                         root = m.dir
                     try:
                         drop_caches()
@@ -187,7 +191,7 @@ def main():
           "registry bytes (seq / random) | n |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.links:
-        for mode in ("cold", "warm", "native"):
+        for mode in MODES:
             sq = [s for s in samples if (s["link"], s["mode"], s["pattern"]) == (name, mode, "seq")]
             rd = [s for s in samples if (s["link"], s["mode"], s["pattern"]) == (name, mode, "random")]
             tr = [s for s in samples if (s["link"], s["mode"], s["pattern"]) == (name, mode, "tree")]

@@ -37,6 +37,9 @@ pub struct MountArgs {
     /// Do not fetch the rest of each layer in the background.
     #[arg(long)]
     pub no_background_fetch: bool,
+    /// Read every file through FUSE, even when its content is local (no FUSE passthrough).
+    #[arg(long)]
+    pub no_passthrough: bool,
     /// Platform of a multi-platform image (default: this machine's).
     #[arg(long)]
     pub platform: Option<String>,
@@ -115,6 +118,7 @@ pub fn mount(args: &MountArgs, quiet: bool) -> Result<ExitCode> {
     let scheduler = FetchScheduler::new(FetchOptions {
         prefetch: !args.no_prefetch,
         background: !args.no_background_fetch,
+        passthrough: !args.no_passthrough,
         ..Default::default()
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
