@@ -75,7 +75,7 @@ pub struct HostsConfig {
     /// certs.d directories, searched in order (e.g. `/etc/containerd/certs.d`).
     pub dirs: Vec<PathBuf>,
     /// Registries (`host[:port]`) that may be reached over plain HTTP by default. Loopback
-    /// registries (`localhost`, `127.*`, `[::1]`) always may.
+    /// registries (`localhost` and loopback addresses: 127.0.0.0/8, `[::1]`) always may.
     pub insecure: Vec<String>,
 }
 
@@ -84,7 +84,13 @@ fn is_loopback(registry: &str) -> bool {
         .rsplit_once(':')
         .filter(|(h, p)| !h.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
         .map_or(registry, |(h, _)| h);
-    host == "localhost" || host.starts_with("127.") || host == "[::1]" || host == "::1"
+    // An address that parses as loopback, not merely a name that starts like one: a
+    // registry named `127.example.com` is reached over HTTPS like any other.
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl HostsConfig {
@@ -339,6 +345,16 @@ mod tests {
         assert_eq!(h[0].authority(), "127.0.0.1:5000");
         let h = cfg.hosts_for("ghcr.io").unwrap();
         assert_eq!(h[0].base.scheme(), "https");
+        for (registry, scheme) in [
+            ("localhost:5000", "http"),
+            ("127.1.2.3", "http"),
+            ("[::1]:5000", "http"),
+            ("127.example.com", "https"),
+            ("127.0.0.1.nip.io:5000", "https"),
+        ] {
+            let h = cfg.hosts_for(registry).unwrap();
+            assert_eq!(h[0].base.scheme(), scheme, "{registry}");
+        }
         let insecure = HostsConfig {
             insecure: vec!["reg.lan:5000".into()],
             ..Default::default()
