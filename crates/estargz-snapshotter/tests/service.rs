@@ -197,6 +197,28 @@ async fn prepare(
     .map(|r| r.into_inner().mounts)
 }
 
+/// Prepares `key` with labels that describe a lazy layer: the daemon mounts and commits it
+/// itself and tells containerd ALREADY_EXISTS; any other answer fails with its log.
+async fn prepare_lazily(
+    c: &mut SnapshotsClient<Channel>,
+    d: &Daemon,
+    key: &str,
+    parent: &str,
+    l: HashMap<String, String>,
+) {
+    let err = prepare(c, key, parent, l).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", d.log());
+}
+
+/// The largest regular file of the synthetic layer (name and expected content).
+fn largest_synthetic_file() -> (String, estargz_testutil::Expected) {
+    expected_from_tar(&synthetic_tar())
+        .into_iter()
+        .filter(|(_, e)| e.kind == EntryKind::Reg)
+        .max_by_key(|(_, e)| e.content.len())
+        .unwrap()
+}
+
 async fn stat(c: &mut SnapshotsClient<Channel>, key: &str) -> Result<pb::Info, tonic::Status> {
     c.stat(pb::StatSnapshotRequest {
         snapshotter: "estargz".into(),
@@ -566,10 +588,7 @@ async fn cri_labels_mount_lazily_and_survive_a_node_restart_without_the_registry
     .await
     .unwrap();
 
-    let err = prepare(&mut c, "k8s.io/1/extract-2", "", cri(&toc_digest))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", d.log());
+    prepare_lazily(&mut c, &d, "k8s.io/1/extract-2", "", cri(&toc_digest)).await;
     assert_eq!(
         stat(&mut c, "k8s.io/1/extract-2").await.unwrap_err().code(),
         Code::NotFound
@@ -648,10 +667,7 @@ async fn cri_labels_mount_lazily_and_survive_a_node_restart_without_the_registry
         layers.as_str(),
         toc_digest2.as_str(),
     );
-    let err = prepare(&mut c, "k8s.io/1/extract-3", "sha256:chain1", l2)
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", d.log());
+    prepare_lazily(&mut c, &d, "k8s.io/1/extract-3", "sha256:chain1", l2).await;
     let info = stat(&mut c, "sha256:chain2").await.unwrap();
     assert_eq!(info.parent, "sha256:chain1");
     c.remove(pb::RemoveSnapshotRequest {
@@ -720,10 +736,7 @@ async fn layers_without_a_toc_digest_are_mounted_only_when_allowed() {
     // allow_unverified = true: mounted lazily.
     let lax = Daemon::start("allow_unverified = true\n[fetch]\nbackground = false\n");
     let mut c = lax.client().await;
-    let err = prepare(&mut c, "default/1/extract", "", l)
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", lax.log());
+    prepare_lazily(&mut c, &lax, "default/1/extract", "", l).await;
     let info = stat(&mut c, "sha256:chain-u").await.unwrap();
     assert!(info.labels.contains_key("containerd.io/snapshot/remote"));
 }
@@ -758,10 +771,7 @@ async fn layers_resolve_and_read_through_a_pull_only_mirror_when_the_registry_is
         &digest.to_string(),
         &toc_digest,
     );
-    let err = prepare(&mut c, "k8s.io/1/extract", "", l)
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", d.log());
+    prepare_lazily(&mut c, &d, "k8s.io/1/extract", "", l).await;
     let info = stat(&mut c, "sha256:chain-m").await.unwrap();
     assert!(info.labels.contains_key("containerd.io/snapshot/remote"));
     // Files read through the mirror, byte for byte.
@@ -835,10 +845,7 @@ async fn hostile_layers_fall_back_and_the_node_keeps_serving() {
         &digest.to_string(),
         &toc_digest,
     );
-    let err = prepare(&mut c, "k8s.io/9/extract", "", l)
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", d.log());
+    prepare_lazily(&mut c, &d, "k8s.io/9/extract", "", l).await;
     let log = d.log();
     for says in [
         "imply more parent directories",
@@ -875,10 +882,7 @@ async fn the_other_layers_are_resolved_a_few_at_a_time() {
         all.as_str(),
         toc,
     );
-    let err = prepare(&mut c, "k8s.io/1/extract", "", l)
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", d.log());
+    prepare_lazily(&mut c, &d, "k8s.io/1/extract", "", l).await;
     // Wait for the background resolutions of the other eleven layers.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while proxy
@@ -930,19 +934,12 @@ async fn the_fuse_manager_is_one_per_root_and_replaced_when_it_dies() {
         &digest.to_string(),
         &toc_digest,
     );
-    let err = prepare(&mut c, "k8s.io/1/extract", "", l)
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", d.log());
+    prepare_lazily(&mut c, &d, "k8s.io/1/extract", "", l).await;
     let m = prepare(&mut c, "ctr-1", "sha256:base", HashMap::new())
         .await
         .unwrap();
     let lower = PathBuf::from(mount_source(&m));
-    let (name, file) = expected_from_tar(&synthetic_tar())
-        .into_iter()
-        .filter(|(_, e)| e.kind == EntryKind::Reg && e.content.len() > 1000)
-        .max_by_key(|(_, e)| e.content.len())
-        .unwrap();
+    let (name, file) = largest_synthetic_file();
     let path = lower.join(&name);
     assert_eq!(std::fs::read(&path).unwrap(), file.content);
 
@@ -1010,10 +1007,7 @@ async fn the_fuse_manager_is_one_per_root_and_replaced_when_it_dies() {
         &format!("{digest},{digest2}"),
         &toc_digest2,
     );
-    let err = prepare(&mut c, "k8s.io/2/extract", "sha256:base", l)
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", d.log());
+    prepare_lazily(&mut c, &d, "k8s.io/2/extract", "sha256:base", l).await;
     assert!(d.log().contains("the FUSE manager is gone"), "{}", d.log());
 }
 
@@ -1040,19 +1034,12 @@ async fn an_upgraded_daemon_keeps_an_older_manager_serving_running_containers() 
         &layers,
         &toc_digest,
     );
-    let err = prepare(&mut c, "k8s.io/1/extract", "", l)
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", d.log());
+    prepare_lazily(&mut c, &d, "k8s.io/1/extract", "", l).await;
     let m = prepare(&mut c, "ctr-1", "sha256:base", HashMap::new())
         .await
         .unwrap();
     let lower = PathBuf::from(mount_source(&m));
-    let (name, file) = expected_from_tar(&synthetic_tar())
-        .into_iter()
-        .filter(|(_, e)| e.kind == EntryKind::Reg && e.content.len() > 1000)
-        .max_by_key(|(_, e)| e.content.len())
-        .unwrap();
+    let (name, file) = largest_synthetic_file();
     use std::io::Read;
     let mut open = std::fs::File::open(lower.join(&name)).unwrap();
     let mut head = vec![0u8; 100];
@@ -1086,10 +1073,7 @@ async fn an_upgraded_daemon_keeps_an_older_manager_serving_running_containers() 
         &layers,
         &toc_digest2,
     );
-    let err = prepare(&mut c, "k8s.io/2/extract", "sha256:base", l)
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", d.log());
+    prepare_lazily(&mut c, &d, "k8s.io/2/extract", "sha256:base", l).await;
     let m = prepare(&mut c, "ctr-2", "sha256:app", HashMap::new())
         .await
         .unwrap();
