@@ -12,7 +12,7 @@ use std::sync::Arc;
 use estargz_cache::{CacheConfig, ChunkCache};
 use estargz_format::{convert, ConvertOptions, EstargzReader, OpenOptions};
 use estargz_layerfs::{mount, FetchOptions, FetchScheduler, FileSource, LayerFs, MountedLayer};
-use estargz_testutil::{real_rootfs_tar, synthetic_tar, SMALL_CHUNK};
+use estargz_testutil::{real_rootfs_tar, synthetic_tar, Overlay, SMALL_CHUNK};
 
 fn xattrs(path: &Path) -> BTreeMap<String, Vec<u8>> {
     let c = CString::new(path.as_os_str().as_bytes()).unwrap();
@@ -297,7 +297,7 @@ fn real_rootfs_reads_like_tar_x() {
         layer.passthrough_opens() - before
     );
     // Programs run from passthrough files (mmap), through overlayfs as in a container.
-    let ovl = Overlay::new(&mnt);
+    let ovl = Overlay::new(&[&mnt]);
     let out = std::process::Command::new("chroot")
         .arg(&ovl.merged)
         .args(["/bin/sh", "-c", "ls /usr/bin/python3.11 && echo ran"])
@@ -323,56 +323,6 @@ impl Layer {
         m.stats()
             .passthrough_opens
             .load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
-/// An overlayfs mount over `lower` with a writable upper layer, as a container has;
-/// unmounted when dropped.
-struct Overlay {
-    dir: tempfile::TempDir,
-    merged: PathBuf,
-}
-
-impl Overlay {
-    fn new(lower: &Path) -> Overlay {
-        let dir = tempfile::tempdir().unwrap();
-        let (upper, work, merged) = (
-            dir.path().join("u"),
-            dir.path().join("w"),
-            dir.path().join("m"),
-        );
-        for d in [&upper, &work, &merged] {
-            std::fs::create_dir(d).unwrap();
-        }
-        let options = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            lower.display(),
-            upper.display(),
-            work.display()
-        );
-        let status = std::process::Command::new("mount")
-            .args(["-t", "overlay", "overlay", "-o", &options])
-            .arg(&merged)
-            .status()
-            .unwrap();
-        assert!(
-            status.success(),
-            "mounting overlayfs over {}",
-            lower.display()
-        );
-        Overlay { dir, merged }
-    }
-
-    fn upper(&self) -> PathBuf {
-        self.dir.path().join("u")
-    }
-}
-
-impl Drop for Overlay {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(&self.merged)
-            .status();
     }
 }
 
@@ -424,7 +374,7 @@ fn files_read_in_passthrough_mode_can_be_changed_in_a_container() {
     let mnt = layer.mounted.as_ref().unwrap().mountpoint().to_path_buf();
     assert_same_tree(&layer.extracted, &mnt, &layer.headers);
     drop_caches();
-    let ovl = Overlay::new(&mnt);
+    let ovl = Overlay::new(&[&mnt]);
     let files: Vec<(String, Vec<u8>)> = layer
         .headers
         .iter()

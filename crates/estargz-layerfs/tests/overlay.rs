@@ -56,14 +56,6 @@ fn mount_blob(dir: &Path, name: &str, tar: &[u8], cache: Arc<ChunkCache>) -> Mou
     .expect("FUSE mount")
 }
 
-/// Unmounts the overlay on drop, even when the test fails.
-struct Overlay(std::path::PathBuf);
-impl Drop for Overlay {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn overlay_of_lazy_layers_behaves_like_the_unpacked_image() {
     let dir = tempfile::tempdir().unwrap();
@@ -92,29 +84,9 @@ fn overlay_of_lazy_layers_behaves_like_the_unpacked_image() {
     let l1 = mount_blob(dir.path(), "l1", &base, cache.clone());
     let l2 = mount_blob(dir.path(), "l2", &middle, cache.clone());
     let l3 = mount_blob(dir.path(), "l3", &top, cache);
-    let (upper, work, merged) = (
-        dir.path().join("upper"),
-        dir.path().join("work"),
-        dir.path().join("merged"),
-    );
-    for d in [&upper, &work, &merged] {
-        std::fs::create_dir(d).unwrap();
-    }
-    let opts = format!(
-        "lowerdir={}:{}:{},upperdir={},workdir={}",
-        l3.mountpoint().display(),
-        l2.mountpoint().display(),
-        l1.mountpoint().display(),
-        upper.display(),
-        work.display()
-    );
-    let st = std::process::Command::new("mount")
-        .args(["-t", "overlay", "overlay", "-o", &opts])
-        .arg(&merged)
-        .status()
-        .unwrap();
-    assert!(st.success(), "overlay mount failed");
-    let _overlay = Overlay(merged.clone());
+    let overlay =
+        estargz_testutil::Overlay::new(&[l3.mountpoint(), l2.mountpoint(), l1.mountpoint()]);
+    let (merged, upper) = (overlay.merged.clone(), overlay.upper());
     let read = |p: &str| std::fs::read(merged.join(p)).ok();
 
     // Whiteouts hide, opaque directories hide lower content, upper layers win.
@@ -142,7 +114,7 @@ fn overlay_of_lazy_layers_behaves_like_the_unpacked_image() {
     std::fs::remove_file(merged.join("keep")).unwrap();
     assert_eq!(read("keep"), None);
     assert!(upper.join("fresh").exists() && upper.join("a/y").exists());
-    drop(_overlay);
+    drop(overlay);
     for l in [l3, l2, l1] {
         l.unmount().unwrap();
     }

@@ -824,6 +824,57 @@ pub fn require_root_and_fuse(test: &str) {
     );
 }
 
+/// An overlayfs mount of `lowers` (topmost first) with a writable upper layer, as a
+/// container has, in a directory of its own; unmounted when dropped, even when the test
+/// fails. Needs root.
+pub struct Overlay {
+    dir: tempfile::TempDir,
+    /// Where the overlay is mounted.
+    pub merged: std::path::PathBuf,
+}
+
+impl Overlay {
+    /// Mounts the overlay; panics if that fails.
+    pub fn new(lowers: &[&std::path::Path]) -> Overlay {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (upper, work, merged) = (
+            dir.path().join("upper"),
+            dir.path().join("work"),
+            dir.path().join("merged"),
+        );
+        for d in [&upper, &work, &merged] {
+            std::fs::create_dir(d).expect("overlay directories");
+        }
+        let lower: Vec<String> = lowers.iter().map(|l| l.display().to_string()).collect();
+        let options = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.join(":"),
+            upper.display(),
+            work.display()
+        );
+        let status = std::process::Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &options])
+            .arg(&merged)
+            .status()
+            .expect("running mount");
+        assert!(status.success(), "mounting overlayfs with {options}");
+        Overlay { dir, merged }
+    }
+
+    /// The upper (writable) layer.
+    pub fn upper(&self) -> std::path::PathBuf {
+        self.dir.path().join("upper")
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.merged)
+            .status();
+    }
+}
+
 /// Runs `testdata/scripts/NAME` with `args` and `env`; panics with its output if it fails.
 /// Returns its standard output. The scripts start real components: they need root.
 pub fn run_script(name: &str, args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> String {
