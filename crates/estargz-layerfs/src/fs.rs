@@ -154,23 +154,18 @@ const FETCH_BOUNDS: [Duration; 12] = [
 /// Bounds of [`NodeStats::read_latency`]: the fetch bounds, with finer ones below a
 /// millisecond, where reads served from memory (microseconds) and from the disk cache
 /// (a hundred microseconds or so) fall.
-const READ_BOUNDS: [Duration; 15] = [
-    Duration::from_micros(100),
-    Duration::from_micros(250),
-    Duration::from_micros(500),
-    ms(1),
-    ms(5),
-    ms(10),
-    ms(25),
-    ms(50),
-    ms(100),
-    ms(250),
-    ms(500),
-    ms(1000),
-    ms(2500),
-    ms(5000),
-    ms(10_000),
-];
+const READ_BOUNDS: [Duration; 15] = {
+    let mut bounds = [Duration::ZERO; 15];
+    bounds[0] = Duration::from_micros(100);
+    bounds[1] = Duration::from_micros(250);
+    bounds[2] = Duration::from_micros(500);
+    let mut i = 0;
+    while i < FETCH_BOUNDS.len() {
+        bounds[3 + i] = FETCH_BOUNDS[i];
+        i += 1;
+    }
+    bounds
+};
 
 /// Counters of every layer sharing one [`FetchScheduler`] (the node's, in the FUSE
 /// manager): [`FetchScheduler::node_stats`].
