@@ -384,20 +384,32 @@ impl ChunkCache {
 
     /// The chunk, if cached and intact.
     pub fn get(&self, digest: &Sha256Digest) -> Option<Arc<[u8]>> {
-        let Some(trusted) = self.trusted(digest) else {
+        self.load(digest, self.trusted(digest))
+    }
+
+    /// The chunk's file read whole, hashed unless `trusted` says it need not be (then
+    /// trusted and marked for this boot); `trusted` is [`ChunkCache::trusted`]'s answer,
+    /// `None` for a chunk not in the index (a miss).
+    fn load(&self, digest: &Sha256Digest, trusted: Option<bool>) -> Option<Arc<[u8]>> {
+        use std::io::Read;
+        let Some(trusted) = trusted else {
             self.counters.misses.fetch_add(1, Ordering::Relaxed);
             return None;
         };
-        let path = self.path_of(digest);
-        match fs::read(&path) {
-            Ok(data) if trusted || Sha256Digest::of(&data) == *digest => {
+        let read = fs::File::open(self.path_of(digest)).and_then(|mut f| {
+            let mut data = Vec::new();
+            f.read_to_end(&mut data)?;
+            Ok((f, data))
+        });
+        match read {
+            Ok((file, data)) if trusted || Sha256Digest::of(&data) == *digest => {
                 self.counters.hits.fetch_add(1, Ordering::Relaxed);
                 if !trusted {
                     if let Some(e) = lock(&self.index).lru.peek_mut(digest) {
                         e.verified = true;
                     }
-                    if let (Some(b), Ok(f)) = (&self.boot_id, fs::File::open(&path)) {
-                        set_mark(&f, b);
+                    if let Some(b) = &self.boot_id {
+                        set_mark(&file, b);
                     }
                 }
                 Some(data.into())
@@ -469,8 +481,9 @@ impl ChunkCache {
     /// such as the kernel through FUSE passthrough. `None` if the chunk is not cached or its
     /// file is damaged (then removed).
     pub fn open_verified(&self, digest: &Sha256Digest) -> Option<fs::File> {
-        if self.trusted(digest) != Some(true) {
-            self.get(digest)?;
+        let trusted = self.trusted(digest);
+        if trusted != Some(true) {
+            self.load(digest, trusted)?;
         }
         fs::File::open(self.path_of(digest)).ok()
     }

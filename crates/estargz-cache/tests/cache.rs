@@ -14,12 +14,16 @@ fn chunk(seed: u8, len: usize) -> (Sha256Digest, Vec<u8>) {
     (Sha256Digest::of(&data), data)
 }
 
-fn open(root: &std::path::Path, max: u64) -> ChunkCache {
-    ChunkCache::open(&CacheConfig {
+fn config(root: &std::path::Path, max: u64) -> CacheConfig {
+    CacheConfig {
         root: root.to_path_buf(),
         max_bytes: max,
         memory_bytes: CacheConfig::DEFAULT_MEMORY_BYTES,
-    })
+    }
+}
+
+fn open(root: &std::path::Path, max: u64) -> ChunkCache {
+    ChunkCache::open(&config(root, max))
 }
 
 #[derive(Debug)]
@@ -118,14 +122,7 @@ fn restart_reuses_chunks_and_drops_partial_writes() {
 }
 
 fn open_in_boot(root: &std::path::Path, boot: &str) -> ChunkCache {
-    ChunkCache::open_in_boot(
-        &CacheConfig {
-            root: root.to_path_buf(),
-            max_bytes: 1 << 20,
-            memory_bytes: CacheConfig::DEFAULT_MEMORY_BYTES,
-        },
-        Some(boot.to_string()),
-    )
+    ChunkCache::open_in_boot(&config(root, 1 << 20), Some(boot.to_string()))
 }
 
 fn file_of(root: &std::path::Path, d: &Sha256Digest) -> std::path::PathBuf {
@@ -187,14 +184,7 @@ fn a_chunk_verified_in_this_boot_is_not_hashed_again_by_the_next_process() {
     assert_eq!(cache.read_verified(&d, 0, 5).as_deref(), Some(&data[..5]));
     // Without a boot ID, nothing is trusted across processes.
     drop(cache);
-    let cache = ChunkCache::open_in_boot(
-        &CacheConfig {
-            root: dir.path().to_path_buf(),
-            max_bytes: 1 << 20,
-            memory_bytes: 0,
-        },
-        None,
-    );
+    let cache = ChunkCache::open_in_boot(&config(dir.path(), 1 << 20), None);
     assert!(cache.read_verified(&d, 0, 5).is_none());
     assert_eq!(cache.get(&d).as_deref(), Some(&data[..]));
     assert_eq!(cache.read_verified(&d, 0, 5).as_deref(), Some(&data[..5]));
