@@ -33,6 +33,13 @@ pub struct Mount {
     pub options: Vec<String>,
 }
 
+/// A parent's directory, as a lower layer of a snapshot's mounts.
+struct Lower {
+    dir: PathBuf,
+    /// Mounted lazily (through FUSE).
+    lazy: bool,
+}
+
 /// Longest parent chain followed (a guard against corrupted metadata).
 const MAX_DEPTH: usize = 1000;
 
@@ -141,15 +148,11 @@ impl Snapshotter {
         })
     }
 
-    fn is_remote(&self, key: &str) -> Result<bool, Error> {
-        Ok(self.store.get(key)?.is_some_and(|s| s.remote.is_some()))
-    }
-
     /// Parent directories, nearest first. A lazy layer's directory is checked to be a live
     /// mount, and mounted again if it is not (its FUSE manager died, or it failed to mount
     /// at restore): handing containerd a dead or empty lower directory would start a
     /// container with its image's files missing.
-    fn parent_dirs(&self, parent: &str) -> Result<Vec<PathBuf>, Error> {
+    fn parent_dirs(&self, parent: &str) -> Result<Vec<Lower>, Error> {
         let mut out = Vec::new();
         let mut at = parent.to_string();
         while !at.is_empty() {
@@ -174,7 +177,10 @@ impl Snapshotter {
                     })?;
                 }
             }
-            out.push(dir);
+            out.push(Lower {
+                dir,
+                lazy: s.remote.is_some(),
+            });
             at = s.parent;
         }
         Ok(out)
@@ -193,7 +199,7 @@ impl Snapshotter {
                 "lowerdir={}",
                 parents
                     .iter()
-                    .map(|p| path(p))
+                    .map(|p| path(&p.dir))
                     .collect::<Vec<_>>()
                     .join(":")
             )
@@ -204,16 +210,16 @@ impl Snapshotter {
             // A lazy layer is mounted nosuid: show it through overlayfs (over an empty
             // directory, as overlayfs wants two lower layers without an upper one) so that
             // setuid binaries behave as in any other view.
-            (Kind::View, 1) if self.is_remote(&s.parent)? => Mount {
+            (Kind::View, 1) if parents[0].lazy => Mount {
                 kind: "overlay".into(),
                 source: "overlay".into(),
                 options: vec![format!(
                     "lowerdir={}:{}",
-                    path(&parents[0]),
+                    path(&parents[0].dir),
                     path(&self.root.join("empty"))
                 )],
             },
-            (Kind::View, 1) => bind(&parents[0], false),
+            (Kind::View, 1) => bind(&parents[0].dir, false),
             (Kind::View, _) => Mount {
                 kind: "overlay".into(),
                 source: "overlay".into(),
