@@ -187,8 +187,9 @@ fn start_manager(
         );
         return Ok(());
     }
-    let serving = m.status().map(|s| s.mounts.len()).unwrap_or(usize::MAX);
-    if serving == 0 {
+    // Not knowing what it serves, keep it: replacing it could take layers from containers.
+    let serving = m.status().ok().map(|s| s.mounts.len());
+    if serving == Some(0) {
         tracing::info!(old_version = %hello.version, old_protocol = hello.protocol, "replacing an idle FUSE manager of another version");
         m.shutdown()
             .context("stopping the idle FUSE manager of another version")?;
@@ -204,7 +205,7 @@ fn start_manager(
         old_version = %hello.version,
         old_protocol = hello.protocol,
         protocol = PROTOCOL,
-        layers = serving,
+        layers = serving.map_or_else(|| "unknown".to_string(), |n| n.to_string()),
         "a FUSE manager of another version serves lazy layers of running containers; it keeps \
          serving them (and new ones) until it is stopped. To switch to this version's manager, \
          stop the containers using lazy layers, then run `estargz-snapshotter stop-fuse-manager` \
