@@ -4,6 +4,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -117,6 +118,73 @@ IMAGES = {
            "libtsan2 libubsan1 libquadmath0 libcc1-0",
 }
 
+# An image of a large file read start to end (an AI model's weights): the Debian base and a
+# layer with MODEL_FILE, MODEL_BYTES (environment, default 2 GiB) of generated weights.
+MODEL = "model"
+IMAGES[MODEL] = None
+MODEL_FILE = "models/model.bin"
+MODEL_BYTES = int(os.environ.get("MODEL_BYTES", 2 << 30))
+
+
+class _Weights:
+    """A file object reading `size` bytes of bfloat16-like weights (about N(0, 0.02)):
+    a low byte of sign-free noise, and a high byte (sign and exponent) from a handful of
+    values, as trained weights have. Deflate gets them to about 70 %: partly compressible,
+    like real model files. Seeded: every run writes the same bytes."""
+
+    BLOCK = 16 << 20
+
+    def __init__(self, size):
+        self.left = size
+        self.rng = random.Random(2172)
+        # High bytes: exponents 0x3a-0x3c mostly (|w| ~ 2^-10 .. 2^-5), either sign.
+        weights = {0x3c: 40, 0x3b: 30, 0x3a: 15, 0x39: 8, 0x3d: 4, 0x38: 3}
+        table = [h | sign for h, w in weights.items() for _ in range(w) for sign in (0, 0x80)]
+        self.table = bytes(table[i * len(table) // 256] for i in range(256))
+        self.block, self.at = b"", 0
+
+    def _refill(self):
+        half = min(self.BLOCK, self.left) // 2
+        if half == 0:
+            self.block = self.rng.randbytes(self.left)
+        else:
+            block = bytearray(2 * half)
+            block[0::2] = self.rng.randbytes(half)
+            block[1::2] = self.rng.randbytes(half).translate(self.table)
+            self.block = bytes(block)
+        self.left -= len(self.block)
+        self.at = 0
+
+    def read(self, n=-1):
+        out = []
+        while n != 0:
+            if self.at == len(self.block):
+                if self.left == 0:
+                    break
+                self._refill()
+            take = len(self.block) - self.at if n < 0 else min(n, len(self.block) - self.at)
+            out.append(self.block[self.at:self.at + take])
+            self.at += take
+            n = n - take if n > 0 else n
+        return b"".join(out)
+
+
+def model_layer(work):
+    """The layer tar of MODEL: models/ and models/model.bin (MODEL_BYTES), built once per
+    work directory."""
+    tar = work / f"layer-model-{MODEL_BYTES}.tar"
+    if not tar.exists():
+        part = tar.with_suffix(".part")
+        with tarfile.open(part, "w", format=tarfile.PAX_FORMAT) as t:
+            d = tarfile.TarInfo(os.path.dirname(MODEL_FILE))
+            d.type, d.mode, d.mtime = tarfile.DIRTYPE, 0o755, 1700000000
+            t.addfile(d)
+            f = tarfile.TarInfo(MODEL_FILE)
+            f.size, f.mode, f.mtime = MODEL_BYTES, 0o644, 1700000000
+            t.addfile(f, _Weights(MODEL_BYTES))
+        part.rename(tar)
+    return tar
+
 
 def arguments(doc, samples, links=None):
     """An argument parser with what every benchmark takes: --samples and --out, and when
@@ -171,14 +239,20 @@ def rootfs_tar(work, name, packages):
 
 
 def image_tar(work, image):
-    """The whole root filesystem of one of IMAGES, as one tar."""
+    """The whole root filesystem of one of IMAGES, as one tar (for MODEL, its model layer
+    alone: a file to read, no programs)."""
+    if image == MODEL:
+        return model_layer(work)
     return rootfs_tar(work, image, IMAGES[image])
 
 
 def image_layers(work, image):
     """The layer tars of one of IMAGES, bottom first: the shared Debian base, and the
-    entries of the image that the base does not have identically."""
+    entries of the image that the base does not have identically (for MODEL, the model
+    layer)."""
     base = rootfs_tar(work, "base", BASE_PACKAGES)
+    if image == MODEL:
+        return [base, model_layer(work)]
     app = work / f"layer-{image}.tar"
     if not app.exists():
         upper_layer(base, image_tar(work, image), app)

@@ -3,10 +3,11 @@
 against the reference stargz-snapshotter.
 
     python3 benches/time_to_ready.py [--samples N] [--links loopback,100mbit,20mbit]
-        [--workloads python3,python-imports,gcc] [--modes ordinary,lazy,ref,...]
+        [--workloads python3,python-imports,gcc,model] [--modes ordinary,lazy,ref,...]
 
 Images: real Debian root filesystems in two layers, a Debian base shared by the images and
-the application (python; gcc with binutils and libc headers), pushed as ordinary gzip
+the application (python; gcc with binutils and libc headers; for the model workload, one
+file of generated weights, 2 GiB or MODEL_BYTES from the environment), pushed as ordinary gzip
 images and converted to eStargz with ours (`estargz convert`) and with the reference
 (`ctr-remote image convert --estargz --oci`), each without and with the workload's
 prioritized files (recorded with strace from a run of the workload in the unpacked image).
@@ -48,7 +49,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from benchlib import (ESTARGZ, LINKS, SCRIPTS, SNAPSHOTTER, Link, arguments, choices,
+from benchlib import (ESTARGZ, LINKS, MODEL, MODEL_FILE, SCRIPTS, SNAPSHOTTER, Link, arguments, choices,
                       drop_caches, fuse_mounts, image_bytes, image_layers, image_tar,
                       manifest_digest, metric_sum, p95, push_image, reference_binary, run,
                       start, wait_background_fetch)
@@ -70,7 +71,12 @@ WORKLOADS = {
     # A compiler: gcc compiles, links and runs a hello world (cc1, as, collect2, ld, libc).
     "gcc": ("gcc", ["/bin/sh", "-c", f'printf "{HELLO_C}" > /tmp/h.c && gcc -O2 /tmp/h.c '
                     '-o /tmp/h && /tmp/h']),
+    # A large file read start to end (an inference server loading its model): ready when
+    # the container is created (pull + create), then `run` is the read. Not a default
+    # workload (minutes per sample on slow links); no prioritized files.
+    "model": (MODEL, ["/bin/sh", "-c", f"cat /{MODEL_FILE} | wc -c"]),
 }
+DEFAULT_WORKLOADS = ("python3", "python-imports", "gcc")
 OURS, REF = "estargz", "stargz-ref"
 # mode: (snapshotter, or None for containerd's overlayfs and an ordinary pull; image kind)
 MODES = {
@@ -109,7 +115,11 @@ def prepare_images(reg, work, workloads, modes):
         if orig not in done:
             _, sizes[repo_tag(wl, "orig")] = push_image(reg, work, WORKLOADS[wl][0])
             done.add(orig)
-        prio, record, opened[wl] = record_prioritized(reg, work, wl, orig)
+        prio = record = opened[wl] = None
+        if kinds & set(PER_WORKLOAD):
+            if WORKLOADS[wl][0] == MODEL:
+                sys.exit("the model workload has no prioritized files: drop the *-prio modes")
+            prio, record, opened[wl] = record_prioritized(reg, work, wl, orig)
         for kind in sorted(kinds - {"orig"}):
             dst = f"{reg.addr}/{repo_tag(wl, kind)}"
             if dst in done:
@@ -313,12 +323,13 @@ def print_tables(samples, links, workloads, modes, sizes, opened, rows, means):
                 if not xs:
                     continue
                 read = f"{int(median(xs, 'read_bytes')):,}" if "read_bytes" in xs[0] else "-"
+                opened_bytes = "-" if opened[wl] is None else f"{opened[wl]:,}"
                 print(f"| {link} | {wl} | {mode} | {median(xs, 'total'):.2f} | "
                       f"{p95([s['total'] for s in xs]):.2f} | {median(xs, 'pull'):.2f} | "
                       f"{median(xs, 'create'):.2f} | {median(xs, 'run'):.2f} | "
                       f"{int(median(xs, 'bytes')):,} | {read} | "
                       f"{min(s['fuse_mounts'] for s in xs)} | "
-                      f"{sizes[repo_tag(wl, MODES[mode][1])]:,} | {opened[wl]:,} | {len(xs)} |")
+                      f"{sizes[repo_tag(wl, MODES[mode][1])]:,} | {opened_bytes} | {len(xs)} |")
     if not rows:
         return
     print("\nOurs/reference (median total time; above 1.00 ours is slower):\n")
@@ -337,7 +348,9 @@ def print_tables(samples, links, workloads, modes, sizes, opened, rows, means):
 
 def main():
     ap = arguments(__doc__, samples=5, links=",".join(LINKS))
-    ap.add_argument("--workloads", default=",".join(WORKLOADS), type=choices(WORKLOADS))
+    ap.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS), type=choices(WORKLOADS),
+                    help=f"comma-separated, of: {', '.join(WORKLOADS)} "
+                         f"(default {','.join(DEFAULT_WORKLOADS)})")
     ap.add_argument("--modes", default=",".join(MODES), type=choices(MODES),
                     help=f"comma-separated, of: {', '.join(MODES)} (default all)")
     ap.add_argument("--keep-logs", action="store_true",

@@ -6,9 +6,11 @@
 //! 1. On-demand reads (a process waits): never queued here; FUSE threads fetch at once and
 //!    tell the scheduler they are reading ([`FetchScheduler::reading`]).
 //! 2. Read-ahead (the next chunks of a file a process is reading) and prefetch of
-//!    prioritized files (a starting process will read them soon): spans of at most 1 MiB,
-//!    [`PREFETCH_CONCURRENCY`] in flight for the node, read-ahead first, then layers in
-//!    mount order.
+//!    prioritized files (a starting process will read them soon): spans of at most 1 MiB
+//!    (or one chunk), [`PREFETCH_CONCURRENCY`] in flight for the node, read-ahead first,
+//!    then layers in mount order. Prefetch makes way for on-demand fetches; read-ahead
+//!    does not (it is the reader's next data: a sequential reader that waited for its own
+//!    fetch before the next went out would fetch one chunk after another).
 //! 3. Background fetch of the rest: one layer after another (the newest first), one
 //!    request in flight for the node, only after no on-demand read, mount or prefetch has
 //!    happened for the quiet period. Each request carries about one round trip of data
@@ -372,11 +374,20 @@ impl FetchScheduler {
     }
 
     /// Queues `chunks` (neighbours in the blob, of one file of `layer`) to be fetched ahead
-    /// of a reader, before any prefetch.
+    /// of a reader, before any prefetch; not when the same chunks are queued already (each
+    /// read of a chunk still on its way asks again).
     pub(crate) fn read_ahead(&self, layer: Weak<Inner>, chunks: Vec<(u64, Chunk)>) {
-        lock(&self.shared.state)
+        let mut st = lock(&self.shared.state);
+        let first = chunks.first().map(|(_, c)| c.digest);
+        if st
             .read_ahead
-            .push_back((layer, chunks));
+            .iter()
+            .any(|(l, queued)| l.ptr_eq(&layer) && queued.first().map(|(_, c)| c.digest) == first)
+        {
+            return;
+        }
+        st.read_ahead.push_back((layer, chunks));
+        drop(st);
         self.shared.wake.notify_all();
     }
 
@@ -487,7 +498,7 @@ fn prefetch_worker(shared: &Shared) {
         match work {
             Work::ReadAhead(layer, chunks) => {
                 if let Some(l) = live(&layer) {
-                    if let Err(e) = l.fetch_claimed(&l.missing(&chunks), For::Ahead) {
+                    if let Err(e) = l.fetch_claimed(&l.missing(&chunks), For::ReadAhead) {
                         tracing::debug!(error = %e, "read-ahead failed; left to reads");
                     }
                 }

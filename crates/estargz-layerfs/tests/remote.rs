@@ -655,6 +655,45 @@ fn reads_from_the_start_of_a_file_fetch_ahead() {
     m.unmount().unwrap();
 }
 
+/// A sequential reader does not fetch its chunks one after another: the chunks after the
+/// one it waits for are on their way meanwhile, in several requests in flight together, so
+/// that a cold read keeps the link busy.
+#[test]
+fn a_sequential_reader_keeps_several_requests_in_flight() {
+    use std::io::Read;
+    let r = Remote::start();
+    let content = noise(2 << 20, 5);
+    let blob = r.push(&files_tar(&[("big", &content)]), &small_opts());
+    let m = r.mount(&blob, r.cache("cache", 1 << 30), "mnt");
+    // About half a second for the file: requests last long enough to be seen together.
+    r.proxy.set_rate(Some(4e6));
+    let before = r.proxy.blob_log().len();
+    let mut f = std::fs::File::open(m.mountpoint().join("big")).unwrap();
+    let mut read = Vec::new();
+    let mut buf = vec![0u8; 128 << 10];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        read.extend_from_slice(&buf[..n]);
+    }
+    drop(f);
+    assert!(read == content, "the file read differently");
+    r.proxy.set_rate(None);
+    let log = r.proxy.blob_log()[before..].to_vec();
+    let together = log
+        .iter()
+        .enumerate()
+        .filter(|(i, a)| log[i + 1..].iter().any(|b| a.overlaps(b)))
+        .count();
+    assert!(
+        together >= 1 && log.len() >= 3,
+        "requests one after another: {log:?}"
+    );
+    m.unmount().unwrap();
+}
+
 /// Prefetch makes way for on-demand reads: while a read's own fetch is in flight, no new
 /// prefetch request starts (those already in flight finish), so the reader gets the link.
 #[test]
