@@ -222,11 +222,11 @@ def one_sample(link, work, wl, mode, n, logs, keep_logs=False, baseline=None):
         drop_caches()
         before = link.served()
         t0 = time.monotonic()
-        link.cmd(pull("b") + [ref])
+        link.cmd(pull("b") + [ref], timeout=3600)  # the model over 20 Mbit/s: ~12 min
         t1 = time.monotonic()
         link.cmd(ctr + ["containers", "create"] + opts + [ref, "c1", "--"] + command)
         t2 = time.monotonic()
-        out = link.cmd(ctr + ["tasks", "start", "c1"])
+        out = link.cmd(ctr + ["tasks", "start", "c1"], timeout=3600)
         t3 = time.monotonic()
         if not out.strip():
             raise RuntimeError(f"{wl} printed nothing in mode {mode}")

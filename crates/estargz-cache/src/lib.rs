@@ -488,6 +488,11 @@ impl ChunkCache {
         fs::File::open(self.path_of(digest)).ok()
     }
 
+    /// The most bytes the cache holds on disk.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
     /// The content of a file made of the cached chunks `parts` (in order) as one cached
     /// file of its own, keyed by the file's sha256 `digest`, opened read-only: for FUSE
     /// passthrough of a file of several chunks. Assembled once (a copy of the chunks, hashed

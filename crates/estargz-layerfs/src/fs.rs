@@ -281,6 +281,9 @@ pub struct Inner {
     /// Open files by inode: how each is open, so that every open of an inode agrees with
     /// the kernel's mode for it (see [`Opens`]).
     opens: Mutex<HashMap<u64, Opens>>,
+    /// A file larger than [`MAX_ASSEMBLED`] is being assembled in the background (one at
+    /// a time per layer: each copies up to gigabytes).
+    assembling: std::sync::atomic::AtomicBool,
 }
 
 /// How an inode is open. The kernel keeps one I/O mode per inode: while any open reads
@@ -327,13 +330,14 @@ impl LayerFs {
             background_done: Default::default(),
             passthrough: Default::default(),
             opens: Default::default(),
+            assembling: Default::default(),
         }))
     }
 }
 
 /// Largest file of several chunks assembled as one local file for passthrough when it is
-/// opened: the open waits for the copy and hash (tens of milliseconds); larger files read
-/// through FUSE.
+/// opened: the open waits for the copy and hash (tens of milliseconds); larger files are
+/// assembled in the background, and read through FUSE until then.
 const MAX_ASSEMBLED: u64 = 64 << 20;
 
 /// The file handle of a regular file opened in passthrough mode.
@@ -347,9 +351,10 @@ impl Inner {
     }
 
     /// The file's whole content as one local, verified file, if it is local: a file of one
-    /// chunk is its chunk file; a file of several (up to [`MAX_ASSEMBLED`] bytes, with a
-    /// whole-file digest in the TOC) is assembled from its chunks once, and cached under
-    /// that digest (checked as it is written).
+    /// chunk is its chunk file; a file of several (with a whole-file digest in the TOC) is
+    /// assembled from its chunks once, and cached under that digest (checked as it is
+    /// written): at this open up to [`MAX_ASSEMBLED`] bytes, in the background for larger
+    /// files (this open reads through FUSE, later ones get the assembled file).
     fn local_content(&self, ino: u64, node: &crate::tree::Node) -> Option<std::fs::File> {
         match self.tree.chunks(node) {
             [c] if c.chunk_offset == 0 && c.size == node.size => {
@@ -368,15 +373,42 @@ impl Inner {
                     at = next.unwrap_or(u64::MAX);
                     next.is_some()
                 }) && at == node.size;
-                if !tiled
-                    || node.size > MAX_ASSEMBLED
-                    || !chunks.iter().all(|c| self.cache.contains(&c.digest))
-                {
+                if !tiled || !chunks.iter().all(|c| self.cache.contains(&c.digest)) {
                     return None;
                 }
                 let parts: Vec<_> = chunks.iter().map(|c| c.digest).collect();
-                self.cache.assemble(&digest, &parts)
+                if node.size <= MAX_ASSEMBLED || self.cache.contains(&digest) {
+                    return self.cache.assemble(&digest, &parts);
+                }
+                // A file that would take more than half the cache twice over stays chunks.
+                if node.size <= self.cache.max_bytes() / 2 {
+                    self.assemble_in_background(digest, parts);
+                }
+                None
             }
+        }
+    }
+
+    /// Assembles the file of whole-file `digest` from its chunks `parts` on a thread of its
+    /// own, unless another assembly of this layer is running.
+    fn assemble_in_background(&self, digest: Sha256Digest, parts: Vec<Sha256Digest>) {
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        if self.assembling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("estargz-assemble".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                let done = me.cache.assemble(&digest, &parts).is_some();
+                tracing::debug!(file = %digest, done, ms = started.elapsed().as_millis() as u64,
+                    "large file assembled for passthrough");
+                me.assembling.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.assembling.store(false, Ordering::Release);
         }
     }
 
@@ -950,6 +982,15 @@ impl fuser::Filesystem for LayerFs {
     }
 
     fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> io::Result<()> {
+        // Round trips saved per file of a tree walk: a directory listing carries every
+        // entry's attributes (no lookup per entry afterwards), symlink targets stay in the
+        // page cache. Kernels without them work as before.
+        for flag in [
+            fuser::InitFlags::FUSE_DO_READDIRPLUS,
+            fuser::InitFlags::FUSE_CACHE_SYMLINKS,
+        ] {
+            let _ = config.add_capabilities(flag);
+        }
         if !self.scheduler.options().passthrough {
             return Ok(());
         }
@@ -1031,9 +1072,11 @@ impl fuser::Filesystem for LayerFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.tree.node(ino.0) {
-            Some(n) if n.kind == NodeKind::Dir => {
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
-            }
+            // Directories never change: their listings stay in the page cache.
+            Some(n) if n.kind == NodeKind::Dir => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
             Some(_) => reply.error(Errno::ENOTDIR),
             None => reply.error(Errno::ENOENT),
         }
@@ -1110,7 +1153,8 @@ impl fuser::Filesystem for LayerFs {
         reply.ok()
     }
 
-    /// Nothing to flush in a read-only file system.
+    /// Nothing to flush in a read-only file system: ENOSYS, after which the kernel sends
+    /// no more flushes (one round trip less for every close).
     fn flush(
         &self,
         _req: &Request,
@@ -1119,7 +1163,7 @@ impl fuser::Filesystem for LayerFs {
         _lock_owner: LockOwner,
         reply: fuser::ReplyEmpty,
     ) {
-        reply.ok()
+        reply.error(Errno::ENOSYS)
     }
 
     fn release(

@@ -492,3 +492,49 @@ fn a_file_whose_chunk_becomes_local_while_open_reads_the_same() {
     drop((third, fourth));
     layer.mounted.take().unwrap().unmount().unwrap();
 }
+
+/// A file too large to be assembled while its opener waits (over 64 MiB) reads through
+/// FUSE once its chunks are local, is assembled in the background meanwhile, and opens in
+/// passthrough mode afterwards, reading the same bytes.
+#[test]
+fn a_large_local_file_is_assembled_in_the_background_and_then_passes_through() {
+    let content = estargz_testutil::noise((64 << 20) + 12345, 17);
+    let mut layer = mount_layer_with(
+        estargz_testutil::files_tar(&[("model.bin", &content)]),
+        &ConvertOptions::default(),
+        &on_demand_only(true),
+    );
+    let path = layer
+        .mounted
+        .as_ref()
+        .unwrap()
+        .mountpoint()
+        .join("model.bin");
+    // First read: the chunks come from the blob, through FUSE.
+    assert!(std::fs::read(&path).unwrap() == content);
+    assert_eq!(layer.passthrough_opens(), 0);
+    // Every chunk is local now: an open reads through FUSE and starts the assembly; a
+    // later open (once it is done and the earlier opens are released) passes through.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut f = std::fs::File::open(&path).unwrap();
+    while layer.passthrough_opens() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no passthrough open within 60 s"
+        );
+        drop(f);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        f = std::fs::File::open(&path).unwrap();
+    }
+    drop_caches();
+    let mut read = Vec::new();
+    std::io::Read::read_to_end(&mut f, &mut read).unwrap();
+    drop(f);
+    assert!(read == content, "the assembled file reads differently");
+    let usage = layer.cache.stats().usage_bytes;
+    assert!(
+        usage >= 2 * content.len() as u64,
+        "the assembled copy is not in the cache: {usage} bytes"
+    );
+    layer.mounted.take().unwrap().unmount().unwrap();
+}
