@@ -538,3 +538,67 @@ fn a_large_local_file_is_assembled_in_the_background_and_then_passes_through() {
     );
     layer.mounted.take().unwrap().unmount().unwrap();
 }
+
+/// A layer without any extended attribute: a file has none, whether asked directly or
+/// through overlayfs (which asks the lower layer for its own attributes at every lookup),
+/// lists none, and copy-up through overlayfs works.
+#[test]
+fn a_layer_without_xattrs_has_none_through_overlayfs_and_copies_up() {
+    use std::io::Write;
+    let content = b"#!/bin/sh\necho plain\n".to_vec();
+    let mut layer = mount_layer_with(
+        estargz_testutil::files_tar(&[("bin/plain", &content), ("etc/conf", b"a=1\n")]),
+        &ConvertOptions::default(),
+        &on_demand_only(true),
+    );
+    let mnt = layer.mounted.as_ref().unwrap().mountpoint().to_path_buf();
+    assert_same_tree(&layer.extracted, &mnt, &layer.headers);
+    let ovl = Overlay::new(&[&mnt]);
+    let no_attribute = |path: &Path| {
+        let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+        let name = CString::new("user.anything").unwrap();
+        let mut val = [0u8; 64];
+        for _ in 0..2 {
+            let n = unsafe {
+                libc::lgetxattr(
+                    c.as_ptr(),
+                    name.as_ptr(),
+                    val.as_mut_ptr().cast(),
+                    val.len(),
+                )
+            };
+            let errno = std::io::Error::last_os_error().raw_os_error();
+            assert!(
+                n < 0 && matches!(errno, Some(libc::ENODATA) | Some(libc::EOPNOTSUPP)),
+                "{}: {n} {errno:?}",
+                path.display()
+            );
+        }
+        assert!(xattrs(path).is_empty(), "{}", path.display());
+    };
+    for f in ["bin/plain", "etc/conf", "bin"] {
+        no_attribute(&mnt.join(f));
+        no_attribute(&ovl.merged.join(f));
+    }
+    // Copy-up: append and chmod a file of the layer.
+    let conf = ovl.merged.join("etc/conf");
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&conf)
+        .unwrap()
+        .write_all(b"b=2\n")
+        .unwrap();
+    std::fs::set_permissions(
+        ovl.merged.join("bin/plain"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(&conf).unwrap(), b"a=1\nb=2\n");
+    assert_eq!(
+        std::fs::read(ovl.merged.join("bin/plain")).unwrap(),
+        content
+    );
+    assert_eq!(std::fs::read(mnt.join("etc/conf")).unwrap(), b"a=1\n");
+    drop(ovl);
+    layer.mounted.take().unwrap().unmount().unwrap();
+}
