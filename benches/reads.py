@@ -13,6 +13,12 @@ comparison, unpacked into a directory on the same disk:
           files read through FUSE passthrough (the kernel reads the cached content)
   warm-fuse  the same, every read through FUSE (`estargz mount --no-passthrough`)
   native  the unpacked files (an ordinary overlayfs snapshot reads the same way)
+  ref-cold, ref-warm  the reference stargz snapshotter (its own conversion, `ctr-remote
+          image convert --estargz --oci`): a private containerd with the reference daemon
+          (fresh root, no prefetch or background fetch, as ours), the image pulled with
+          `ctr-remote images rpull`, a view snapshot of its layer mounted; ref-warm reads
+          every file once first, so that its cache holds the layer, then drops the page
+          cache (the reference has no standalone mount: its mount stays, ours is remounted)
 
 and two access patterns, each on a fresh mount with the kernel's page cache dropped:
 
@@ -34,10 +40,10 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import (ESTARGZ, IMAGES, LINKS, Link, arguments, drop_caches, image_tar, p95,
-                      push_image, run, start)
+from benchlib import (ESTARGZ, IMAGES, LINKS, SCRIPTS, Link, arguments, choices, drop_caches,
+                      image_tar, p95, push_image, reference_binary, run, start)
 
-MODES = ("cold", "warm", "warm-fuse", "native")
+MODES = ("cold", "warm", "warm-fuse", "native", "ref-cold", "ref-warm")
 SEQ_MIN = 1 << 20
 RAND_MIN = 64 << 10
 BLOCK = 128 << 10
@@ -66,6 +72,46 @@ class Mount:
             self.proc.kill()
             self.proc.wait()
             run(["umount", "-l", self.dir], check=False)
+
+
+class RefMount:
+    """The reference snapshotter's view of the one layer of REF, at ENV/mnt, in LINK's
+    network, until closed (see ref-cold and ref-warm above)."""
+
+    def __init__(self, link, ref, env, warm_files=None):
+        self.link, self.env = link, env
+        env.mkdir(parents=True)
+        config = env / "ref-config.toml"
+        config.write_text("noprefetch = true\nno_background_fetch = true\n")
+        self.vars = {"STARGZ_REF": str(reference_binary()), "STARGZ_REF_CONFIG": str(config)}
+        try:
+            link.cmd(["bash", SCRIPTS / "snapshotter.sh", "start", env / "node"], env=self.vars)
+            sock = env / "node" / "c" / "containerd.sock"
+            ctr = ["ctr", "-a", sock, "-n", "reads"]
+            link.cmd(["ctr-remote", "-a", sock, "-n", "reads", "images", "rpull",
+                      "--plain-http", "--snapshotter", "stargz-ref", ref])
+            snaps = ctr + ["snapshots", "--snapshotter", "stargz-ref"]
+            layers = [line.split() for line in link.cmd(snaps + ["ls"]).splitlines()[1:]]
+            layers = [cols[0] for cols in layers if cols and cols[-1] == "Committed"]
+            if len(layers) != 1:
+                raise RuntimeError(f"expected one committed layer of {ref}, got {layers}")
+            mounts = json.loads(link.cmd(snaps + ["view", "--mounts", "reads-view", layers[0]]))
+            self.dir = env / "node" / "mnt"
+            self.dir.mkdir()
+            for m in mounts:
+                m = {k.lower(): v for k, v in m.items()}
+                run(["mount", "-t", m["type"], "-o", ",".join(m.get("options") or []),
+                     m["source"], self.dir])
+            if warm_files is not None:
+                read_seq(self.dir, warm_files)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        run(["bash", SCRIPTS / "snapshotter.sh", "stop", self.env / "node"], env=self.vars,
+            check=False)
+        shutil.rmtree(self.env, ignore_errors=True)
 
 
 def files_of(root):
@@ -112,7 +158,10 @@ def main():
     ap = arguments(__doc__, samples=3, links="loopback,100mbit")
     ap.add_argument("--random-reads", type=int, default=100)
     ap.add_argument("--image", default="gcc", choices=sorted(IMAGES))
+    ap.add_argument("--modes", default=",".join(MODES), type=choices(MODES),
+                    help=f"comma-separated, of: {', '.join(MODES)} (default all)")
     args = ap.parse_args()
+    modes = args.modes
     out, work = start(args, "reads")
     samples = []
     try:
@@ -135,19 +184,26 @@ def main():
                 orig, _ = push_image(link, work, args.image, layered=False)
                 ref = orig.replace(":orig", ":esgz")
                 link.cmd([ESTARGZ, "convert", orig, ref, "--quiet"])
+                ref_image = orig.replace(":orig", ":ref")
+                if any(m.startswith("ref-") for m in modes):
+                    link.cmd(["bash", SCRIPTS / "reference-convert-registry.sh", orig, ref_image])
                 warm_cache = work / f"warm-cache-{name}"
                 m = Mount(link, ref, work / "mnt", warm_cache)
                 try:
                     read_seq(m.dir, all_files)  # fills the cache with the whole layer
                 finally:
                     m.close()
-                cells = [(mode, pattern) for mode in MODES
+                cells = [(mode, pattern) for mode in modes
                          for pattern in ("seq", "random", "tree")] * args.samples
                 random.shuffle(cells)
                 for mode, pattern in cells:
                     m = None
                     if mode == "native":
                         root = native
+                    elif mode.startswith("ref-"):
+                        m = RefMount(link, ref_image, work / "ref",
+                                     all_files if mode == "ref-warm" else None)
+                        root = m.dir
                     else:
                         cache = warm_cache if mode.startswith("warm") else work / "cold-cache"
                         shutil.rmtree(work / "cold-cache", ignore_errors=True)
@@ -182,7 +238,8 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
     (out / "reads.json").write_text(json.dumps(
         {"samples": samples, "image": args.image, "seq_bytes": seq_bytes, "seq_files": len(seq),
-         "random_reads": len(plan), "links": {n: LINKS[n] for n in args.links}}, indent=1))
+         "random_reads": len(plan), "links": {n: LINKS[n] for n in args.links}, "modes": modes},
+        indent=1))
     print(f"\nimage {args.image}; seq: {len(seq)} files of 1 MiB or more, {seq_bytes:,} bytes; random: "
           f"{len(plan)} reads of 4 KiB")
     tree_bytes = sum(s for _, s in all_files)
@@ -191,7 +248,7 @@ def main():
           "registry bytes (seq / random) | n |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.links:
-        for mode in MODES:
+        for mode in modes:
             sq = [s for s in samples if (s["link"], s["mode"], s["pattern"]) == (name, mode, "seq")]
             rd = [s for s in samples if (s["link"], s["mode"], s["pattern"]) == (name, mode, "random")]
             tr = [s for s in samples if (s["link"], s["mode"], s["pattern"]) == (name, mode, "tree")]
