@@ -208,21 +208,24 @@ def one_sample(link, work, wl, mode, n, logs, keep_logs=False, baseline=None):
             return ["ctr-remote", "-a", sock, "-n", ns, "images", "rpull", "--plain-http"] + opts
         return ["ctr", "-a", sock, "-n", ns, "images", "pull", "--plain-http"]
 
-    ctr = ["ctr", "-a", sock, "-n", "b"]
+    # runc keeps its state per namespace for the whole machine, not per containerd: names
+    # of their own keep two runs from killing each other's containers.
+    ns, warm_ns = f"bench-{os.getpid()}", f"warm-{os.getpid()}"
+    ctr = ["ctr", "-a", sock, "-n", ns]
     try:
         metrics = run(link.prefix + ["bash", SCRIPTS / "snapshotter.sh", "start", env_dir],
                       env=env).strip()
         if mode == "lazy-warm":
             # Run once and let the background fetch finish, then remove it all but the cache.
-            warm = ["ctr", "-a", sock, "-n", "warm"]
-            link.cmd(pull("warm") + [ref])
+            warm = ["ctr", "-a", sock, "-n", warm_ns]
+            link.cmd(pull(warm_ns) + [ref])
             link.cmd(warm + ["run", "--rm"] + opts + [ref, "warm"] + command)
             wait_background_fetch(link.cmd, metrics, seconds=900)
             link.cmd(warm + ["images", "rm", "--sync", ref])
         drop_caches()
         before = link.served()
         t0 = time.monotonic()
-        link.cmd(pull("b") + [ref], timeout=3600)  # the model over 20 Mbit/s: ~12 min
+        link.cmd(pull(ns) + [ref], timeout=3600)  # the model over 20 Mbit/s: ~12 min
         t1 = time.monotonic()
         link.cmd(ctr + ["containers", "create"] + opts + [ref, "c1", "--"] + command)
         t2 = time.monotonic()
