@@ -77,6 +77,10 @@ bench: deps build bench-venv
 	python3 benches/time_to_ready.py --samples 5 --out benches/results | tee benches/results/time_to_ready.md
 	$(BENCH_PY) benches/plot.py benches/results/time_to_ready.json benches/results/time_to_ready.png
 	python3 benches/reads.py --samples 3 --out benches/results | tee benches/results/reads.md
+	python3 benches/time_to_ready.py --samples 1 --workloads model --modes ordinary,lazy,ref \
+		--out benches/results/model | tee benches/results/time_to_ready_model.md
+	MODEL_BYTES=536870912 python3 benches/reads.py --image model --samples 2 --random-reads 30 \
+		--links 100mbit,loopback --out benches/results/model | tee benches/results/reads_model.md
 	python3 benches/scale.py --samples 3 --out benches/results | tee benches/results/scale.md
 	bash benches/convert.sh 3 | tee benches/results/convert.md
 	$(CARGO) bench -q -p estargz-layerfs --bench toc_memory | tee benches/results/toc_memory.md
