@@ -1278,14 +1278,9 @@ impl MountedLayer {
     /// and the unmount would fail with EBUSY. Asked with `MNT_EXPIRE`, which unmounts
     /// nothing: it answers EBUSY while the mount is in use, EAGAIN once it is idle.
     fn wait_until_idle(&self) {
-        use std::os::unix::ffi::OsStrExt;
-        let Ok(c) = std::ffi::CString::new(self.mountpoint.as_os_str().as_bytes()) else {
-            return;
-        };
         for _ in 0..40 {
-            // SAFETY: a valid NUL-terminated path; umount2 does not keep the pointer.
-            let busy = unsafe { libc::umount2(c.as_ptr(), libc::MNT_EXPIRE) } != 0
-                && io::Error::last_os_error().raw_os_error() == Some(libc::EBUSY);
+            let busy = umount2(&self.mountpoint, libc::MNT_EXPIRE)
+                .is_err_and(|e| e.raw_os_error() == Some(libc::EBUSY));
             if !busy {
                 return;
             }
@@ -1310,13 +1305,31 @@ impl MountedLayer {
 }
 
 impl Drop for MountedLayer {
+    /// Dropped without [`MountedLayer::unmount`] (an error path, a panic): unmounts, and if
+    /// that fails (a file still open) detaches the mount, so that nothing is left mounted
+    /// whose server is gone ("Transport endpoint is not connected").
     fn drop(&mut self) {
         self.stop_fetching();
         if let Some(s) = self.session.take() {
             if let Err(e) = s.umount_and_join() {
-                tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount failed");
+                tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e,
+                    "unmount failed; detaching the mount");
+                let _ = umount2(&self.mountpoint, libc::MNT_DETACH);
             }
         }
+    }
+}
+
+/// `umount2(2)` of `path` with `flags`.
+fn umount2(path: &Path, flags: libc::c_int) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: a valid NUL-terminated path; umount2 does not keep the pointer.
+    if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

@@ -602,3 +602,25 @@ fn a_layer_without_xattrs_has_none_through_overlayfs_and_copies_up() {
     drop(ovl);
     layer.mounted.take().unwrap().unmount().unwrap();
 }
+
+/// A mounted layer dropped while a file of it is still open (a test or a caller failing
+/// half way) leaves nothing mounted behind: the unmount fails busy, and the mount is
+/// detached instead of staying with no server behind it.
+#[test]
+fn a_layer_dropped_while_a_file_is_open_leaves_no_mount_behind() {
+    let mut layer = mount_layer_with(
+        estargz_testutil::files_tar(&[("data", b"still open\n")]),
+        &ConvertOptions::default(),
+        &on_demand_only(true),
+    );
+    let mnt = layer.mounted.as_ref().unwrap().mountpoint().to_path_buf();
+    let open = std::fs::File::open(mnt.join("data")).unwrap();
+    drop(layer.mounted.take());
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.lines().any(|l| l.split(' ').nth(1) == mnt.to_str()),
+        "{} is still mounted",
+        mnt.display()
+    );
+    drop(open);
+}
