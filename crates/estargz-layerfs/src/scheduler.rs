@@ -357,14 +357,14 @@ impl FetchScheduler {
     }
 
     /// Marks an on-demand fetch in flight until the guard is dropped: prefetch and
-    /// read-ahead start no new request meanwhile ([`FetchScheduler::make_way`]), so the
+    /// background fetch start no new request meanwhile ([`FetchScheduler::make_way`]), so the
     /// link is the reader's.
     pub(crate) fn fetching(&self) -> FetchGuard<'_> {
         lock(&self.shared.state).fetching += 1;
         FetchGuard(&self.shared)
     }
 
-    /// Waits, before a prefetch or read-ahead request is sent, until no on-demand fetch is
+    /// Waits, before a prefetch or background request is sent, until no on-demand fetch is
     /// in flight on the node.
     pub(crate) fn make_way(&self) {
         let mut st = lock(&self.shared.state);
