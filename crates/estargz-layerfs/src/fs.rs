@@ -1320,6 +1320,30 @@ impl Drop for MountedLayer {
     }
 }
 
+/// The kernel's read-ahead for FUSE reads of this mount, in KiB: reads that go through
+/// FUSE (files not yet local, passthrough off) arrive as requests of up to 1 MiB (the
+/// most the kernel sends, 256 pages) instead of the default 128 KiB, eight times fewer
+/// round trips through the FUSE device.
+const KERNEL_READ_AHEAD_KB: u32 = 1024;
+
+/// Sets the mount's read-ahead (its backing device info in sysfs, `MAJOR:MINOR` of the
+/// mount) to [`KERNEL_READ_AHEAD_KB`]; where that cannot be done (no sysfs, not root)
+/// reads work as before.
+fn set_kernel_read_ahead(mountpoint: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(dev) = std::fs::metadata(mountpoint).map(|m| m.dev()) else {
+        return;
+    };
+    let knob = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    if let Err(e) = std::fs::write(&knob, KERNEL_READ_AHEAD_KB.to_string()) {
+        tracing::debug!(knob, error = %e, "cannot set the mount's read-ahead");
+    }
+}
+
 /// `umount2(2)` of `path` with `flags`.
 fn umount2(path: &Path, flags: libc::c_int) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
@@ -1356,6 +1380,7 @@ pub fn mount(fs: LayerFs, mountpoint: &Path) -> io::Result<MountedLayer> {
     config.n_threads = Some(4);
     config.clone_fd = true;
     let session = fuser::spawn_mount(fs, mountpoint, &config)?;
+    set_kernel_read_ahead(mountpoint);
     handle.scheduler.add_layer(&handle.0);
     Ok(MountedLayer {
         session: Some(session),

@@ -624,3 +624,27 @@ fn a_layer_dropped_while_a_file_is_open_leaves_no_mount_behind() {
     );
     drop(open);
 }
+
+/// Reads that go through FUSE arrive in requests of up to 1 MiB: the mount's kernel
+/// read-ahead is raised from the default 128 KiB.
+#[test]
+fn the_mount_reads_ahead_a_mebibyte() {
+    use std::os::unix::fs::MetadataExt;
+    let layer = mount_layer_with(
+        estargz_testutil::files_tar(&[("data", b"x")]),
+        &ConvertOptions::default(),
+        &on_demand_only(false),
+    );
+    let mnt = layer.mounted.as_ref().unwrap().mountpoint().to_path_buf();
+    let dev = std::fs::metadata(&mnt).unwrap().dev();
+    let knob = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&knob).unwrap().trim(),
+        "1024",
+        "{knob}"
+    );
+}
