@@ -717,10 +717,16 @@ fn prefetch_makes_way_for_on_demand_reads() {
     let before = r.proxy.blob_log().len();
     let m = r.mount_with(&blob, r.cache("c", 1 << 30), "mnt", &fetch);
     let toc_requests = 2;
-    wait_for("the prefetch to run", || {
+    // The read starts while both prefetch workers are in the middle of a request: then
+    // neither is between its make-way check and sending its request (a request that
+    // passed the check just before the read's fetch began may still reach the registry
+    // after the read's; it was already on its way, and made this test fail now and then).
+    wait_for("two prefetch requests in flight", || {
         r.proxy.blob_log()[before + toc_requests..]
             .iter()
-            .any(|q| q.ended.is_some())
+            .filter(|q| q.ended.is_none())
+            .count()
+            >= 2
     });
     let (log, read) = read_logged(&r, &m, before + toc_requests, "z/small", &small);
     let started_during: Vec<_> = log
