@@ -55,10 +55,7 @@ struct OverlayMount(PathBuf);
 
 impl Drop for OverlayMount {
     fn drop(&mut self) {
-        let c = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap_or_default();
-        // SAFETY: umount2 takes a NUL-terminated path; c lives across the call.
-        let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        if rc != 0 {
+        if estargz_layerfs::detach(&self.0).is_err() {
             tracing::warn!(dir = %self.0.display(), "unmounting the overlay failed");
         }
     }

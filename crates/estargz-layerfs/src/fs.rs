@@ -1314,7 +1314,7 @@ impl Drop for MountedLayer {
             if let Err(e) = s.umount_and_join() {
                 tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e,
                     "unmount failed; detaching the mount");
-                let _ = umount2(&self.mountpoint, libc::MNT_DETACH);
+                let _ = detach(&self.mountpoint);
             }
         }
     }
@@ -1342,6 +1342,11 @@ fn set_kernel_read_ahead(mountpoint: &Path) {
     if let Err(e) = std::fs::write(&knob, KERNEL_READ_AHEAD_KB.to_string()) {
         tracing::debug!(knob, error = %e, "cannot set the mount's read-ahead");
     }
+}
+
+/// Detaches whatever is mounted at `path` (lazily: busy mounts go once unused).
+pub fn detach(path: &Path) -> io::Result<()> {
+    umount2(path, libc::MNT_DETACH)
 }
 
 /// `umount2(2)` of `path` with `flags`.

@@ -20,7 +20,9 @@ mod source;
 mod tree;
 
 pub use fetch::Progress;
-pub use fs::{mount, Inner, LatencyHistogram, LayerFs, LayerStats, MountedLayer, NodeStats};
+pub use fs::{
+    detach, mount, Inner, LatencyHistogram, LayerFs, LayerStats, MountedLayer, NodeStats,
+};
 pub use scheduler::{
     FetchOptions, FetchScheduler, LinkEstimate, ReadGuard, MAX_BACKGROUND_REQUEST,
     MIN_BACKGROUND_REQUEST,

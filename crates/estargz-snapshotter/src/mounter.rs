@@ -67,18 +67,7 @@ pub fn is_mountpoint(path: &Path) -> bool {
     m.dev() != p.dev()
 }
 
-/// Detaches whatever is mounted at `path` (lazily: busy mounts go once unused).
-pub fn detach(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: a valid NUL-terminated path; umount2 does not keep the pointer.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
+pub use estargz_layerfs::detach;
 
 /// How long a mount may take (reading and indexing a TOC of a million entries, and the
 /// FUSE mount itself) before the daemon gives up on it. Only that layer waits.
