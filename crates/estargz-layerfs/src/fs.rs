@@ -217,27 +217,6 @@ pub(crate) enum For<'a> {
     Ahead,
 }
 
-impl For<'_> {
-    fn urgency(self) -> Urgency {
-        match self {
-            For::Reader(_) => Urgency::OnDemand,
-            For::ReadAhead => Urgency::ReadAhead,
-            For::Ahead => Urgency::Later,
-        }
-    }
-}
-
-/// When a request may go, and whether a process waits for it.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Urgency {
-    /// A process waits: sent at once, holds back prefetch and background requests.
-    OnDemand,
-    /// A process will read it next: sent at once.
-    ReadAhead,
-    /// Sent when no on-demand fetch is in flight.
-    Later,
-}
-
 /// `chunks` (in blob order) split into runs of neighbours in the blob.
 fn runs(chunks: &[(u64, Chunk)]) -> impl Iterator<Item = &[(u64, Chunk)]> {
     chunks.chunk_by(|a, b| adjacent(&a.1, &b.1))
@@ -413,9 +392,9 @@ impl Inner {
     }
 
     /// Opens inode `ino` (`node`, a regular file): in passthrough mode, returning the
-    /// backing file's ID, if the kernel agreed to passthrough, the file's content is one
-    /// chunk that is local and verified (its chunk file is the file's content), and no
-    /// open of it reads through FUSE; otherwise counts a cached open and returns `None`.
+    /// backing file's ID, if the kernel agreed to passthrough, the file's content is local
+    /// as one verified file ([`Inner::local_content`]), and no open of it reads through
+    /// FUSE; otherwise counts a cached open and returns `None`.
     fn passthrough_open(
         &self,
         ino: u64,
@@ -608,7 +587,7 @@ impl Inner {
             For::Reader(hot) => hot,
             For::ReadAhead | For::Ahead => &[],
         };
-        for (run, bytes) in runs.iter().zip(self.fetch_ranges(&ranges, whom.urgency())?) {
+        for (run, bytes) in runs.iter().zip(self.fetch_ranges(&ranges, whom)?) {
             self.store(run, &bytes, &mut claim, hot)?;
         }
         Ok(())
@@ -633,7 +612,7 @@ impl Inner {
                 return Ok(());
             }
             let end = range.end.min(at + piece.max(1));
-            bytes.extend_from_slice(&self.fetch_range(at..end, Urgency::Later)?);
+            bytes.extend_from_slice(&self.fetch_range(at..end, For::Ahead)?);
             at = end;
         }
         let digests: Vec<Sha256Digest> = span.iter().map(|(_, c)| c.digest).collect();
@@ -670,23 +649,23 @@ impl Inner {
     }
 
     /// One range request to the source, timed and counted.
-    fn fetch_range(&self, range: std::ops::Range<u64>, urgency: Urgency) -> io::Result<Vec<u8>> {
-        let mut all = self.fetch_ranges(std::slice::from_ref(&range), urgency)?;
+    fn fetch_range(&self, range: std::ops::Range<u64>, whom: For<'_>) -> io::Result<Vec<u8>> {
+        let mut all = self.fetch_ranges(std::slice::from_ref(&range), whom)?;
         Ok(all.pop().unwrap_or_default())
     }
 
-    /// Range requests to the source, sent together, timed and counted; those of
-    /// [`Urgency::Later`] first wait until no on-demand ones are in flight on the node.
+    /// Range requests to the source, sent together, timed and counted; those for
+    /// [`For::Ahead`] first wait until no on-demand ones are in flight on the node.
     fn fetch_ranges(
         &self,
         ranges: &[std::ops::Range<u64>],
-        urgency: Urgency,
+        whom: For<'_>,
     ) -> io::Result<Vec<Vec<u8>>> {
-        let on_demand = urgency == Urgency::OnDemand;
-        let _on_demand = match urgency {
-            Urgency::OnDemand => Some(self.scheduler.fetching()),
-            Urgency::ReadAhead => None,
-            Urgency::Later => {
+        let on_demand = matches!(whom, For::Reader(_));
+        let _on_demand = match whom {
+            For::Reader(_) => Some(self.scheduler.fetching()),
+            For::ReadAhead => None,
+            For::Ahead => {
                 self.scheduler.make_way();
                 None
             }
@@ -791,7 +770,7 @@ impl Inner {
             .cache
             .get_or_fetch(&c.digest, || {
                 let bytes = self
-                    .fetch_range(c.offset..c.compressed_end, Urgency::OnDemand)
+                    .fetch_range(c.offset..c.compressed_end, For::Reader(&[c.digest]))
                     .map_err(|e| Error::io("fetching a chunk", e))?;
                 let data = self.decompress(ino, &bytes, c)?;
                 self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
