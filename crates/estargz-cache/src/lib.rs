@@ -506,22 +506,13 @@ impl ChunkCache {
                 return Some(f);
             }
         }
-        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = self
-            .tmp
-            .join(format!("{}.{}.{seq}", digest.hex(), std::process::id()));
-        let written = (|| -> std::io::Result<Option<(fs::File, u64)>> {
-            let mut out = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
+        let mut size = 0u64;
+        let written = self.write_file_with(digest, |out| {
             let mut hash = sha2::Sha256::new();
-            let mut size = 0u64;
             let mut buf = vec![0u8; 1 << 20];
             for part in parts {
                 let Some(mut f) = self.open_verified(part) else {
-                    return Ok(None);
+                    return Ok(false);
                 };
                 loop {
                     let n = f.read(&mut buf)?;
@@ -535,43 +526,16 @@ impl ChunkCache {
             }
             if Sha256Digest::from(hash) != *digest {
                 tracing::warn!(file = %digest, "a file's chunks do not hash to the digest its TOC gives; it is read through FUSE");
-                return Ok(None);
+                return Ok(false);
             }
-            if let Some(b) = &self.boot_id {
-                set_mark(&out, b);
-            }
-            Ok(Some((out, size)))
-        })();
-        let Ok(Some((_, size))) = written.map(|w| w.filter(|(_, n)| *n <= self.max_bytes)) else {
-            let _ = fs::remove_file(&tmp);
-            return None;
-        };
-        let dest = self.path_of(digest);
-        let placed = dest
-            .parent()
-            .map_or(Ok(()), private_dir)
-            .and_then(|_| fs::rename(&tmp, &dest));
-        if placed.is_err() {
-            let _ = fs::remove_file(&tmp);
+            Ok(size <= self.max_bytes)
+        });
+        if !matches!(written, Ok(true)) {
             return None;
         }
-        {
-            let mut idx = lock(&self.index);
-            let entry = Entry {
-                size,
-                verified: true,
-            };
-            if let Some(old) = idx.lru.put(*digest, entry) {
-                idx.usage -= old.size;
-            }
-            idx.usage += size;
-        }
-        self.counters.inserts.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .inserted_bytes
-            .fetch_add(size, Ordering::Relaxed);
+        self.indexed(digest, size);
         // Opened before eviction can take it: an open file outlives its name.
-        let file = fs::File::open(&dest).ok();
+        let file = fs::File::open(self.path_of(digest)).ok();
         self.evict_to(self.max_bytes);
         file
     }
@@ -592,32 +556,49 @@ impl ChunkCache {
         if size > self.max_bytes || self.contains(digest) {
             return;
         }
-        if let Err(e) = self.write_file(digest, data) {
+        let written = self.write_file_with(digest, |f| {
+            f.write_all(data)?;
+            Ok(true)
+        });
+        if let Err(e) = written {
             self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(chunk = %digest, error = %e,
                 "cannot store chunk in the cache (disk full or unwritable?); serving it uncached");
             return;
         }
+        self.indexed(digest, size);
+        self.evict_to(self.max_bytes);
+    }
+
+    /// Enters a file of `size` bytes just written for `digest` in the index, as trusted:
+    /// written by this process from verified bytes, which the page cache shows as written
+    /// for as long as this boot lasts. Counts the insert; eviction is the caller's.
+    fn indexed(&self, digest: &Sha256Digest, size: u64) {
         {
             let mut idx = lock(&self.index);
-            // Written by this process from verified bytes: the page cache shows them as
-            // written for as long as this boot lasts.
             let fresh = Entry {
                 size,
                 verified: true,
             };
-            if idx.lru.put(*digest, fresh).is_none() {
-                idx.usage += size;
+            if let Some(old) = idx.lru.put(*digest, fresh) {
+                idx.usage -= old.size;
             }
+            idx.usage += size;
         }
         self.counters.inserts.fetch_add(1, Ordering::Relaxed);
         self.counters
             .inserted_bytes
             .fetch_add(size, Ordering::Relaxed);
-        self.evict_to(self.max_bytes);
     }
 
-    fn write_file(&self, digest: &Sha256Digest, data: &[u8]) -> std::io::Result<()> {
+    /// Writes the cache file of `digest` under a temporary name with `fill`, marks it
+    /// verified for this boot and renames it into place, if `fill` says to keep it
+    /// (`Ok(true)`); otherwise, or on an error, removes it. Returns what `fill` said.
+    fn write_file_with(
+        &self,
+        digest: &Sha256Digest,
+        fill: impl FnOnce(&mut fs::File) -> std::io::Result<bool>,
+    ) -> std::io::Result<bool> {
         let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
         let tmp = self
             .tmp
@@ -641,7 +622,9 @@ impl ChunkCache {
                 }
                 other => other?,
             };
-            f.write_all(data)?;
+            if !fill(&mut f)? {
+                return Ok(false);
+            }
             if let Some(b) = &self.boot_id {
                 set_mark(&f, b);
             }
@@ -649,9 +632,10 @@ impl ChunkCache {
             if let Some(dir) = dest.parent() {
                 private_dir(dir)?;
             }
-            fs::rename(&tmp, &dest)
+            fs::rename(&tmp, &dest)?;
+            Ok(true)
         })();
-        if result.is_err() {
+        if !matches!(result, Ok(true)) {
             let _ = fs::remove_file(&tmp);
         }
         result
