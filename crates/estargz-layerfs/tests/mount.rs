@@ -188,7 +188,7 @@ struct Layer {
 impl Drop for Layer {
     /// A test that failed half way leaves no mount behind (a failed unmount included).
     fn drop(&mut self) {
-        let mnt = self._dir.path().join("mnt");
+        let mnt = self.mountpoint();
         drop(self.mounted.take());
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
         if mounts.lines().any(|l| l.split(' ').nth(1) == mnt.to_str()) {
@@ -263,7 +263,7 @@ fn synthetic_layer_reads_like_tar_x() {
         ..Default::default()
     };
     let mut layer = mount_layer(synthetic_tar(), &opts);
-    let mnt = layer.mounted.as_ref().unwrap().mountpoint().to_path_buf();
+    let mnt = layer.mountpoint();
     let n = assert_same_tree(&layer.extracted, &mnt, &layer.headers);
     assert!(n >= 36, "compared {n} paths");
     assert!(layer.cache.stats().inserts > 0);
@@ -281,7 +281,7 @@ fn real_rootfs_reads_like_tar_x() {
             ..Default::default()
         },
     );
-    let mnt = layer.mounted.as_ref().unwrap().mountpoint().to_path_buf();
+    let mnt = layer.mountpoint();
     let n = assert_same_tree(&layer.extracted, &mnt, &layer.headers);
     assert!(n > 2000, "compared {n} paths");
     // Large files were read back from the disk cache (there is no memory tier here).
@@ -318,6 +318,11 @@ fn drop_caches() {
 }
 
 impl Layer {
+    /// Where the layer is mounted.
+    fn mountpoint(&self) -> PathBuf {
+        self._dir.path().join("mnt")
+    }
+
     fn passthrough_opens(&self) -> u64 {
         let m = self.mounted.as_ref().unwrap();
         m.stats()
@@ -336,7 +341,7 @@ fn passthrough_on_and_off_read_the_same_bytes() {
     };
     for passthrough in [true, false] {
         let mut layer = mount_layer_with(synthetic_tar(), &small, &on_demand_only(passthrough));
-        let mnt = layer.mounted.as_ref().unwrap().mountpoint().to_path_buf();
+        let mnt = layer.mountpoint();
         // First pass: files read through FUSE (but for those whose chunk another file with
         // the same content made local first).
         assert_same_tree(&layer.extracted, &mnt, &layer.headers);
@@ -371,7 +376,7 @@ fn files_read_in_passthrough_mode_can_be_changed_in_a_container() {
         &ConvertOptions::default(),
         &on_demand_only(true),
     );
-    let mnt = layer.mounted.as_ref().unwrap().mountpoint().to_path_buf();
+    let mnt = layer.mountpoint();
     assert_same_tree(&layer.extracted, &mnt, &layer.headers);
     drop_caches();
     let ovl = Overlay::new(&[&mnt]);
@@ -444,7 +449,7 @@ fn a_file_whose_chunk_becomes_local_while_open_reads_the_same() {
         &ConvertOptions::default(),
         &on_demand_only(true),
     );
-    let mnt = layer.mounted.as_ref().unwrap().mountpoint().to_path_buf();
+    let mnt = layer.mountpoint();
     let (name, file) = layer
         .headers
         .iter()
@@ -504,12 +509,7 @@ fn a_large_local_file_is_assembled_in_the_background_and_then_passes_through() {
         &ConvertOptions::default(),
         &on_demand_only(true),
     );
-    let path = layer
-        .mounted
-        .as_ref()
-        .unwrap()
-        .mountpoint()
-        .join("model.bin");
+    let path = layer.mountpoint().join("model.bin");
     // First read: the chunks come from the blob, through FUSE.
     assert!(std::fs::read(&path).unwrap() == content);
     assert_eq!(layer.passthrough_opens(), 0);
@@ -551,7 +551,7 @@ fn a_layer_without_xattrs_has_none_through_overlayfs_and_copies_up() {
         &ConvertOptions::default(),
         &on_demand_only(true),
     );
-    let mnt = layer.mounted.as_ref().unwrap().mountpoint().to_path_buf();
+    let mnt = layer.mountpoint();
     assert_same_tree(&layer.extracted, &mnt, &layer.headers);
     let ovl = Overlay::new(&[&mnt]);
     let no_attribute = |path: &Path| {
@@ -613,7 +613,7 @@ fn a_layer_dropped_while_a_file_is_open_leaves_no_mount_behind() {
         &ConvertOptions::default(),
         &on_demand_only(true),
     );
-    let mnt = layer.mounted.as_ref().unwrap().mountpoint().to_path_buf();
+    let mnt = layer.mountpoint();
     let open = std::fs::File::open(mnt.join("data")).unwrap();
     drop(layer.mounted.take());
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
@@ -635,7 +635,7 @@ fn the_mount_reads_ahead_a_mebibyte() {
         &ConvertOptions::default(),
         &on_demand_only(false),
     );
-    let mnt = layer.mounted.as_ref().unwrap().mountpoint().to_path_buf();
+    let mnt = layer.mountpoint();
     let dev = std::fs::metadata(&mnt).unwrap().dev();
     let knob = format!(
         "/sys/class/bdi/{}:{}/read_ahead_kb",
