@@ -39,7 +39,7 @@ pub struct ConvertArgs {
     pub flags: ConvertFlags,
 }
 
-fn parse_platform(s: &str) -> Result<Platform> {
+pub(crate) fn parse_platform(s: &str) -> Result<Platform> {
     let parts: Vec<&str> = s.split('/').collect();
     let (os, arch, variant) = match parts.as_slice() {
         [os, arch] => (*os, *arch, None),
@@ -77,13 +77,18 @@ fn location(s: &str, create: bool) -> Result<Location> {
     Ok(Location::Registry(image))
 }
 
-struct Bars {
+pub(crate) struct Bars {
     multi: MultiProgress,
     quiet: bool,
     bars: Mutex<HashMap<Digest, ProgressBar>>,
 }
 
 impl Bars {
+    /// Removes every bar from the terminal.
+    pub fn clear(&self) {
+        let _ = self.multi.clear();
+    }
+
     fn start(&self, digest: &Digest, size: u64, verb: &str) {
         let short: String = digest.hex().chars().take(12).collect();
         let bar = bytes_bar(
@@ -150,10 +155,138 @@ impl Events for Bars {
     }
 }
 
+/// The two ends of a conversion as OCI layouts: an image in a registry is pulled into (or
+/// pushed from) a staging layout, removed afterwards unless it is the user's `--work-dir`.
+pub(crate) struct Endpoints {
+    src: Location,
+    dst: Location,
+    /// Exists when either end is a registry, or when asked for (`estargz optimize`).
+    pub staging: Option<OciLayout>,
+    _tmp: Option<tempfile::TempDir>,
+    pub runtime: tokio::runtime::Runtime,
+    client: Option<estargz_registry::RegistryClient>,
+    pub bars: Bars,
+}
+
+/// Blobs transferred at once to or from a registry.
+const PARALLEL_BLOBS: usize = 4;
+
+impl Endpoints {
+    /// Opens (or creates) the layouts of `src` and `dst`; `stage`: make a staging layout
+    /// even if neither is a registry.
+    pub fn open(
+        src: &str,
+        dst: &str,
+        registry: &crate::registry::RegistryFlags,
+        work_dir: Option<&std::path::Path>,
+        quiet: bool,
+        stage: bool,
+    ) -> Result<Endpoints> {
+        let src = location(src, false)?;
+        let dst = location(dst, true)?;
+        let uses_registry =
+            matches!(src, Location::Registry(_)) || matches!(dst, Location::Registry(_));
+        let (staging, tmp) = if uses_registry || stage {
+            let (dir, tmp) = match work_dir {
+                Some(d) => (d.to_path_buf(), None),
+                None => {
+                    let t = tempfile::tempdir().context("creating a staging directory")?;
+                    (t.path().to_path_buf(), Some(t))
+                }
+            };
+            let layout = OciLayout::open_or_create(&dir).context("creating the staging layout")?;
+            (Some(layout), tmp)
+        } else {
+            (None, None)
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        let client = match uses_registry {
+            true => Some(registry.client()?),
+            false => None,
+        };
+        Ok(Endpoints {
+            src,
+            dst,
+            staging,
+            _tmp: tmp,
+            runtime,
+            client,
+            bars: Bars {
+                multi: MultiProgress::new(),
+                quiet,
+                bars: Mutex::new(HashMap::new()),
+            },
+        })
+    }
+
+    /// The source as a layout and tag, pulled first (`platforms` only) if in a registry.
+    pub fn source(&self, platforms: &[Platform]) -> Result<(OciLayout, Option<String>)> {
+        match (&self.src, &self.staging, &self.client) {
+            (Location::Layout(l, t), _, _) => Ok((l.clone(), t.clone())),
+            (Location::Registry(image), Some(layout), Some(client)) => {
+                self.runtime
+                    .block_on(pull_to_layout(
+                        client,
+                        image,
+                        layout,
+                        "src",
+                        platforms,
+                        PARALLEL_BLOBS,
+                        &self.bars,
+                    ))
+                    .with_context(|| format!("pulling {image}"))?;
+                Ok((layout.clone(), Some("src".to_string())))
+            }
+            _ => unreachable!("a registry source always has a staging layout and a client"),
+        }
+    }
+
+    /// Where the converted image is written: the destination layout, or the staging
+    /// layout under the tag `dst` when it goes to a registry.
+    pub fn destination(&self) -> (OciLayout, Option<String>) {
+        match (&self.dst, &self.staging) {
+            (Location::Layout(l, t), _) => (l.clone(), t.clone()),
+            (Location::Registry(_), Some(layout)) => (layout.clone(), Some("dst".to_string())),
+            _ => unreachable!("a registry destination always has a staging layout"),
+        }
+    }
+
+    /// Pushes the converted image when the destination is a registry.
+    pub fn publish(&self) -> Result<()> {
+        let (Location::Registry(image), Some(client)) = (&self.dst, &self.client) else {
+            return Ok(());
+        };
+        // Within one registry, blobs the source repository has (kept layers) are mounted.
+        let mount_from = match &self.src {
+            Location::Registry(s)
+                if s.registry == image.registry && s.repository != image.repository =>
+            {
+                Some(s.repository.as_str())
+            }
+            _ => None,
+        };
+        let (layout, tag) = self.destination();
+        self.runtime
+            .block_on(push_from_layout(
+                client,
+                &layout,
+                tag.as_deref().unwrap_or("dst"),
+                image,
+                mount_from,
+                PARALLEL_BLOBS,
+                &self.bars,
+            ))
+            .with_context(|| format!("pushing {image}"))?;
+        Ok(())
+    }
+}
+
 /// `estargz convert`.
 pub fn convert(args: &ConvertArgs, quiet: bool) -> Result<ExitCode> {
-    let src = location(&args.src, false)?;
-    let dst = location(&args.dst, true)?;
     let platforms = args
         .platform
         .iter()
@@ -162,63 +295,18 @@ pub fn convert(args: &ConvertArgs, quiet: bool) -> Result<ExitCode> {
     let opts = ImageConvertOptions {
         layer: args.flags.options()?,
         platforms: platforms.clone(),
+        ..Default::default()
     };
-    let bars = Bars {
-        multi: MultiProgress::new(),
-        quiet: quiet || args.flags.json,
-        bars: Mutex::new(HashMap::new()),
-    };
-    let uses_registry =
-        matches!(src, Location::Registry(_)) || matches!(dst, Location::Registry(_));
-    // A staging layout for whatever lives in a registry; removed unless --work-dir.
-    let _tmp;
-    let staging = if uses_registry {
-        let dir = match &args.work_dir {
-            Some(d) => d.clone(),
-            None => {
-                let t = tempfile::tempdir().context("creating a staging directory")?;
-                let p = t.path().to_path_buf();
-                _tmp = t;
-                p
-            }
-        };
-        Some(OciLayout::open_or_create(&dir).context("creating the staging layout")?)
-    } else {
-        None
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let client = if uses_registry {
-        Some(args.registry.client()?)
-    } else {
-        None
-    };
-    let parallel = 4;
-    let (src_layout, src_tag) = match &src {
-        Location::Layout(l, t) => (l.clone(), t.clone()),
-        Location::Registry(image) => {
-            let (layout, client) = (
-                staging.as_ref().unwrap_or_else(|| unreachable!()),
-                client.as_ref().unwrap_or_else(|| unreachable!()),
-            );
-            runtime
-                .block_on(pull_to_layout(
-                    client, image, layout, "src", &platforms, parallel, &bars,
-                ))
-                .with_context(|| format!("pulling {image}"))?;
-            (layout.clone(), Some("src".to_string()))
-        }
-    };
-    let (dst_layout, dst_tag) = match &dst {
-        Location::Layout(l, t) => (l.clone(), t.clone()),
-        Location::Registry(_) => (
-            staging.clone().unwrap_or_else(|| unreachable!()),
-            Some("dst".to_string()),
-        ),
-    };
+    let ends = Endpoints::open(
+        &args.src,
+        &args.dst,
+        &args.registry,
+        args.work_dir.as_deref(),
+        quiet || args.flags.json,
+        false,
+    )?;
+    let (src_layout, src_tag) = ends.source(&platforms)?;
+    let (dst_layout, dst_tag) = ends.destination();
     let start = Instant::now();
     let report = convert_image(
         &src_layout,
@@ -226,33 +314,23 @@ pub fn convert(args: &ConvertArgs, quiet: bool) -> Result<ExitCode> {
         &dst_layout,
         dst_tag.as_deref(),
         &opts,
-        &bars,
+        &ends.bars,
     )
     .with_context(|| format!("converting {} to {}", args.src, args.dst))?;
-    if let (Location::Registry(image), Some(client)) = (&dst, &client) {
-        // Within one registry, blobs the source repository has (kept layers) are mounted.
-        let mount_from = match &src {
-            Location::Registry(s)
-                if s.registry == image.registry && s.repository != image.repository =>
-            {
-                Some(s.repository.as_str())
-            }
-            _ => None,
-        };
-        runtime
-            .block_on(push_from_layout(
-                client,
-                &dst_layout,
-                "dst",
-                image,
-                mount_from,
-                parallel,
-                &bars,
-            ))
-            .with_context(|| format!("pushing {image}"))?;
-    }
-    let _ = bars.multi.clear();
-    if args.flags.json {
+    ends.publish()?;
+    ends.bars.clear();
+    print_report(&report, &args.src, &args.dst, start, args.flags.json)
+}
+
+/// Prints what a conversion did: a table of layers, or JSON.
+pub(crate) fn print_report(
+    report: &estargz_convert::ImageReport,
+    src: &str,
+    dst: &str,
+    start: Instant,
+    json: bool,
+) -> Result<ExitCode> {
+    if json {
         let layers: Vec<_> = report
             .layers
             .iter()
@@ -295,9 +373,9 @@ pub fn convert(args: &ConvertArgs, quiet: bool) -> Result<ExitCode> {
     }
     println!(
         "converted {} ({} manifest(s)) -> {} {} in {:.1}s",
-        args.src,
+        src,
         report.manifests,
-        args.dst,
+        dst,
         report.root.digest,
         start.elapsed().as_secs_f64()
     );

@@ -5,9 +5,11 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod container;
 mod image;
 mod layer;
 mod mount;
+mod optimize;
 mod progress;
 mod registry;
 
@@ -67,6 +69,21 @@ enum Command {
     /// root and /dev/fuse. Progress is printed to stderr; Ctrl-C or SIGTERM unmounts everything.
     #[command(verbatim_doc_comment)]
     Mount(mount::MountArgs),
+    /// Run an image's workload, record the files it reads, and convert with them first.
+    ///
+    /// The image (SRC: a registry reference or oci:DIR[:TAG]) runs as a container with
+    /// runc, its entrypoint and command (or CMD after --) with its environment, working
+    /// directory and user, on its layers mounted lazily through FUSE, which record the
+    /// first touch of every file. It stops when the command exits, after --timeout, or
+    /// when a line of its output matches --wait-for; then the image is converted to DST
+    /// with each layer's recorded files prioritized (before .prefetch.landmark), so a
+    /// lazy start fetches them first. Needs root, /dev/fuse and runc.
+    ///
+    /// Example:
+    ///   estargz optimize registry:5000/app:1 registry:5000/app:1-esgz \
+    ///       --wait-for 'listening on' --record-out app-startup.txt
+    #[command(verbatim_doc_comment)]
+    Optimize(Box<optimize::OptimizeArgs>),
 }
 
 #[derive(Subcommand)]
@@ -77,7 +94,11 @@ enum LayerCommand {
 
 fn init_logging(cli: &Cli) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));
+        // fuser logs a reply to a request the kernel gave up on (its process was killed)
+        // as an error; that is routine for `estargz optimize` and `mount`.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(format!("{},fuser::reply=off", cli.log_level))
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -96,6 +117,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => layer::inspect(args),
         Command::Verify(args) => layer::verify(args, cli.quiet),
         Command::Mount(args) => mount::mount(args, cli.quiet),
+        Command::Optimize(args) => optimize::optimize(args, cli.quiet),
     };
     match result {
         Ok(code) => code,

@@ -51,7 +51,7 @@ pub struct MountArgs {
 }
 
 /// Unmounts the overlay on drop, even on errors.
-struct OverlayMount(PathBuf);
+pub(crate) struct OverlayMount(PathBuf);
 
 impl Drop for OverlayMount {
     fn drop(&mut self) {
@@ -61,7 +61,16 @@ impl Drop for OverlayMount {
     }
 }
 
-fn mount_overlay(lowers: &[PathBuf], upper: &Path, work: &Path, at: &Path) -> Result<OverlayMount> {
+/// Stacks `lowers` (lowest first) under `upper` at `at`. `inspect`: for looking at an
+/// image from the host, without its setuid binaries or device nodes taking effect; a
+/// container's root file system keeps them.
+pub(crate) fn mount_overlay(
+    lowers: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    at: &Path,
+    inspect: bool,
+) -> Result<OverlayMount> {
     let lower = lowers
         .iter()
         .rev()
@@ -86,8 +95,10 @@ fn mount_overlay(lowers: &[PathBuf], upper: &Path, work: &Path, at: &Path) -> Re
             src.as_ptr(),
             target.as_ptr(),
             fstype.as_ptr(),
-            // An image being inspected gets no setuid binaries or device nodes on the host.
-            libc::MS_NOSUID | libc::MS_NODEV,
+            match inspect {
+                true => libc::MS_NOSUID | libc::MS_NODEV,
+                false => 0,
+            },
             data.as_ptr().cast(),
         )
     };
@@ -205,7 +216,7 @@ pub fn mount(args: &MountArgs, quiet: bool) -> Result<ExitCode> {
         let (upper, workdir) = (work.path().join("upper"), work.path().join("work"));
         std::fs::create_dir_all(&upper)?;
         std::fs::create_dir_all(&workdir)?;
-        _overlay = mount_overlay(&lowers, &upper, &workdir, &args.dir)?;
+        _overlay = mount_overlay(&lowers, &upper, &workdir, &args.dir, true)?;
     }
     // The parsed TOCs are gone; only the compact indexes stay.
     estargz_layerfs::memory::release_freed_memory();

@@ -62,6 +62,10 @@ pub struct ImageConvertOptions {
     pub layer: ConvertOptions,
     /// Platforms to convert; empty means all. Other platforms are left out of the result.
     pub platforms: Vec<Platform>,
+    /// Prioritized files of particular source layers (by digest), in place of
+    /// `layer.prioritized_files`: what `estargz optimize` recorded in each layer. Such a
+    /// layer is converted again even if it already is eStargz.
+    pub prioritized_by_layer: HashMap<Digest, Vec<String>>,
 }
 
 /// What happened to one source layer.
@@ -287,7 +291,12 @@ impl Converter<'_> {
                 layer.digest, layer.media_type
             )));
         }
-        let (desc, report, diff) = match self.keep_estargz(layer, diff_id)? {
+        let reorder = self.opts.prioritized_by_layer.contains_key(&layer.digest);
+        let kept = match reorder {
+            true => None,
+            false => self.keep_estargz(layer, diff_id)?,
+        };
+        let (desc, report, diff) = match kept {
             Some(kept) => kept,
             None => self.convert_layer(layer, threads)?,
         };
@@ -442,10 +451,13 @@ impl Converter<'_> {
                 events: self.events,
                 source: &layer.digest,
             };
-            let options = estargz_format::ConvertOptions {
+            let mut options = estargz_format::ConvertOptions {
                 threads,
                 ..self.opts.layer.clone()
             };
+            if let Some(files) = self.opts.prioritized_by_layer.get(&layer.digest) {
+                options.prioritized_files = files.clone();
+            }
             let out = estargz_format::convert(
                 std::io::BufReader::with_capacity(1 << 20, input),
                 &mut buffered,

@@ -16,6 +16,7 @@ use fuser::{
     ReplyStatfs, ReplyXattr, Request, SessionACL,
 };
 
+use crate::record::AccessOp;
 use crate::scheduler::{adjacent, FetchScheduler};
 use crate::source::BlobSource;
 use crate::tree::{NodeKind, Tree};
@@ -263,6 +264,8 @@ pub struct Inner {
     /// A file larger than [`MAX_ASSEMBLED`] is being assembled in the background (one at
     /// a time per layer: each copies up to gigabytes).
     assembling: std::sync::atomic::AtomicBool,
+    /// Where first touches of files go, and this layer's index there (`estargz optimize`).
+    recorder: std::sync::OnceLock<(Arc<crate::record::AccessRecorder>, usize)>,
 }
 
 /// How an inode is open. The kernel keeps one I/O mode per inode: while any open reads
@@ -310,7 +313,15 @@ impl LayerFs {
             passthrough: Default::default(),
             opens: Default::default(),
             assembling: Default::default(),
+            recorder: Default::default(),
         }))
+    }
+
+    /// Reports the first touch of each regular file and symlink of this layer to
+    /// `recorder`, as layer number `layer` (its position in the image, lowest first).
+    /// Set once, before mounting; later calls are ignored.
+    pub fn record_into(&self, recorder: Arc<crate::record::AccessRecorder>, layer: usize) {
+        let _ = self.recorder.set((recorder, layer));
     }
 }
 
@@ -325,6 +336,35 @@ const PASSTHROUGH_FH: u64 = 1;
 const CACHED_FH: u64 = 2;
 
 impl Inner {
+    /// Tells the recorder, if any, that `ino` was touched by `op` (`read`: the bytes).
+    /// `name` is the name it was looked up by, under `parent` (a hardlink's path is the
+    /// one the workload used).
+    fn touch(
+        &self,
+        ino: u64,
+        op: AccessOp,
+        read: Option<std::ops::Range<u64>>,
+        name: Option<(u64, &str)>,
+    ) {
+        let Some((recorder, layer)) = self.recorder.get() else {
+            return;
+        };
+        let Some(node) = self.tree.node(ino) else {
+            return;
+        };
+        if !matches!(node.kind, NodeKind::File | NodeKind::Symlink) {
+            return;
+        }
+        recorder.touch(*layer, ino, op, read, || {
+            let path = match name {
+                Some((1, n)) => n.to_string(),
+                Some((parent, n)) => format!("{}/{n}", self.tree.path(parent)),
+                None => self.tree.path(ino),
+            };
+            (path, node.kind == NodeKind::Symlink, node.size)
+        });
+    }
+
     fn lock_opens(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Opens>> {
         self.opens.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -935,10 +975,13 @@ impl fuser::Filesystem for LayerFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let found = name
             .to_str()
-            .and_then(|n| self.tree.child(parent.0, n))
-            .and_then(|ino| self.attr(ino));
+            .and_then(|n| Some((n, self.tree.child(parent.0, n)?)))
+            .and_then(|(n, ino)| Some((n, ino, self.attr(ino)?)));
         match found {
-            Some(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Some((n, ino, attr)) => {
+                self.touch(ino, AccessOp::Lookup, None, Some((parent.0, n)));
+                reply.entry(&TTL, &attr, Generation(0))
+            }
             None => reply.error(Errno::ENOENT),
         }
     }
@@ -953,6 +996,7 @@ impl fuser::Filesystem for LayerFs {
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.tree.node(ino.0) {
             Some(n) if n.kind == NodeKind::Symlink => {
+                self.touch(ino.0, AccessOp::Readlink, None, None);
                 reply.data(self.tree.link_target(n).unwrap_or("").as_bytes())
             }
             Some(_) => reply.error(Errno::EINVAL),
@@ -989,6 +1033,7 @@ impl fuser::Filesystem for LayerFs {
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.tree.node(ino.0) {
             Some(n) if n.kind == NodeKind::File => {
+                self.touch(ino.0, AccessOp::Open, None, None);
                 if let Some(id) = self.passthrough_open(ino.0, n, &reply) {
                     self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
                     // No FOPEN_KEEP_CACHE: the kernel refuses it with passthrough (EIO); the
@@ -1034,6 +1079,8 @@ impl fuser::Filesystem for LayerFs {
                 self.stats
                     .read_bytes
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
+                let read = offset..offset + data.len() as u64;
+                self.touch(ino.0, AccessOp::Read, Some(read), None);
                 reply.data(&data)
             }
             Err(e) => {

@@ -15,6 +15,7 @@
 mod fetch;
 mod fs;
 pub mod memory;
+mod record;
 mod scheduler;
 mod source;
 mod tree;
@@ -23,6 +24,7 @@ pub use fetch::Progress;
 pub use fs::{
     detach, mount, Inner, LatencyHistogram, LayerFs, LayerStats, MountedLayer, NodeStats,
 };
+pub use record::{Access, AccessOp, AccessRecorder, MAX_RANGES};
 pub use scheduler::{
     FetchOptions, FetchScheduler, LinkEstimate, ReadGuard, MAX_BACKGROUND_REQUEST,
     MIN_BACKGROUND_REQUEST,

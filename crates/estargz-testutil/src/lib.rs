@@ -637,6 +637,17 @@ pub fn gzip(data: &[u8]) -> Vec<u8> {
 /// Writes an image (config + manifest) of the given layer tars into `layout`, alternating
 /// gzip and uncompressed layers; returns the manifest descriptor (with its platform).
 pub fn write_oci_image(layout: &OciLayout, layers: &[Vec<u8>], arch: &str) -> Descriptor {
+    write_oci_image_with(layout, layers, arch, r#"{"Env":["PATH=/bin"]}"#)
+}
+
+/// [`write_oci_image`] with `run_config` as the config's `config` object (Entrypoint,
+/// Cmd, Env, WorkingDir, User), as JSON.
+pub fn write_oci_image_with(
+    layout: &OciLayout,
+    layers: &[Vec<u8>],
+    arch: &str,
+    run_config: &str,
+) -> Descriptor {
     let mut descs = Vec::new();
     let mut diff_ids = Vec::new();
     for (i, tar) in layers.iter().enumerate() {
@@ -651,7 +662,7 @@ pub fn write_oci_image(layout: &OciLayout, layers: &[Vec<u8>], arch: &str) -> De
         descs.push(Descriptor::new(mt, d, s));
     }
     let config = format!(
-        "{{\"architecture\":\"{arch}\",\"os\":\"linux\",\"config\":{{\"Env\":[\"PATH=/bin\"]}},\
+        "{{\"architecture\":\"{arch}\",\"os\":\"linux\",\"config\":{run_config},\
          \"rootfs\":{{\"type\":\"layers\",\"diff_ids\":[{}]}},\"history\":[{{\"created_by\":\"test\"}}]}}",
         diff_ids.join(",")
     );
