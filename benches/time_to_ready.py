@@ -24,6 +24,11 @@ cache dropped right before the timed pull, create and run. Modes:
   lazy-warm  lazy-prio on a node whose chunk cache already holds the image (another
              image of the same content ran and was removed): a second node of a fleet
              sharing a cache volume, or a re-pull after GC
+  lazy-opt   ours, the image optimized by `estargz optimize SRC DST -- COMMAND` (the workload
+             run in a container on our lazily mounted layers, its files prioritized)
+  ref-opt    the reference, the image optimized by `ctr-remote image optimize --oci` with
+             the same command (its fanotify recording); both optimizers' times (pull,
+             optimize, push) are printed and stored as optimize_seconds
   lazy-ctr   ours on the reference's conversion (the `ref` image)
   ref-ours   the reference on our conversion (the `lazy` image)
 
@@ -86,13 +91,15 @@ MODES = {
     "lazy-prio": (OURS, "prio"),
     "ref-prio": (REF, "ref-prio"),
     "lazy-warm": (OURS, "prio"),
+    "lazy-opt": (OURS, "opt"),
+    "ref-opt": (REF, "ref-opt"),
     "lazy-ctr": (OURS, "ref"),
     "ref-ours": (REF, "lazy"),
 }
 # Image kinds converted per workload (with its prioritized files); the others per image.
-PER_WORKLOAD = ("prio", "ref-prio")
+PER_WORKLOAD = ("prio", "ref-prio", "opt", "ref-opt")
 # (ours, reference) compared in the ratio table.
-PAIRS = [("lazy", "ref"), ("lazy-prio", "ref-prio")]
+PAIRS = [("lazy", "ref"), ("lazy-prio", "ref-prio"), ("lazy-opt", "ref-opt")]
 # With --baseline BIN, our lazy modes also run with that build of the daemon, as MODE-base,
 # interleaved with the others: a comparison of two builds in one run.
 BASE = "-base"
@@ -106,17 +113,18 @@ def repo_tag(wl, kind):
 
 def prepare_images(reg, work, workloads, modes):
     """Pushes the images the workloads need to REG (a registry on loopback) and converts
-    them into the kinds MODES use. Returns each kind's image size (by repo:tag) and the
-    bytes of the files each workload opens."""
+    them into the kinds MODES use. Returns each kind's image size (by repo:tag), the
+    bytes of the files each workload opens, and the seconds each optimizer took (by
+    workload and kind)."""
     kinds = {MODES[m][1] for m in modes}
-    sizes, opened, done = {}, {}, set()
+    sizes, opened, optimized, done = {}, {}, {}, set()
     for wl in workloads:
         orig = f"{reg.addr}/{repo_tag(wl, 'orig')}"
         if orig not in done:
             _, sizes[repo_tag(wl, "orig")] = push_image(reg, work, WORKLOADS[wl][0])
             done.add(orig)
         prio = record = opened[wl] = None
-        if kinds & set(PER_WORKLOAD):
+        if kinds & {"prio", "ref-prio"}:
             if WORKLOADS[wl][0] == MODEL:
                 sys.exit("the model workload has no prioritized files: drop the *-prio modes")
             prio, record, opened[wl] = record_prioritized(reg, work, wl, orig)
@@ -128,13 +136,21 @@ def prepare_images(reg, work, workloads, modes):
             if kind in ("lazy", "prio"):
                 reg.cmd([ESTARGZ, "convert", orig, dst, "--quiet"]
                         + (["--prioritize", prio] if kind == "prio" else []))
+            elif kind == "opt":
+                t0 = time.monotonic()
+                reg.cmd([ESTARGZ, "optimize", orig, dst, "--quiet", "--", *WORKLOADS[wl][1]])
+                optimized.setdefault(wl, {})[kind] = time.monotonic() - t0
+            elif kind == "ref-opt":
+                out = run(["bash", SCRIPTS / "reference-optimize-registry.sh", orig, dst,
+                           *WORKLOADS[wl][1]])
+                optimized.setdefault(wl, {})[kind] = float(out.split()[-1])
             else:
                 run(["bash", SCRIPTS / "reference-convert-registry.sh", orig, dst],
                     env={"EXTRA_CONVERT_ARGS": f"--estargz-record-in {record}"
                          if kind == "ref-prio" else ""})
             sizes[repo_tag(wl, kind)] = image_bytes(reg, dst)
             done.add(dst)
-    return sizes, opened
+    return sizes, opened, optimized
 
 
 def record_prioritized(reg, work, wl, orig):
@@ -374,7 +390,7 @@ def main():
         # Images are prepared once, on loopback; every link's registry serves a copy.
         stage = Link("loopback", work / "stage")
         try:
-            sizes, opened = prepare_images(stage, work, workloads, modes)
+            sizes, opened, optimized = prepare_images(stage, work, workloads, modes)
         finally:
             stage.close()
         for name in links:
@@ -404,11 +420,18 @@ def main():
     rows, means = compare(samples, links, workloads, modes)
     (out / "time_to_ready.json").write_text(json.dumps(
         {"samples": samples, "comparison": rows, "geomeans": means, "image_bytes": sizes,
-         "opened_bytes": opened, "images": {wl: WORKLOADS[wl][0] for wl in workloads},
+         "opened_bytes": opened, "optimize_seconds": optimized, "images": {wl: WORKLOADS[wl][0] for wl in workloads},
          "modes": modes, "links": {name: {"rate": LINKS[name][0], "rtt_ms": LINKS[name][1]}
                                    for name in links}},
         indent=1))
     print_tables(samples, links, workloads, modes, sizes, opened, rows, means)
+    if optimized:
+        print("\nOptimizing (pull, run the workload, convert, push; seconds):\n")
+        print("| workload | estargz optimize | ctr-remote image optimize |")
+        print("|---|---|---|")
+        for wl, t in optimized.items():
+            cells = [f"{t[k]:.1f}" if k in t else "-" for k in ("opt", "ref-opt")]
+            print(f"| {wl} | {cells[0]} | {cells[1]} |")
     if failed:
         sys.exit(f"{failed} samples failed (errors above and in time_to_ready.json, logs in "
                  f"{out / 'logs'})")

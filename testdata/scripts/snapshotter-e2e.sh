@@ -6,6 +6,8 @@
 #  - an image converted by `estargz convert` and one converted by `ctr-remote` are pulled
 #    with `ctr-remote images rpull`, and run; the registry serves far fewer bytes than
 #    the image holds;
+#  - an image optimized by `estargz optimize` (python reading a file) lists the files read
+#    before each layer's landmark, and is pulled with `ctr-remote images rpull` and run;
 #  - a non-eStargz image, an image without TOC digest labels, and a plain `ctr pull`
 #    fall back to ordinary pulls and run; the metrics give the reasons;
 #  - a local user cannot reach the state directory or either socket (refused by peer
@@ -44,7 +46,7 @@ cleanup() {
 trap cleanup EXIT
 ok() { echo "ok - $*"; }
 # Namespaces of their own: runc keeps container state per namespace under /run/containerd.
-for ns in lazy ref fallback notoc plain; do eval "NS_$ns=e2e-$ns-$$"; done
+for ns in lazy ref opt fallback notoc plain; do eval "NS_$ns=e2e-$ns-$$"; done
 
 log "building a Debian image with python3, plus a layer with a 3 MB file"
 bash "$SCRIPTS_DIR/rootfs.sh" "$work/rootfs.tar" >&2
@@ -171,6 +173,26 @@ ref_bytes=$(( $(served) - before ))
 [ "$ref_bytes" -lt $(( image_size / 2 )) ] || die "lazy pull of the ctr-remote image fetched $ref_bytes bytes"
 ok "ctr-remote image: rpull + run python, registry served $ref_bytes bytes"
 
+log "estargz optimize: record a python start in a container, rpull the result with ctr-remote, run it"
+"$E" optimize "$addr/e2e:orig" "$addr/e2e:opt" --quiet --record-out "$work/opt.txt" \
+    -- /usr/bin/python3.11 -c 'print(open("/srv/hello.txt").read().strip())' >&2
+for f in usr/bin/python3.11 srv/hello.txt; do
+    grep -qx "$f" "$work/opt.txt" || die "optimize did not record $f: $(cat "$work/opt.txt")"
+done
+! grep -qx srv/big.bin "$work/opt.txt" || die "optimize recorded a file python never read"
+# Each layer of the result lists what was read from it before its landmark.
+curl -sf -H 'Accept: application/vnd.oci.image.manifest.v1+json' "http://$addr/v2/e2e/manifests/opt" \
+    | python3 -c 'import json,sys; print("\n".join(l["digest"] for l in json.load(sys.stdin)["layers"]))' > "$work/opt-layers"
+[ "$(wc -l < "$work/opt-layers")" = 2 ] || die "the optimized image has $(wc -l < "$work/opt-layers") layers"
+curl -sf -o "$work/opt-app.esgz" "http://$addr/v2/e2e/blobs/$(sed -n 2p "$work/opt-layers")"
+"$E" inspect "$work/opt-app.esgz" > "$work/opt-app.txt"
+grep -qx '  srv/hello.txt' "$work/opt-app.txt" || die "srv/hello.txt is not prioritized: $(cat "$work/opt-app.txt")"
+! grep -qx '  srv/big.bin' "$work/opt-app.txt" || die "srv/big.bin is prioritized"
+ctr-remote -a "$sock" -n "$NS_opt" images rpull --plain-http --snapshotter estargz "$addr/e2e:opt" >&2
+out=$(run_in "$NS_opt" "$addr/e2e:opt" /usr/bin/python3.11 -c 'print(open("/srv/hello.txt").read().strip())')
+[ "$out" = "from the second layer" ] || die "python printed: $out"
+ok "estargz optimize: python's files recorded and prioritized per layer; ctr-remote rpull + run"
+
 log "fallbacks"
 ctr-remote -a "$sock" -n "$NS_fallback" images rpull --plain-http --snapshotter estargz "$addr/e2e:orig" >&2
 out=$(run_in "$NS_fallback" "$addr/e2e:orig" /bin/cat /srv/hello.txt)
@@ -226,12 +248,12 @@ log "removal and garbage collection"
 c -n "$NS_lazy" task kill -s KILL keeper >&2 || true
 for _ in $(seq 1 50); do c -n "$NS_lazy" task ls | grep keeper >/dev/null || break; c -n "$NS_lazy" task delete keeper >/dev/null 2>&1 || true; sleep 0.1; done
 c -n "$NS_lazy" containers rm keeper >&2
-for ns in "$NS_lazy" "$NS_ref" "$NS_fallback" "$NS_notoc" "$NS_plain"; do
+for ns in "$NS_lazy" "$NS_ref" "$NS_opt" "$NS_fallback" "$NS_notoc" "$NS_plain"; do
     for img in $(c -n "$ns" images ls -q); do c -n "$ns" images rm --sync "$img" >&2; done
 done
 for _ in $(seq 1 100); do
     left=0
-    for ns in "$NS_lazy" "$NS_ref" "$NS_fallback" "$NS_notoc" "$NS_plain"; do
+    for ns in "$NS_lazy" "$NS_ref" "$NS_opt" "$NS_fallback" "$NS_notoc" "$NS_plain"; do
         left=$(( left + $(c -n "$ns" snapshots --snapshotter estargz ls | tail -n +2 | wc -l) ))
     done
     [ "$left" = 0 ] && [ "$(fuse_mounts)" = 0 ] && break

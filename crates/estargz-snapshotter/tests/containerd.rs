@@ -25,7 +25,7 @@ fn containerd_end_to_end() {
     print!("{out}");
     assert_eq!(
         out.lines().filter(|l| l.starts_with("ok - ")).count(),
-        10,
+        11,
         "{out}"
     );
 }
