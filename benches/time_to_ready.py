@@ -29,6 +29,8 @@ cache dropped right before the timed pull, create and run. Modes:
   ref-opt    the reference, the image optimized by `ctr-remote image optimize --oci` with
              the same command (its fanotify recording); both optimizers' times (pull,
              optimize, push) are printed and stored as optimize_seconds
+  ref-ours-opt, lazy-ctr-opt  the reference on the image `estargz optimize` made, ours on
+             the one `ctr-remote image optimize` made
   lazy-ctr   ours on the reference's conversion (the `ref` image)
   ref-ours   the reference on our conversion (the `lazy` image)
 
@@ -93,6 +95,8 @@ MODES = {
     "lazy-warm": (OURS, "prio"),
     "lazy-opt": (OURS, "opt"),
     "ref-opt": (REF, "ref-opt"),
+    "ref-ours-opt": (REF, "opt"),
+    "lazy-ctr-opt": (OURS, "ref-opt"),
     "lazy-ctr": (OURS, "ref"),
     "ref-ours": (REF, "lazy"),
 }

@@ -239,12 +239,13 @@ fn watch_signals(
     rx
 }
 
-/// Files recorded per layer (by index), regular files only (what prefetch fetches), in the
-/// order of first touch.
+/// The files to prioritize, with their layers, in the order of first touch: regular files
+/// whose content the workload opened or read (prefetch fetches content; a file only
+/// looked up needs none, and its bytes would delay the ones that are needed).
 fn prioritized(accesses: &[Access]) -> Vec<(usize, &Access)> {
     accesses
         .iter()
-        .filter(|a| !a.symlink)
+        .filter(|a| !a.symlink && a.opened)
         .map(|a| (a.layer, a))
         .collect()
 }
@@ -418,6 +419,7 @@ pub fn optimize(args: &OptimizeArgs, quiet: bool) -> Result<ExitCode> {
             "accesses": accesses.iter().map(|a| json!({
                 "layer": a.layer, "path": a.path, "symlink": a.symlink, "size": a.size,
                 "firstAccessMs": a.first.as_secs_f64() * 1000.0, "firstOp": a.first_op.as_str(),
+                "opened": a.opened,
                 "ranges": a.ranges.iter().map(|r| [r.start, r.end]).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         });

@@ -53,13 +53,13 @@ fn record(dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(dir.join("record.json")).unwrap()).unwrap()
 }
 
-/// Regular files recorded in `layer`, in order.
+/// Regular files recorded as opened in `layer`, in order.
 fn recorded(record: &serde_json::Value, layer: u64) -> Vec<String> {
     record["accesses"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|a| a["layer"] == layer && a["symlink"] == false)
+        .filter(|a| a["layer"] == layer && a["symlink"] == false && a["opened"] == true)
         .map(|a| a["path"].as_str().unwrap().to_string())
         .collect()
 }

@@ -53,6 +53,9 @@ pub struct Access {
     pub first: Duration,
     /// What touched it first.
     pub first_op: AccessOp,
+    /// It was opened or read at some point, not only looked up (a stat, or a search for a
+    /// module that found another file first): its content is needed.
+    pub opened: bool,
     /// Byte ranges read through FUSE, sorted and merged (at most [`MAX_RANGES`]; closer
     /// ranges are merged beyond that). The kernel reads ahead, so these are what it asked
     /// for, a little more than the workload did.
@@ -133,12 +136,16 @@ impl AccessRecorder {
                     size,
                     first,
                     first_op: op,
+                    opened: false,
                     ranges: Vec::new(),
                 });
                 state.seen.insert((layer, ino), i);
                 i
             }
         };
+        if matches!(op, AccessOp::Open | AccessOp::Read) {
+            state.accesses[at].opened = true;
+        }
         if let Some(r) = read.filter(|r| r.start < r.end) {
             add_range(&mut state.accesses[at].ranges, r);
         }
@@ -199,20 +206,30 @@ mod tests {
         rec.touch(0, 5, AccessOp::Lookup, None, || ("early".into(), false, 1));
         rec.start();
         rec.touch(1, 7, AccessOp::Open, None, || ("b".into(), false, 9));
-        rec.touch(0, 5, AccessOp::Read, Some(0..4), || ("a".into(), false, 4));
+        rec.touch(0, 5, AccessOp::Lookup, None, || ("a".into(), false, 4));
+        rec.touch(0, 6, AccessOp::Lookup, None, || {
+            ("stat only".into(), false, 4)
+        });
+        rec.touch(0, 5, AccessOp::Read, Some(0..4), || unreachable!());
         rec.touch(1, 7, AccessOp::Read, Some(0..9), || unreachable!());
         rec.stop();
         rec.touch(0, 8, AccessOp::Lookup, None, || ("late".into(), false, 1));
         let got = rec.accesses();
-        assert_eq!(got.len(), 2);
+        let summary: Vec<_> = got
+            .iter()
+            .map(|a| (a.layer, a.path.as_str(), a.first_op, a.opened))
+            .collect();
         assert_eq!(
-            (got[0].layer, got[0].path.as_str(), got[0].first_op),
-            (1, "b", AccessOp::Open)
+            summary,
+            [
+                (1, "b", AccessOp::Open, true),
+                (0, "a", AccessOp::Lookup, true),
+                (0, "stat only", AccessOp::Lookup, false)
+            ]
         );
-        assert_eq!(got[0].ranges, vec![0..9]);
         assert_eq!(
-            (got[1].layer, got[1].path.as_str(), got[1].first_op),
-            (0, "a", AccessOp::Read)
+            (got[0].ranges.clone(), got[1].ranges.clone()),
+            (vec![0..9], vec![0..4])
         );
     }
 }
