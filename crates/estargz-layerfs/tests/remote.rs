@@ -700,10 +700,14 @@ fn a_sequential_reader_keeps_several_requests_in_flight() {
 fn prefetch_makes_way_for_on_demand_reads() {
     let r = Remote::start();
     let big = noise(6 << 20, 11);
-    let small = noise(20_000, 12);
+    // One chunk of 1 MiB: the read's request lasts long enough (a few hundred ms beside
+    // the prefetch's) for prefetch requests in flight to end during it, and for new ones
+    // to start if nothing held them back.
+    let small = noise(1 << 20, 12);
     let tar = files_tar(&[("data/big", &big), ("z/small", &small)]);
     let opts = ConvertOptions {
         prioritized_files: vec!["data/big".into()],
+        chunk_size: 1 << 20,
         ..small_opts()
     };
     let blob = r.push(&tar, &opts);
@@ -728,6 +732,9 @@ fn prefetch_makes_way_for_on_demand_reads() {
             .count()
             >= 2
     });
+    // Half way through them (each takes about 0.5 s): they end while the read's request
+    // is in flight, and without making way the workers would send the next ones then.
+    std::thread::sleep(Duration::from_millis(250));
     let (log, read) = read_logged(&r, &m, before + toc_requests, "z/small", &small);
     let started_during: Vec<_> = log
         .iter()
