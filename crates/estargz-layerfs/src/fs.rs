@@ -971,6 +971,19 @@ fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
     }
 }
 
+/// `statvfs` of the chunk cache's directory.
+fn cache_fs_stats(root: &Path) -> io::Result<libc::statvfs> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(root.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: a NUL-terminated path and a zeroed struct the call fills in.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(s)
+}
+
 impl fuser::Filesystem for LayerFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let found = name
@@ -1240,16 +1253,34 @@ impl fuser::Filesystem for LayerFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        reply.statfs(
-            self.tree.total_size.div_ceil(4096),
-            0,
-            0,
-            self.tree.len() as u64,
-            0,
-            4096,
-            255,
-            4096,
-        )
+        // The chunk cache's file system is where this layer's content lands: its capacity
+        // and free space are what tools (kubelet's image file system stats, `df`) need.
+        // Zeros make kubelet report InvalidDiskCapacity.
+        match cache_fs_stats(self.cache.root()) {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => {
+                tracing::debug!(error = %e, "statvfs of the chunk cache failed; reporting the layer's size");
+                reply.statfs(
+                    self.tree.total_size.div_ceil(4096),
+                    0,
+                    0,
+                    self.tree.len() as u64,
+                    0,
+                    4096,
+                    255,
+                    4096,
+                )
+            }
+        }
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {

@@ -625,6 +625,43 @@ fn a_layer_dropped_while_a_file_is_open_leaves_no_mount_behind() {
     drop(open);
 }
 
+/// `statfs` of a layer reports the chunk cache's file system (kubelet and `df` read
+/// capacity and free space from it; zeros are "InvalidDiskCapacity").
+#[test]
+fn statfs_reports_the_chunk_caches_file_system() {
+    let layer = mount_layer_with(
+        estargz_testutil::files_tar(&[("data", b"x")]),
+        &ConvertOptions::default(),
+        &on_demand_only(false),
+    );
+    let statvfs = |p: &Path| {
+        let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path and a zeroed struct the call fills in.
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(
+            unsafe { libc::statvfs(c.as_ptr(), &mut s) },
+            0,
+            "{}",
+            p.display()
+        );
+        s
+    };
+    let (ours, cache) = (statvfs(&layer.mountpoint()), statvfs(layer.cache.root()));
+    assert!(ours.f_blocks > 0 && ours.f_bavail > 0 && ours.f_files > 0);
+    assert_eq!(
+        (ours.f_blocks, ours.f_bsize, ours.f_frsize, ours.f_files),
+        (cache.f_blocks, cache.f_bsize, cache.f_frsize, cache.f_files)
+    );
+    // Free space moves with other writers on the disk; it is the same file system's.
+    let near = |a: u64, b: u64| a.abs_diff(b) < cache.f_blocks / 100;
+    assert!(
+        near(ours.f_bavail, cache.f_bavail),
+        "{} vs {}",
+        ours.f_bavail,
+        cache.f_bavail
+    );
+}
+
 /// Reads that go through FUSE arrive in requests of up to 1 MiB: the mount's kernel
 /// read-ahead is raised from the default 128 KiB.
 #[test]
