@@ -93,7 +93,7 @@ bench: deps build bench-venv
 bench-quick: deps build bench-venv
 	mkdir -p target/bench
 	python3 benches/time_to_ready.py --samples 2 --workloads python3,python-imports --links 100mbit \
-		--modes ordinary,lazy,ref,lazy-prio,ref-prio --out target/bench | tee target/bench/time_to_ready.md
+		--modes ordinary,lazy,ref,lazy-prio,ref-prio,lazy-opt,ref-opt --out target/bench | tee target/bench/time_to_ready.md
 	$(BENCH_PY) benches/plot.py target/bench/time_to_ready.json target/bench/time_to_ready.png
 	python3 benches/reads.py --samples 1 --links loopback --out target/bench | tee target/bench/reads.md
 

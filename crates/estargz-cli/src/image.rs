@@ -223,6 +223,11 @@ impl Endpoints {
         })
     }
 
+    /// The staging directory when it is temporary (not the user's `--work-dir`).
+    pub fn temporary_staging(&self) -> Option<&std::path::Path> {
+        self._tmp.as_ref().map(|t| t.path())
+    }
+
     /// The source as a layout and tag, pulled first (`platforms` only) if in a registry.
     pub fn source(&self, platforms: &[Platform]) -> Result<(OciLayout, Option<String>)> {
         match (&self.src, &self.staging, &self.client) {

@@ -208,11 +208,13 @@ fn mount_image(
 }
 
 /// Turns SIGINT and SIGTERM into `true` on the returned channel while `guarded` (mounts or
-/// a container exist, and are cleaned up by whoever watches it); otherwise exits at once
-/// with 130, as an unhandled Ctrl-C would.
+/// a container exist, and are cleaned up by whoever watches it); otherwise removes
+/// `scratch` (a temporary staging directory) and exits at once with 130, as an unhandled
+/// Ctrl-C would.
 fn watch_signals(
     runtime: &tokio::runtime::Runtime,
     guarded: Arc<AtomicBool>,
+    scratch: Option<PathBuf>,
 ) -> tokio::sync::watch::Receiver<bool> {
     let (tx, rx) = tokio::sync::watch::channel(false);
     runtime.spawn(async move {
@@ -232,6 +234,9 @@ fn watch_signals(
                 let _ = tx.send(true);
             } else {
                 eprintln!("interrupted");
+                if let Some(dir) = &scratch {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
                 std::process::exit(130);
             }
         }
@@ -280,7 +285,11 @@ pub fn optimize(args: &OptimizeArgs, quiet: bool) -> Result<ExitCode> {
         true,
     )?;
     let guarded = Arc::new(AtomicBool::new(false));
-    let interrupted = watch_signals(&ends.runtime, guarded.clone());
+    let interrupted = watch_signals(
+        &ends.runtime,
+        guarded.clone(),
+        ends.temporary_staging().map(Path::to_path_buf),
+    );
     let staging = ends
         .staging
         .clone()

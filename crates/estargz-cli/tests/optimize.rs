@@ -148,13 +148,14 @@ fn the_files_a_container_reads_come_first_in_the_layer_it_read_them_from() {
     let src = image(
         d,
         r#"{"Env":["PATH=/usr/bin:/bin","GREETING=hi"],"WorkingDir":"/app",
-            "Cmd":["/bin/sh","-c","cat b a /etc/debian_version > /dev/null && test \"$GREETING\" = hi"]}"#,
+            "Cmd":["/bin/sh","-c","cat b a /etc/debian_version > /dev/null && test \"$GREETING\" = hi && test $(wc -l < /proc/net/dev) = 3"]}"#,
     );
     let work = work_dir(d);
     let out = optimize(&src, d, &["--work-dir", work.to_str().unwrap()]);
     success(&out);
     let rec = record(d);
     assert_eq!(rec["stopped"], "exited", "{rec}");
+    // The checks: environment, working directory, a network of its own (loopback only).
     assert_eq!(
         rec["exitCode"],
         0,
@@ -221,30 +222,49 @@ fn a_workload_that_never_exits_is_stopped_by_the_timeout() {
 fn a_server_is_stopped_once_its_ready_line_appears() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    // The image's command is replaced by the one after --.
+    // The image's command is replaced by the one after --; a bind mount, the working
+    // directory and the host's network are the user's.
     let src = image(d, r#"{"Cmd":["/bin/false"]}"#);
     let work = work_dir(d);
+    let host = d.join("host");
+    std::fs::create_dir(&host).unwrap();
+    std::fs::write(host.join("msg"), "hello from the host\n").unwrap();
+    let net_dev_lines = std::fs::read_to_string("/proc/net/dev")
+        .unwrap()
+        .lines()
+        .count();
     let out = optimize(
         &src,
         d,
         &[
             "--timeout",
-            "10m",
+            "60s",
             "--wait-for",
             "is ready$",
             "--env",
             "PATH=/usr/bin:/bin",
+            "--env",
+            &format!("HOST_NET_DEV_LINES={net_dev_lines}"),
+            "--mount",
+            &format!("{}:/data:ro", host.display()),
+            "--workdir",
+            "/data",
+            "--net",
+            "host",
             "--work-dir",
             work.to_str().unwrap(),
             "--",
             "/bin/sh",
             "-c",
-            "cat /app/b; echo server is ready; cat /app/c; exec sleep 987652",
+            "cat /app/b msg && test $(wc -l < /proc/net/dev) = $HOST_NET_DEV_LINES \
+             && echo server is ready; cat /app/c; exec sleep 987652",
         ],
     );
     success(&out);
     let rec = record(d);
-    assert_eq!(rec["stopped"], "matched", "{rec}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(rec["stopped"], "matched", "{rec}\n{stderr}");
+    assert!(stderr.contains("  | hello from the host\n"), "{stderr}");
     assert_eq!(recorded(&rec, 1)[0], "app/b");
     assert_clean(&work, "sleep 987652");
 }
