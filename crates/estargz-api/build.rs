@@ -4,7 +4,8 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
     let file = root.join("containerd/services/snapshots/v1/snapshots.proto");
-    let descriptors = protox::compile([&file], [&root])?;
+    let cri = root.join("k8s/cri/runtime/v1/api.proto");
+    let descriptors = protox::compile([&file, &cri], [&root])?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -4,6 +4,8 @@
 # Starts a private containerd (never the system one) with root DIR/root, state DIR/state,
 # socket DIR/containerd.sock and config DIR/config.toml; logs to DIR/containerd.log. `stop`
 # ends that containerd only and unmounts whatever is still mounted under DIR.
+# CONTAINERD_EXTRA_CONFIG is appended to the config. The CRI plugin is disabled unless
+# CONTAINERD_CRI_CONFIG (its configuration, appended too) is set.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -30,11 +32,13 @@ start)
         die "a containerd started by this script is already running for $dir"
     fi
     mkdir -p "$dir/root" "$dir/state"
+    cri_disabled='"io.containerd.grpc.v1.cri", '
+    [ -z "${CONTAINERD_CRI_CONFIG:-}" ] || cri_disabled=
     cat > "$dir/config.toml" <<TOML
 version = 2
 root = "$dir/root"
 state = "$dir/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt",
+disabled_plugins = [${cri_disabled}"io.containerd.internal.v1.opt",
   "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
   "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs",
   "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
@@ -47,6 +51,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"
 [metrics]
   address = ""
 ${CONTAINERD_EXTRA_CONFIG:-}
+${CONTAINERD_CRI_CONFIG:-}
 TOML
     containerd --config "$dir/config.toml" >"$dir/containerd.log" 2>&1 &
     echo $! > "$dir/containerd.pid"

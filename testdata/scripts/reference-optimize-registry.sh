@@ -17,7 +17,7 @@ shift 2
 json() { python3 -c 'import json,sys; print(json.dumps(sys.argv[1:]))' "$@"; }
 work=$(mktemp -d /tmp/esgz-refopt.XXXXXX)
 start_private_containerd "$work"
-ns=estargz-refopt-$$
+ns=estargz-refopt
 start=$(date +%s.%N)
 ctr -a "$sock" -n "$ns" images pull --plain-http "$src" >&2
 # shellcheck disable=SC2086

@@ -1,0 +1,384 @@
+//! Kubernetes' path, end to end: containerd's CRI plugin (a private containerd, its CRI
+//! configured with `snapshotter = "estargz"` and `disable_snapshot_annotations = false`)
+//! driven over the CRI gRPC API the way kubelet drives it: PullImage, RunPodSandbox,
+//! CreateContainer, StartContainer, ContainerStatus, stop and remove. The sandbox (pause)
+//! image is built here and served by the test registry. An eStargz image's layers are
+//! mounted lazily and the container prints what it should; a plain image falls back to an
+//! ordinary pull and runs too. Needs root, FUSE, overlayfs, containerd, runc and skopeo.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use estargz_api::cri::{
+    image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
+    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
+    CreateContainerRequest, ImageSpec, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
+    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PullImageRequest,
+    RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
+    StopContainerRequest, StopPodSandboxRequest,
+};
+use estargz_oci::{OciLayout, Platform};
+use estargz_testutil::{
+    files_tar, real_rootfs_tar, run_script, write_oci_image_with, TestRegistry,
+};
+use tonic::transport::Channel;
+
+/// Our daemon and a private containerd with the CRI plugin, stopped (everything unmounted)
+/// when dropped.
+struct Node {
+    dir: PathBuf,
+    metrics: String,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for log in ["c/containerd.log", "snapshotter.log"] {
+                let text = std::fs::read_to_string(self.dir.join(log)).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                eprintln!("--- {log} (last lines) ---");
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+        let _ = Command::new("bash")
+            .arg(estargz_testutil::scripts_dir().join("snapshotter.sh"))
+            .arg("stop")
+            .arg(&self.dir)
+            .env("SNAPSHOTTER", env!("CARGO_BIN_EXE_estargz-snapshotter"))
+            .output();
+    }
+}
+
+impl Node {
+    fn start(dir: &Path, registry: &str) -> Node {
+        let certs = dir.join("certs.d").join(registry);
+        std::fs::create_dir_all(&certs).unwrap();
+        std::fs::write(
+            certs.join("hosts.toml"),
+            format!(
+                "server = \"http://{registry}\"\n[host.\"http://{registry}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+            ),
+        )
+        .unwrap();
+        for d in ["cni/bin", "cni/net.d"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        let cri = format!(
+            r#"[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{registry}/pause:1"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  # Sandboxes get oom_score_adj -998, which needs CAP_SYS_RESOURCE: test machines that run
+  # in a container may not have it (runc then fails with "can't get final child's PID").
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "estargz"
+    disable_snapshot_annotations = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{d}/cni/bin"
+    conf_dir = "{d}/cni/net.d"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{d}/certs.d"
+"#,
+            d = dir.display()
+        );
+        let node = dir.join("n");
+        let metrics = run_script(
+            "snapshotter.sh",
+            &[std::ffi::OsStr::new("start"), node.as_os_str()],
+            &[
+                ("SNAPSHOTTER", env!("CARGO_BIN_EXE_estargz-snapshotter")),
+                ("CONTAINERD_CRI_CONFIG", &cri),
+            ],
+        );
+        Node {
+            dir: node,
+            metrics: metrics.trim().to_string(),
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("c/containerd.sock")
+    }
+
+    /// The sum of a metric over its labels.
+    fn metric(&self, name: &str) -> f64 {
+        let mut s = std::net::TcpStream::connect(&self.metrics).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body.lines()
+            .filter(|l| l.split([' ', '{']).next() == Some(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    fn lazy_mounts(&self) -> usize {
+        let prefix = format!("{}/root/snapshots/", self.dir.display());
+        std::fs::read_to_string("/proc/self/mounts")
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                let mut f = l.split(' ');
+                let (at, fstype) = (f.nth(1).unwrap_or(""), f.next().unwrap_or(""));
+                at.starts_with(&prefix) && fstype.starts_with("fuse")
+            })
+            .count()
+    }
+}
+
+async fn channel(socket: &Path) -> Channel {
+    let path = socket.to_path_buf();
+    tonic::transport::Endpoint::try_from("http://[::]:0")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }))
+        .await
+        .expect("connecting to containerd's CRI service")
+}
+
+/// Pushes the image in `layout` under `tag` to `dst` as it is (skopeo).
+fn push_plain(layout: &Path, tag: &str, dst: &str) {
+    let out = Command::new("skopeo")
+        .args(["copy", "-q", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:{tag}", layout.display()))
+        .arg(format!("docker://{dst}"))
+        .output()
+        .expect("skopeo must be installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sandbox_config(name: &str, logs: &Path) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        log_directory: logs.display().to_string(),
+        // The node's network: no CNI plugin is needed.
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Node as i32,
+                    pid: NamespaceMode::Container as i32,
+                    ipc: NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Pulls `image` and runs `command` in a pod of its own as kubelet would; returns what
+/// the container wrote (from its CRI log) after it exited 0, and removes pod and container.
+async fn run_pod(node: &Node, name: &str, image: &str, command: &[&str], logs: &Path) -> String {
+    let ch = channel(&node.socket()).await;
+    let (mut images, mut runtime) = (
+        ImageServiceClient::new(ch.clone()),
+        RuntimeServiceClient::new(ch),
+    );
+    let sandbox = sandbox_config(name, &logs.join(name));
+    std::fs::create_dir_all(logs.join(name)).unwrap();
+    let pulled = images
+        .pull_image(PullImageRequest {
+            image: Some(ImageSpec {
+                image: image.into(),
+                ..Default::default()
+            }),
+            auth: None,
+            sandbox_config: Some(sandbox.clone()),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("PullImage {image}: {e}"))
+        .into_inner();
+    assert!(!pulled.image_ref.is_empty());
+    let pod = runtime
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(sandbox.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}"))
+        .into_inner()
+        .pod_sandbox_id;
+    let container = runtime
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(ContainerConfig {
+                metadata: Some(ContainerMetadata {
+                    name: "app".into(),
+                    attempt: 0,
+                }),
+                image: Some(ImageSpec {
+                    image: pulled.image_ref.clone(),
+                    ..Default::default()
+                }),
+                command: command.iter().map(|s| s.to_string()).collect(),
+                log_path: "app.log".into(),
+                ..Default::default()
+            }),
+            sandbox_config: Some(sandbox),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer: {e}"))
+        .into_inner()
+        .container_id;
+    runtime
+        .start_container(StartContainerRequest {
+            container_id: container.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        let status = runtime
+            .container_status(ContainerStatusRequest {
+                container_id: container.clone(),
+                verbose: false,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("ContainerStatus: {e}"))
+            .into_inner()
+            .status
+            .expect("a status");
+        if status.state == ContainerState::ContainerExited as i32 {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the container did not exit: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // CRI log lines: "TIME STREAM TAG content".
+    let log = std::fs::read_to_string(logs.join(name).join("app.log")).unwrap_or_default();
+    let output: String = log
+        .lines()
+        .filter_map(|l| l.splitn(4, ' ').nth(3))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(status.exit_code, 0, "{status:?}\n{log}");
+    runtime
+        .stop_container(StopContainerRequest {
+            container_id: container.clone(),
+            timeout: 0,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StopContainer: {e}"));
+    runtime
+        .remove_container(RemoveContainerRequest {
+            container_id: container,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RemoveContainer: {e}"));
+    runtime
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StopPodSandbox: {e}"));
+    runtime
+        .remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}"));
+    output
+}
+
+#[test]
+fn kubelets_path_through_containerds_cri_mounts_estargz_layers_lazily() {
+    let estargz = Path::new(env!("CARGO_BIN_EXE_estargz-snapshotter")).with_file_name("estargz");
+    assert!(
+        estargz.is_file(),
+        "{} is missing: build the CLI first (cargo build -p estargz-cli) or run the workspace's tests",
+        estargz.display()
+    );
+    let reg = TestRegistry::start(None);
+    let dir = tempfile::Builder::new()
+        .prefix("cri")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let d = dir.path();
+    let rootfs = real_rootfs_tar(d);
+    let arch = Platform::host().architecture;
+
+    // The sandbox image: the Debian base, sleeping.
+    let pause = OciLayout::create(d.join("pause")).unwrap();
+    let m = write_oci_image_with(
+        &pause,
+        std::slice::from_ref(&rootfs),
+        &arch,
+        r#"{"Entrypoint":["/bin/sleep","infinity"]}"#,
+    );
+    pause.set_tag(Some("1"), m).unwrap();
+    push_plain(&d.join("pause"), "1", &format!("{}/pause:1", reg.addr));
+
+    // The application: the base and a layer of its own, plain and in eStargz.
+    let app = files_tar(&[("srv/hello.txt", b"from a lazy layer\n")]);
+    let layout = OciLayout::create(d.join("app")).unwrap();
+    let m = write_oci_image_with(
+        &layout,
+        &[rootfs, app],
+        &arch,
+        r#"{"Env":["PATH=/usr/bin:/bin"]}"#,
+    );
+    layout.set_tag(Some("orig"), m).unwrap();
+    let plain = format!("{}/app:plain", reg.addr);
+    push_plain(&d.join("app"), "orig", &plain);
+    let lazy = format!("{}/app:esgz", reg.addr);
+    let st = Command::new(&estargz)
+        .args(["convert", "--quiet", &plain, &lazy])
+        .status()
+        .unwrap();
+    assert!(st.success());
+
+    let node = Node::start(d, &reg.addr);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let logs = d.join("logs");
+    let command = [
+        "/bin/sh",
+        "-c",
+        "cat /srv/hello.txt; python3.11 -c 'print(6*7)'",
+    ];
+
+    let out = rt.block_on(run_pod(&node, "lazy", &lazy, &command, &logs));
+    assert_eq!(out, "from a lazy layer\n42\n");
+    // Both layers of the eStargz image were mounted lazily, through the CRI labels.
+    assert!(
+        node.metric("estargz_remote_layers_total") >= 2.0,
+        "the CRI pull mounted no layer lazily"
+    );
+    assert!(
+        node.lazy_mounts() >= 2,
+        "no lazy FUSE mount of the image's layers"
+    );
+
+    let fallbacks = node.metric("estargz_fallbacks_total");
+    let out = rt.block_on(run_pod(&node, "plain", &plain, &command, &logs));
+    assert_eq!(out, "from a lazy layer\n42\n");
+    assert!(
+        node.metric("estargz_fallbacks_total") > fallbacks,
+        "the plain image did not fall back to an ordinary pull"
+    );
+}
