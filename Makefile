@@ -18,12 +18,19 @@ PREFIX ?= /usr/local
 PROPTEST_CASES ?= 512
 export PROPTEST_CASES
 
-.PHONY: all build test deps crate-graph upgrade-test lint check-fmt unit demo install clean bench bench-quick bench-venv fuzz
+.PHONY: all build test deps crate-graph upgrade-test lint check-fmt unit demo install clean bench bench-quick bench-venv fuzz image
 
 all: build
 
 build:
 	$(CARGO) build --release --workspace
+
+# The node image of the Kubernetes DaemonSet (deploy/kubernetes/): an OCI layout at
+# target/image, tagged with the crate version. Push it with skopeo.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+image: build
+	bash testdata/scripts/node-image.sh target/image $(VERSION)
+	@echo "push with: skopeo copy oci:target/image:$(VERSION) docker://REGISTRY/estargz-snapshotter:$(VERSION)"
 
 deps:
 	bash testdata/scripts/install-deps.sh

@@ -46,13 +46,15 @@ CACHE_DIR="${ESTARGZ_TEST_CACHE:-$REPO_DIR/testdata/cache}"
 
 # make_oci_image LAYOUT TAG IMAGE_NAME LAYER_TAR...: writes a single-platform (host) OCI
 # image layout at LAYOUT whose layers are the given tars (gzip -6, no name or time), with
-# rootfs.diff_ids, a /bin/sh command, and an index entry tagged TAG (and, when IMAGE_NAME
+# rootfs.diff_ids, a /bin/sh command (IMAGE_RUN_CONFIG: the config's "config" object as
+# JSON instead), and an index entry tagged TAG (and, when IMAGE_NAME
 # is not empty, annotated io.containerd.image.name=IMAGE_NAME for `ctr images import`).
 # Prints the gzip size of the last layer.
 make_oci_image() {
     local layout=$1 tag=$2 name=$3
     shift 3
     local blobs="$layout/blobs/sha256" layers="" diffs="" d s last=0
+    local run_config=${IMAGE_RUN_CONFIG:-'{"Cmd":["/bin/sh"]}'}
     mkdir -p "$blobs"
     _put() { # _put FILE: moves FILE into the layout; sets d (hex) and s (size)
         d=$(sha256sum "$1" | cut -d' ' -f1)
@@ -67,8 +69,8 @@ make_oci_image() {
         last=$s
         layers="$layers${layers:+,}{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar+gzip\",\"digest\":\"sha256:$d\",\"size\":$s}"
     done
-    printf '{"architecture":"%s","os":"linux","config":{"Cmd":["/bin/sh"]},"rootfs":{"type":"layers","diff_ids":[%s]}}' \
-        "$(host_arch)" "$diffs" > "$layout/.config.tmp"
+    printf '{"architecture":"%s","os":"linux","config":%s,"rootfs":{"type":"layers","diff_ids":[%s]}}' \
+        "$(host_arch)" "$run_config" "$diffs" > "$layout/.config.tmp"
     _put "$layout/.config.tmp"
     printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[%s]}' \
         "$d" "$s" "$layers" > "$layout/.manifest.tmp"
