@@ -58,6 +58,9 @@ impl Default for RetryPolicy {
 pub struct ClientConfig {
     /// Credentials by registry.
     pub credentials: Credentials,
+    /// Pull secrets recorded while running (by the daemon's CRI proxy): used for a
+    /// registry before `credentials`, never for its mirrors.
+    pub pull_secrets: Option<std::sync::Arc<crate::PullSecrets>>,
     /// Mirrors, TLS and plain-HTTP policy.
     pub hosts: HostsConfig,
     /// Retries.
@@ -79,6 +82,7 @@ impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
             credentials: Credentials::none(),
+            pull_secrets: None,
             hosts: HostsConfig::default(),
             retry: RetryPolicy::default(),
             request_timeout: Duration::from_secs(60),
@@ -354,8 +358,14 @@ impl RegistryClient {
                         detail: "401 without a usable WWW-Authenticate challenge".into(),
                     })?;
                 // A mirror's credentials are its own: the registry's are never sent to it.
+                let recorded = match (&self.config.pull_secrets, ctx.host.upstream) {
+                    (Some(secrets), true) => secrets.get(&ctx.registry),
+                    _ => None,
+                };
                 let cred = if ctx.host.upstream {
-                    self.config.credentials.get(&ctx.registry)
+                    recorded
+                        .as_ref()
+                        .or_else(|| self.config.credentials.get(&ctx.registry))
                 } else {
                     self.config.credentials.get(&authority)
                 };

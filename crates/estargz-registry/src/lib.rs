@@ -7,6 +7,8 @@
 //! - [`Credentials`]: docker config credentials; bearer tokens are fetched from the
 //!   registry's `WWW-Authenticate` challenge and cached per scope.
 //! - [`HostsConfig`]: containerd's `hosts.toml` mirrors, TLS settings and headers.
+//! - [`PullSecrets`]: credentials recorded while a node runs (pods' image pull secrets),
+//!   shared by the processes that fetch through a file.
 //!
 //! Every error names the registry, repository and object it concerns.
 
@@ -17,6 +19,7 @@ pub mod client;
 pub mod copy;
 pub mod error;
 pub mod hosts;
+pub mod pull_secrets;
 pub mod reference;
 mod tls;
 
@@ -25,4 +28,5 @@ pub use client::{ClientConfig, PushOutcome, RegistryClient, RetryPolicy};
 pub use copy::{pull_to_layout, push_from_layout, CopyEvents};
 pub use error::{Error, Result};
 pub use hosts::{Capabilities, HostsConfig, RegistryHost};
+pub use pull_secrets::PullSecrets;
 pub use reference::ImageRef;

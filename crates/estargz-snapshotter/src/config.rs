@@ -36,6 +36,34 @@ pub struct Config {
     pub fetch: FetchSection,
     /// Registries.
     pub registry: RegistrySection,
+    /// The CRI image-service proxy (Kubernetes pull secrets).
+    pub cri: CriSection,
+}
+
+/// `[cri]`: an image-service endpoint for kubelet (`--image-service-endpoint`) that
+/// forwards every call to containerd's CRI plugin and records the credentials of each
+/// `PullImage` (a pod's image pull secret) for the registry of its image, so that the lazy
+/// layers of private images can be fetched.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CriSection {
+    /// Socket to serve the proxy on; empty: no proxy.
+    pub image_service_socket: PathBuf,
+    /// containerd's socket, where the calls go.
+    pub containerd_socket: PathBuf,
+    /// A recorded credential is used for this long after the last pull that carried it
+    /// (kept in `root/pull-secrets.json`, mode 0600, across restarts), in seconds.
+    pub pull_secret_ttl_secs: u64,
+}
+
+impl Default for CriSection {
+    fn default() -> Self {
+        CriSection {
+            image_service_socket: PathBuf::new(),
+            containerd_socket: "/run/containerd/containerd.sock".into(),
+            pull_secret_ttl_secs: 24 * 3600,
+        }
+    }
 }
 
 /// Log output.
@@ -105,6 +133,7 @@ impl Default for Config {
             cache: CacheSection::default(),
             fetch: FetchSection::default(),
             registry: RegistrySection::default(),
+            cri: CriSection::default(),
         }
     }
 }
@@ -180,6 +209,12 @@ impl Config {
         keys
     }
 
+    /// Where pull secrets recorded by the CRI proxy are kept (read by every process that
+    /// fetches).
+    pub fn pull_secrets(&self) -> estargz_registry::PullSecrets {
+        estargz_registry::PullSecrets::at(self.root.join("pull-secrets.json"))
+    }
+
     /// A registry client with these settings, already loading the system's trusted roots
     /// in the background (so that the first layer's requests do not wait for them).
     pub fn registry_client(
@@ -194,6 +229,7 @@ impl Config {
         .map_err(|e| Error::InvalidArgument(format!("registry credentials: {e}")))?;
         let client = std::sync::Arc::new(RegistryClient::new(ClientConfig {
             credentials,
+            pull_secrets: Some(std::sync::Arc::new(self.pull_secrets())),
             hosts: HostsConfig {
                 dirs: self
                     .registry
@@ -246,10 +282,35 @@ mod tests {
         );
         assert_eq!(e.registry.hosts_dirs, d.registry.hosts_dirs);
         assert_eq!(e.fetch.background_quiet_ms, d.fetch.background_quiet_ms);
+        assert_eq!(
+            (e.cri.image_service_socket, e.cri.pull_secret_ttl_secs),
+            (d.cri.image_service_socket, d.cri.pull_secret_ttl_secs)
+        );
         let old: Config = toml::from_str("[fetch]\nbackground_concurrency = 2\n").unwrap();
         assert_eq!(old.deprecated_keys(), ["fetch.background_concurrency"]);
         let missing = Path::new("/nonexistent/config.toml");
         assert!(Config::load(missing, false).is_ok());
         assert!(Config::load(missing, true).is_err());
+    }
+
+    /// The DaemonSet's ConfigMap holds a config the daemon accepts (unknown keys are
+    /// refused), with the CRI proxy on.
+    #[test]
+    fn the_daemonsets_config_is_accepted() {
+        let yaml = include_str!("../../../deploy/kubernetes/estargz-snapshotter.yaml");
+        let block: Vec<&str> = yaml
+            .lines()
+            .skip_while(|l| l.trim() != "config.toml: |")
+            .skip(1)
+            .take_while(|l| l.starts_with("    ") || l.trim().is_empty())
+            .map(|l| l.strip_prefix("    ").unwrap_or(""))
+            .collect();
+        assert!(block.len() > 5, "no config.toml block in the manifest");
+        let c: Config = toml::from_str(&block.join("\n")).unwrap();
+        assert_eq!(
+            c.cri.image_service_socket,
+            Path::new("/run/estargz-snapshotter/cri.sock")
+        );
+        assert_eq!(c.root, Config::default().root);
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod access;
 pub mod config;
+pub mod cri_proxy;
 pub mod filter;
 pub mod manager;
 pub mod metrics;

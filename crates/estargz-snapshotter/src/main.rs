@@ -109,6 +109,16 @@ async fn serve(config: Config, config_path: Option<PathBuf>) -> Result<()> {
     }
     let metrics = Arc::new(Metrics::default());
     let metrics_address = config.metrics_address.clone();
+    let cri_proxy = (!config.cri.image_service_socket.as_os_str().is_empty()).then(|| {
+        (
+            config.cri.image_service_socket.clone(),
+            estargz_snapshotter::cri_proxy::ImageServiceProxy::new(
+                &config.cri.containerd_socket,
+                config.pull_secrets(),
+                std::time::Duration::from_secs(config.cri.pull_secret_ttl_secs),
+            ),
+        )
+    });
     let snapshotter = Arc::new(Snapshotter::open(
         config,
         Arc::new(manager.clone()),
@@ -136,6 +146,9 @@ async fn serve(config: Config, config_path: Option<PathBuf>) -> Result<()> {
             metrics,
             move || manager.status().ok(),
         ));
+    }
+    if let Some((path, proxy)) = cri_proxy {
+        tokio::spawn(serve_cri_proxy(path, proxy));
     }
     if socket.exists() {
         std::fs::remove_file(&socket)
@@ -167,6 +180,38 @@ async fn serve(config: Config, config_path: Option<PathBuf>) -> Result<()> {
         .context("gRPC server")?;
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// Serves kubelet's image endpoint (the CRI image-service proxy) on `path`, for root and
+/// the daemon's user only; logs and gives up if it cannot (containerd's own endpoint
+/// still works, without pull secrets for lazy layers).
+async fn serve_cri_proxy(path: PathBuf, proxy: estargz_snapshotter::cri_proxy::ImageServiceProxy) {
+    let listen = || -> Result<UnixListener> {
+        access::socket_dir(&path)?;
+        if path.exists() {
+            std::fs::remove_file(&path)?;
+        }
+        let listener = UnixListener::bind(&path)?;
+        access::restrict_socket(&path)?;
+        Ok(listener)
+    };
+    let listener = match listen() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(socket = %path.display(), error = %e, "cannot serve the CRI image-service proxy");
+            return;
+        }
+    };
+    tracing::info!(socket = %path.display(), "CRI image-service proxy serving (kubelet --image-service-endpoint)");
+    let served = tonic::transport::Server::builder()
+        .add_service(proxy)
+        .serve_with_incoming(access::trusted_peers(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+        ))
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "the CRI image-service proxy stopped");
+    }
 }
 
 /// Starts the FUSE manager unless one answers, and deals with one left by an older

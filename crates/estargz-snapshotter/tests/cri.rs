@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use estargz_api::cri::{
     image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
-    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
+    AuthConfig, ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
     CreateContainerRequest, ImageSpec, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
     NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PullImageRequest,
     RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
@@ -54,22 +54,26 @@ impl Drop for Node {
 }
 
 impl Node {
-    fn start(dir: &Path, registry: &str) -> Node {
-        let certs = dir.join("certs.d").join(registry);
-        std::fs::create_dir_all(&certs).unwrap();
-        std::fs::write(
-            certs.join("hosts.toml"),
-            format!(
-                "server = \"http://{registry}\"\n[host.\"http://{registry}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
-            ),
-        )
-        .unwrap();
+    /// `registries`: plain-HTTP registries containerd may pull from; `pause`: the sandbox
+    /// image; `daemon_config`: appended to the daemon's config.toml.
+    fn start(dir: &Path, registries: &[&str], pause: &str, daemon_config: &str) -> Node {
+        for registry in registries {
+            let certs = dir.join("certs.d").join(registry);
+            std::fs::create_dir_all(&certs).unwrap();
+            std::fs::write(
+                certs.join("hosts.toml"),
+                format!(
+                    "server = \"http://{registry}\"\n[host.\"http://{registry}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+                ),
+            )
+            .unwrap();
+        }
         for d in ["cni/bin", "cni/net.d"] {
             std::fs::create_dir_all(dir.join(d)).unwrap();
         }
         let cri = format!(
             r#"[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{registry}/pause:1"
+  sandbox_image = "{pause}"
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   # Sandboxes get oom_score_adj -998, which needs CAP_SYS_RESOURCE: test machines that run
@@ -89,7 +93,11 @@ impl Node {
         let node = dir.join("n");
         let metrics = run_script(
             "snapshotter.sh",
-            &[std::ffi::OsStr::new("start"), node.as_os_str()],
+            &[
+                std::ffi::OsStr::new("start"),
+                node.as_os_str(),
+                std::ffi::OsStr::new(daemon_config),
+            ],
             &[
                 ("SNAPSHOTTER", env!("CARGO_BIN_EXE_estargz-snapshotter")),
                 ("CONTAINERD_CRI_CONFIG", &cri),
@@ -103,6 +111,18 @@ impl Node {
 
     fn socket(&self) -> PathBuf {
         self.dir.join("c/containerd.sock")
+    }
+
+    /// SIGKILLs the daemon (its FUSE manager and containerd keep running) and starts it
+    /// again.
+    fn restart_daemon(&self) {
+        for cmd in ["kill", "restart"] {
+            run_script(
+                "snapshotter.sh",
+                &[std::ffi::OsStr::new(cmd), self.dir.as_os_str()],
+                &[("SNAPSHOTTER", env!("CARGO_BIN_EXE_estargz-snapshotter"))],
+            );
+        }
     }
 
     /// The sum of a metric over its labels.
@@ -146,10 +166,15 @@ async fn channel(socket: &Path) -> Channel {
         .expect("connecting to containerd's CRI service")
 }
 
-/// Pushes the image in `layout` under `tag` to `dst` as it is (skopeo).
-fn push_plain(layout: &Path, tag: &str, dst: &str) {
-    let out = Command::new("skopeo")
-        .args(["copy", "-q", "--dest-tls-verify=false"])
+/// Pushes the image in `layout` under `tag` to `dst` as it is (skopeo), with `creds` if
+/// given.
+fn push_plain(layout: &Path, tag: &str, dst: &str, creds: Option<(&str, &str)>) {
+    let mut skopeo = Command::new("skopeo");
+    skopeo.args(["copy", "-q", "--dest-tls-verify=false"]);
+    if let Some((user, password)) = creds {
+        skopeo.arg(format!("--dest-creds={user}:{password}"));
+    }
+    let out = skopeo
         .arg(format!("oci:{}:{tag}", layout.display()))
         .arg(format!("docker://{dst}"))
         .output()
@@ -186,14 +211,30 @@ fn sandbox_config(name: &str, logs: &Path) -> PodSandboxConfig {
     }
 }
 
-/// Pulls `image` and runs `command` in a pod of its own as kubelet would; returns what
-/// the container wrote (from its CRI log) after it exited 0, and removes pod and container.
-async fn run_pod(node: &Node, name: &str, image: &str, command: &[&str], logs: &Path) -> String {
-    let ch = channel(&node.socket()).await;
-    let (mut images, mut runtime) = (
-        ImageServiceClient::new(ch.clone()),
-        RuntimeServiceClient::new(ch),
-    );
+/// What kubelet is asked to run.
+struct Pod<'a> {
+    name: &'a str,
+    image: &'a str,
+    command: &'a [&'a str],
+    /// The pod's image pull secret.
+    auth: Option<AuthConfig>,
+    /// Kubelet's image endpoint (containerd's socket, or our proxy).
+    image_service: PathBuf,
+}
+
+/// Pulls the pod's image and runs its command in a pod of its own as kubelet would, calls
+/// `while_running` once the container started; returns what the container wrote (from
+/// its CRI log) after it exited 0, and removes pod and container.
+async fn run_pod(node: &Node, pod: Pod<'_>, logs: &Path, while_running: impl FnOnce()) -> String {
+    let Pod {
+        name,
+        image,
+        command,
+        auth,
+        image_service,
+    } = pod;
+    let mut images = ImageServiceClient::new(channel(&image_service).await);
+    let mut runtime = RuntimeServiceClient::new(channel(&node.socket()).await);
     let sandbox = sandbox_config(name, &logs.join(name));
     std::fs::create_dir_all(logs.join(name)).unwrap();
     let pulled = images
@@ -202,7 +243,7 @@ async fn run_pod(node: &Node, name: &str, image: &str, command: &[&str], logs: &
                 image: image.into(),
                 ..Default::default()
             }),
-            auth: None,
+            auth,
             sandbox_config: Some(sandbox.clone()),
         })
         .await
@@ -246,6 +287,7 @@ async fn run_pod(node: &Node, name: &str, image: &str, command: &[&str], logs: &
         })
         .await
         .unwrap_or_else(|e| panic!("StartContainer: {e}"));
+    while_running();
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
         let status = runtime
@@ -303,23 +345,23 @@ async fn run_pod(node: &Node, name: &str, image: &str, command: &[&str], logs: &
     output
 }
 
-#[test]
-fn kubelets_path_through_containerds_cri_mounts_estargz_layers_lazily() {
+/// Images of a test: the sandbox image on `open`; the application (the Debian base and a
+/// layer of its own) on `app`, plain and converted to eStargz, pushed with `creds` when
+/// the registry needs them. Returns (pause, plain, eStargz) references.
+fn images(
+    d: &Path,
+    open: &TestRegistry,
+    app: &TestRegistry,
+    creds: Option<(&str, &str)>,
+) -> (String, String, String) {
     let estargz = Path::new(env!("CARGO_BIN_EXE_estargz-snapshotter")).with_file_name("estargz");
     assert!(
         estargz.is_file(),
         "{} is missing: build the CLI first (cargo build -p estargz-cli) or run the workspace's tests",
         estargz.display()
     );
-    let reg = TestRegistry::start(None);
-    let dir = tempfile::Builder::new()
-        .prefix("cri")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let d = dir.path();
     let rootfs = real_rootfs_tar(d);
     let arch = Platform::host().architecture;
-
     // The sandbox image: the Debian base, sleeping.
     let pause = OciLayout::create(d.join("pause")).unwrap();
     let m = write_oci_image_with(
@@ -329,32 +371,78 @@ fn kubelets_path_through_containerds_cri_mounts_estargz_layers_lazily() {
         r#"{"Entrypoint":["/bin/sleep","infinity"]}"#,
     );
     pause.set_tag(Some("1"), m).unwrap();
-    push_plain(&d.join("pause"), "1", &format!("{}/pause:1", reg.addr));
-
-    // The application: the base and a layer of its own, plain and in eStargz.
-    let app = files_tar(&[("srv/hello.txt", b"from a lazy layer\n")]);
+    let pause_ref = format!("{}/pause:1", open.addr);
+    push_plain(&d.join("pause"), "1", &pause_ref, None);
+    // Two files in directories of their own: reading one does not fetch the other.
+    let layer = files_tar(&[
+        ("srv/hello.txt", b"from a lazy layer\n"),
+        ("opt/late.txt", b"read later\n"),
+    ]);
     let layout = OciLayout::create(d.join("app")).unwrap();
     let m = write_oci_image_with(
         &layout,
-        &[rootfs, app],
+        &[rootfs, layer],
         &arch,
         r#"{"Env":["PATH=/usr/bin:/bin"]}"#,
     );
     layout.set_tag(Some("orig"), m).unwrap();
-    let plain = format!("{}/app:plain", reg.addr);
-    push_plain(&d.join("app"), "orig", &plain);
-    let lazy = format!("{}/app:esgz", reg.addr);
-    let st = Command::new(&estargz)
-        .args(["convert", "--quiet", &plain, &lazy])
-        .status()
+    let plain = format!("{}/app:plain", app.addr);
+    push_plain(&d.join("app"), "orig", &plain, creds);
+    let lazy = format!("{}/app:esgz", app.addr);
+    let mut convert = Command::new(&estargz);
+    convert.args(["convert", "--quiet", &plain, &lazy]);
+    if let Some((user, password)) = creds {
+        let docker = d.join("docker");
+        std::fs::create_dir_all(&docker).unwrap();
+        let auth = base64_encode(&format!("{user}:{password}"));
+        std::fs::write(
+            docker.join("config.json"),
+            format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, app.addr),
+        )
         .unwrap();
-    assert!(st.success());
+        convert.env("DOCKER_CONFIG", &docker);
+    }
+    assert!(convert.status().unwrap().success());
+    (pause_ref, plain, lazy)
+}
 
-    let node = Node::start(d, &reg.addr);
-    let rt = tokio::runtime::Builder::new_current_thread()
+fn base64_encode(s: &str) -> String {
+    let out = Command::new("base64")
+        .arg("-w0")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(s.as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+fn cri_dir() -> tempfile::TempDir {
+    // Short: unix socket paths are limited.
+    tempfile::Builder::new()
+        .prefix("cri")
+        .tempdir_in("/tmp")
+        .unwrap()
+}
+
+#[test]
+fn kubelets_path_through_containerds_cri_mounts_estargz_layers_lazily() {
+    let reg = TestRegistry::start(None);
+    let dir = cri_dir();
+    let d = dir.path();
+    let (pause_image, plain, lazy) = images(d, &reg, &reg, None);
+    let node = Node::start(d, &[&reg.addr], &pause_image, "");
+    let rt = current_thread();
     let logs = d.join("logs");
     let command = [
         "/bin/sh",
@@ -362,7 +450,14 @@ fn kubelets_path_through_containerds_cri_mounts_estargz_layers_lazily() {
         "cat /srv/hello.txt; python3.11 -c 'print(6*7)'",
     ];
 
-    let out = rt.block_on(run_pod(&node, "lazy", &lazy, &command, &logs));
+    let pod = |name, image| Pod {
+        name,
+        image,
+        command: &command,
+        auth: None,
+        image_service: node.socket(),
+    };
+    let out = rt.block_on(run_pod(&node, pod("lazy", &lazy), &logs, || ()));
     assert_eq!(out, "from a lazy layer\n42\n");
     // Both layers of the eStargz image were mounted lazily, through the CRI labels.
     assert!(
@@ -375,10 +470,79 @@ fn kubelets_path_through_containerds_cri_mounts_estargz_layers_lazily() {
     );
 
     let fallbacks = node.metric("estargz_fallbacks_total");
-    let out = rt.block_on(run_pod(&node, "plain", &plain, &command, &logs));
+    let out = rt.block_on(run_pod(&node, pod("plain", &plain), &logs, || ()));
     assert_eq!(out, "from a lazy layer\n42\n");
     assert!(
         node.metric("estargz_fallbacks_total") > fallbacks,
         "the plain image did not fall back to an ordinary pull"
     );
+}
+
+/// A pod's image pull secret reaches the daemon through its CRI image-service proxy (as
+/// kubelet's image endpoint): the layers of an image in a registry that requires
+/// credentials are mounted lazily, and a file the container reads only after the daemon
+/// was SIGKILLed and restarted is still fetched (the secret outlives the daemon).
+#[test]
+fn pull_secrets_reach_the_daemon_through_its_cri_proxy_and_outlive_a_restart() {
+    let (user, password) = ("kube", "s3cret-pull");
+    let open = TestRegistry::start(None);
+    let private = TestRegistry::start_with_tokens(user, password);
+    let dir = cri_dir();
+    let d = dir.path();
+    let (pause_image, _, lazy) = images(d, &open, &private, Some((user, password)));
+    let proxy = d.join("n/cri.sock");
+    // Nothing fetched ahead: the late file is fetched when the container reads it.
+    let daemon_config = format!(
+        "[fetch]\nprefetch = false\nbackground = false\n[cri]\nimage_service_socket = \"{}\"\ncontainerd_socket = \"{}\"\n",
+        proxy.display(),
+        d.join("n/c/containerd.sock").display()
+    );
+    let node = Node::start(
+        d,
+        &[&open.addr, &private.addr],
+        &pause_image,
+        &daemon_config,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !proxy.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the CRI proxy socket did not appear"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rt = current_thread();
+    let command = [
+        "/bin/sh",
+        "-c",
+        "cat /srv/hello.txt && sleep 4 && cat /opt/late.txt",
+    ];
+    let pod = Pod {
+        name: "private",
+        image: &lazy,
+        command: &command,
+        auth: Some(AuthConfig {
+            username: user.into(),
+            password: password.into(),
+            ..Default::default()
+        }),
+        image_service: proxy.clone(),
+    };
+    let out = rt.block_on(run_pod(&node, pod, &d.join("logs"), || {
+        node.restart_daemon()
+    }));
+    assert_eq!(out, "from a lazy layer\nread later\n");
+    assert!(
+        node.lazy_mounts() >= 2,
+        "the private image's layers were not mounted lazily"
+    );
+    let secrets = node.dir.join("root/pull-secrets.json");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&secrets).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let log = std::fs::read_to_string(node.dir.join("snapshotter.log")).unwrap();
+    assert!(!log.contains(password), "the pull secret was logged");
+    assert!(log.contains("pull secret recorded"), "{log}");
 }
