@@ -8,12 +8,7 @@ use std::path::Path;
 fn containerd_end_to_end() {
     let snapshotter = Path::new(env!("CARGO_BIN_EXE_estargz-snapshotter"));
     // `cargo test --workspace` builds every binary; the CLI sits next to this one.
-    let estargz = snapshotter.with_file_name("estargz");
-    assert!(
-        estargz.is_file(),
-        "{} is missing: build the CLI first (cargo build -p estargz-cli) or run the workspace's tests",
-        estargz.display()
-    );
+    let estargz = estargz_testutil::cli_beside(snapshotter);
     let out = estargz_testutil::run_script(
         "snapshotter-e2e.sh",
         &[],

@@ -354,12 +354,8 @@ fn images(
     app: &TestRegistry,
     creds: Option<(&str, &str)>,
 ) -> (String, String, String) {
-    let estargz = Path::new(env!("CARGO_BIN_EXE_estargz-snapshotter")).with_file_name("estargz");
-    assert!(
-        estargz.is_file(),
-        "{} is missing: build the CLI first (cargo build -p estargz-cli) or run the workspace's tests",
-        estargz.display()
-    );
+    let estargz =
+        estargz_testutil::cli_beside(Path::new(env!("CARGO_BIN_EXE_estargz-snapshotter")));
     let rootfs = real_rootfs_tar(d);
     let arch = Platform::host().architecture;
     // The sandbox image: the Debian base, sleeping.

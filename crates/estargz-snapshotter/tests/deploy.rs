@@ -12,12 +12,7 @@ use estargz_testutil::run_script;
 #[test]
 fn the_node_image_builds_and_its_binaries_run() {
     let snapshotter = Path::new(env!("CARGO_BIN_EXE_estargz-snapshotter"));
-    let estargz = snapshotter.with_file_name("estargz");
-    assert!(
-        estargz.is_file(),
-        "{} is missing: build the CLI first (cargo build -p estargz-cli) or run the workspace's tests",
-        estargz.display()
-    );
+    let estargz = estargz_testutil::cli_beside(snapshotter);
     let dir = tempfile::tempdir().unwrap();
     let layout_dir = dir.path().join("image");
     run_script(

@@ -685,6 +685,19 @@ pub fn write_oci_image_with(
     d
 }
 
+/// The `estargz` CLI in the same target directory as `bin` (another binary of the
+/// workspace, such as a test's `CARGO_BIN_EXE_*`); panics saying how to build it if it is
+/// missing (`cargo test --workspace` builds every binary).
+pub fn cli_beside(bin: &std::path::Path) -> std::path::PathBuf {
+    let estargz = bin.with_file_name("estargz");
+    assert!(
+        estargz.is_file(),
+        "{} is missing: build the CLI first (cargo build -p estargz-cli) or run the workspace's tests",
+        estargz.display()
+    );
+    estargz
+}
+
 /// The repository's test scripts (`testdata/scripts`).
 pub fn scripts_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/scripts")
