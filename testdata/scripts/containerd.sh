@@ -5,7 +5,8 @@
 # socket DIR/containerd.sock and config DIR/config.toml; logs to DIR/containerd.log. `stop`
 # ends that containerd only and unmounts whatever is still mounted under DIR.
 # CONTAINERD_EXTRA_CONFIG is appended to the config. The CRI plugin is disabled unless
-# CONTAINERD_CRI_CONFIG (its configuration, appended too) is set.
+# CONTAINERD_CRI_CONFIG (its configuration, appended too) is set. CONTAINERD_BIN_DIR: the
+# directory of another containerd's binaries (containerd and its shims), searched first.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -53,7 +54,8 @@ disabled_plugins = [${cri_disabled}"io.containerd.internal.v1.opt",
 ${CONTAINERD_EXTRA_CONFIG:-}
 ${CONTAINERD_CRI_CONFIG:-}
 TOML
-    containerd --config "$dir/config.toml" >"$dir/containerd.log" 2>&1 &
+    PATH="${CONTAINERD_BIN_DIR:+$CONTAINERD_BIN_DIR:}$PATH" \
+        containerd --config "$dir/config.toml" >"$dir/containerd.log" 2>&1 &
     echo $! > "$dir/containerd.pid"
     for _ in $(seq 1 300); do
         if ctr -a "$sock" version >/dev/null 2>&1; then

@@ -17,7 +17,7 @@ use estargz_api::cri::{
     CreateContainerRequest, ImageSpec, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
     NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PullImageRequest,
     RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
-    StopContainerRequest, StopPodSandboxRequest,
+    StopContainerRequest, StopPodSandboxRequest, VersionRequest,
 };
 use estargz_oci::{OciLayout, Platform};
 use estargz_testutil::{
@@ -55,8 +55,15 @@ impl Drop for Node {
 
 impl Node {
     /// `registries`: plain-HTTP registries containerd may pull from; `pause`: the sandbox
-    /// image; `daemon_config`: appended to the daemon's config.toml.
-    fn start(dir: &Path, registries: &[&str], pause: &str, daemon_config: &str) -> Node {
+    /// image; `daemon_config`: appended to the daemon's config.toml; `containerd_bin`: the
+    /// directory of another containerd's binaries (default: the system's).
+    fn start(
+        dir: &Path,
+        registries: &[&str],
+        pause: &str,
+        daemon_config: &str,
+        containerd_bin: Option<&Path>,
+    ) -> Node {
         for registry in registries {
             let certs = dir.join("certs.d").join(registry);
             std::fs::create_dir_all(&certs).unwrap();
@@ -101,6 +108,10 @@ impl Node {
             &[
                 ("SNAPSHOTTER", env!("CARGO_BIN_EXE_estargz-snapshotter")),
                 ("CONTAINERD_CRI_CONFIG", &cri),
+                (
+                    "CONTAINERD_BIN_DIR",
+                    containerd_bin.and_then(Path::to_str).unwrap_or(""),
+                ),
             ],
         );
         Node {
@@ -433,12 +444,45 @@ fn cri_dir() -> tempfile::TempDir {
 
 #[test]
 fn kubelets_path_through_containerds_cri_mounts_estargz_layers_lazily() {
+    lazy_and_plain_pods(None, "1.6.");
+}
+
+/// The same with containerd 1.7 (Debian trixie's package, fetched and verified by
+/// `containerd-trixie.sh`: bookworm ships 1.6).
+#[test]
+fn kubelets_path_on_containerd_1_7() {
+    let dir = cri_dir();
+    let bin = run_script(
+        "containerd-trixie.sh",
+        &[dir.path().join("containerd-1.7").as_os_str()],
+        &[],
+    );
+    lazy_and_plain_pods(Some(Path::new(bin.trim())), "1.7.");
+}
+
+/// An eStargz image's pod through the CRI: its layers mounted lazily; a plain image's pod:
+/// an ordinary pull. `version`: what containerd's CRI must report (the runtime under test).
+fn lazy_and_plain_pods(containerd_bin: Option<&Path>, version: &str) {
     let reg = TestRegistry::start(None);
     let dir = cri_dir();
     let d = dir.path();
     let (pause_image, plain, lazy) = images(d, &reg, &reg, None);
-    let node = Node::start(d, &[&reg.addr], &pause_image, "");
+    let node = Node::start(d, &[&reg.addr], &pause_image, "", containerd_bin);
     let rt = current_thread();
+    let reported = rt.block_on(async {
+        RuntimeServiceClient::new(channel(&node.socket()).await)
+            .version(VersionRequest {
+                version: "v1".into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("Version: {e}"))
+            .into_inner()
+    });
+    assert!(
+        reported.runtime_version.starts_with(version),
+        "containerd {} answers, not {version}",
+        reported.runtime_version
+    );
     let logs = d.join("logs");
     let command = [
         "/bin/sh",
@@ -498,6 +542,7 @@ fn pull_secrets_reach_the_daemon_through_its_cri_proxy_and_outlive_a_restart() {
         &[&open.addr, &private.addr],
         &pause_image,
         &daemon_config,
+        None,
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while !proxy.exists() {
