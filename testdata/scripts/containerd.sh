@@ -6,7 +6,8 @@
 # ends that containerd only and unmounts whatever is still mounted under DIR.
 # CONTAINERD_EXTRA_CONFIG is appended to the config. The CRI plugin is disabled unless
 # CONTAINERD_CRI_CONFIG (its configuration, appended too) is set. CONTAINERD_BIN_DIR: the
-# directory of another containerd's binaries (containerd and its shims), searched first.
+# directory of another containerd's binaries (containerd and its shims), searched first;
+# CONTAINERD_CONFIG_VERSION: the config's version (2, or 3 for containerd 2's plugin names).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -36,7 +37,7 @@ start)
     cri_disabled='"io.containerd.grpc.v1.cri", '
     [ -z "${CONTAINERD_CRI_CONFIG:-}" ] || cri_disabled=
     cat > "$dir/config.toml" <<TOML
-version = 2
+version = ${CONTAINERD_CONFIG_VERSION:-2}
 root = "$dir/root"
 state = "$dir/state"
 disabled_plugins = [${cri_disabled}"io.containerd.internal.v1.opt",

@@ -8,7 +8,8 @@
 # With STARGZ_REF set to the reference daemon (containerd/stargz-snapshotter, built by
 # ../shared/reference/build.sh), `start` also starts it with root DIR/ref-root and socket
 # DIR/ref.sock (config file $STARGZ_REF_CONFIG if set; log DIR/ref.log), and containerd
-# knows it as the snapshotter `stargz-ref`.
+# knows it as the snapshotter `stargz-ref`. ESTARGZ_REMOTE_SNAPSHOT_ANNOTATIONS=1 adds the
+# proxy plugin's exports containerd 2's transfer service needs to pass layer labels.
 # `kill` SIGKILLs the daemon only (the FUSE manager and containerd keep running);
 # `stop` stops containerd, both daemons and our FUSE manager, and unmounts what is left.
 set -euo pipefail
@@ -66,6 +67,13 @@ TOML
     plugins="[proxy_plugins.estargz]
   type = \"snapshot\"
   address = \"$dir/snap.sock\""
+    # containerd 2's transfer service passes layer labels only to plugins that export this.
+    if [ -n "${ESTARGZ_REMOTE_SNAPSHOT_ANNOTATIONS:-}" ]; then
+        plugins="$plugins
+  [proxy_plugins.estargz.exports]
+    root = \"$dir/root\"
+    enable_remote_snapshot_annotations = \"true\""
+    fi
     if [ -n "${STARGZ_REF:-}" ]; then
         start_reference
         plugins="$plugins

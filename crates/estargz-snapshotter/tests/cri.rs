@@ -56,13 +56,15 @@ impl Drop for Node {
 impl Node {
     /// `registries`: plain-HTTP registries containerd may pull from; `pause`: the sandbox
     /// image; `daemon_config`: appended to the daemon's config.toml; `containerd_bin`: the
-    /// directory of another containerd's binaries (default: the system's).
+    /// directory of another containerd's binaries (default: the system's);
+    /// `transfer_service`: containerd 2 pulls for CRI through its transfer service.
     fn start(
         dir: &Path,
         registries: &[&str],
         pause: &str,
         daemon_config: &str,
         containerd_bin: Option<&Path>,
+        transfer_service: bool,
     ) -> Node {
         for registry in registries {
             let certs = dir.join("certs.d").join(registry);
@@ -78,13 +80,51 @@ impl Node {
         for d in ["cni/bin", "cni/net.d"] {
             std::fs::create_dir_all(dir.join(d)).unwrap();
         }
-        let cri = format!(
-            r#"[plugins."io.containerd.grpc.v1.cri"]
+        // containerd 2 names the CRI plugins' settings differently (config version 3).
+        let two = containerd_bin.is_some_and(|b| {
+            Command::new(b.join("containerd"))
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(" 2."))
+        });
+        // Sandboxes get oom_score_adj -998, which needs CAP_SYS_RESOURCE: test machines that
+        // run in a container may not have it (runc then fails with "can't get final child's
+        // PID"): restrict_oom_score_adj.
+        // With the transfer service (containerd 2.1 and later), CRI pulls through it, which
+        // passes the labels to plugins that export enable_remote_snapshot_annotations;
+        // otherwise disable_snapshot_annotations = false selects the older pull path.
+        let (pull_path, unpack) = match transfer_service {
+            true => (
+                "",
+                "[[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]\n  platform = \"linux\"\n  snapshotter = \"estargz\"\n",
+            ),
+            false => ("  disable_snapshot_annotations = false\n", ""),
+        };
+        let cri = if two {
+            format!(
+                r#"{unpack}[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "estargz"
+{pull_path}  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "{pause}"
+  [plugins."io.containerd.cri.v1.images".registry]
+    config_path = "{d}/certs.d"
+[plugins."io.containerd.cri.v1.runtime"]
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["{d}/cni/bin"]
+    conf_dir = "{d}/cni/net.d"
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+"#,
+                d = dir.display()
+            )
+        } else {
+            format!(
+                r#"[plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{pause}"
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
-  # Sandboxes get oom_score_adj -998, which needs CAP_SYS_RESOURCE: test machines that run
-  # in a container may not have it (runc then fails with "can't get final child's PID").
   restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "estargz"
@@ -95,8 +135,9 @@ impl Node {
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = "{d}/certs.d"
 "#,
-            d = dir.display()
-        );
+                d = dir.display()
+            )
+        };
         let node = dir.join("n");
         let metrics = run_script(
             "snapshotter.sh",
@@ -111,6 +152,11 @@ impl Node {
                 (
                     "CONTAINERD_BIN_DIR",
                     containerd_bin.and_then(Path::to_str).unwrap_or(""),
+                ),
+                ("CONTAINERD_CONFIG_VERSION", if two { "3" } else { "2" }),
+                (
+                    "ESTARGZ_REMOTE_SNAPSHOT_ANNOTATIONS",
+                    if transfer_service { "1" } else { "" },
                 ),
             ],
         );
@@ -444,30 +490,67 @@ fn cri_dir() -> tempfile::TempDir {
 
 #[test]
 fn kubelets_path_through_containerds_cri_mounts_estargz_layers_lazily() {
-    lazy_and_plain_pods(None, "1.6.");
+    lazy_and_plain_pods(None, "1.6.", false);
 }
 
 /// The same with containerd 1.7 (Debian trixie's package, fetched and verified by
-/// `containerd-trixie.sh`: bookworm ships 1.6).
+/// `containerd-debian.sh`: bookworm ships 1.6).
 #[test]
 fn kubelets_path_on_containerd_1_7() {
     let dir = cri_dir();
+    lazy_and_plain_pods(
+        Some(&debian_containerd("trixie", dir.path())),
+        "1.7.",
+        false,
+    );
+}
+
+/// The same with containerd 2 (Debian sid's package), its CRI configured as for 1.6 and
+/// 1.7 (containerd 2 reads that configuration and, with `disable_snapshot_annotations =
+/// false`, pulls for CRI with the layer labels).
+#[test]
+fn kubelets_path_on_containerd_2() {
+    let dir = cri_dir();
+    lazy_and_plain_pods(Some(&debian_containerd("sid", dir.path())), "2.", false);
+}
+
+/// containerd 2 with CRI pulling through the transfer service (its default from 2.1 on),
+/// configured as the README says: the proxy plugin exports
+/// `enable_remote_snapshot_annotations`, `unpack_config` names estargz.
+#[test]
+fn kubelets_path_on_containerd_2_through_the_transfer_service() {
+    let dir = cri_dir();
+    lazy_and_plain_pods(Some(&debian_containerd("sid", dir.path())), "2.", true);
+}
+
+/// The binaries of the containerd package of Debian `suite`, extracted under `dir`.
+fn debian_containerd(suite: &str, dir: &Path) -> PathBuf {
     let bin = run_script(
-        "containerd-trixie.sh",
-        &[dir.path().join("containerd-1.7").as_os_str()],
+        "containerd-debian.sh",
+        &[
+            std::ffi::OsStr::new(suite),
+            dir.join("containerd").as_os_str(),
+        ],
         &[],
     );
-    lazy_and_plain_pods(Some(Path::new(bin.trim())), "1.7.");
+    PathBuf::from(bin.trim())
 }
 
 /// An eStargz image's pod through the CRI: its layers mounted lazily; a plain image's pod:
 /// an ordinary pull. `version`: what containerd's CRI must report (the runtime under test).
-fn lazy_and_plain_pods(containerd_bin: Option<&Path>, version: &str) {
+fn lazy_and_plain_pods(containerd_bin: Option<&Path>, version: &str, transfer_service: bool) {
     let reg = TestRegistry::start(None);
     let dir = cri_dir();
     let d = dir.path();
     let (pause_image, plain, lazy) = images(d, &reg, &reg, None);
-    let node = Node::start(d, &[&reg.addr], &pause_image, "", containerd_bin);
+    let node = Node::start(
+        d,
+        &[&reg.addr],
+        &pause_image,
+        "",
+        containerd_bin,
+        transfer_service,
+    );
     let rt = current_thread();
     let reported = rt.block_on(async {
         RuntimeServiceClient::new(channel(&node.socket()).await)
@@ -543,6 +626,7 @@ fn pull_secrets_reach_the_daemon_through_its_cri_proxy_and_outlive_a_restart() {
         &pause_image,
         &daemon_config,
         None,
+        false,
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while !proxy.exists() {
