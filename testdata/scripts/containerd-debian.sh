@@ -2,7 +2,7 @@
 # containerd-debian.sh SUITE OUT_DIR
 #
 # Other containerd versions for the tests (Debian bookworm ships 1.6): the `containerd`
-# package of another Debian suite (trixie: 1.7; sid: 2.x), which runs on bookworm (it
+# package of another Debian suite (trixie: 1.7; forky: 2.x), which runs on bookworm (it
 # needs libc6 >= 2.34), fetched from deb.debian.org and verified: InRelease's signature
 # against Debian's archive keyring, the Packages index against InRelease, the .deb against
 # the index. The .deb is cached in testdata/cache/debs-SUITE (a newer one in the suite

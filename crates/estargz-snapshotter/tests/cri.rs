@@ -505,13 +505,13 @@ fn kubelets_path_on_containerd_1_7() {
     );
 }
 
-/// The same with containerd 2 (Debian sid's package), its CRI configured as for 1.6 and
-/// 1.7 (containerd 2 reads that configuration and, with `disable_snapshot_annotations =
-/// false`, pulls for CRI with the layer labels).
+/// The same with containerd 2 (Debian forky's package: testing, which moves more slowly
+/// than sid), configured with its own names (config version 3) and
+/// `disable_snapshot_annotations = false`: CRI pulls the older way, with the layer labels.
 #[test]
 fn kubelets_path_on_containerd_2() {
     let dir = cri_dir();
-    lazy_and_plain_pods(Some(&debian_containerd("sid", dir.path())), "2.", false);
+    lazy_and_plain_pods(Some(&debian_containerd("forky", dir.path())), "2.", false);
 }
 
 /// containerd 2 with CRI pulling through the transfer service (its default from 2.1 on),
@@ -520,7 +520,7 @@ fn kubelets_path_on_containerd_2() {
 #[test]
 fn kubelets_path_on_containerd_2_through_the_transfer_service() {
     let dir = cri_dir();
-    lazy_and_plain_pods(Some(&debian_containerd("sid", dir.path())), "2.", true);
+    lazy_and_plain_pods(Some(&debian_containerd("forky", dir.path())), "2.", true);
 }
 
 /// The binaries of the containerd package of Debian `suite`, extracted under `dir`.
