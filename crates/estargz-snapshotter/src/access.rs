@@ -7,6 +7,45 @@ use std::path::Path;
 use tokio::net::UnixStream;
 use tokio_stream::{Stream, StreamExt};
 
+/// Listens on the unix socket `path` (a socket file left by an earlier run is replaced),
+/// readable and writable by its owner only. Errors say which step failed.
+pub fn listen_private(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    let step = |what: &str| {
+        let what = format!("{what} {}", path.display());
+        move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"))
+    };
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(step("removing the stale socket")(e))
+        }
+        _ => {}
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(step("listening on"))?;
+    restrict_socket(path).map_err(step("making private"))?;
+    Ok(listener)
+}
+
+/// A tonic connector to the unix socket `path` (tonic's channels speak to TCP only).
+pub fn unix_connector(
+    path: std::path::PathBuf,
+) -> impl tower::Service<
+    tonic::transport::Uri,
+    Response = hyper_util::rt::TokioIo<UnixStream>,
+    Error = std::io::Error,
+    Future: Send + 'static,
+> + Clone
+       + Send
+       + 'static {
+    tower::service_fn(move |_: tonic::transport::Uri| {
+        let path = path.clone();
+        async move {
+            Ok(hyper_util::rt::TokioIo::new(
+                UnixStream::connect(path).await?,
+            ))
+        }
+    })
+}
+
 /// Makes the socket at `path` readable and writable by its owner only.
 pub fn restrict_socket(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;

@@ -11,7 +11,7 @@
 //! credentials are never logged.
 
 use std::convert::Infallible;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -78,15 +78,10 @@ impl ImageServiceProxy {
     /// A proxy to containerd at `containerd_socket` (connected on first use, and again
     /// after containerd restarts), recording credentials in `secrets` for `ttl`.
     pub fn new(containerd_socket: &Path, secrets: PullSecrets, ttl: Duration) -> ImageServiceProxy {
-        let path: PathBuf = containerd_socket.to_path_buf();
         let containerd = tonic::transport::Endpoint::from_static("http://[::]:0")
-            .connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
-                let path = path.clone();
-                async move {
-                    let s = tokio::net::UnixStream::connect(path).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-                }
-            }));
+            .connect_with_connector_lazy(crate::access::unix_connector(
+                containerd_socket.to_path_buf(),
+            ));
         ImageServiceProxy {
             containerd,
             secrets: Arc::new(secrets),

@@ -13,7 +13,6 @@ use estargz_snapshotter::protocol::PROTOCOL;
 use estargz_snapshotter::service::SnapshotService;
 use estargz_snapshotter::snapshotter::Snapshotter;
 use estargz_snapshotter::{access, Config};
-use tokio::net::UnixListener;
 
 /// containerd snapshotter that starts containers from eStargz images lazily.
 #[derive(Parser, Debug)]
@@ -150,14 +149,7 @@ async fn serve(config: Config, config_path: Option<PathBuf>) -> Result<()> {
     if let Some((path, proxy)) = cri_proxy {
         tokio::spawn(serve_cri_proxy(path, proxy));
     }
-    if socket.exists() {
-        std::fs::remove_file(&socket)
-            .with_context(|| format!("removing the stale socket {}", socket.display()))?;
-    }
-    let listener = UnixListener::bind(&socket)
-        .with_context(|| format!("listening on {}", socket.display()))?;
-    access::restrict_socket(&socket)
-        .with_context(|| format!("making {} private", socket.display()))?;
+    let listener = access::listen_private(&socket)?;
     tracing::info!(socket = %socket.display(), "estargz-snapshotter serving");
     notify_systemd("READY=1");
     let shutdown = async {
@@ -186,16 +178,7 @@ async fn serve(config: Config, config_path: Option<PathBuf>) -> Result<()> {
 /// the daemon's user only; logs and gives up if it cannot (containerd's own endpoint
 /// still works, without pull secrets for lazy layers).
 async fn serve_cri_proxy(path: PathBuf, proxy: estargz_snapshotter::cri_proxy::ImageServiceProxy) {
-    let listen = || -> Result<UnixListener> {
-        access::socket_dir(&path)?;
-        if path.exists() {
-            std::fs::remove_file(&path)?;
-        }
-        let listener = UnixListener::bind(&path)?;
-        access::restrict_socket(&path)?;
-        Ok(listener)
-    };
-    let listener = match listen() {
+    let listener = match access::socket_dir(&path).and_then(|()| access::listen_private(&path)) {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(socket = %path.display(), error = %e, "cannot serve the CRI image-service proxy");

@@ -393,11 +393,8 @@ impl Manager {
                 root.display()
             )));
         }
-        let _ = std::fs::remove_file(socket);
-        let listener = tokio::net::UnixListener::bind(socket)
-            .map_err(|e| Error::io(format!("listening on {}", socket.display()), e))?;
-        crate::access::restrict_socket(socket)
-            .map_err(|e| Error::io(format!("making {} private", socket.display()), e))?;
+        let listener = crate::access::listen_private(socket)
+            .map_err(|e| Error::io("serving the FUSE manager", e))?;
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| Error::io("installing a SIGTERM handler", e))?;

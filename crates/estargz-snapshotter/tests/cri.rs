@@ -209,16 +209,11 @@ impl Node {
 }
 
 async fn channel(socket: &Path) -> Channel {
-    let path = socket.to_path_buf();
     tonic::transport::Endpoint::try_from("http://[::]:0")
         .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                let s = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-            }
-        }))
+        .connect_with_connector(estargz_snapshotter::access::unix_connector(
+            socket.to_path_buf(),
+        ))
         .await
         .expect("connecting to containerd's CRI service")
 }

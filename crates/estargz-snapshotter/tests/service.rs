@@ -112,13 +112,7 @@ impl Daemon {
         let path = self.socket();
         let channel = tonic::transport::Endpoint::try_from("http://[::]:0")
             .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                let path = path.clone();
-                async move {
-                    let s = tokio::net::UnixStream::connect(path).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-                }
-            }))
+            .connect_with_connector(estargz_snapshotter::access::unix_connector(path))
             .await
             .expect("connecting to the daemon");
         SnapshotsClient::new(channel)
