@@ -427,8 +427,8 @@ impl Container {
                     let text = String::from_utf8_lossy(&line);
                     let text = text.trim_end_matches(['\n', '\r']);
                     eprintln!("  | {text}");
-                    if let Some(at) = text.find("runc run failed: ") {
-                        let why = text[at + 17..].trim_end_matches('"').replace("\\\"", "\"");
+                    if let Some((_, why)) = text.split_once("runc run failed: ") {
+                        let why = why.trim_end_matches('"').replace("\\\"", "\"");
                         *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
                     }
                     if re.as_ref().is_some_and(|re| re.is_match(text)) {

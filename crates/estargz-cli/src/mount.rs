@@ -160,19 +160,7 @@ pub fn mount(args: &MountArgs, quiet: bool) -> Result<ExitCode> {
         })?;
         let client = Arc::new(args.registry.client()?);
         let platform = match &args.platform {
-            Some(p) => {
-                let parts: Vec<&str> = p.split('/').collect();
-                if parts.len() < 2 {
-                    bail!("--platform {p:?}: expected os/arch[/variant]");
-                }
-                Platform {
-                    os: parts[0].into(),
-                    architecture: parts[1].into(),
-                    variant: parts.get(2).map(|v| v.to_string()),
-                    os_version: None,
-                    os_features: None,
-                }
-            }
+            Some(p) => crate::image::parse_platform(p)?,
             None => Platform::host(),
         };
         let (_, manifest) = runtime

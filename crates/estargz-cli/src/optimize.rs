@@ -247,12 +247,8 @@ fn watch_signals(
 /// The files to prioritize, with their layers, in the order of first touch: regular files
 /// whose content the workload opened or read (prefetch fetches content; a file only
 /// looked up needs none, and its bytes would delay the ones that are needed).
-fn prioritized(accesses: &[Access]) -> Vec<(usize, &Access)> {
-    accesses
-        .iter()
-        .filter(|a| !a.symlink && a.opened)
-        .map(|a| (a.layer, a))
-        .collect()
+fn prioritized(accesses: &[Access]) -> Vec<&Access> {
+    accesses.iter().filter(|a| !a.symlink && a.opened).collect()
 }
 
 /// `estargz optimize`.
@@ -384,16 +380,19 @@ pub fn optimize(args: &OptimizeArgs, quiet: bool) -> Result<ExitCode> {
     // 3. Convert with each layer's files first.
     let mut by_layer: HashMap<Digest, Vec<String>> = HashMap::new();
     let mut per_layer = vec![(0usize, 0u64); src_manifest.layers.len()];
-    for (layer, a) in &files {
-        let Some(desc) = src_manifest.layers.get(*layer) else {
-            bail!("a file was recorded in layer {layer}, which the source image does not have");
+    for a in &files {
+        let Some(desc) = src_manifest.layers.get(a.layer) else {
+            bail!(
+                "a file was recorded in layer {}, which the source image does not have",
+                a.layer
+            );
         };
         by_layer
             .entry(desc.digest.clone())
             .or_default()
             .push(a.path.clone());
-        per_layer[*layer].0 += 1;
-        per_layer[*layer].1 += a.size;
+        per_layer[a.layer].0 += 1;
+        per_layer[a.layer].1 += a.size;
     }
     if let Some(path) = &args.record_out {
         let mut text = format!(
@@ -403,7 +402,7 @@ pub fn optimize(args: &OptimizeArgs, quiet: bool) -> Result<ExitCode> {
             stop
         );
         let mut seen = std::collections::HashSet::new();
-        for (_, a) in &files {
+        for a in &files {
             if seen.insert(a.path.as_str()) {
                 text.push_str(&a.path);
                 text.push('\n');
@@ -439,7 +438,7 @@ pub fn optimize(args: &OptimizeArgs, quiet: bool) -> Result<ExitCode> {
         "the workload {stop} after {:.1}s; recorded {} files ({} bytes):",
         ran.as_secs_f64(),
         files.len(),
-        files.iter().map(|(_, a)| a.size).sum::<u64>()
+        files.iter().map(|a| a.size).sum::<u64>()
     ));
     for (i, (l, (n, b))) in src_manifest.layers.iter().zip(&per_layer).enumerate() {
         say(format!("  layer {i} {}: {n} files, {b} bytes", l.digest));
