@@ -358,11 +358,10 @@ impl RegistryClient {
                         detail: "401 without a usable WWW-Authenticate challenge".into(),
                     })?;
                 // A mirror's credentials are its own: the registry's are never sent to it.
-                let recorded = match (&self.config.pull_secrets, ctx.host.upstream) {
-                    (Some(secrets), true) => secrets.get(&ctx.registry),
-                    _ => None,
-                };
+                let recorded;
                 let cred = if ctx.host.upstream {
+                    recorded = (self.config.pull_secrets.as_ref())
+                        .and_then(|secrets| secrets.get(&ctx.registry));
                     recorded
                         .as_ref()
                         .or_else(|| self.config.credentials.get(&ctx.registry))
