@@ -25,8 +25,8 @@ pub use digest::Sha256Digest;
 pub use error::{Error, Result};
 pub use footer::{footer_bytes, parse_footer, Footer, FooterKind, FOOTER_SIZE, LEGACY_FOOTER_SIZE};
 pub use reader::{
-    decode_toc_member, decompress_chunk, read_toc_json, toc_json_from_tail, EstargzReader,
-    OpenOptions, ReadAt, VerifyReport,
+    decode_toc_member, decompress_chunk, decompress_chunk_from, read_toc_json, toc_json_from_tail,
+    EstargzReader, OpenOptions, ReadAt, VerifyReport,
 };
 pub use toc::{
     normalize_name, Chunk, EntryKind, JsonEntry, JsonToc, Limits, Toc, TocEntry, MAX_PATH_LEN,

@@ -141,11 +141,32 @@ pub fn decompress_chunk(compressed: &[u8], name: &str, chunk: &Chunk) -> Result<
     } else {
         None
     };
-    let out = match whole {
-        Some(out) => out,
+    let (out, actual) = match whole {
+        Some(out) => {
+            let actual = Sha256Digest::of(&out);
+            (out, actual)
+        }
         None => decode_streaming(compressed, chunk).map_err(bad)?,
     };
-    let actual = Sha256Digest::of(&out);
+    checked(out, actual, name, chunk)
+}
+
+/// [`decompress_chunk`] from a reader of the compressed range (which must start at
+/// `chunk.offset`), decoding as the reader yields bytes: for a range still arriving over
+/// the network, so that when its last byte arrives the chunk is decoded. Reads no more
+/// than the chunk needs; the caller drains the rest if it wants to.
+pub fn decompress_chunk_from(compressed: impl Read, name: &str, chunk: &Chunk) -> Result<Vec<u8>> {
+    let (out, actual) = decode_streaming(compressed, chunk).map_err(|detail| Error::BadChunk {
+        name: name.to_string(),
+        chunk_offset: chunk.chunk_offset,
+        offset: chunk.offset,
+        detail,
+    })?;
+    checked(out, actual, name, chunk)
+}
+
+/// `out`, if its digest `actual` is the chunk's.
+fn checked(out: Vec<u8>, actual: Sha256Digest, name: &str, chunk: &Chunk) -> Result<Vec<u8>> {
     if actual != chunk.digest {
         return Err(Error::ChunkDigestMismatch {
             name: name.to_string(),
@@ -178,8 +199,12 @@ fn decode_whole_member(compressed: &[u8], size: usize) -> Option<Vec<u8>> {
 }
 
 /// Decodes the chunk's bytes from its member, skipping `inner_offset` bytes first, and
-/// decoding no more than the chunk.
-fn decode_streaming(compressed: &[u8], chunk: &Chunk) -> std::result::Result<Vec<u8>, String> {
+/// decoding no more than the chunk; hashes them as they are decoded (from a reader that
+/// waits for the network, the hash is then done when the last byte is).
+fn decode_streaming(
+    compressed: impl Read,
+    chunk: &Chunk,
+) -> std::result::Result<(Vec<u8>, Sha256Digest), String> {
     let mut decoder = MultiGzDecoder::new(compressed);
     if chunk.inner_offset > 0 {
         let skipped = io::copy(
@@ -195,6 +220,7 @@ fn decode_streaming(compressed: &[u8], chunk: &Chunk) -> std::result::Result<Vec
         }
     }
     let mut out = vec![0u8; chunk.size as usize];
+    let mut hash = Sha256::new();
     let mut filled = 0;
     while filled < out.len() {
         match decoder.read(&mut out[filled..]) {
@@ -204,12 +230,15 @@ fn decode_streaming(compressed: &[u8], chunk: &Chunk) -> std::result::Result<Vec
                     chunk.size
                 ))
             }
-            Ok(n) => filled += n,
+            Ok(n) => {
+                hash.update(&out[filled..filled + n]);
+                filled += n;
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(format!("corrupt gzip data: {e}")),
         }
     }
-    Ok(out)
+    Ok((out, Sha256Digest::from(hash)))
 }
 
 /// How to open a blob.

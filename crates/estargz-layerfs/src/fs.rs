@@ -69,6 +69,8 @@ pub struct LayerStats {
     pub fetch_nanos: AtomicU64,
     /// Opens served in FUSE passthrough mode (the kernel reads the chunk file itself).
     pub passthrough_opens: AtomicU64,
+    /// Chunks fetched for a reader and decoded as their bytes arrived.
+    pub streamed_chunks: AtomicU64,
 }
 
 /// A histogram of durations with fixed buckets, kept in atomics: observing costs two
@@ -267,6 +269,12 @@ pub struct Inner {
     /// Where first touches of files go, and this layer's index there (`estargz optimize`).
     recorder: std::sync::OnceLock<(Arc<crate::record::AccessRecorder>, usize)>,
 }
+
+/// A range smaller than this is fetched whole and then decoded, and so is a chunk of a
+/// streamed range: decoding it takes little.
+const STREAM_MIN: u64 = 64 << 10;
+/// A chunk that takes at least this long to arrive is decoded as it arrives.
+const STREAM_AFTER: Duration = Duration::from_millis(5);
 
 /// How an inode is open. The kernel keeps one I/O mode per inode: while any open reads
 /// through FUSE (cached), a passthrough open fails with EIO, and while a backing file is
@@ -616,17 +624,43 @@ impl Inner {
         if claim.is_empty() {
             return Ok(());
         }
-        let mine: Vec<(u64, Chunk)> = chunks
+        let mut mine: Vec<(u64, Chunk)> = chunks
             .iter()
             .filter(|(_, c)| claim.has(&c.digest))
             .copied()
             .collect();
-        let runs: Vec<&[(u64, Chunk)]> = runs(&mine).collect();
-        let ranges: Vec<std::ops::Range<u64>> = runs.iter().map(|r| span_of(r)).collect();
         let hot = match whom {
             For::Reader(hot) => hot,
             For::ReadAhead | For::Ahead => &[],
         };
+        let mut runs: Vec<&[(u64, Chunk)]> = runs(&mine).collect();
+        let sequential = runs
+            .iter()
+            .all(|r| r.windows(2).all(|w| w[0].1.compressed_end == w[1].1.offset));
+        let total: u64 = runs
+            .iter()
+            .map(|r| span_of(r))
+            .map(|r| r.end - r.start)
+            .sum();
+        if matches!(whom, For::Reader(_)) && sequential && self.worth_streaming(total) {
+            let wanted: Vec<Sha256Digest> = mine.iter().map(|(_, c)| c.digest).collect();
+            let streamed = self.fetch_streamed(&runs, &wanted, |c, data| {
+                self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
+                claim.fulfil(&c.digest, &data);
+                if hot.contains(&c.digest) {
+                    self.cache.memory_put(c.digest, data.into());
+                }
+            });
+            match streamed {
+                Ok(()) => return Ok(()),
+                // What arrived intact is stored; the rest is fetched again, whole.
+                Err(e) => tracing::debug!(error = %e,
+                    "streamed fetch failed; fetching what is missing again"),
+            }
+            mine.retain(|(_, c)| claim.has(&c.digest));
+            runs = self::runs(&mine).collect();
+        }
+        let ranges: Vec<std::ops::Range<u64>> = runs.iter().map(|r| span_of(r)).collect();
         for (run, bytes) in runs.iter().zip(self.fetch_ranges(&ranges, whom)?) {
             self.store(run, &bytes, &mut claim, hot)?;
         }
@@ -688,6 +722,129 @@ impl Inner {
         Ok(())
     }
 
+    /// Chunk `c` of inode `ino` fetched for a reader and verified: decoded as its bytes
+    /// arrive where that saves time ([`Inner::worth_streaming`]); fetched whole and then
+    /// decoded otherwise, or if that failed (wrong bytes, a broken connection: the whole
+    /// fetch comes with the source's retries).
+    fn fetch_chunk(&self, ino: u64, c: &Chunk) -> Result<Vec<u8>, Error> {
+        let range = c.offset..c.compressed_end;
+        if self.worth_streaming(range.end - range.start) {
+            let mut got = None;
+            match self.fetch_streamed(&[&[(ino, *c)]], &[c.digest], |_, data| got = Some(data)) {
+                Ok(()) => {
+                    return got.ok_or_else(|| {
+                        Error::io("fetching a chunk", io::Error::other("no chunk decoded"))
+                    })
+                }
+                Err(e) => tracing::debug!(file = %self.tree.path(ino), error = %e,
+                    "streamed chunk fetch failed; fetching it again"),
+            }
+        }
+        let bytes = self
+            .fetch_range(range, For::Reader(&[c.digest]))
+            .map_err(|e| Error::io("fetching a chunk", e))?;
+        self.decompress(ino, &bytes, c)
+    }
+
+    /// Whether a range of `bytes` takes long enough to arrive that decoding it as it does
+    /// saves time: at least [`STREAM_AFTER`] at the link's measured throughput (or the
+    /// throughput is not known yet), and at least [`STREAM_MIN`] bytes. On a fast link the
+    /// range is fetched whole and decoded in one call, which is faster than decoding
+    /// piece by piece (see `decompress_chunk`).
+    fn worth_streaming(&self, bytes: u64) -> bool {
+        bytes >= STREAM_MIN
+            && self
+                .scheduler
+                .link()
+                .throughput
+                .is_none_or(|t| bytes as f64 / t >= STREAM_AFTER.as_secs_f64())
+    }
+
+    /// Fetches `runs` for a reader (each run one range of chunks that follow each other
+    /// in the blob; all requests in flight at once) and decodes each chunk as its bytes
+    /// arrive, so that when the last byte is in the chunk is decoded but for its tail.
+    /// Each chunk `wanted` lists is verified and handed to `done` (once per digest); the
+    /// others are skipped. Timed and counted as one fetch, like [`Inner::fetch_ranges`].
+    /// Nothing is retried.
+    fn fetch_streamed(
+        &self,
+        runs: &[&[(u64, Chunk)]],
+        wanted: &[Sha256Digest],
+        mut done: impl FnMut(&Chunk, Vec<u8>),
+    ) -> Result<(), Error> {
+        let failed = |e| Error::io("fetching chunks", e);
+        let _on_demand = self.scheduler.fetching();
+        let started = std::time::Instant::now();
+        let ranges: Vec<std::ops::Range<u64>> = runs.iter().map(|r| span_of(r)).collect();
+        let bodies = ranges
+            .iter()
+            .map(|r| self.source.open_range(r.clone()))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(failed)?;
+        let mut decoded: Vec<Sha256Digest> = Vec::new();
+        for (run, mut body) in runs.iter().zip(bodies) {
+            for (ino, c) in run.iter() {
+                let mut member = io::Read::take(&mut body, c.compressed_end - c.offset);
+                if wanted.contains(&c.digest) && !decoded.contains(&c.digest) {
+                    let name = self.tree.path(*ino);
+                    let data = if c.compressed_end - c.offset < STREAM_MIN {
+                        // A small member decodes in no time once it is in, faster in one
+                        // call than piece by piece.
+                        let mut bytes = Vec::new();
+                        io::Read::read_to_end(&mut member, &mut bytes).map_err(failed)?;
+                        estargz_format::decompress_chunk(&bytes, &name, c)?
+                    } else {
+                        estargz_format::decompress_chunk_from(&mut member, &name, c)?
+                    };
+                    self.stats.streamed_chunks.fetch_add(1, Ordering::Relaxed);
+                    decoded.push(c.digest);
+                    done(c, data);
+                }
+                // The member's end and the tar padding after the chunk (or all of a chunk
+                // not wanted): read through to the next chunk.
+                io::copy(&mut member, &mut io::sink()).map_err(failed)?;
+            }
+            // Read to the end, so that the connection is free for the next request.
+            io::copy(&mut body, &mut io::sink()).map_err(failed)?;
+        }
+        let took = started.elapsed();
+        let bytes = ranges.iter().map(|r| r.end - r.start).sum();
+        self.scheduler.node_stats().fetch_latency.observe(took);
+        self.count_fetch(
+            &ranges,
+            bytes,
+            took,
+            "ranges fetched and decoded as they arrived",
+        );
+        Ok(())
+    }
+
+    /// Counts (and logs as `what`) a completed fetch of `ranges`, `bytes` bytes in all,
+    /// that took `took`, for the layer's counters and the scheduler's view of the link.
+    fn count_fetch(
+        &self,
+        ranges: &[std::ops::Range<u64>],
+        bytes: u64,
+        took: std::time::Duration,
+        what: &str,
+    ) {
+        tracing::debug!(
+            start = ranges.first().map_or(0, |r| r.start),
+            ranges = ranges.len(),
+            bytes,
+            ms = took.as_secs_f64() * 1e3,
+            "{what}"
+        );
+        self.scheduler.record(bytes, took);
+        let s = &self.stats;
+        s.fetches.fetch_add(1, Ordering::Relaxed);
+        s.fetch_nanos
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        s.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
+        s.fetch_requests
+            .fetch_add(ranges.len() as u64, Ordering::Relaxed);
+    }
+
     /// One range request to the source, timed and counted.
     fn fetch_range(&self, range: std::ops::Range<u64>, whom: For<'_>) -> io::Result<Vec<u8>> {
         let mut all = self.fetch_ranges(std::slice::from_ref(&range), whom)?;
@@ -718,21 +875,7 @@ impl Inner {
         }
         let all = all?;
         let bytes: u64 = all.iter().map(|b| b.len() as u64).sum();
-        tracing::debug!(
-            start = ranges.first().map_or(0, |r| r.start),
-            ranges = ranges.len(),
-            bytes,
-            ms = took.as_secs_f64() * 1e3,
-            "ranges fetched"
-        );
-        self.scheduler.record(bytes, took);
-        let s = &self.stats;
-        s.fetches.fetch_add(1, Ordering::Relaxed);
-        s.fetch_nanos
-            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
-        s.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
-        s.fetch_requests
-            .fetch_add(ranges.len() as u64, Ordering::Relaxed);
+        self.count_fetch(ranges, bytes, took, "ranges fetched");
         Ok(all)
     }
 
@@ -809,10 +952,7 @@ impl Inner {
         let data = self
             .cache
             .get_or_fetch(&c.digest, || {
-                let bytes = self
-                    .fetch_range(c.offset..c.compressed_end, For::Reader(&[c.digest]))
-                    .map_err(|e| Error::io("fetching a chunk", e))?;
-                let data = self.decompress(ino, &bytes, c)?;
+                let data = self.fetch_chunk(ino, c)?;
                 self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
                 Ok::<_, Error>(data)
             })

@@ -4,6 +4,7 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::time::Duration;
 
 /// Random access to a layer blob's compressed bytes. Implementations may be slow (a
 /// registry): reads are only issued for chunks missing from the cache.
@@ -15,6 +16,14 @@ pub trait BlobSource: Send + Sync {
     /// all in flight together, so they cost one round trip).
     fn read_ranges(&self, ranges: &[Range<u64>]) -> io::Result<Vec<Vec<u8>>> {
         ranges.iter().map(|r| self.read_range(r.clone())).collect()
+    }
+
+    /// Bytes `range` of the blob as a reader that yields them as they arrive, so that the
+    /// caller can work on the first while the last are on their way (a registry); the
+    /// reader fails if fewer or more bytes come. By default, [`BlobSource::read_range`]'s
+    /// answer. A failure is not retried: retry with `read_range`.
+    fn open_range(&self, range: Range<u64>) -> io::Result<Box<dyn io::Read + Send>> {
+        Ok(Box::new(io::Cursor::new(self.read_range(range)?)))
     }
 }
 
@@ -79,16 +88,18 @@ impl RegistrySource {
     ) -> io::Result<T> {
         self.runtime
             .block_on(async { tokio::time::timeout(self.deadline, fetch).await })
-            .unwrap_or_else(|_| {
-                Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "{} bytes {span:?}: no complete answer from the registry within {:?}",
-                        self.digest, self.deadline
-                    ),
-                ))
-            })
+            .unwrap_or_else(|_| Err(timed_out(&self.digest, span, self.deadline)))
     }
+}
+
+/// The error of a fetch of bytes `span` of blob `digest` that missed its `deadline`.
+fn timed_out(digest: &estargz_oci::Digest, span: Range<u64>, deadline: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!(
+            "{digest} bytes {span:?}: no complete answer from the registry within {deadline:?}"
+        ),
+    )
 }
 
 /// How long one fetch may take by default, retries included.
@@ -106,6 +117,37 @@ impl RegistrySource {
 
 type RangeFetch = tokio::task::JoinHandle<estargz_registry::Result<bytes::Bytes>>;
 
+/// Pieces of a range body in flight between the runtime and a reading thread.
+const PIECES_IN_FLIGHT: usize = 64;
+
+/// A range body read on a blocking thread while a task on the runtime receives it
+/// ([`RegistrySource::open_range`]). Dropping it ends the task.
+struct StreamedRange {
+    pieces: tokio::sync::mpsc::Receiver<io::Result<bytes::Bytes>>,
+    current: bytes::Bytes,
+    task: tokio::task::AbortHandle,
+}
+
+impl io::Read for StreamedRange {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.pieces.blocking_recv() {
+                Some(piece) => self.current = piece?,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+impl Drop for StreamedRange {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 impl BlobSource for RegistrySource {
     fn read_range(&self, range: Range<u64>) -> io::Result<Vec<u8>> {
         let fetch = self
@@ -114,6 +156,38 @@ impl BlobSource for RegistrySource {
         self.within(range, async {
             fetch.await.map(|b| b.to_vec()).map_err(io::Error::other)
         })
+    }
+
+    fn open_range(&self, range: Range<u64>) -> io::Result<Box<dyn io::Read + Send>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(PIECES_IN_FLIGHT);
+        let (client, image, digest) =
+            (self.client.clone(), self.image.clone(), self.digest.clone());
+        let (deadline, span) = (self.deadline, range.clone());
+        let task = self.runtime.spawn(async move {
+            let body = async {
+                let mut body = client
+                    .fetch_range_stream(&image, &digest, range)
+                    .await
+                    .map_err(io::Error::other)?;
+                while let Some(piece) = body.next().await.map_err(io::Error::other)? {
+                    if tx.send(Ok(piece)).await.is_err() {
+                        break; // the reader is gone
+                    }
+                }
+                Ok(())
+            };
+            let failed = match tokio::time::timeout(deadline, body).await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => e,
+                Err(_) => timed_out(&digest, span, deadline),
+            };
+            let _ = tx.send(Err(failed)).await;
+        });
+        Ok(Box::new(StreamedRange {
+            pieces: rx,
+            current: bytes::Bytes::new(),
+            task: task.abort_handle(),
+        }))
     }
 
     fn read_ranges(&self, ranges: &[Range<u64>]) -> io::Result<Vec<Vec<u8>>> {

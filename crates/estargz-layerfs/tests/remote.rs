@@ -853,3 +853,72 @@ fn unmount_is_prompt_while_prefetch_and_background_fetch_trickle() {
     assert_eq!(r.proxy.blob_requests(), asked);
     r.proxy.set_rate(None);
 }
+
+/// A chunk a reader waits for is decoded as its bytes arrive over a slow link; when that
+/// stream breaks or brings wrong bytes, the chunk is fetched again whole (with the
+/// client's retries), and the reader gets the right bytes or EIO, never wrong ones.
+#[test]
+fn chunks_decode_as_they_arrive_and_a_broken_stream_is_fetched_again() {
+    use std::os::unix::fs::FileExt;
+    let r = Remote::start();
+    let mib = 1u64 << 20;
+    let content = noise(8 << 20, 11);
+    let opts = ConvertOptions {
+        chunk_size: mib,
+        compression_level: 1,
+        ..Default::default()
+    };
+    let blob = r.push(&files_tar(&[("big", &content)]), &opts);
+    let m = r.mount(&blob, r.cache("cache", 1 << 30), "mnt");
+    // About an eighth of a second per chunk: slow enough to decode while it arrives.
+    r.proxy.set_rate(Some(8e6));
+    let f = std::fs::File::open(m.mountpoint().join("big")).unwrap();
+    let streamed = || {
+        m.stats()
+            .streamed_chunks
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    // Odd chunks only: the one before is never local, so no read-ahead joins in.
+    let read_chunk = |k: u64| {
+        let mut buf = vec![0u8; 4096];
+        f.read_exact_at(&mut buf, k * mib).map(|()| buf)
+    };
+    let expect = |k: u64| content[(k * mib) as usize..(k * mib) as usize + 4096].to_vec();
+    // Requests for (a range that holds) chunk k.
+    let requests = |k: u64| {
+        let c = m.fs().chunk_at("big", k * mib).unwrap();
+        r.proxy
+            .blob_log()
+            .iter()
+            .filter_map(|q| q.range.clone())
+            .filter(|q| q.start <= c.offset && c.compressed_end <= q.end)
+            .count()
+    };
+
+    assert_eq!(read_chunk(1).unwrap(), expect(1));
+    assert_eq!(streamed(), 1, "the chunk was not decoded as it arrived");
+    assert_eq!(requests(1), 1);
+
+    for (k, fault) in [(3, Fault::Truncate), (5, Fault::CorruptBody)] {
+        r.proxy.push(fault.clone());
+        assert_eq!(read_chunk(k).unwrap(), expect(k), "{fault:?}");
+        assert_eq!(
+            streamed(),
+            1,
+            "{fault:?}: a broken stream counted as decoded"
+        );
+        assert_eq!(requests(k), 2, "{fault:?}: not fetched again whole");
+    }
+
+    // Wrong bytes every time: EIO, then the right bytes once the registry recovers. (The
+    // corrupting proxy answers at full speed, so the link looks fast afterwards and the
+    // chunk may be fetched whole.)
+    r.proxy.set_always(Some(Fault::CorruptBody));
+    let e = read_chunk(7).expect_err("wrong bytes were served");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+    r.proxy.set_always(None);
+    assert_eq!(read_chunk(7).unwrap(), expect(7));
+    r.proxy.set_rate(None);
+    drop(f);
+    m.unmount().unwrap();
+}

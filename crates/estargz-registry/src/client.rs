@@ -564,62 +564,116 @@ impl RegistryClient {
         digest: &Digest,
         range: Range<u64>,
     ) -> Result<Bytes> {
-        let target = format!(
-            "{}/{} blob {digest} bytes {}-{}",
-            image.registry,
-            image.repository,
-            range.start,
-            range.end.saturating_sub(1)
-        );
         if range.start >= range.end {
             return Ok(Bytes::new());
         }
-        let scope = format!("repository:{}:pull", image.repository);
+        // Retried and failed over as a whole, the body included.
+        let target = range_target(image, digest, &range);
         self.with_hosts(&image.registry, Need::Pull, &target, |ctx| {
-            let target = target.clone();
-            let scope = scope.clone();
             let range = range.clone();
             async move {
-                let url = ctx.url(&image.repository, &format!("blobs/{digest}"))?;
-                let header = format!("bytes={}-{}", range.start, range.end - 1);
-                let resp = self
-                    .send(
-                        &ctx,
-                        &scope,
-                        &target,
-                        Some(self.config.request_timeout),
-                        &|c| c.get(url.clone()).header(RANGE, header.clone()),
-                    )
-                    .await?;
-                let want = range.end - range.start;
-                match resp.status() {
-                    StatusCode::PARTIAL_CONTENT => {
-                        let got = parse_content_range(resp.headers());
-                        if got.map(|(s, e, _)| (s, e)) != Some((range.start, range.end - 1)) {
-                            return Err(Error::BadResponse {
-                                target,
-                                detail: format!(
-                                    "Content-Range {:?} does not match the request",
-                                    resp.headers().get(CONTENT_RANGE)
-                                ),
-                            });
-                        }
-                        let body = read_exact_len(resp, want, &target).await?;
-                        Ok(body)
-                    }
-                    StatusCode::OK => {
-                        // The server ignored Range: take our slice of the whole blob.
-                        tracing::debug!(%target, "registry ignored Range; reading the blob up to the range's end");
-                        read_slice(resp, range.clone(), &target).await
-                    }
-                    s => Err(Error::BadResponse {
-                        target,
-                        detail: format!("unexpected status {s} for a range request"),
-                    }),
+                let mut body = self.range_response(&ctx, image, digest, range).await?;
+                let mut out = Vec::with_capacity(body.remaining as usize);
+                while let Some(piece) = body.next().await? {
+                    out.extend_from_slice(&piece);
                 }
+                Ok(Bytes::from(out))
             }
         })
         .await
+    }
+
+    /// Bytes `range` of a blob as they arrive: returns once the registry has answered
+    /// with the range (the request retried and failed over as every request is), and the
+    /// body then comes piece by piece from [`RangeBody::next`]. Once the body has started
+    /// nothing is retried: a failure mid-body is the caller's to retry (with
+    /// [`RegistryClient::fetch_range`]).
+    pub async fn fetch_range_stream(
+        &self,
+        image: &ImageRef,
+        digest: &Digest,
+        range: Range<u64>,
+    ) -> Result<RangeBody> {
+        let target = range_target(image, digest, &range);
+        if range.start >= range.end {
+            return Ok(RangeBody {
+                body: Body::Whole(None),
+                remaining: 0,
+                target,
+            });
+        }
+        self.with_hosts(&image.registry, Need::Pull, &target, |ctx| {
+            let range = range.clone();
+            async move { self.range_response(&ctx, image, digest, range).await }
+        })
+        .await
+    }
+
+    /// One range request to one host, its answer checked: a 206 with the range asked
+    /// for, or a 200 (a server that ignores `Range`), whose slice is read here.
+    async fn range_response(
+        &self,
+        ctx: &Ctx,
+        image: &ImageRef,
+        digest: &Digest,
+        range: Range<u64>,
+    ) -> Result<RangeBody> {
+        let target = range_target(image, digest, &range);
+        let scope = format!("repository:{}:pull", image.repository);
+        let url = ctx.url(&image.repository, &format!("blobs/{digest}"))?;
+        let header = format!("bytes={}-{}", range.start, range.end - 1);
+        let resp = self
+            .send(
+                ctx,
+                &scope,
+                &target,
+                Some(self.config.request_timeout),
+                &|c| c.get(url.clone()).header(RANGE, header.clone()),
+            )
+            .await?;
+        let want = range.end - range.start;
+        match resp.status() {
+            StatusCode::PARTIAL_CONTENT => {
+                let got = parse_content_range(resp.headers());
+                if got.map(|(s, e, _)| (s, e)) != Some((range.start, range.end - 1)) {
+                    return Err(Error::BadResponse {
+                        target,
+                        detail: format!(
+                            "Content-Range {:?} does not match the request",
+                            resp.headers().get(CONTENT_RANGE)
+                        ),
+                    });
+                }
+                if resp.content_length().is_some_and(|len| len > want) {
+                    return Err(Error::BadResponse {
+                        target,
+                        detail: format!(
+                            "body of {:?} bytes for a range of {want}",
+                            resp.content_length()
+                        ),
+                    });
+                }
+                Ok(RangeBody {
+                    body: Body::Response(resp),
+                    remaining: want,
+                    target,
+                })
+            }
+            StatusCode::OK => {
+                // The server ignored Range: take our slice of the whole blob.
+                tracing::debug!(%target, "registry ignored Range; reading the blob up to the range's end");
+                let slice = read_slice(resp, range.clone(), &target).await?;
+                Ok(RangeBody {
+                    body: Body::Whole(Some(slice)),
+                    remaining: want,
+                    target,
+                })
+            }
+            s => Err(Error::BadResponse {
+                target,
+                detail: format!("unexpected status {s} for a range request"),
+            }),
+        }
     }
 
     /// Reads the last `len` bytes of a blob (all of it when it is shorter) with one suffix
@@ -1071,6 +1125,65 @@ async fn error_text(resp: Response) -> String {
 /// The bytes `range` of a whole-blob (200) answer to a range request: those before it are
 /// skipped as they arrive and the rest is not read, so a registry that ignores Range costs
 /// time, not memory.
+/// The body of a range request, piece by piece as it arrives
+/// ([`RegistryClient::fetch_range_stream`]): exactly the range's bytes, or an error.
+pub struct RangeBody {
+    body: Body,
+    /// Bytes of the range not handed out yet.
+    remaining: u64,
+    target: String,
+}
+
+enum Body {
+    Response(Response),
+    /// Read already (a server that ignored `Range`); taken by the first `next`.
+    Whole(Option<Bytes>),
+}
+
+impl RangeBody {
+    /// The next piece of the range; `None` once all of it came. A body that ends short, runs
+    /// past the range or breaks off is an error.
+    pub async fn next(&mut self) -> Result<Option<Bytes>> {
+        let piece = match &mut self.body {
+            Body::Whole(slice) => slice.take(),
+            Body::Response(resp) => resp.chunk().await.map_err(|e| Error::Transport {
+                target: self.target.clone(),
+                detail: format!(
+                    "connection failed with {} bytes of the range to come: {}",
+                    self.remaining,
+                    describe_reqwest(&e)
+                ),
+            })?,
+        };
+        match piece {
+            Some(p) if p.len() as u64 > self.remaining => Err(Error::BadResponse {
+                target: self.target.clone(),
+                detail: "body longer than the range".into(),
+            }),
+            Some(p) => {
+                self.remaining -= p.len() as u64;
+                Ok(Some(p))
+            }
+            None if self.remaining > 0 => Err(Error::BadResponse {
+                target: self.target.clone(),
+                detail: format!("body ends {} bytes short of the range", self.remaining),
+            }),
+            None => Ok(None),
+        }
+    }
+}
+
+/// What a range request is for, in errors and logs.
+fn range_target(image: &ImageRef, digest: &Digest, range: &Range<u64>) -> String {
+    format!(
+        "{}/{} blob {digest} bytes {}-{}",
+        image.registry,
+        image.repository,
+        range.start,
+        range.end.saturating_sub(1)
+    )
+}
+
 async fn read_slice(resp: Response, range: Range<u64>, target: &str) -> Result<Bytes> {
     let want = (range.end - range.start) as usize;
     let mut out = Vec::with_capacity(want);

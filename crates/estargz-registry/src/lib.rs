@@ -24,7 +24,7 @@ pub mod reference;
 mod tls;
 
 pub use auth::{parse_challenge, Challenge, Credential, Credentials};
-pub use client::{ClientConfig, PushOutcome, RegistryClient, RetryPolicy};
+pub use client::{ClientConfig, PushOutcome, RangeBody, RegistryClient, RetryPolicy};
 pub use copy::{pull_to_layout, push_from_layout, CopyEvents};
 pub use error::{Error, Result};
 pub use hosts::{Capabilities, HostsConfig, RegistryHost};

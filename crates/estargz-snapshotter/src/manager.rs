@@ -276,6 +276,7 @@ impl Manager {
                     read_bytes,
                     fetch_nanos,
                     passthrough_opens,
+                    streamed_chunks,
                 } = m.layer.stats();
                 let p = m.layer.fs().progress();
                 let st = LayerStatus {
@@ -288,6 +289,7 @@ impl Manager {
                     read_errors: read_errors.load(Relaxed),
                     read_bytes: read_bytes.load(Relaxed),
                     passthrough_opens: passthrough_opens.load(Relaxed),
+                    streamed_chunks: streamed_chunks.load(Relaxed),
                     cached_chunks: p.cached_chunks,
                     total_chunks: p.total_chunks,
                     prefetch_done: p.prefetch_done,

@@ -295,6 +295,12 @@ const LAYER: &[Field<LayerStatus>] = &[
         read: Read::Counter(|l| l.passthrough_opens),
     },
     Field {
+        name: "estargz_layer_streamed_chunks",
+        help: "Chunks fetched for a reader and decoded as their bytes arrived (on a link \
+               slow enough for that to save time).",
+        read: Read::Counter(|l| l.streamed_chunks),
+    },
+    Field {
         name: "estargz_layer_read_errors",
         help: "Reads answered with EIO.",
         read: Read::Counter(|l| l.read_errors),
@@ -525,6 +531,7 @@ mod tests {
             read_errors: 0,
             read_bytes: 4096 * n,
             passthrough_opens: 5 * n,
+            streamed_chunks: n,
             cached_chunks: 3 * n,
             total_chunks: 10,
             prefetch_done: true,

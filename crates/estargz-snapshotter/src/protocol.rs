@@ -270,6 +270,10 @@ pub struct LayerStatus {
     /// Opens served in FUSE passthrough mode (absent from older managers).
     #[serde(default)]
     pub passthrough_opens: u64,
+    /// Chunks fetched for a reader and decoded as their bytes arrived (absent from older
+    /// managers).
+    #[serde(default)]
+    pub streamed_chunks: u64,
     /// Distinct chunks local now.
     pub cached_chunks: u64,
     /// Distinct chunks of the layer.
