@@ -270,6 +270,48 @@ pub struct Inner {
     recorder: std::sync::OnceLock<(Arc<crate::record::AccessRecorder>, usize)>,
 }
 
+/// Calls `call` once, when no more than `lead` bytes of a transfer are left to arrive (not
+/// at all without a `lead`).
+struct NearEnd<'a> {
+    left: u64,
+    lead: u64,
+    call: Option<&'a dyn Fn()>,
+}
+
+impl<'a> NearEnd<'a> {
+    fn new(total: u64, lead: Option<u64>, call: Option<&'a dyn Fn()>) -> NearEnd<'a> {
+        NearEnd {
+            left: total,
+            lead: lead.unwrap_or(0),
+            call: call.filter(|_| lead.is_some()),
+        }
+    }
+
+    /// `n` more bytes arrived.
+    fn arrived(&mut self, n: usize) {
+        self.left = self.left.saturating_sub(n as u64);
+        if self.left <= self.lead {
+            if let Some(call) = self.call.take() {
+                call();
+            }
+        }
+    }
+}
+
+/// A reader that tells `tap` how many bytes each read gave.
+struct Tapped<'a, R> {
+    inner: R,
+    tap: &'a mut dyn FnMut(usize),
+}
+
+impl<R: io::Read> io::Read for Tapped<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        (self.tap)(n);
+        Ok(n)
+    }
+}
+
 /// A range smaller than this is fetched whole and then decoded, and so is a chunk of a
 /// streamed range: decoding it takes little.
 const STREAM_MIN: u64 = 64 << 10;
@@ -618,7 +660,12 @@ impl Inner {
     /// fetching, and fetches those with one range request per run of neighbours in the blob
     /// (chunks sharing a gzip member count as neighbours), verifying and caching each.
     /// A reader's chunks also go to the cache's memory tier.
-    pub(crate) fn fetch_claimed(&self, chunks: &[(u64, Chunk)], whom: For<'_>) -> io::Result<()> {
+    pub(crate) fn fetch_claimed(
+        &self,
+        chunks: &[(u64, Chunk)],
+        whom: For<'_>,
+        near_end: Option<&dyn Fn()>,
+    ) -> io::Result<()> {
         let digests: Vec<Sha256Digest> = chunks.iter().map(|(_, c)| c.digest).collect();
         let mut claim = self.cache.claim(&digests);
         if claim.is_empty() {
@@ -644,7 +691,7 @@ impl Inner {
             .sum();
         if matches!(whom, For::Reader(_)) && sequential && self.worth_streaming(total) {
             let wanted: Vec<Sha256Digest> = mine.iter().map(|(_, c)| c.digest).collect();
-            let streamed = self.fetch_streamed(&runs, &wanted, |c, data| {
+            let streamed = self.fetch_streamed(&runs, &wanted, near_end, |c, data| {
                 self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
                 claim.fulfil(&c.digest, &data);
                 if hot.contains(&c.digest) {
@@ -726,11 +773,17 @@ impl Inner {
     /// arrive where that saves time ([`Inner::worth_streaming`]); fetched whole and then
     /// decoded otherwise, or if that failed (wrong bytes, a broken connection: the whole
     /// fetch comes with the source's retries).
-    fn fetch_chunk(&self, ino: u64, c: &Chunk) -> Result<Vec<u8>, Error> {
+    fn fetch_chunk(
+        &self,
+        ino: u64,
+        c: &Chunk,
+        near_end: Option<&dyn Fn()>,
+    ) -> Result<Vec<u8>, Error> {
         let range = c.offset..c.compressed_end;
         if self.worth_streaming(range.end - range.start) {
             let mut got = None;
-            match self.fetch_streamed(&[&[(ino, *c)]], &[c.digest], |_, data| got = Some(data)) {
+            let one: &[(u64, Chunk)] = &[(ino, *c)];
+            match self.fetch_streamed(&[one], &[c.digest], near_end, |_, data| got = Some(data)) {
                 Ok(()) => {
                     return got.ok_or_else(|| {
                         Error::io("fetching a chunk", io::Error::other("no chunk decoded"))
@@ -765,24 +818,39 @@ impl Inner {
     /// arrive, so that when the last byte is in the chunk is decoded but for its tail.
     /// Each chunk `wanted` lists is verified and handed to `done` (once per digest); the
     /// others are skipped. Timed and counted as one fetch, like [`Inner::fetch_ranges`].
-    /// Nothing is retried.
+    /// Nothing is retried. `near_end` is called once, when about one round trip of the
+    /// link's data is left to arrive (if the link is measured): what is asked for then
+    /// starts arriving as this fetch ends, neither sharing the link with it nor after a gap.
     fn fetch_streamed(
         &self,
         runs: &[&[(u64, Chunk)]],
         wanted: &[Sha256Digest],
+        near_end: Option<&dyn Fn()>,
         mut done: impl FnMut(&Chunk, Vec<u8>),
     ) -> Result<(), Error> {
         let failed = |e| Error::io("fetching chunks", e);
         let _on_demand = self.scheduler.fetching();
         let started = std::time::Instant::now();
         let ranges: Vec<std::ops::Range<u64>> = runs.iter().map(|r| span_of(r)).collect();
+        let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+        let link = self.scheduler.link();
+        let lead = link
+            .rtt
+            .zip(link.throughput)
+            .map(|(rtt, bytes_per_sec)| (rtt.as_secs_f64() * bytes_per_sec) as u64);
+        let mut near_end = NearEnd::new(total, lead, near_end);
+        let mut arrived = |n: usize| near_end.arrived(n);
         let bodies = ranges
             .iter()
             .map(|r| self.source.open_range(r.clone()))
             .collect::<io::Result<Vec<_>>>()
             .map_err(failed)?;
         let mut decoded: Vec<Sha256Digest> = Vec::new();
-        for (run, mut body) in runs.iter().zip(bodies) {
+        for (run, body) in runs.iter().zip(bodies) {
+            let mut body = Tapped {
+                inner: body,
+                tap: &mut arrived,
+            };
             for (ino, c) in run.iter() {
                 let mut member = io::Read::take(&mut body, c.compressed_end - c.offset);
                 if wanted.contains(&c.digest) && !decoded.contains(&c.digest) {
@@ -808,11 +876,10 @@ impl Inner {
             io::copy(&mut body, &mut io::sink()).map_err(failed)?;
         }
         let took = started.elapsed();
-        let bytes = ranges.iter().map(|r| r.end - r.start).sum();
         self.scheduler.node_stats().fetch_latency.observe(took);
         self.count_fetch(
             &ranges,
-            bytes,
+            total,
             took,
             "ranges fetched and decoded as they arrived",
         );
@@ -946,13 +1013,19 @@ impl Inner {
 
     /// Chunk `c` of inode `ino` from the disk cache or, fetched, from the source; kept in
     /// the memory tier afterwards. The caller has looked in the memory tier already.
-    fn chunk_data(&self, ino: u64, c: &Chunk) -> io::Result<Arc<[u8]>> {
+    /// `near_end` as for [`Inner::fetch_streamed`].
+    fn chunk_data(
+        &self,
+        ino: u64,
+        c: &Chunk,
+        near_end: Option<&dyn Fn()>,
+    ) -> io::Result<Arc<[u8]>> {
         tracing::debug!(file = %self.tree.path(ino), chunk_offset = c.chunk_offset,
             bytes = c.compressed_end - c.offset, "chunk missed");
         let data = self
             .cache
             .get_or_fetch(&c.digest, || {
-                let data = self.fetch_chunk(ino, c)?;
+                let data = self.fetch_chunk(ino, c, near_end)?;
                 self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
                 Ok::<_, Error>(data)
             })
@@ -987,6 +1060,14 @@ impl Inner {
         if read_ahead && first > 0 {
             self.read_ahead(ino, ahead);
         }
+        // For a read of the first chunk, the next ones are queued as its fetch is about to
+        // end (a round trip before, on a measured link), or else once it has.
+        let queued = std::cell::Cell::new(false);
+        let queue_ahead = || {
+            if read_ahead && first == 0 && !queued.replace(true) {
+                self.read_ahead(ino, ahead);
+            }
+        };
         // Neighbouring missing chunks: one request for the whole span (chunks someone else
         // is fetching are waited for below, not fetched again). A small file's missing
         // chunk brings its small neighbours along.
@@ -997,13 +1078,13 @@ impl Inner {
                 .map(|c| (ino, *c))
                 .collect();
             let hot: Vec<Sha256Digest> = missing.iter().map(|(_, c)| c.digest).collect();
-            self.fetch_claimed(&missing, For::Reader(&hot))?;
+            self.fetch_claimed(&missing, For::Reader(&hot), Some(&queue_ahead))?;
         } else if let [c] = chunks {
             if !self.cache.contains(&c.digest) && self.cache.memory_get(&c.digest).is_none() {
                 let run = self.with_neighbours(ino, c);
                 tracing::debug!(file = %self.tree.path(ino), neighbours = run.len() - 1,
                     bytes = span_of(&run).end - span_of(&run).start, "small file missed");
-                match self.fetch_claimed(&run, For::Reader(&[c.digest])) {
+                match self.fetch_claimed(&run, For::Reader(&[c.digest]), None) {
                     // A bad neighbour must not fail this read: the chunk is fetched alone
                     // below if it did not arrive.
                     Err(e) if run.len() > 1 => {
@@ -1014,7 +1095,7 @@ impl Inner {
             }
         }
         let mut out = Vec::with_capacity((end - offset) as usize);
-        for c in &covering {
+        for (i, c) in covering.iter().enumerate() {
             let from = offset.max(c.chunk_offset) - c.chunk_offset;
             let to = end.min(c.chunk_offset + c.size) - c.chunk_offset;
             let data = match self.cache.memory_get(&c.digest) {
@@ -1026,14 +1107,13 @@ impl Inner {
                         out.extend_from_slice(&part);
                         continue;
                     }
-                    self.chunk_data(ino, c)?
+                    let last = i + 1 == covering.len();
+                    self.chunk_data(ino, c, last.then_some(&queue_ahead as &dyn Fn()))?
                 }
             };
             out.extend_from_slice(&data[from as usize..to as usize]);
         }
-        if read_ahead && first == 0 {
-            self.read_ahead(ino, ahead);
-        }
+        queue_ahead();
         Ok(out)
     }
 
@@ -1594,6 +1674,28 @@ pub fn mount(fs: LayerFs, mountpoint: &Path) -> io::Result<MountedLayer> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn near_end_calls_once_a_round_trip_before_the_end() {
+        use super::NearEnd;
+        let calls = std::cell::Cell::new(0);
+        let call = || calls.set(calls.get() + 1);
+        let mut near = NearEnd::new(1000, Some(250), Some(&call));
+        near.arrived(700);
+        assert_eq!(calls.get(), 0, "called with 300 bytes to come");
+        near.arrived(50);
+        assert_eq!(calls.get(), 1, "not called with 250 bytes to come");
+        near.arrived(250);
+        assert_eq!(calls.get(), 1, "called twice");
+        // A lead longer than the transfer: at the first bytes.
+        let mut near = NearEnd::new(100, Some(250), Some(&call));
+        near.arrived(1);
+        assert_eq!(calls.get(), 2);
+        // An unmeasured link: never (the caller queues after the transfer).
+        let mut near = NearEnd::new(100, None, Some(&call));
+        near.arrived(100);
+        assert_eq!(calls.get(), 2);
+    }
+
     use super::*;
 
     #[test]

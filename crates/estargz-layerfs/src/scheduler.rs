@@ -498,7 +498,7 @@ fn prefetch_worker(shared: &Shared) {
         match work {
             Work::ReadAhead(layer, chunks) => {
                 if let Some(l) = live(&layer) {
-                    if let Err(e) = l.fetch_claimed(&l.missing(&chunks), For::ReadAhead) {
+                    if let Err(e) = l.fetch_claimed(&l.missing(&chunks), For::ReadAhead, None) {
                         tracing::debug!(error = %e, "read-ahead failed; left to reads");
                     }
                 }
@@ -517,7 +517,7 @@ fn prefetched(shared: &Shared, id: u64, layer: &Weak<Inner>, span: &[(u64, Chunk
     let layer = live(layer);
     let failed = match &layer {
         Some(l) => l
-            .fetch_claimed(&l.missing(span), For::Ahead)
+            .fetch_claimed(&l.missing(span), For::Ahead, None)
             .map_err(|e| tracing::warn!(error = %e, "prefetch failed; the rest of the layer's prioritized files are fetched on demand"))
             .is_err(),
         None => true,
