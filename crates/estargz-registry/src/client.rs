@@ -573,7 +573,8 @@ impl RegistryClient {
             let range = range.clone();
             async move {
                 let mut body = self.range_response(&ctx, image, digest, range).await?;
-                let mut out = Vec::with_capacity(body.remaining as usize);
+                // What the range asks for, up to a bound: the body may still fall short.
+                let mut out = Vec::with_capacity(body.remaining.min(8 << 20) as usize);
                 while let Some(piece) = body.next().await? {
                     out.extend_from_slice(&piece);
                 }
@@ -1122,9 +1123,6 @@ async fn error_text(resp: Response) -> String {
     text
 }
 
-/// The bytes `range` of a whole-blob (200) answer to a range request: those before it are
-/// skipped as they arrive and the rest is not read, so a registry that ignores Range costs
-/// time, not memory.
 /// The body of a range request, piece by piece as it arrives
 /// ([`RegistryClient::fetch_range_stream`]): exactly the range's bytes, or an error.
 pub struct RangeBody {
@@ -1184,6 +1182,9 @@ fn range_target(image: &ImageRef, digest: &Digest, range: &Range<u64>) -> String
     )
 }
 
+/// The bytes `range` of a whole-blob (200) answer to a range request: those before it are
+/// skipped as they arrive and the rest is not read, so a registry that ignores Range costs
+/// time, not memory.
 async fn read_slice(resp: Response, range: Range<u64>, target: &str) -> Result<Bytes> {
     let want = (range.end - range.start) as usize;
     let mut out = Vec::with_capacity(want);
