@@ -146,7 +146,7 @@ pub fn decompress_chunk(compressed: &[u8], name: &str, chunk: &Chunk) -> Result<
             let actual = Sha256Digest::of(&out);
             (out, actual)
         }
-        None => decode_streaming(compressed, chunk).map_err(bad)?,
+        None => decode_streaming(compressed, chunk).map_err(|f| bad(f.to_string()))?,
     };
     checked(out, actual, name, chunk)
 }
@@ -155,14 +155,53 @@ pub fn decompress_chunk(compressed: &[u8], name: &str, chunk: &Chunk) -> Result<
 /// `chunk.offset`), decoding as the reader yields bytes: for a range still arriving over
 /// the network, so that when its last byte arrives the chunk is decoded. Reads no more
 /// than the chunk needs; the caller drains the rest if it wants to.
+///
+/// A failure of `compressed` itself (a broken connection, a deadline) is an
+/// [`Error::Io`] with the reader's error, kind included; bad data is a
+/// [`Error::BadChunk`] or [`Error::ChunkDigestMismatch`].
 pub fn decompress_chunk_from(compressed: impl Read, name: &str, chunk: &Chunk) -> Result<Vec<u8>> {
-    let (out, actual) = decode_streaming(compressed, chunk).map_err(|detail| Error::BadChunk {
-        name: name.to_string(),
-        chunk_offset: chunk.chunk_offset,
-        offset: chunk.offset,
-        detail,
+    let (out, actual) = decode_streaming(compressed, chunk).map_err(|f| match f {
+        Failure::Source(e) => Error::io("reading a chunk's compressed bytes", e),
+        Failure::Corrupt(detail) => Error::BadChunk {
+            name: name.to_string(),
+            chunk_offset: chunk.chunk_offset,
+            offset: chunk.offset,
+            detail,
+        },
     })?;
     checked(out, actual, name, chunk)
+}
+
+/// Why [`decode_streaming`] failed.
+enum Failure {
+    /// The compressed bytes are not a chunk of that size.
+    Corrupt(String),
+    /// Reading them failed.
+    Source(io::Error),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Corrupt(detail) => f.write_str(detail),
+            Failure::Source(e) => write!(f, "reading the compressed bytes: {e}"),
+        }
+    }
+}
+
+impl From<io::Error> for Failure {
+    /// The decoder's own errors say the data is bad (flate2 reports them as invalid
+    /// input or data, and a member cut short as an unexpected end); any other error came
+    /// from the reader under it.
+    fn from(e: io::Error) -> Failure {
+        use io::ErrorKind::{InvalidData, InvalidInput, UnexpectedEof};
+        match e.kind() {
+            InvalidData | InvalidInput | UnexpectedEof => {
+                Failure::Corrupt(format!("corrupt gzip data: {e}"))
+            }
+            _ => Failure::Source(e),
+        }
+    }
 }
 
 /// `out`, if its digest `actual` is the chunk's.
@@ -204,19 +243,18 @@ fn decode_whole_member(compressed: &[u8], size: usize) -> Option<Vec<u8>> {
 fn decode_streaming(
     compressed: impl Read,
     chunk: &Chunk,
-) -> std::result::Result<(Vec<u8>, Sha256Digest), String> {
+) -> std::result::Result<(Vec<u8>, Sha256Digest), Failure> {
     let mut decoder = MultiGzDecoder::new(compressed);
     if chunk.inner_offset > 0 {
         let skipped = io::copy(
             &mut (&mut decoder).take(chunk.inner_offset),
             &mut io::sink(),
-        )
-        .map_err(|e| format!("corrupt gzip data: {e}"))?;
+        )?;
         if skipped != chunk.inner_offset {
-            return Err(format!(
+            return Err(Failure::Corrupt(format!(
                 "member ends after {skipped} bytes, before the chunk's inner offset {}",
                 chunk.inner_offset
-            ));
+            )));
         }
     }
     let mut out = vec![0u8; chunk.size as usize];
@@ -225,17 +263,17 @@ fn decode_streaming(
     while filled < out.len() {
         match decoder.read(&mut out[filled..]) {
             Ok(0) => {
-                return Err(format!(
+                return Err(Failure::Corrupt(format!(
                     "member ends after {filled} of the chunk's {} bytes",
                     chunk.size
-                ))
+                )))
             }
             Ok(n) => {
                 hash.update(&out[filled..filled + n]);
                 filled += n;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("corrupt gzip data: {e}")),
+            Err(e) => return Err(e.into()),
         }
     }
     Ok((out, Sha256Digest::from(hash)))

@@ -4,8 +4,8 @@
 use std::io::Write;
 
 use estargz_format::{
-    convert, decompress_chunk, footer_bytes, ConvertOptions, Error, EstargzReader, JsonToc, Limits,
-    OpenOptions, Sha256Digest, Toc, FOOTER_SIZE,
+    convert, decompress_chunk, decompress_chunk_from, footer_bytes, ConvertOptions, Error,
+    EstargzReader, JsonToc, Limits, OpenOptions, Sha256Digest, Toc, FOOTER_SIZE,
 };
 use estargz_testutil::{synthetic_tar, SMALL_CHUNK};
 
@@ -307,20 +307,25 @@ fn oversized_tocs_are_refused() {
     assert!(matches!(e, Error::TocTooLarge { .. }), "{e}");
 }
 
+/// A chunk whose gzip member is all of `member`, declared to hold `content`.
+fn member_chunk(member: &[u8], content: &[u8]) -> estargz_format::Chunk {
+    estargz_format::Chunk {
+        offset: 0,
+        compressed_end: member.len() as u64,
+        inner_offset: 0,
+        chunk_offset: 0,
+        size: content.len() as u64,
+        digest: Sha256Digest::of(content),
+    }
+}
+
 #[test]
 fn gzip_bomb_chunk_decodes_only_what_it_declares() {
     // A member of 64 MiB of zeros compresses to ~64 KiB; the chunk claims 10 bytes.
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     gz.write_all(&vec![0u8; 64 << 20]).unwrap();
     let member = gz.finish().unwrap();
-    let chunk = estargz_format::Chunk {
-        offset: 0,
-        compressed_end: member.len() as u64,
-        inner_offset: 0,
-        chunk_offset: 0,
-        size: 10,
-        digest: Sha256Digest::of(&[0u8; 10]),
-    };
+    let chunk = member_chunk(&member, &[0u8; 10]);
     assert_eq!(
         decompress_chunk(&member, "bomb", &chunk).unwrap(),
         vec![0u8; 10]
@@ -332,6 +337,59 @@ fn gzip_bomb_chunk_decodes_only_what_it_declares() {
     };
     let e = decompress_chunk(&member[..12], "bomb", &short).unwrap_err();
     assert!(matches!(e, Error::BadChunk { .. }), "{e}");
+}
+
+#[test]
+fn a_chunk_decoded_from_a_reader_tells_bad_data_from_a_failing_reader() {
+    let data = b"the chunk's bytes".repeat(1000);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&data).unwrap();
+    let member = gz.finish().unwrap();
+    let chunk = member_chunk(&member, &data);
+    // Whole, and in pieces of one byte: the same verified chunk.
+    assert_eq!(
+        decompress_chunk_from(&member[..], "c", &chunk).unwrap(),
+        data
+    );
+    let one_by_one = std::io::BufReader::with_capacity(1, &member[..]);
+    assert_eq!(
+        decompress_chunk_from(one_by_one, "c", &chunk).unwrap(),
+        data
+    );
+    // Cut short, or with a byte changed: bad data, never the bytes.
+    let e = decompress_chunk_from(&member[..member.len() / 2], "c", &chunk).unwrap_err();
+    assert!(matches!(e, Error::BadChunk { .. }), "{e}");
+    let mut changed = member.clone();
+    changed[member.len() / 2] ^= 0x40;
+    let e = decompress_chunk_from(&changed[..], "c", &chunk).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::BadChunk { .. } | Error::ChunkDigestMismatch { .. }
+        ),
+        "{e}"
+    );
+    // A reader that fails (a deadline) after some bytes: its error, kind and all.
+    struct Failing<'a>(&'a [u8]);
+    impl std::io::Read for Failing<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.0.is_empty() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "deadline",
+                ));
+            }
+            let n = buf.len().min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+    let e = decompress_chunk_from(Failing(&member[..member.len() / 2]), "c", &chunk).unwrap_err();
+    assert!(
+        matches!(&e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::TimedOut),
+        "{e}"
+    );
 }
 
 #[test]

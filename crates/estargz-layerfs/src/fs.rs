@@ -298,6 +298,12 @@ impl<'a> NearEnd<'a> {
     }
 }
 
+/// Whether `e` is a fetch that missed the source's deadline (`RegistrySource::with_deadline`):
+/// a reader has waited as long as it may.
+fn deadline_passed(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. } if source.kind() == io::ErrorKind::TimedOut)
+}
+
 /// A reader that tells `tap` how many bytes each read gave.
 struct Tapped<'a, R> {
     inner: R,
@@ -700,6 +706,8 @@ impl Inner {
             });
             match streamed {
                 Ok(()) => return Ok(()),
+                // The read's deadline is spent: no second try.
+                Err(e) if deadline_passed(&e) => return Err(io::Error::other(e)),
                 // What arrived intact is stored; the rest is fetched again, whole.
                 Err(e) => tracing::debug!(error = %e,
                     "streamed fetch failed; fetching what is missing again"),
@@ -789,6 +797,7 @@ impl Inner {
                         Error::io("fetching a chunk", io::Error::other("no chunk decoded"))
                     })
                 }
+                Err(e) if deadline_passed(&e) => return Err(e),
                 Err(e) => tracing::debug!(file = %self.tree.path(ino), error = %e,
                     "streamed chunk fetch failed; fetching it again"),
             }

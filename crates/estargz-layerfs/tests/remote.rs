@@ -884,16 +884,7 @@ fn chunks_decode_as_they_arrive_and_a_broken_stream_is_fetched_again() {
         f.read_exact_at(&mut buf, k * mib).map(|()| buf)
     };
     let expect = |k: u64| content[(k * mib) as usize..(k * mib) as usize + 4096].to_vec();
-    // Requests for (a range that holds) chunk k.
-    let requests = |k: u64| {
-        let c = m.fs().chunk_at("big", k * mib).unwrap();
-        r.proxy
-            .blob_log()
-            .iter()
-            .filter_map(|q| q.range.clone())
-            .filter(|q| q.start <= c.offset && c.compressed_end <= q.end)
-            .count()
-    };
+    let requests = |k: u64| requests_for(&r.proxy, &m, k * mib);
 
     assert_eq!(read_chunk(1).unwrap(), expect(1));
     assert_eq!(streamed(), 1, "the chunk was not decoded as it arrived");
@@ -921,4 +912,66 @@ fn chunks_decode_as_they_arrive_and_a_broken_stream_is_fetched_again() {
     r.proxy.set_rate(None);
     drop(f);
     m.unmount().unwrap();
+}
+
+/// A chunk decoded as it arrives from a registry that trickles fails at the read's
+/// deadline, and is not fetched again whole after it: the reader waits once, not twice.
+#[test]
+fn a_trickling_stream_fails_at_the_deadline_without_a_second_fetch() {
+    use std::os::unix::fs::FileExt;
+    let r = Remote::start_with(Duration::from_secs(60));
+    let content = noise(1 << 20, 12);
+    let opts = ConvertOptions {
+        chunk_size: 512 << 10,
+        compression_level: 1,
+        ..Default::default()
+    };
+    let blob = r.push(&files_tar(&[("big", &content)]), &opts);
+    let lazy = FetchOptions {
+        prefetch: false,
+        background: false,
+        ..Default::default()
+    };
+    let deadline = Duration::from_secs(2);
+    let m = r.mount_with_deadline(&blob, r.cache("cache", 1 << 30), "mnt", &lazy, deadline);
+    let requests = || requests_for(&r.proxy, &m, 512 << 10);
+    r.proxy.set_rate(Some(1000.0));
+    let f = std::fs::File::open(m.mountpoint().join("big")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let e = f
+        .read_exact_at(&mut buf, 512 << 10)
+        .expect_err("read through a trickling registry");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    let stats = m.stats();
+    assert_eq!(
+        stats
+            .streamed_chunks
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    // One request per failed read (the kernel may retry a failed read once itself).
+    let failed_reads = stats.read_errors.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(failed_reads >= 1);
+    assert_eq!(
+        requests() as u64,
+        failed_reads,
+        "fetched again after the deadline"
+    );
+    // The link is healthy again: the same chunk reads right, decoded as it arrives.
+    r.proxy.set_rate(None);
+    f.read_exact_at(&mut buf, 512 << 10).unwrap();
+    assert_eq!(&buf[..], &content[512 << 10..(512 << 10) + 4096]);
+    drop(f);
+    m.unmount().unwrap();
+}
+
+/// The blob requests `proxy` saw for a range holding the chunk at `offset` of file `big`.
+fn requests_for(proxy: &FaultProxy, m: &MountedLayer, offset: u64) -> usize {
+    let c = m.fs().chunk_at("big", offset).unwrap();
+    proxy
+        .blob_log()
+        .iter()
+        .filter_map(|q| q.range.clone())
+        .filter(|q| q.start <= c.offset && c.compressed_end <= q.end)
+        .count()
 }
