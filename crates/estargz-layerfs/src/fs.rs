@@ -854,7 +854,8 @@ impl Inner {
             .map(|r| self.source.open_range(r.clone()))
             .collect::<io::Result<Vec<_>>>()
             .map_err(failed)?;
-        let mut decoded: Vec<Sha256Digest> = Vec::new();
+        // Each wanted digest, taken out once decoded (a run may hold the same chunk twice).
+        let mut wanted: std::collections::HashSet<&Sha256Digest> = wanted.iter().collect();
         for (run, body) in runs.iter().zip(bodies) {
             let mut body = Tapped {
                 inner: body,
@@ -862,7 +863,7 @@ impl Inner {
             };
             for (ino, c) in run.iter() {
                 let mut member = io::Read::take(&mut body, c.compressed_end - c.offset);
-                if wanted.contains(&c.digest) && !decoded.contains(&c.digest) {
+                if wanted.remove(&c.digest) {
                     let name = self.tree.path(*ino);
                     let data = if c.compressed_end - c.offset < STREAM_MIN {
                         // A small member decodes in no time once it is in, faster in one
@@ -874,7 +875,6 @@ impl Inner {
                         estargz_format::decompress_chunk_from(&mut member, &name, c)?
                     };
                     self.stats.streamed_chunks.fetch_add(1, Ordering::Relaxed);
-                    decoded.push(c.digest);
                     done(c, data);
                 }
                 // The member's end and the tar padding after the chunk (or all of a chunk
