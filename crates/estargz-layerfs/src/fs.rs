@@ -274,24 +274,24 @@ pub struct Inner {
 /// at all without a `lead`).
 struct NearEnd<'a> {
     left: u64,
-    lead: u64,
-    call: Option<&'a dyn Fn()>,
+    /// The lead and the call, until it is made.
+    pending: Option<(u64, &'a dyn Fn())>,
 }
 
 impl<'a> NearEnd<'a> {
     fn new(total: u64, lead: Option<u64>, call: Option<&'a dyn Fn()>) -> NearEnd<'a> {
         NearEnd {
             left: total,
-            lead: lead.unwrap_or(0),
-            call: call.filter(|_| lead.is_some()),
+            pending: lead.zip(call),
         }
     }
 
     /// `n` more bytes arrived.
     fn arrived(&mut self, n: usize) {
         self.left = self.left.saturating_sub(n as u64);
-        if self.left <= self.lead {
-            if let Some(call) = self.call.take() {
+        if let Some((lead, call)) = self.pending {
+            if self.left <= lead {
+                self.pending = None;
                 call();
             }
         }
@@ -578,7 +578,19 @@ impl Inner {
 
     /// Decompresses and verifies chunk `c` of inode `ino`, naming the file on failure.
     pub(crate) fn decompress(&self, ino: u64, bytes: &[u8], c: &Chunk) -> Result<Vec<u8>, Error> {
-        decompress_chunk(bytes, "", c).map_err(|e| match e {
+        decompress_chunk(bytes, "", c).map_err(|e| self.named(ino, e))
+    }
+
+    /// [`Inner::decompress`] from a reader of the chunk's compressed bytes, decoding as
+    /// they come ([`estargz_format::decompress_chunk_from`]).
+    fn decompress_from(&self, ino: u64, bytes: impl io::Read, c: &Chunk) -> Result<Vec<u8>, Error> {
+        estargz_format::decompress_chunk_from(bytes, "", c).map_err(|e| self.named(ino, e))
+    }
+
+    /// A chunk's error `e` with the name of file `ino` in it: the decoder is given none, so
+    /// that no path is built for the chunks that decode.
+    fn named(&self, ino: u64, e: Error) -> Error {
+        match e {
             Error::BadChunk {
                 chunk_offset,
                 offset,
@@ -590,8 +602,21 @@ impl Inner {
                 offset,
                 detail,
             },
+            Error::ChunkDigestMismatch {
+                chunk_offset,
+                offset,
+                expected,
+                actual,
+                ..
+            } => Error::ChunkDigestMismatch {
+                name: self.tree.path(ino),
+                chunk_offset,
+                offset,
+                expected,
+                actual,
+            },
             other => other,
-        })
+        }
     }
 
     pub(crate) fn cache(&self) -> &ChunkCache {
@@ -687,15 +712,19 @@ impl Inner {
             For::ReadAhead | For::Ahead => &[],
         };
         let mut runs: Vec<&[(u64, Chunk)]> = runs(&mine).collect();
-        let sequential = runs
-            .iter()
-            .all(|r| r.windows(2).all(|w| w[0].1.compressed_end == w[1].1.offset));
-        let total: u64 = runs
-            .iter()
-            .map(|r| span_of(r))
-            .map(|r| r.end - r.start)
-            .sum();
-        if matches!(whom, For::Reader(_)) && sequential && self.worth_streaming(total) {
+        // A reader's runs of chunks that follow each other (no shared gzip member), if
+        // long enough on this link to decode as they arrive.
+        let streamable = matches!(whom, For::Reader(_))
+            && runs
+                .iter()
+                .all(|r| r.windows(2).all(|w| w[0].1.compressed_end == w[1].1.offset))
+            && self.worth_streaming(
+                runs.iter()
+                    .map(|r| span_of(r))
+                    .map(|r| r.end - r.start)
+                    .sum(),
+            );
+        if streamable {
             let wanted: Vec<Sha256Digest> = mine.iter().map(|(_, c)| c.digest).collect();
             let streamed = self.fetch_streamed(&runs, &wanted, near_end, |c, data| {
                 self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
@@ -864,15 +893,14 @@ impl Inner {
             for (ino, c) in run.iter() {
                 let mut member = io::Read::take(&mut body, c.compressed_end - c.offset);
                 if wanted.remove(&c.digest) {
-                    let name = self.tree.path(*ino);
                     let data = if c.compressed_end - c.offset < STREAM_MIN {
                         // A small member decodes in no time once it is in, faster in one
                         // call than piece by piece.
                         let mut bytes = Vec::new();
                         io::Read::read_to_end(&mut member, &mut bytes).map_err(failed)?;
-                        estargz_format::decompress_chunk(&bytes, &name, c)?
+                        self.decompress(*ino, &bytes, c)?
                     } else {
-                        estargz_format::decompress_chunk_from(&mut member, &name, c)?
+                        self.decompress_from(*ino, &mut member, c)?
                     };
                     self.stats.streamed_chunks.fetch_add(1, Ordering::Relaxed);
                     done(c, data);
@@ -1683,9 +1711,10 @@ pub fn mount(fs: LayerFs, mountpoint: &Path) -> io::Result<MountedLayer> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn near_end_calls_once_a_round_trip_before_the_end() {
-        use super::NearEnd;
         let calls = std::cell::Cell::new(0);
         let call = || calls.set(calls.get() + 1);
         let mut near = NearEnd::new(1000, Some(250), Some(&call));
@@ -1704,8 +1733,6 @@ mod tests {
         near.arrived(100);
         assert_eq!(calls.get(), 2);
     }
-
-    use super::*;
 
     #[test]
     fn a_latency_falls_into_the_first_bucket_whose_bound_it_does_not_exceed() {

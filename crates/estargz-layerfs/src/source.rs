@@ -103,7 +103,7 @@ fn timed_out(digest: &estargz_oci::Digest, span: Range<u64>, deadline: Duration)
 }
 
 /// How long one fetch may take by default, retries included.
-pub const DEFAULT_READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+pub const DEFAULT_READ_DEADLINE: Duration = Duration::from_secs(30);
 
 impl RegistrySource {
     /// Starts fetching `range` on the runtime.
