@@ -5,14 +5,15 @@
 # Checks, each printed as "ok - ..." (any failure exits non-zero):
 #  - an image converted by `estargz convert` and one converted by `ctr-remote` are pulled
 #    with `ctr-remote images rpull`, and run; the registry serves far fewer bytes than
-#    the image holds;
+#    the image holds; python's interpreter and libraries are read ahead of the loader;
 #  - an image optimized by `estargz optimize` (python reading a file) lists the files read
 #    before each layer's landmark, and is pulled with `ctr-remote images rpull` and run;
 #  - a non-eStargz image, an image without TOC digest labels, and a plain `ctr pull`
 #    fall back to ordinary pulls and run; the metrics give the reasons;
 #  - a local user cannot reach the state directory or either socket (refused by peer
 #    credentials even when the socket mode lets them connect); lazy layers are mounted
-#    nosuid,nodev and a setuid binary still works through a container's overlayfs;
+#    nosuid,nodev and a setuid binary still works through a container's overlayfs (its
+#    libraries, in the layer below its own, are read ahead of the loader);
 #  - ctr snapshots ls / info / usage work;
 #  - SIGKILL of the daemon, restart: snapshots are all there, a container started before
 #    the kill reads a file it never read, a new container starts;
@@ -108,7 +109,9 @@ out=$(run_in "$NS_lazy" "$addr/e2e:ours" /bin/cat /srv/hello.txt)
 lazy_bytes=$(( $(served) - before ))
 [ "$(metric estargz_remote_layers_total)" -ge 2 ] || die "no layer was mounted lazily: $(tail -n 20 "$S/snapshotter.log")"
 [ "$lazy_bytes" -lt $(( image_size / 2 )) ] || die "lazy pull and run fetched $lazy_bytes of $image_size bytes"
-ok "estargz convert image: rpull + run python, registry served $lazy_bytes of $image_size bytes"
+deps=$(metric_sum estargz_layer_dependency_files)
+[ "$deps" -ge 2 ] || die "python's interpreter and libraries were not read ahead of the loader ($deps)"
+ok "estargz convert image: rpull + run python, registry served $lazy_bytes of $image_size bytes, $deps libraries read ahead"
 
 log "a local user against the daemon"
 # The test's own directories are opened up so that only the daemon's protections count.
@@ -157,8 +160,13 @@ top=$(c -n "$NS_lazy" snapshots --snapshotter estargz ls | awk '$3 == "Committed
 c -n "$NS_lazy" snapshots --snapshotter estargz prepare e2e-suid "$top" >&2
 mkdir -p "$work/suid"
 eval "$(c -n "$NS_lazy" snapshots --snapshotter estargz mounts "$work/suid" e2e-suid)"
+deps=$(metric_sum estargz_layer_dependency_files)
 euid=$(as_nobody "$work/suid/srv/suid-id" -u)
 umount "$work/suid"
+# The walk ends after the loader's last read of it: the counter may lag by a moment.
+for _ in $(seq 1 50); do [ "$(metric_sum estargz_layer_dependency_files)" -gt "$deps" ] && break; sleep 0.1; done
+[ "$(metric_sum estargz_layer_dependency_files)" -gt "$deps" ] \
+    || die "the libraries of an executable of the second layer were not read ahead from the first"
 c -n "$NS_lazy" snapshots --snapshotter estargz rm e2e-suid >&2
 [ "$euid" = 0 ] || die "a setuid-root binary of a lazy layer ran through overlayfs with euid $euid"
 ok "local user: state 0700, sockets 0600 and refused by credentials, lazy layers nosuid,nodev; setuid works through overlayfs"

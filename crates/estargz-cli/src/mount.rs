@@ -193,6 +193,9 @@ pub fn mount(args: &MountArgs, quiet: bool) -> Result<ExitCode> {
             std::fs::create_dir_all(&dir)?;
             let source: Arc<dyn BlobSource> = Arc::new(source);
             let fs = LayerFs::new(&toc, source, cache.clone(), scheduler.clone());
+            // Executables find their libraries in the layers below too, nearest first.
+            let below: Vec<LayerFs> = layers.iter().rev().map(|l| l.fs().clone()).collect();
+            fs.set_lowers(&below);
             layers.push(mount_layer(fs, &dir).with_context(|| format!("mounting layer {i}"))?);
             eprintln!(
                 "layer {i}: {} (TOC {digest}) at {}",

@@ -21,6 +21,8 @@ use crate::scheduler::{adjacent, FetchScheduler};
 use crate::source::BlobSource;
 use crate::tree::{NodeKind, Tree};
 
+mod deps;
+
 /// The layer never changes: let the kernel cache names and attributes for long.
 const TTL: Duration = Duration::from_secs(3600);
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
@@ -71,6 +73,9 @@ pub struct LayerStats {
     pub passthrough_opens: AtomicU64,
     /// Chunks fetched for a reader and decoded as their bytes arrived.
     pub streamed_chunks: AtomicU64,
+    /// Interpreters and libraries of executables read from this layer that it read ahead
+    /// of the loader (in this layer or the layers below).
+    pub dependency_files: AtomicU64,
 }
 
 /// A histogram of durations with fixed buckets, kept in atomics: observing costs two
@@ -268,6 +273,12 @@ pub struct Inner {
     assembling: std::sync::atomic::AtomicBool,
     /// Where first touches of files go, and this layer's index there (`estargz optimize`).
     recorder: std::sync::OnceLock<(Arc<crate::record::AccessRecorder>, usize)>,
+    /// The layers below this one in the image, nearest first (see [`LayerFs::set_lowers`]).
+    lowers: std::sync::OnceLock<Vec<std::sync::Weak<Inner>>>,
+    /// ELF objects of this layer whose libraries were looked for (`deps`).
+    deps_seen: Mutex<std::collections::HashSet<u64>>,
+    /// Dependency walks running (`deps`).
+    deps_walks: std::sync::atomic::AtomicUsize,
 }
 
 /// Calls `call` once, when no more than `lead` bytes of a transfer are left to arrive (not
@@ -370,7 +381,20 @@ impl LayerFs {
             opens: Default::default(),
             assembling: Default::default(),
             recorder: Default::default(),
+            lowers: Default::default(),
+            deps_seen: Default::default(),
+            deps_walks: Default::default(),
         }))
+    }
+
+    /// The layers below this one in the image, nearest first, as overlayfs stacks them
+    /// for a container (stopping where a layer below is not a lazy layer): where an
+    /// executable read from this layer finds its libraries. Set once, before mounting;
+    /// later calls are ignored. Holds them weakly: an unmounted layer is not kept.
+    pub fn set_lowers(&self, lowers: &[LayerFs]) {
+        let _ = self
+            .lowers
+            .set(lowers.iter().map(|l| Arc::downgrade(&l.0)).collect());
     }
 
     /// Reports the first touch of each regular file and symlink of this layer to
@@ -1308,11 +1332,13 @@ impl fuser::Filesystem for LayerFs {
                     self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
                     // No FOPEN_KEEP_CACHE: the kernel refuses it with passthrough (EIO); the
                     // backing file's own page cache serves the reads.
-                    return reply.opened_passthrough(
-                        FileHandle(PASSTHROUGH_FH),
-                        FopenFlags::empty(),
-                        &id,
-                    );
+                    reply.opened_passthrough(FileHandle(PASSTHROUGH_FH), FopenFlags::empty(), &id);
+                    // Its reads never come here: an executable's libraries are looked for
+                    // as it is opened.
+                    if n.mode & 0o111 != 0 {
+                        self.elf_opened(ino.0);
+                    }
+                    return;
                 }
                 // Content never changes: let the page cache keep it across opens.
                 reply.opened(FileHandle(CACHED_FH), FopenFlags::FOPEN_KEEP_CACHE)
@@ -1351,7 +1377,10 @@ impl fuser::Filesystem for LayerFs {
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
                 let read = offset..offset + data.len() as u64;
                 self.touch(ino.0, AccessOp::Read, Some(read), None);
-                reply.data(&data)
+                reply.data(&data);
+                if offset == 0 {
+                    self.elf_read(ino.0, &data);
+                }
             }
             Err(e) => {
                 self.stats.read_errors.fetch_add(1, Ordering::Relaxed);

@@ -12,6 +12,7 @@
 
 #![warn(missing_docs)]
 
+mod elf;
 mod fetch;
 mod fs;
 pub mod memory;

@@ -15,8 +15,8 @@ use estargz_layerfs::{
 use estargz_oci::Digest;
 use estargz_registry::{ClientConfig, ImageRef, RegistryClient, RetryPolicy};
 use estargz_testutil::{
-    expected_from_tar, files_tar, noise, synthetic_tar, BlobRequest, Fault, FaultProxy,
-    TestRegistry, SMALL_CHUNK,
+    elf_object, expected_from_tar, files_and_links_tar, files_tar, noise, synthetic_tar,
+    BlobRequest, Fault, FaultProxy, TestRegistry, SMALL_CHUNK,
 };
 
 struct Remote {
@@ -127,6 +127,32 @@ impl Remote {
         std::fs::create_dir_all(&mnt).unwrap();
         let scheduler = FetchScheduler::new(fetch.clone());
         mount(LayerFs::new(&toc, Arc::new(source), cache, scheduler), &mnt).expect("FUSE mount")
+    }
+
+    /// Mounts with prefetch and background fetch off, over the layers `lowers` (nearest
+    /// first), sharing their scheduler.
+    fn mount_over(
+        &self,
+        blob: &(Digest, u64),
+        cache: Arc<ChunkCache>,
+        at: &str,
+        lowers: &[&MountedLayer],
+        scheduler: Arc<FetchScheduler>,
+    ) -> MountedLayer {
+        estargz_testutil::require_root_and_fuse("the FUSE mount tests");
+        let source = RegistrySource::new(
+            self.client.clone(),
+            self.image(),
+            blob.0.clone(),
+            self.runtime.handle().clone(),
+        );
+        let (toc, _) = load_toc(&source, blob.1, None, &Limits::default()).unwrap();
+        let mnt = self.dir.path().join(at);
+        std::fs::create_dir_all(&mnt).unwrap();
+        let fs = LayerFs::new(&toc, Arc::new(source), cache, scheduler);
+        let below: Vec<LayerFs> = lowers.iter().map(|l| l.fs().clone()).collect();
+        fs.set_lowers(&below);
+        mount(fs, &mnt).expect("FUSE mount")
     }
 }
 
@@ -974,4 +1000,121 @@ fn requests_for(proxy: &FaultProxy, m: &MountedLayer, offset: u64) -> usize {
         .filter_map(|q| q.range.clone())
         .filter(|q| q.start <= c.offset && c.compressed_end <= q.end)
         .count()
+}
+
+/// Reading the start of an executable fetches its interpreter and libraries, and theirs,
+/// as the loader would find them in the image (run path with `$ORIGIN`, the multiarch and
+/// traditional directories, symlinks, the layer below, whiteouts), before anyone reads
+/// them; nothing else is fetched.
+#[test]
+fn an_executables_libraries_are_fetched_before_the_loader_asks() {
+    let r = Remote::start();
+    // Every object spans several chunks (no small-file neighbours come along), and the
+    // executable's dynamic section lies chunks after its header.
+    let pad = 3 * SMALL_CHUNK as usize;
+    // Padded differently: objects of one content would share their chunks.
+    let obj = |needed: &[&str], n: usize| elf_object(None, needed, None, pad + n);
+    let (ld, foo, baz, gone) = (
+        obj(&[], 0),
+        obj(&["libbaz.so.3"], 1),
+        obj(&[], 2),
+        obj(&[], 3),
+    );
+    let qux = elf_object(None, &[], None, 100);
+    let lower = files_and_links_tar(
+        &[
+            ("lib/x86_64-linux-gnu/ld-2.36.so", 0o755, &ld),
+            ("lib/x86_64-linux-gnu/libfoo.so.1", 0o644, &foo),
+            ("usr/lib/x86_64-linux-gnu/libbaz.so.3", 0o644, &baz),
+            ("usr/lib/x86_64-linux-gnu/libgone.so.1", 0o644, &gone),
+            ("opt/libqux.so.1", 0o644, &qux),
+        ],
+        &[(
+            "lib64/ld-linux-x86-64.so.2",
+            "../lib/x86_64-linux-gnu/ld-2.36.so",
+        )],
+    );
+    let prog = elf_object(
+        Some("/lib64/ld-linux-x86-64.so.2"),
+        &["libfoo.so.1", "libbar.so.2", "libgone.so.1"],
+        Some("$ORIGIN/../lib/prog"),
+        4 * SMALL_CHUNK as usize,
+    );
+    let (bar, other) = (obj(&[], 4), obj(&["libfoo.so.1"], 5));
+    // A small executable (one chunk) whose library lies in the layer below.
+    let tool = elf_object(None, &["libqux.so.1"], Some("/opt"), 200);
+    let upper = files_and_links_tar(
+        &[
+            ("usr/bin/prog", 0o755, &prog),
+            ("usr/lib/prog/libbar.so.2", 0o644, &bar),
+            ("usr/lib/x86_64-linux-gnu/.wh.libgone.so.1", 0o644, b""),
+            ("usr/share/other.so", 0o644, &other),
+            ("usr/sbin/tool", 0o755, &tool),
+        ],
+        &[],
+    );
+    let (lower, upper) = (r.push(&lower, &small_opts()), r.push(&upper, &small_opts()));
+    let cache = r.cache("cache", 1 << 30);
+    let scheduler = FetchScheduler::new(FetchOptions {
+        prefetch: false,
+        background: false,
+        ..Default::default()
+    });
+    let low = r.mount_over(&lower, cache.clone(), "lower", &[], scheduler.clone());
+    let up = r.mount_over(&upper, cache.clone(), "upper", &[&low], scheduler);
+    let local = |m: &MountedLayer, f: &str| cache.contains(&m.fs().chunk_at(f, 0).unwrap().digest);
+
+    let mut head = [0u8; 64];
+    use std::io::Read;
+    std::fs::File::open(up.mountpoint().join("usr/bin/prog"))
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    assert!(head[..] == prog[..64]);
+    let wanted = [
+        (&low, "lib/x86_64-linux-gnu/ld-2.36.so"),
+        (&low, "lib/x86_64-linux-gnu/libfoo.so.1"),
+        (&up, "usr/lib/prog/libbar.so.2"),
+        (&low, "usr/lib/x86_64-linux-gnu/libbaz.so.3"),
+    ];
+    wait_for("the interpreter and the libraries", || {
+        wanted.iter().all(|(m, f)| local(m, f))
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !local(&low, "usr/lib/x86_64-linux-gnu/libgone.so.1"),
+        "a whited-out library"
+    );
+    assert!(!local(&up, "usr/share/other.so"), "an object nobody needs");
+    // What was fetched reads like the tar.
+    for (m, f) in wanted {
+        let expected = [&ld, &foo, &bar, &baz][wanted.iter().position(|w| w.1 == f).unwrap()];
+        assert!(
+            std::fs::read(m.mountpoint().join(f)).unwrap() == *expected,
+            "{f}"
+        );
+    }
+    up.unmount().unwrap();
+
+    // An executable already local opens in passthrough mode (its reads do not reach the
+    // layer): its libraries are looked for as it is opened. Made local by a mount that
+    // cannot see the layer below, so that its library is not.
+    let scheduler = FetchScheduler::new(FetchOptions {
+        prefetch: false,
+        background: false,
+        ..Default::default()
+    });
+    let alone = r.mount_over(&upper, cache.clone(), "alone", &[], scheduler.clone());
+    assert!(std::fs::read(alone.mountpoint().join("usr/sbin/tool")).unwrap() == tool);
+    alone.unmount().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!local(&low, "opt/libqux.so.1"));
+    let up = r.mount_over(&upper, cache.clone(), "upper-again", &[&low], scheduler);
+    assert!(std::fs::read(up.mountpoint().join("usr/sbin/tool")).unwrap() == tool);
+    wait_for(
+        "the library of an executable opened in passthrough mode",
+        || local(&low, "opt/libqux.so.1"),
+    );
+    up.unmount().unwrap();
+    low.unmount().unwrap();
 }

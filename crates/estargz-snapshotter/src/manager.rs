@@ -158,7 +158,13 @@ impl Manager {
         }
     }
 
-    fn mount(&self, mountpoint: &Path, toc_path: &Path, layer: &RemoteLayer) -> Answer<()> {
+    fn mount(
+        &self,
+        mountpoint: &Path,
+        toc_path: &Path,
+        layer: &RemoteLayer,
+        lowers: &[PathBuf],
+    ) -> Answer<()> {
         self.check_path(mountpoint)?;
         self.check_path(toc_path)?;
         if self.lock_mounts().contains_key(mountpoint) {
@@ -223,6 +229,15 @@ impl Manager {
             self.scheduler.clone(),
         );
         drop(toc);
+        // The layers below, as far as this manager serves them without a gap.
+        let below: Vec<LayerFs> = {
+            let mounts = self.lock_mounts();
+            lowers
+                .iter()
+                .map_while(|l| mounts.get(l).map(|m| m.layer.fs().clone()))
+                .collect()
+        };
+        fs.set_lowers(&below);
         // The parsed TOC was several times the size of the index that replaces it.
         estargz_layerfs::memory::release_freed_memory();
         let mounted = mount(fs, mountpoint)
@@ -277,6 +292,7 @@ impl Manager {
                     fetch_nanos,
                     passthrough_opens,
                     streamed_chunks,
+                    dependency_files,
                 } = m.layer.stats();
                 let p = m.layer.fs().progress();
                 let st = LayerStatus {
@@ -290,6 +306,7 @@ impl Manager {
                     read_bytes: read_bytes.load(Relaxed),
                     passthrough_opens: passthrough_opens.load(Relaxed),
                     streamed_chunks: streamed_chunks.load(Relaxed),
+                    dependency_files: dependency_files.load(Relaxed),
                     cached_chunks: p.cached_chunks,
                     total_chunks: p.total_chunks,
                     prefetch_done: p.prefetch_done,
@@ -364,8 +381,9 @@ impl Manager {
                 mountpoint,
                 toc_path,
                 layer,
+                lowers,
             } => self
-                .mount(&mountpoint, &toc_path, &layer)
+                .mount(&mountpoint, &toc_path, &layer, &lowers)
                 .map(|_| Response::default()),
             Request::Unmount { mountpoint } => {
                 self.unmount(&mountpoint).map(|_| Response::default())

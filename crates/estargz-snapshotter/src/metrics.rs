@@ -301,6 +301,12 @@ const LAYER: &[Field<LayerStatus>] = &[
         read: Read::Counter(|l| l.streamed_chunks),
     },
     Field {
+        name: "estargz_layer_dependency_files",
+        help: "Interpreters and libraries of executables read from the layer that it \
+               fetched before the loader asked for them (from it or the layers below).",
+        read: Read::Counter(|l| l.dependency_files),
+    },
+    Field {
         name: "estargz_layer_read_errors",
         help: "Reads answered with EIO.",
         read: Read::Counter(|l| l.read_errors),
@@ -532,6 +538,7 @@ mod tests {
             read_bytes: 4096 * n,
             passthrough_opens: 5 * n,
             streamed_chunks: n,
+            dependency_files: 6 * n,
             cached_chunks: 3 * n,
             total_chunks: 10,
             prefetch_done: true,

@@ -24,6 +24,9 @@ pub struct MountRequest {
     pub toc_path: PathBuf,
     /// The layer.
     pub layer: RemoteLayer,
+    /// Mountpoints of the lazy layers below it in the image, nearest first (up to the
+    /// first parent that is not a lazy layer): where its executables find their libraries.
+    pub lowers: Vec<PathBuf>,
 }
 
 /// Mounts and unmounts lazy layers for the snapshotter.
@@ -233,6 +236,7 @@ impl Mounter for ManagerClient {
             mountpoint: req.mountpoint.clone(),
             toc_path: req.toc_path.clone(),
             layer: req.layer.clone(),
+            lowers: req.lowers.clone(),
         };
         let started = std::time::Instant::now();
         loop {

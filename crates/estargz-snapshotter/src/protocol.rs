@@ -36,6 +36,8 @@ pub const OPS: &[&str] = &["hello", "mount", "unmount", "status", "shutdown"];
 /// A request to the manager.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
+// One request at a time is parsed, answered and dropped: a boxed mount would save nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Request {
     /// Exchange versions (protocol 1 and later).
     Hello {
@@ -50,6 +52,10 @@ pub enum Request {
         toc_path: PathBuf,
         /// The layer.
         layer: RemoteLayer,
+        /// Mountpoints of the lazy layers below it, nearest first (added in 0.2: an older
+        /// manager ignores it, and one that gets none looks for libraries in the layer only).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        lowers: Vec<PathBuf>,
     },
     /// Unmount `mountpoint`.
     Unmount {
@@ -274,6 +280,9 @@ pub struct LayerStatus {
     /// managers).
     #[serde(default)]
     pub streamed_chunks: u64,
+    /// Interpreters and libraries read ahead of the loader (absent from older managers).
+    #[serde(default)]
+    pub dependency_files: u64,
     /// Distinct chunks local now.
     pub cached_chunks: u64,
     /// Distinct chunks of the layer.

@@ -125,7 +125,7 @@ impl Snapshotter {
             if served.contains(&self.fs_dir(s.id)) {
                 continue;
             }
-            match self.mount_remote(s.id, layer) {
+            match self.mount_remote(s.id, layer, &s.parent) {
                 Ok(()) => {
                     mounted += 1;
                     tracing::info!(snapshot = %key, layer = %layer.digest, "lazy layer mounted again")
@@ -140,12 +140,31 @@ impl Snapshotter {
         Ok((mounted, failed))
     }
 
-    fn mount_remote(&self, id: u64, layer: &RemoteLayer) -> Result<(), Error> {
+    /// Mounts snapshot `id`'s lazy layer, whose parent snapshot is `parent`.
+    fn mount_remote(&self, id: u64, layer: &RemoteLayer, parent: &str) -> Result<(), Error> {
         self.mounter.mount(&MountRequest {
             mountpoint: self.fs_dir(id),
             toc_path: self.dir(id).join("toc.json"),
             layer: layer.clone(),
+            lowers: self.lazy_lowers(parent),
         })
+    }
+
+    /// Mount directories of the lazy layers from snapshot `parent` down, nearest first,
+    /// up to the first parent that is not a lazy layer.
+    fn lazy_lowers(&self, parent: &str) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut at = parent.to_string();
+        while !at.is_empty() && out.len() < MAX_DEPTH {
+            match self.store.get(&at) {
+                Ok(Some(s)) if s.remote.is_some() => {
+                    out.push(self.fs_dir(s.id));
+                    at = s.parent;
+                }
+                _ => break,
+            }
+        }
+        out
     }
 
     /// Parent directories, nearest first. A lazy layer's directory is checked to be a live
@@ -169,7 +188,7 @@ impl Snapshotter {
             if let Some(layer) = &s.remote {
                 if !self.mounter.is_serving(&dir) {
                     tracing::warn!(snapshot = %at, layer = %layer.digest, "lazy layer is not mounted; mounting it again");
-                    self.mount_remote(s.id, layer).map_err(|e| {
+                    self.mount_remote(s.id, layer, &s.parent).map_err(|e| {
                         Error::FailedPrecondition(format!(
                             "lazy layer {} (snapshot {at:?}) is not mounted and could not be mounted again: {e}",
                             layer.digest
@@ -402,7 +421,7 @@ impl Snapshotter {
             self.lock_staging().insert(id);
             id
         };
-        let mounted = self.mount_remote(id, layer);
+        let mounted = self.mount_remote(id, layer, parent);
         let _g = self.guard();
         self.lock_staging().remove(&id);
         let was_mounted = mounted.is_ok();

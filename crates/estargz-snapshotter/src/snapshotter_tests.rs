@@ -15,6 +15,8 @@ use crate::protocol::{ErrorKind, ManagerError};
 struct FakeMounter {
     served: Mutex<BTreeSet<PathBuf>>,
     mounts: Mutex<Vec<PathBuf>>,
+    /// The lower layers each mount was sent with.
+    lowers: Mutex<BTreeMap<PathBuf, Vec<PathBuf>>>,
     unmounts: Mutex<Vec<PathBuf>>,
     fail_with: Mutex<Option<ErrorKind>>,
     hold: Mutex<BTreeSet<String>>,
@@ -65,6 +67,10 @@ impl Mounter for FakeMounter {
             return Err(Error::Manager(ManagerError::new(kind, "fake failure")));
         }
         self.mounts.lock().unwrap().push(req.mountpoint.clone());
+        self.lowers
+            .lock()
+            .unwrap()
+            .insert(req.mountpoint.clone(), req.lowers.clone());
         self.served.lock().unwrap().insert(req.mountpoint.clone());
         Ok(())
     }
@@ -189,6 +195,34 @@ fn lazy_layers_stack_under_active_snapshots_and_are_unmounted_on_remove() {
     assert!(n.dirs().is_empty(), "{:?}", n.dirs());
     assert_eq!(*n.mounter.unmounts.lock().unwrap(), [app_fs, base_fs]);
     assert!(n.mounter.served.lock().unwrap().is_empty());
+}
+
+/// A lazy layer is mounted knowing the lazy layers below it, nearest first, up to the
+/// first that is not lazy (where its executables' libraries are looked for), at Prepare
+/// and when mounted again after a restart.
+#[test]
+fn a_lazy_layer_is_mounted_with_the_lazy_layers_below_it() {
+    let n = Node::new();
+    n.lazy("base", "", "a").unwrap();
+    n.lazy("app", "base", "b").unwrap();
+    n.snap
+        .create(Kind::Active, "ext", "app", BTreeMap::new())
+        .unwrap();
+    n.snap.commit("plain", "ext", BTreeMap::new()).unwrap();
+    n.lazy("top", "plain", "c").unwrap();
+    n.lazy("top2", "top", "d").unwrap();
+    let lowers = |key: &str| n.mounter.lowers.lock().unwrap()[&n.fs(key)].clone();
+    assert_eq!(lowers("base"), Vec::<PathBuf>::new());
+    assert_eq!(lowers("app"), [n.fs("base")]);
+    assert_eq!(lowers("top"), Vec::<PathBuf>::new());
+    assert_eq!(lowers("top2"), [n.fs("top")]);
+    // Mounted again by a new daemon (its manager lost them): the same stacks.
+    let (app, top2) = (n.fs("app"), n.fs("top2"));
+    let n = n.restart(Arc::new(FakeMounter::default()));
+    n.snap.restore().unwrap();
+    let l = n.mounter.lowers.lock().unwrap();
+    assert_eq!(l[&app], [n.fs("base")]);
+    assert_eq!(l[&top2], [n.fs("top")]);
 }
 
 #[test]

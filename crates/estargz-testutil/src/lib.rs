@@ -109,6 +109,75 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// A 64-bit little-endian x86-64 ELF object (an executable with `interp`, else a shared
+/// object) whose dynamic section names `needed` (in order) and `runpath`, placed after
+/// `pad` bytes of noise: with `pad` larger than a chunk, the dynamic section lies in
+/// another chunk than the headers, as in a large executable. It loads nothing and runs
+/// nowhere; it is what a loader, or something fetching for one, reads first.
+pub fn elf_object(
+    interp: Option<&str>,
+    needed: &[&str],
+    runpath: Option<&str>,
+    pad: usize,
+) -> Vec<u8> {
+    const BASE: u64 = 0x40_0000;
+    let phnum: u64 = if interp.is_some() { 3 } else { 2 };
+    let interp_at = 64 + 56 * phnum;
+    let interp_bytes: Vec<u8> = interp.map_or(Vec::new(), |i| [i.as_bytes(), b"\0"].concat());
+    let strtab_at = interp_at + interp_bytes.len() as u64;
+    let mut strtab = vec![0u8];
+    let mut name_at = Vec::new();
+    for n in needed.iter().chain(runpath.iter()) {
+        name_at.push(strtab.len() as u64);
+        strtab.extend_from_slice(n.as_bytes());
+        strtab.push(0);
+    }
+    let dynamic_at = strtab_at + strtab.len() as u64 + pad as u64;
+    let mut dynamic: Vec<(u64, u64)> = name_at[..needed.len()].iter().map(|&at| (1, at)).collect();
+    if runpath.is_some() {
+        dynamic.push((29, name_at[needed.len()]));
+    }
+    dynamic.extend([(5, BASE + strtab_at), (10, strtab.len() as u64), (0, 0)]);
+    let size = dynamic_at + 16 * dynamic.len() as u64;
+
+    let mut o = Vec::new();
+    let u16le = |o: &mut Vec<u8>, v: u16| o.extend_from_slice(&v.to_le_bytes());
+    let u32le = |o: &mut Vec<u8>, v: u32| o.extend_from_slice(&v.to_le_bytes());
+    let u64le = |o: &mut Vec<u8>, v: u64| o.extend_from_slice(&v.to_le_bytes());
+    o.extend_from_slice(b"\x7fELF\x02\x01\x01");
+    o.resize(16, 0);
+    u16le(&mut o, if interp.is_some() { 2 } else { 3 });
+    u16le(&mut o, 62); // EM_X86_64
+    u32le(&mut o, 1);
+    u64le(&mut o, BASE); // entry
+    u64le(&mut o, 64); // phoff
+    u64le(&mut o, 0); // shoff
+    u32le(&mut o, 0);
+    for v in [64u16, 56, phnum as u16, 64, 0, 0] {
+        u16le(&mut o, v);
+    }
+    let phdr = |o: &mut Vec<u8>, kind: u32, offset: u64, filesz: u64| {
+        u32le(o, kind);
+        u32le(o, 4);
+        for v in [offset, BASE + offset, BASE + offset, filesz, filesz, 8] {
+            u64le(o, v);
+        }
+    };
+    phdr(&mut o, 1, 0, size); // PT_LOAD: the whole object
+    if interp.is_some() {
+        phdr(&mut o, 3, interp_at, interp_bytes.len() as u64);
+    }
+    phdr(&mut o, 2, dynamic_at, size - dynamic_at);
+    o.extend_from_slice(&interp_bytes);
+    o.extend_from_slice(&strtab);
+    o.extend_from_slice(&noise(pad, size));
+    for (tag, val) in dynamic {
+        u64le(&mut o, tag);
+        u64le(&mut o, val);
+    }
+    o
+}
+
 /// A tar holding every entry type and edge case a container layer can hold: empty and huge
 /// files across many chunks (of [`SMALL_CHUNK`] and of 4 MiB), files of exactly one chunk and
 /// one byte more, long and non-ASCII names, long link targets, hardlinks (to files, in other
@@ -944,6 +1013,36 @@ pub fn files_tar(files: &[(&str, &[u8])]) -> Vec<u8> {
         h.set_mtime(1_700_000_000);
         h.set_cksum();
         b.append_data(&mut h, name, *content).expect("tar");
+    }
+    b.into_inner().expect("tar")
+}
+
+/// A tar layer of regular files (path, mode, content), then symlinks (path, target), in
+/// the order given.
+pub fn files_and_links_tar(files: &[(&str, u32, &[u8])], links: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for &(path, mode, data) in files {
+        add(
+            &mut b,
+            E {
+                path,
+                mode,
+                data,
+                ..Default::default()
+            },
+        );
+    }
+    for (path, link) in links {
+        add(
+            &mut b,
+            E {
+                path,
+                kind: tar::EntryType::Symlink,
+                mode: 0o777,
+                link,
+                ..Default::default()
+            },
+        );
     }
     b.into_inner().expect("tar")
 }

@@ -1,0 +1,327 @@
+//! Fetching an executable's libraries ahead of the loader.
+//!
+//! A dynamically linked program starts with a chain of misses, one round trip each: the
+//! kernel reads the executable's header, then its interpreter (`ld.so`), which reads each
+//! library the executable names, one after another, and then each library's own. When a
+//! read of the start of a file brings an ELF header, the layer reads the object's
+//! interpreter and `DT_NEEDED` libraries itself, finds them as the loader would (run path,
+//! then the multiarch and traditional library directories) in the image's file system as
+//! the container sees it (this layer over the layers below it, with whiteouts and opaque
+//! directories), and fetches them all at once, then their own, on a thread of its own: by
+//! the time the loader opens a library it is local or on its way. What is fetched is what
+//! the loader reads next; nothing is fetched for a file that is not an ELF object, and an
+//! object's libraries are looked for once per mount.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+
+use super::Inner;
+use crate::elf::{self, Needs};
+use crate::tree::NodeKind;
+
+/// Most dependency walks running at once per layer; a walk asked for beyond is dropped
+/// (its libraries are then fetched as the loader reads them).
+const MAX_WALKS: usize = 2;
+/// Most files one walk fetches.
+const MAX_FILES: usize = 64;
+/// Levels of libraries followed (the object's own, theirs, and so on).
+const MAX_DEPTH: u32 = 4;
+/// Libraries fetched at once by one walk.
+const PARALLEL: usize = 8;
+/// Symlinks followed while resolving one path (the kernel's limit).
+const MAX_LINKS: usize = 40;
+/// Bytes read at the start of a library: its headers, as the loader reads them.
+const HEAD: u32 = 4096;
+
+/// One file of the image as the container sees it: layer `layer` of the stack (0: the one
+/// the walk started in), inode `ino`, reached by `path`.
+#[derive(Clone)]
+struct Found {
+    layer: usize,
+    ino: u64,
+    path: String,
+}
+
+impl Inner {
+    /// Called with the first bytes of regular file `ino` that a reader got: if they start
+    /// an ELF object whose libraries were not looked for yet on this mount, starts a walk
+    /// that fetches them.
+    pub(super) fn elf_read(&self, ino: u64, head: &[u8]) {
+        if !head.starts_with(b"\x7fELF") || self.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        if !self
+            .deps_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ino)
+        {
+            return;
+        }
+        if self.deps_walks.fetch_add(1, Ordering::AcqRel) >= MAX_WALKS {
+            self.deps_walks.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        let Some(me) = self.me.upgrade() else {
+            self.deps_walks.fetch_sub(1, Ordering::AcqRel);
+            return;
+        };
+        let walk = move || {
+            let started = std::time::Instant::now();
+            let path = me.tree.path(ino);
+            let fetched = me.fetch_dependencies(Found {
+                layer: 0,
+                ino,
+                path,
+            });
+            me.stats
+                .dependency_files
+                .fetch_add(fetched as u64, Ordering::Relaxed);
+            tracing::debug!(file = %me.tree.path(ino), fetched,
+                ms = started.elapsed().as_secs_f64() * 1e3, "libraries fetched ahead of the loader");
+            me.deps_walks.fetch_sub(1, Ordering::AcqRel);
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("estargz-deps".into())
+            .spawn(walk)
+        {
+            // The closure (and its count) went with the failed spawn.
+            self.deps_walks.fetch_sub(1, Ordering::AcqRel);
+            tracing::debug!(error = %e, "no thread for a dependency walk");
+        }
+    }
+
+    /// Called when executable regular file `ino` is opened in passthrough mode (its
+    /// content is local, and its reads go to the kernel, not here): as [`Inner::elf_read`]
+    /// with its first bytes. Its libraries may not be local yet: it may have come as a
+    /// neighbour of another file, or been prefetched without them.
+    pub(super) fn elf_opened(&self, ino: u64) {
+        if self
+            .deps_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&ino)
+        {
+            return;
+        }
+        if let Ok(head) = self.read_file(ino, 0, 64) {
+            self.elf_read(ino, &head);
+        }
+    }
+
+    /// This layer, then the layers below it that are still mounted, nearest first.
+    fn stack(self: &Arc<Self>) -> Vec<Arc<Inner>> {
+        let mut out = vec![self.clone()];
+        if let Some(lowers) = self.lowers.get() {
+            for l in lowers {
+                match l.upgrade() {
+                    Some(l) if !l.closed.load(Ordering::Relaxed) => out.push(l),
+                    // A gap would let a lower layer's file stand for one the missing layer
+                    // holds or hides.
+                    _ => break,
+                }
+            }
+        }
+        out
+    }
+
+    /// Reads the libraries of `start` (already read) and theirs, a few at a time; returns
+    /// how many files were read.
+    fn fetch_dependencies(self: &Arc<Self>, start: Found) -> usize {
+        struct Queue {
+            todo: VecDeque<(Found, u32)>,
+            seen: HashSet<(usize, u64)>,
+            busy: usize,
+            fetched: usize,
+        }
+        let stack = self.stack();
+        let queue = Mutex::new(Queue {
+            todo: VecDeque::from([(start.clone(), 0)]),
+            seen: HashSet::from([(start.layer, start.ino)]),
+            busy: 0,
+            fetched: 0,
+        });
+        let changed = Condvar::new();
+        // Queues what `needs` names, as soon as it is known.
+        let add = |from: &Found, depth: u32, needs: &Needs| {
+            if depth >= MAX_DEPTH {
+                return;
+            }
+            let mut wanted: Vec<Found> = Vec::new();
+            if let Some(interp) = &needs.interp {
+                wanted.extend(resolve(&stack, interp));
+            }
+            let origin = from.path.rsplit_once('/').map_or("", |(dir, _)| dir);
+            let dirs: Vec<String> = needs
+                .runpath
+                .iter()
+                .filter_map(|d| {
+                    let d = d
+                        .replace("${ORIGIN}", &format!("/{origin}"))
+                        .replace("$ORIGIN", &format!("/{origin}"));
+                    // Other substitutions ($LIB, $PLATFORM) depend on the machine.
+                    (!d.contains('$')).then_some(d)
+                })
+                .chain(needs.default_dirs())
+                .collect();
+            for name in &needs.needed {
+                if let Some(f) = dirs
+                    .iter()
+                    .find_map(|d| resolve(&stack, &format!("{d}/{name}")))
+                {
+                    wanted.push(f);
+                }
+            }
+            let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
+            for f in wanted {
+                if q.seen.len() < MAX_FILES && q.seen.insert((f.layer, f.ino)) {
+                    q.todo.push_back((f, depth + 1));
+                }
+            }
+            changed.notify_all();
+        };
+        let work = || loop {
+            let (item, depth) = {
+                let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
+                loop {
+                    if let Some(next) = q.todo.pop_front() {
+                        q.busy += 1;
+                        break next;
+                    }
+                    if q.busy == 0 || stack[0].closed.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    q = changed.wait(q).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            let layer = &stack[item.layer];
+            let ok = if depth == 0 {
+                true
+            } else {
+                let _reading = layer.scheduler.reading();
+                layer.read_file(item.ino, 0, HEAD).is_ok()
+            };
+            if ok {
+                let mut read = |offset: u64, len: usize| {
+                    let _reading = layer.scheduler.reading();
+                    layer.read_file(item.ino, offset, len.min(u32::MAX as usize) as u32)
+                };
+                // The interpreter is queued as soon as it is known (the dynamic section may
+                // lie in a chunk still to arrive), the libraries once they are; `seen`
+                // keeps the interpreter from being queued twice.
+                let mut found = |needs: &Needs| add(&item, depth, needs);
+                if let Err(e) = elf::needs(&mut read, &mut found) {
+                    tracing::debug!(file = %item.path, error = %e, "reading an object's libraries");
+                }
+            }
+            let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
+            q.busy -= 1;
+            q.fetched += usize::from(ok && depth > 0);
+            changed.notify_all();
+        };
+        std::thread::scope(|s| {
+            for _ in 1..PARALLEL {
+                s.spawn(work);
+            }
+            work();
+        });
+        queue
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .fetched
+    }
+}
+
+/// The regular file at absolute `path` in the file system `stack` makes (top layer first),
+/// as overlayfs shows it: the topmost layer holding a name decides what it is, a whiteout
+/// hides it below, an opaque directory hides the directories below it; symlinks are
+/// followed within the image (an absolute target starts again at its root).
+fn resolve(stack: &[Arc<Inner>], path: &str) -> Option<Found> {
+    let mut todo: Vec<String> = components(path).rev().collect();
+    let mut done: Vec<String> = Vec::new();
+    let mut links = 0;
+    while let Some(name) = todo.pop() {
+        match name.as_str() {
+            "." => continue,
+            ".." => {
+                done.pop();
+                continue;
+            }
+            _ => {}
+        }
+        match lookup(stack, &done, &name)? {
+            Entry::Dir => done.push(name),
+            Entry::Symlink(target) => {
+                links += 1;
+                if links > MAX_LINKS {
+                    return None;
+                }
+                if target.starts_with('/') {
+                    done.clear();
+                }
+                todo.extend(components(&target).rev());
+            }
+            Entry::File(layer, ino) if todo.is_empty() => {
+                done.push(name);
+                return Some(Found {
+                    layer,
+                    ino,
+                    path: done.join("/"),
+                });
+            }
+            Entry::File(..) => return None,
+        }
+    }
+    None
+}
+
+fn components(path: &str) -> impl DoubleEndedIterator<Item = String> + '_ {
+    path.split('/').filter(|c| !c.is_empty()).map(String::from)
+}
+
+enum Entry {
+    Dir,
+    Symlink(String),
+    File(usize, u64),
+}
+
+/// What `name` in directory `dir` (a path of directories, already resolved) is in `stack`.
+fn lookup(stack: &[Arc<Inner>], dir: &[String], name: &str) -> Option<Entry> {
+    'layers: for (i, layer) in stack.iter().enumerate() {
+        let tree = &layer.tree;
+        let mut at = 1;
+        let mut opaque = false;
+        for c in dir {
+            let Some(next) = tree.child(at, c) else {
+                continue 'layers;
+            };
+            let node = tree.node(next)?;
+            if node.whiteout {
+                return None;
+            }
+            if node.kind != NodeKind::Dir {
+                continue 'layers;
+            }
+            opaque |= node.opaque;
+            at = next;
+        }
+        let Some(ino) = tree.child(at, name) else {
+            if opaque {
+                return None;
+            }
+            continue;
+        };
+        let node = tree.node(ino)?;
+        return match node.kind {
+            _ if node.whiteout => None,
+            NodeKind::Dir => Some(Entry::Dir),
+            NodeKind::Symlink => tree
+                .link_target(node)
+                .map(|t| Entry::Symlink(t.to_string())),
+            NodeKind::File => Some(Entry::File(i, ino)),
+            _ => None,
+        };
+    }
+    None
+}
