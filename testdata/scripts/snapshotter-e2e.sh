@@ -109,7 +109,7 @@ out=$(run_in "$NS_lazy" "$addr/e2e:ours" /bin/cat /srv/hello.txt)
 lazy_bytes=$(( $(served) - before ))
 [ "$(metric estargz_remote_layers_total)" -ge 2 ] || die "no layer was mounted lazily: $(tail -n 20 "$S/snapshotter.log")"
 [ "$lazy_bytes" -lt $(( image_size / 2 )) ] || die "lazy pull and run fetched $lazy_bytes of $image_size bytes"
-deps=$(metric_sum estargz_layer_dependency_files)
+deps=$(metric_sum estargz_layer_dependency_files_total)
 [ "$deps" -ge 2 ] || die "python's interpreter and libraries were not read ahead of the loader ($deps)"
 ok "estargz convert image: rpull + run python, registry served $lazy_bytes of $image_size bytes, $deps libraries read ahead"
 
@@ -160,12 +160,12 @@ top=$(c -n "$NS_lazy" snapshots --snapshotter estargz ls | awk '$3 == "Committed
 c -n "$NS_lazy" snapshots --snapshotter estargz prepare e2e-suid "$top" >&2
 mkdir -p "$work/suid"
 eval "$(c -n "$NS_lazy" snapshots --snapshotter estargz mounts "$work/suid" e2e-suid)"
-deps=$(metric_sum estargz_layer_dependency_files)
+deps=$(metric_sum estargz_layer_dependency_files_total)
 euid=$(as_nobody "$work/suid/srv/suid-id" -u)
 umount "$work/suid"
 # The walk ends after the loader's last read of it: the counter may lag by a moment.
-for _ in $(seq 1 50); do [ "$(metric_sum estargz_layer_dependency_files)" -gt "$deps" ] && break; sleep 0.1; done
-[ "$(metric_sum estargz_layer_dependency_files)" -gt "$deps" ] \
+for _ in $(seq 1 50); do [ "$(metric_sum estargz_layer_dependency_files_total)" -gt "$deps" ] && break; sleep 0.1; done
+[ "$(metric_sum estargz_layer_dependency_files_total)" -gt "$deps" ] \
     || die "the libraries of an executable of the second layer were not read ahead from the first"
 c -n "$NS_lazy" snapshots --snapshotter estargz rm e2e-suid >&2
 [ "$euid" = 0 ] || die "a setuid-root binary of a lazy layer ran through overlayfs with euid $euid"
