@@ -4,15 +4,13 @@
 use std::fmt;
 use std::sync::atomic::Ordering;
 
-use crate::fs::LayerFs;
-
 /// How much of a layer is local, for other components and for people.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Progress {
     /// Compressed bytes fetched by this layer so far.
     pub fetched_bytes: u64,
     /// Distinct chunks of the layer available locally, as counted by
-    /// [`LayerFs::progress`] (an estimate: see there).
+    /// [`Inner::progress`](crate::Inner::progress) (an estimate: see there).
     pub cached_chunks: u64,
     /// Distinct chunks in the layer.
     pub total_chunks: u64,
@@ -56,7 +54,7 @@ impl fmt::Display for Progress {
     }
 }
 
-impl LayerFs {
+impl crate::fs::Inner {
     /// Where the layer stands now; reads counters only, so it costs the same for any layer
     /// and may be asked for often (every metrics scrape asks for every layer).
     ///

@@ -277,8 +277,6 @@ pub struct Inner {
     lowers: std::sync::OnceLock<Vec<std::sync::Weak<Inner>>>,
     /// ELF objects of this layer whose libraries were looked for (`deps`).
     deps_seen: Mutex<std::collections::HashSet<u64>>,
-    /// Dependency walks running (`deps`).
-    deps_walks: std::sync::atomic::AtomicUsize,
 }
 
 /// Calls `call` once, when no more than `lead` bytes of a transfer are left to arrive (not
@@ -383,7 +381,6 @@ impl LayerFs {
             recorder: Default::default(),
             lowers: Default::default(),
             deps_seen: Default::default(),
-            deps_walks: Default::default(),
         }))
     }
 

@@ -263,6 +263,8 @@ pub struct FetchScheduler {
     node_stats: crate::fs::NodeStats,
     /// Whether a mount already said that the kernel cannot do passthrough.
     no_passthrough_said: std::sync::atomic::AtomicBool,
+    /// Walks fetching executables' libraries running on the node (`fs/deps.rs`).
+    pub(crate) dependency_walks: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for FetchScheduler {
@@ -312,6 +314,7 @@ impl FetchScheduler {
             shared,
             node_stats: Default::default(),
             no_passthrough_said: Default::default(),
+            dependency_walks: Default::default(),
         })
     }
 

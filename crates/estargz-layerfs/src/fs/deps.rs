@@ -20,9 +20,10 @@ use super::Inner;
 use crate::elf::{self, Needs};
 use crate::tree::NodeKind;
 
-/// Most dependency walks running at once per layer; a walk asked for beyond is dropped
-/// (its libraries are then fetched as the loader reads them).
-const MAX_WALKS: usize = 2;
+/// Most dependency walks running at once on the node (each with up to [`PARALLEL`]
+/// threads); a walk asked for beyond is dropped (its libraries are then fetched as the
+/// loader reads them).
+const MAX_WALKS: usize = 4;
 /// Most files one walk fetches.
 const MAX_FILES: usize = 64;
 /// Levels of libraries followed (the object's own, theirs, and so on).
@@ -48,23 +49,25 @@ impl Inner {
     /// an ELF object whose libraries were not looked for yet on this mount, starts a walk
     /// that fetches them.
     pub(super) fn elf_read(&self, ino: u64, head: &[u8]) {
-        if !head.starts_with(b"\x7fELF") || self.closed.load(Ordering::Relaxed) {
-            return;
-        }
-        if !self
-            .deps_seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(ino)
+        if !head.starts_with(b"\x7fELF")
+            || self.closed.load(Ordering::Relaxed)
+            || self.stack_is_local()
         {
             return;
         }
-        if self.deps_walks.fetch_add(1, Ordering::AcqRel) >= MAX_WALKS {
-            self.deps_walks.fetch_sub(1, Ordering::AcqRel);
+        let walks = &self.scheduler.dependency_walks;
+        if walks.fetch_add(1, Ordering::AcqRel) >= MAX_WALKS {
+            // Not marked seen: the next read of the object may find a free slot.
+            walks.fetch_sub(1, Ordering::AcqRel);
             return;
         }
-        let Some(me) = self.me.upgrade() else {
-            self.deps_walks.fetch_sub(1, Ordering::AcqRel);
+        let fresh = self
+            .deps_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ino);
+        let Some(me) = self.me.upgrade().filter(|_| fresh) else {
+            walks.fetch_sub(1, Ordering::AcqRel);
             return;
         };
         let walk = move || {
@@ -73,21 +76,21 @@ impl Inner {
             let fetched = me.fetch_dependencies(Found {
                 layer: 0,
                 ino,
-                path,
+                path: path.clone(),
             });
             me.stats
                 .dependency_files
                 .fetch_add(fetched as u64, Ordering::Relaxed);
-            tracing::debug!(file = %me.tree.path(ino), fetched,
+            tracing::debug!(file = %path, fetched,
                 ms = started.elapsed().as_secs_f64() * 1e3, "libraries fetched ahead of the loader");
-            me.deps_walks.fetch_sub(1, Ordering::AcqRel);
+            me.scheduler.dependency_walks.fetch_sub(1, Ordering::AcqRel);
         };
         if let Err(e) = std::thread::Builder::new()
             .name("estargz-deps".into())
             .spawn(walk)
         {
-            // The closure (and its count) went with the failed spawn.
-            self.deps_walks.fetch_sub(1, Ordering::AcqRel);
+            // The closure went with the failed spawn; its slot did not.
+            walks.fetch_sub(1, Ordering::AcqRel);
             tracing::debug!(error = %e, "no thread for a dependency walk");
         }
     }
@@ -108,6 +111,22 @@ impl Inner {
         if let Ok(head) = self.read_file(ino, 0, 64) {
             self.elf_read(ino, &head);
         }
+    }
+
+    /// Whether every chunk of this layer and of the layers below it is local, as far as
+    /// their counters tell (evictions are not seen): then a walk would fetch nothing, and
+    /// a warm container or a tree walk does not pay for it.
+    fn stack_is_local(&self) -> bool {
+        let local = |l: &Inner| {
+            let p = l.progress();
+            p.cached_chunks >= p.total_chunks
+        };
+        local(self)
+            && self.lowers.get().is_none_or(|lowers| {
+                lowers
+                    .iter()
+                    .all(|l| l.upgrade().is_some_and(|l| local(&l)))
+            })
     }
 
     /// This layer, then the layers below it that are still mounted, nearest first.
@@ -181,7 +200,9 @@ impl Inner {
             }
             changed.notify_all();
         };
-        let work = || loop {
+        // Takes one object off the queue (waiting while others may still add some), reads
+        // its start and what it needs; false once nothing is left.
+        let step = || -> bool {
             let (item, depth) = {
                 let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
                 loop {
@@ -190,12 +211,18 @@ impl Inner {
                         break next;
                     }
                     if q.busy == 0 || stack[0].closed.load(Ordering::Relaxed) {
-                        return;
+                        return false;
                     }
                     q = changed.wait(q).unwrap_or_else(|p| p.into_inner());
                 }
             };
             let layer = &stack[item.layer];
+            // Looked for here: the loader's own read of it starts no walk of its own.
+            layer
+                .deps_seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(item.ino);
             let ok = if depth == 0 {
                 true
             } else {
@@ -219,12 +246,23 @@ impl Inner {
             q.busy -= 1;
             q.fetched += usize::from(ok && depth > 0);
             changed.notify_all();
+            true
         };
+        // This thread works through the queue, and starts helpers (up to `PARALLEL`
+        // threads in all) only while objects wait in it: most objects name a few
+        // libraries, most of them already looked for.
         std::thread::scope(|s| {
-            for _ in 1..PARALLEL {
-                s.spawn(work);
+            let mut threads = 1;
+            loop {
+                let waiting = queue.lock().unwrap_or_else(|p| p.into_inner()).todo.len();
+                while threads < PARALLEL && waiting > threads {
+                    s.spawn(|| while step() {});
+                    threads += 1;
+                }
+                if !step() {
+                    break;
+                }
             }
-            work();
         });
         queue
             .into_inner()
