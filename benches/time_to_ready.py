@@ -2,7 +2,7 @@
 """Time to ready: how long until a container's command has run, per pull mode, ours
 against the reference stargz-snapshotter.
 
-    python3 benches/time_to_ready.py [--samples N] [--links loopback,100mbit,20mbit]
+    python3 benches/time_to_ready.py [--samples N] [--links loopback,100mbit,20mbit,1gbit]
         [--workloads python3,python-imports,gcc,model] [--modes ordinary,lazy,ref,...]
 
 Images: real Debian root filesystems in two layers, a Debian base shared by the images and
@@ -35,7 +35,8 @@ cache dropped right before the timed pull, create and run. Modes:
   ref-ours   the reference on our conversion (the `lazy` image)
 
 Links (--links): loopback, and network namespaces shaped with tc tbf behind delay_proxy.py:
-100mbit (20 ms round trip) and 20mbit (50 ms). Cells run in random order.
+100mbit (20 ms round trip), 20mbit (50 ms) and 1gbit (50 ms: a fast link to a far
+registry). Cells run in random order.
 
 Prints a Markdown table per cell (median and p95 of total, medians of each phase, registry
 bytes served, bytes read through our lazy layers, FUSE mounts after the run, the pulled
