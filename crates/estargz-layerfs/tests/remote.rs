@@ -1118,3 +1118,41 @@ fn an_executables_libraries_are_fetched_before_the_loader_asks() {
     up.unmount().unwrap();
     low.unmount().unwrap();
 }
+
+/// Over a link with a long round trip and bandwidth to spare, prefetch keeps as many
+/// requests in flight as carry the bandwidth-delay product (not two): once the link is
+/// measured, more than two spans are on their way at once.
+#[test]
+fn prefetch_fills_a_long_fast_link() {
+    let r = Remote::start();
+    let small = noise(10_000, 21);
+    let big = noise(16 << 20, 22);
+    let tar = files_tar(&[("small", &small), ("data/big", &big)]);
+    let opts = ConvertOptions {
+        prioritized_files: vec!["data/big".into()],
+        chunk_size: 1 << 20,
+        ..small_opts()
+    };
+    let blob = r.push(&tar, &opts);
+    // A far registry: every answer 100 ms late, none slower for others in flight.
+    r.proxy.set_latency(Some(Duration::from_millis(100)));
+    let fetch = FetchOptions {
+        prefetch: true,
+        background: false,
+        ..Default::default()
+    };
+    let before = r.proxy.blob_log().len();
+    let m = r.mount_with(&blob, r.cache("c", 1 << 30), "mnt", &fetch);
+    // A small read measures the round trip; the first spans measure the throughput.
+    assert!(std::fs::read(m.mountpoint().join("small")).unwrap() == small);
+    wait_for("the prefetch", || m.fs().is_prefetch_done());
+    let log = r.proxy.blob_log()[before..].to_vec();
+    let most = log
+        .iter()
+        .map(|q| log.iter().filter(|o| o.arrived <= q.arrived && q.overlaps(o)).count())
+        .max()
+        .unwrap();
+    assert!(most >= 5, "at most {most} requests in flight together: {log:?}");
+    assert!(std::fs::read(m.mountpoint().join("data/big")).unwrap() == big);
+    m.unmount().unwrap();
+}

@@ -52,6 +52,8 @@ struct Shared {
     rate: Mutex<Option<f64>>,
     /// When the shared link is free again.
     link_free: Mutex<Instant>,
+    /// Added before each blob response: a round trip to a far registry.
+    latency: Mutex<Option<Duration>>,
     log: Mutex<Vec<BlobRequest>>,
 }
 
@@ -101,6 +103,7 @@ impl FaultProxy {
             stop: AtomicBool::new(false),
             rate: Mutex::new(None),
             link_free: Mutex::new(Instant::now()),
+            latency: Mutex::new(None),
             log: Mutex::new(Vec::new()),
         });
         let s = shared.clone();
@@ -139,6 +142,12 @@ impl FaultProxy {
     /// lifts the limit).
     pub fn set_rate(&self, bytes_per_sec: Option<f64>) {
         *self.shared.rate.lock().unwrap() = bytes_per_sec;
+    }
+
+    /// Delays each blob response by `latency` (each request on its own: a far registry
+    /// over a fast link, where many requests are in flight at once).
+    pub fn set_latency(&self, latency: Option<Duration>) {
+        *self.shared.latency.lock().unwrap() = latency;
     }
 
     /// Every blob GET so far, in order of arrival.
@@ -288,6 +297,10 @@ fn handle(mut conn: TcpStream, s: &Shared) -> std::io::Result<()> {
     let mut body = body.to_vec();
     if is_blob_get {
         s.bytes_served.fetch_add(body.len(), Ordering::SeqCst);
+        let latency = *s.latency.lock().unwrap();
+        if let Some(d) = latency {
+            std::thread::sleep(d);
+        }
     }
     match fault {
         Some(Fault::Truncate) => {
