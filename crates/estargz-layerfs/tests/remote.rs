@@ -1149,10 +1149,17 @@ fn prefetch_fills_a_long_fast_link() {
     let log = r.proxy.blob_log()[before..].to_vec();
     let most = log
         .iter()
-        .map(|q| log.iter().filter(|o| o.arrived <= q.arrived && q.overlaps(o)).count())
+        .map(|q| {
+            log.iter()
+                .filter(|o| o.arrived <= q.arrived && q.overlaps(o))
+                .count()
+        })
         .max()
         .unwrap();
-    assert!(most >= 5, "at most {most} requests in flight together: {log:?}");
+    assert!(
+        most >= 5,
+        "at most {most} requests in flight together: {log:?}"
+    );
     assert!(std::fs::read(m.mountpoint().join("data/big")).unwrap() == big);
     m.unmount().unwrap();
 }
