@@ -42,6 +42,10 @@ struct Lower {
 
 /// Longest parent chain followed (a guard against corrupted metadata).
 const MAX_DEPTH: usize = 1000;
+/// Most lower layers sent with a mount (where executables find their libraries): images
+/// rarely have more than 127 layers, and a mount request must stay within the manager's
+/// line limit (64 KiB).
+const MAX_LOWERS: usize = 128;
 
 /// The snapshotter.
 pub struct Snapshotter {
@@ -151,11 +155,11 @@ impl Snapshotter {
     }
 
     /// Mount directories of the lazy layers from snapshot `parent` down, nearest first,
-    /// up to the first parent that is not a lazy layer.
+    /// up to the first parent that is not a lazy layer, at most [`MAX_LOWERS`].
     fn lazy_lowers(&self, parent: &str) -> Vec<PathBuf> {
         let mut out = Vec::new();
         let mut at = parent.to_string();
-        while !at.is_empty() && out.len() < MAX_DEPTH {
+        while !at.is_empty() && out.len() < MAX_LOWERS {
             match self.store.get(&at) {
                 Ok(Some(s)) if s.remote.is_some() => {
                     out.push(self.fs_dir(s.id));
