@@ -88,13 +88,7 @@ impl Remote {
 
     /// Mounts with prefetch and background fetch off, so that only reads fetch.
     fn mount(&self, blob: &(Digest, u64), cache: Arc<ChunkCache>, at: &str) -> MountedLayer {
-        estargz_testutil::require_root_and_fuse("the FUSE mount tests");
-        let lazy = FetchOptions {
-            prefetch: false,
-            background: false,
-            ..Default::default()
-        };
-        self.mount_with(blob, cache, at, &lazy)
+        self.mount_with(blob, cache, at, &on_demand_only())
     }
 
     fn mount_with(
@@ -115,18 +109,8 @@ impl Remote {
         fetch: &FetchOptions,
         deadline: Duration,
     ) -> MountedLayer {
-        let source = RegistrySource::new(
-            self.client.clone(),
-            self.image(),
-            blob.0.clone(),
-            self.runtime.handle().clone(),
-        )
-        .with_deadline(deadline);
-        let (toc, _) = load_toc(&source, blob.1, None, &Limits::default()).unwrap();
-        let mnt = self.dir.path().join(at);
-        std::fs::create_dir_all(&mnt).unwrap();
-        let scheduler = FetchScheduler::new(fetch.clone());
-        mount(LayerFs::new(&toc, Arc::new(source), cache, scheduler), &mnt).expect("FUSE mount")
+        let fs = self.layer(blob, cache, FetchScheduler::new(fetch.clone()), deadline);
+        self.mount_at(fs, at)
     }
 
     /// Mounts with prefetch and background fetch off, over the layers `lowers` (nearest
@@ -139,20 +123,63 @@ impl Remote {
         lowers: &[&MountedLayer],
         scheduler: Arc<FetchScheduler>,
     ) -> MountedLayer {
-        estargz_testutil::require_root_and_fuse("the FUSE mount tests");
+        let fs = self.layer(blob, cache, scheduler, DEFAULT_READ_DEADLINE);
+        let below: Vec<LayerFs> = lowers.iter().map(|l| l.fs().clone()).collect();
+        fs.set_lowers(&below);
+        self.mount_at(fs, at)
+    }
+
+    /// The pushed layer `blob`, its TOC loaded from the registry.
+    fn layer(
+        &self,
+        blob: &(Digest, u64),
+        cache: Arc<ChunkCache>,
+        scheduler: Arc<FetchScheduler>,
+        deadline: Duration,
+    ) -> LayerFs {
         let source = RegistrySource::new(
             self.client.clone(),
             self.image(),
             blob.0.clone(),
             self.runtime.handle().clone(),
-        );
+        )
+        .with_deadline(deadline);
         let (toc, _) = load_toc(&source, blob.1, None, &Limits::default()).unwrap();
+        LayerFs::new(&toc, Arc::new(source), cache, scheduler)
+    }
+
+    /// Mounts `fs` at `at` in the test's directory.
+    fn mount_at(&self, fs: LayerFs, at: &str) -> MountedLayer {
+        estargz_testutil::require_root_and_fuse("the FUSE mount tests");
         let mnt = self.dir.path().join(at);
         std::fs::create_dir_all(&mnt).unwrap();
-        let fs = LayerFs::new(&toc, Arc::new(source), cache, scheduler);
-        let below: Vec<LayerFs> = lowers.iter().map(|l| l.fs().clone()).collect();
-        fs.set_lowers(&below);
         mount(fs, &mnt).expect("FUSE mount")
+    }
+}
+
+/// Only reads fetch: no prefetch, no background fetch.
+fn on_demand_only() -> FetchOptions {
+    FetchOptions {
+        prefetch: false,
+        background: false,
+        ..Default::default()
+    }
+}
+
+/// Prefetch of the prioritized files, no background fetch.
+fn prefetch_only() -> FetchOptions {
+    FetchOptions {
+        prefetch: true,
+        background: false,
+        ..Default::default()
+    }
+}
+
+/// Conversion options that put `files` first, before the landmark.
+fn prioritizing(files: &[&str]) -> ConvertOptions {
+    ConvertOptions {
+        prioritized_files: files.iter().map(|f| f.to_string()).collect(),
+        ..small_opts()
     }
 }
 
@@ -450,20 +477,12 @@ fn prefetch_and_background_fetch() {
     let tar = synthetic_tar();
     let expected = files(&tar);
     let prioritized = ["etc/hostname", "srv/many-chunks", "usr/bin/ping"];
-    let opts = ConvertOptions {
-        prioritized_files: prioritized.iter().map(|s| s.to_string()).collect(),
-        ..small_opts()
-    };
+    let opts = prioritizing(&prioritized);
     let blob = r.push(&tar, &opts);
 
     // Prefetch only: the prioritized files arrive in one request after the TOC's two.
     let requests = r.proxy.blob_requests();
-    let prefetch_only = FetchOptions {
-        prefetch: true,
-        background: false,
-        ..Default::default()
-    };
-    let m = r.mount_with(&blob, r.cache("c1", 1 << 30), "m1", &prefetch_only);
+    let m = r.mount_with(&blob, r.cache("c1", 1 << 30), "m1", &prefetch_only());
     wait_for("prefetch", || m.fs().is_prefetch_done());
     assert_eq!(
         r.proxy.blob_requests() - requests,
@@ -732,18 +751,13 @@ fn prefetch_makes_way_for_on_demand_reads() {
     let small = noise(1 << 20, 12);
     let tar = files_tar(&[("data/big", &big), ("z/small", &small)]);
     let opts = ConvertOptions {
-        prioritized_files: vec!["data/big".into()],
         chunk_size: 1 << 20,
-        ..small_opts()
+        ..prioritizing(&["data/big"])
     };
     let blob = r.push(&tar, &opts);
     // 4 MB/s for all connections together: the prefetch takes about 1.6 s.
     r.proxy.set_rate(Some(4e6));
-    let fetch = FetchOptions {
-        prefetch: true,
-        background: false,
-        ..Default::default()
-    };
+    let fetch = prefetch_only();
     let before = r.proxy.blob_log().len();
     let m = r.mount_with(&blob, r.cache("c", 1 << 30), "mnt", &fetch);
     let toc_requests = 2;
@@ -790,11 +804,7 @@ fn a_trickling_registry_fails_reads_at_their_deadline_and_the_mount_keeps_servin
     let expected = files(&tar);
     let blob = r.push(&tar, &small_opts());
     let cache = r.cache("cache", 1 << 30);
-    let lazy = FetchOptions {
-        prefetch: false,
-        background: false,
-        ..Default::default()
-    };
+    let lazy = on_demand_only();
     let deadline = Duration::from_secs(2);
     let m = r.mount_with_deadline(&blob, cache.clone(), "mnt", &lazy, deadline);
     let mnt: PathBuf = m.mountpoint().to_path_buf();
@@ -837,10 +847,7 @@ fn a_trickling_registry_fails_reads_at_their_deadline_and_the_mount_keeps_servin
 fn unmount_is_prompt_while_prefetch_and_background_fetch_trickle() {
     let r = Remote::start_with(Duration::from_secs(60));
     let tar = synthetic_tar();
-    let opts = ConvertOptions {
-        prioritized_files: vec!["srv/many-chunks".into(), "srv/huge.bin".into()],
-        ..small_opts()
-    };
+    let opts = prioritizing(&["srv/many-chunks", "srv/huge.bin"]);
     let blob = r.push(&tar, &opts);
     let fetch = FetchOptions {
         prefetch: true,
@@ -953,11 +960,7 @@ fn a_trickling_stream_fails_at_the_deadline_without_a_second_fetch() {
         ..Default::default()
     };
     let blob = r.push(&files_tar(&[("big", &content)]), &opts);
-    let lazy = FetchOptions {
-        prefetch: false,
-        background: false,
-        ..Default::default()
-    };
+    let lazy = on_demand_only();
     let deadline = Duration::from_secs(2);
     let m = r.mount_with_deadline(&blob, r.cache("cache", 1 << 30), "mnt", &lazy, deadline);
     let requests = || requests_for(&r.proxy, &m, 512 << 10);
@@ -1055,11 +1058,7 @@ fn an_executables_libraries_are_fetched_before_the_loader_asks() {
     );
     let (lower, upper) = (r.push(&lower, &small_opts()), r.push(&upper, &small_opts()));
     let cache = r.cache("cache", 1 << 30);
-    let scheduler = FetchScheduler::new(FetchOptions {
-        prefetch: false,
-        background: false,
-        ..Default::default()
-    });
+    let scheduler = FetchScheduler::new(on_demand_only());
     let low = r.mount_over(&lower, cache.clone(), "lower", &[], scheduler.clone());
     let up = r.mount_over(&upper, cache.clone(), "upper", &[&low], scheduler);
     let local = |m: &MountedLayer, f: &str| cache.contains(&m.fs().chunk_at(f, 0).unwrap().digest);
@@ -1072,13 +1071,13 @@ fn an_executables_libraries_are_fetched_before_the_loader_asks() {
         .unwrap();
     assert!(head[..] == prog[..64]);
     let wanted = [
-        (&low, "lib/x86_64-linux-gnu/ld-2.36.so"),
-        (&low, "lib/x86_64-linux-gnu/libfoo.so.1"),
-        (&up, "usr/lib/prog/libbar.so.2"),
-        (&low, "usr/lib/x86_64-linux-gnu/libbaz.so.3"),
+        (&low, "lib/x86_64-linux-gnu/ld-2.36.so", &ld),
+        (&low, "lib/x86_64-linux-gnu/libfoo.so.1", &foo),
+        (&up, "usr/lib/prog/libbar.so.2", &bar),
+        (&low, "usr/lib/x86_64-linux-gnu/libbaz.so.3", &baz),
     ];
     wait_for("the interpreter and the libraries", || {
-        wanted.iter().all(|(m, f)| local(m, f))
+        wanted.iter().all(|(m, f, _)| local(m, f))
     });
     std::thread::sleep(Duration::from_millis(300));
     assert!(
@@ -1087,8 +1086,7 @@ fn an_executables_libraries_are_fetched_before_the_loader_asks() {
     );
     assert!(!local(&up, "usr/share/other.so"), "an object nobody needs");
     // What was fetched reads like the tar.
-    for (m, f) in wanted {
-        let expected = [&ld, &foo, &bar, &baz][wanted.iter().position(|w| w.1 == f).unwrap()];
+    for (m, f, expected) in wanted {
         assert!(
             std::fs::read(m.mountpoint().join(f)).unwrap() == *expected,
             "{f}"
@@ -1099,11 +1097,7 @@ fn an_executables_libraries_are_fetched_before_the_loader_asks() {
     // An executable already local opens in passthrough mode (its reads do not reach the
     // layer): its libraries are looked for as it is opened. Made local by a mount that
     // cannot see the layer below, so that its library is not.
-    let scheduler = FetchScheduler::new(FetchOptions {
-        prefetch: false,
-        background: false,
-        ..Default::default()
-    });
+    let scheduler = FetchScheduler::new(on_demand_only());
     let alone = r.mount_over(&upper, cache.clone(), "alone", &[], scheduler.clone());
     assert!(std::fs::read(alone.mountpoint().join("usr/sbin/tool")).unwrap() == tool);
     alone.unmount().unwrap();
@@ -1129,18 +1123,13 @@ fn prefetch_fills_a_long_fast_link() {
     let big = noise(16 << 20, 22);
     let tar = files_tar(&[("small", &small), ("data/big", &big)]);
     let opts = ConvertOptions {
-        prioritized_files: vec!["data/big".into()],
         chunk_size: 1 << 20,
-        ..small_opts()
+        ..prioritizing(&["data/big"])
     };
     let blob = r.push(&tar, &opts);
     // A far registry: every answer 100 ms late, none slower for others in flight.
     r.proxy.set_latency(Some(Duration::from_millis(100)));
-    let fetch = FetchOptions {
-        prefetch: true,
-        background: false,
-        ..Default::default()
-    };
+    let fetch = prefetch_only();
     let before = r.proxy.blob_log().len();
     let m = r.mount_with(&blob, r.cache("c", 1 << 30), "mnt", &fetch);
     // A small read measures the round trip; the first spans measure the throughput.
