@@ -130,12 +130,6 @@ pub fn decode_toc_member(member: &[u8], toc_offset: u64, limits: &Limits) -> Res
 /// Only `inner_offset + size` bytes are decoded, so a bomb cannot run away. The returned
 /// bytes are verified: nothing unverified ever leaves this function.
 pub fn decompress_chunk(compressed: &[u8], name: &str, chunk: &Chunk) -> Result<Vec<u8>> {
-    let bad = |detail: String| Error::BadChunk {
-        name: name.to_string(),
-        chunk_offset: chunk.chunk_offset,
-        offset: chunk.offset,
-        detail,
-    };
     let whole = if chunk.inner_offset == 0 {
         decode_whole_member(compressed, chunk.size as usize)
     } else {
@@ -146,7 +140,7 @@ pub fn decompress_chunk(compressed: &[u8], name: &str, chunk: &Chunk) -> Result<
             let actual = Sha256Digest::of(&out);
             (out, actual)
         }
-        None => decode_streaming(compressed, chunk).map_err(|f| bad(f.to_string()))?,
+        None => decode_streaming(compressed, chunk).map_err(|f| f.into_error(name, chunk))?,
     };
     checked(out, actual, name, chunk)
 }
@@ -160,15 +154,8 @@ pub fn decompress_chunk(compressed: &[u8], name: &str, chunk: &Chunk) -> Result<
 /// [`Error::Io`] with the reader's error, kind included; bad data is a
 /// [`Error::BadChunk`] or [`Error::ChunkDigestMismatch`].
 pub fn decompress_chunk_from(compressed: impl Read, name: &str, chunk: &Chunk) -> Result<Vec<u8>> {
-    let (out, actual) = decode_streaming(compressed, chunk).map_err(|f| match f {
-        Failure::Source(e) => Error::io("reading a chunk's compressed bytes", e),
-        Failure::Corrupt(detail) => Error::BadChunk {
-            name: name.to_string(),
-            chunk_offset: chunk.chunk_offset,
-            offset: chunk.offset,
-            detail,
-        },
-    })?;
+    let (out, actual) =
+        decode_streaming(compressed, chunk).map_err(|f| f.into_error(name, chunk))?;
     checked(out, actual, name, chunk)
 }
 
@@ -180,11 +167,18 @@ enum Failure {
     Source(io::Error),
 }
 
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl Failure {
+    /// The error of decoding chunk `chunk` of file `name`: bad data is a
+    /// [`Error::BadChunk`], a failing reader an [`Error::Io`] (a slice never fails).
+    fn into_error(self, name: &str, chunk: &Chunk) -> Error {
         match self {
-            Failure::Corrupt(detail) => f.write_str(detail),
-            Failure::Source(e) => write!(f, "reading the compressed bytes: {e}"),
+            Failure::Source(e) => Error::io("reading a chunk's compressed bytes", e),
+            Failure::Corrupt(detail) => Error::BadChunk {
+                name: name.to_string(),
+                chunk_offset: chunk.chunk_offset,
+                offset: chunk.offset,
+                detail,
+            },
         }
     }
 }
