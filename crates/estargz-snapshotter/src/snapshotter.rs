@@ -157,18 +157,41 @@ impl Snapshotter {
     /// Mount directories of the lazy layers from snapshot `parent` down, nearest first,
     /// up to the first parent that is not a lazy layer, at most [`MAX_LOWERS`].
     fn lazy_lowers(&self, parent: &str) -> Vec<PathBuf> {
-        let mut out = Vec::new();
-        let mut at = parent.to_string();
-        while !at.is_empty() && out.len() < MAX_LOWERS {
-            match self.store.get(&at) {
-                Ok(Some(s)) if s.remote.is_some() => {
-                    out.push(self.fs_dir(s.id));
-                    at = s.parent;
-                }
-                _ => break,
+        self.ancestors(parent)
+            .map_while(|a| a.ok().filter(|(_, s)| s.remote.is_some()))
+            .take(MAX_LOWERS)
+            .map(|(_, s)| self.fs_dir(s.id))
+            .collect()
+    }
+
+    /// The snapshots from `parent` down the chain, nearest first, with their keys. A
+    /// missing parent, or a chain longer than [`MAX_DEPTH`] (corrupted metadata), is an
+    /// error, after which nothing more comes.
+    fn ancestors<'a>(
+        &'a self,
+        parent: &str,
+    ) -> impl Iterator<Item = Result<(String, Snapshot), Error>> + 'a {
+        let (start, mut at, mut seen) = (parent.to_string(), parent.to_string(), 0);
+        std::iter::from_fn(move || {
+            if at.is_empty() {
+                return None;
             }
-        }
-        out
+            let key = std::mem::take(&mut at);
+            if seen > MAX_DEPTH {
+                return Some(Err(Error::FailedPrecondition(format!(
+                    "parent chain of {start:?} is too long"
+                ))));
+            }
+            seen += 1;
+            Some(match self.store.get(&key) {
+                Ok(Some(s)) => {
+                    at = s.parent.clone();
+                    Ok((key, s))
+                }
+                Ok(None) => Err(Error::NotFound(format!("parent snapshot {key:?}"))),
+                Err(e) => Err(e),
+            })
+        })
     }
 
     /// Parent directories, nearest first. A lazy layer's directory is checked to be a live
@@ -177,17 +200,8 @@ impl Snapshotter {
     /// container with its image's files missing.
     fn parent_dirs(&self, parent: &str) -> Result<Vec<Lower>, Error> {
         let mut out = Vec::new();
-        let mut at = parent.to_string();
-        while !at.is_empty() {
-            if out.len() > MAX_DEPTH {
-                return Err(Error::FailedPrecondition(format!(
-                    "parent chain of {parent:?} is too long"
-                )));
-            }
-            let s = self
-                .store
-                .get(&at)?
-                .ok_or_else(|| Error::NotFound(format!("parent snapshot {at:?}")))?;
+        for ancestor in self.ancestors(parent) {
+            let (at, s) = ancestor?;
             let dir = self.fs_dir(s.id);
             if let Some(layer) = &s.remote {
                 if !self.mounter.is_serving(&dir) {
@@ -204,7 +218,6 @@ impl Snapshotter {
                 dir,
                 lazy: s.remote.is_some(),
             });
-            at = s.parent;
         }
         Ok(out)
     }
