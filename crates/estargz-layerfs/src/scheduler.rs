@@ -100,7 +100,8 @@ impl Default for FetchOptions {
 /// The link to the registries as measured from completed fetches.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LinkEstimate {
-    /// Round trip: the fastest recent small request.
+    /// Round trip: the fastest recent small request (or large one, when that came back
+    /// sooner).
     pub rtt: Option<Duration>,
     /// Bytes per second: the fastest recent large request, round trip taken off.
     pub throughput: Option<f64>,
@@ -199,7 +200,15 @@ impl LinkSamples {
     }
 
     fn estimate(&self) -> LinkEstimate {
-        let rtt = self.small.iter().min().copied();
+        // A large request that came back sooner than every small one shows that those
+        // were slowed by something besides the link (a new connection's handshakes, a
+        // busy CPU): the round trip is at most the time of any request.
+        let fastest_large = self.large.iter().map(|(_, took)| *took).min();
+        let rtt = self
+            .small
+            .iter()
+            .min()
+            .map(|small| fastest_large.map_or(*small, |large| large.min(*small)));
         let base = rtt.unwrap_or_default();
         let fastest = |samples: &VecDeque<(u64, Duration)>| {
             samples
@@ -814,6 +823,16 @@ mod tests {
         let e = s.estimate();
         assert!(e.throughput.unwrap() > 100e6, "{e:?}");
         assert_eq!(e.ahead_in_flight(), 2);
+        // 1 Gbit/s, 100 ms, where the only small request so far paid for opening a
+        // connection: the large requests bound the round trip.
+        let mut s = LinkSamples::default();
+        s.record(10_000, ms(111));
+        for took in [105, 107, 110, 108] {
+            s.record(1 << 20, ms(took));
+        }
+        let e = s.estimate();
+        assert_eq!(e.rtt, Some(ms(105)), "{e:?}");
+        assert_eq!(e.ahead_in_flight(), MAX_AHEAD_IN_FLIGHT, "{e:?}");
     }
 
     #[test]
