@@ -44,7 +44,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::fs;
-use std::io::Write;
+use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -181,21 +181,14 @@ pub struct ChunkCache {
 /// The extended attribute marking a chunk file as verified during a boot (its value).
 const VERIFIED_XATTR: &std::ffi::CStr = c"user.estargz.verified";
 
-fn c_path(path: &Path) -> Option<std::ffi::CString> {
-    use std::os::unix::ffi::OsStrExt;
-    std::ffi::CString::new(path.as_os_str().as_bytes()).ok()
-}
-
-/// Whether `path` carries the verification mark of boot `boot_id`.
-fn has_mark(path: &Path, boot_id: &str) -> bool {
-    let Some(c) = c_path(path) else {
-        return false;
-    };
+/// Whether the open `file` carries the verification mark of boot `boot_id`.
+fn has_mark(file: &fs::File, boot_id: &str) -> bool {
+    use std::os::fd::AsRawFd;
     let mut buf = [0u8; 64];
-    // SAFETY: a NUL-terminated path and name, and a buffer of the length given.
+    // SAFETY: an open descriptor, a NUL-terminated name, and a buffer of the length given.
     let n = unsafe {
-        libc::getxattr(
-            c.as_ptr(),
+        libc::fgetxattr(
+            file.as_raw_fd(),
             VERIFIED_XATTR.as_ptr(),
             buf.as_mut_ptr().cast(),
             buf.len(),
@@ -363,40 +356,55 @@ impl ChunkCache {
         lock(&self.index).lru.contains(digest)
     }
 
-    /// Whether the chunk's file can be read without hashing it: this process verified it,
-    /// or it carries this boot's mark (then remembered). `None` if it is not indexed.
-    fn trusted(&self, digest: &Sha256Digest) -> Option<bool> {
+    /// The chunk's file, opened, and whether it can be read without hashing it: this
+    /// process verified it, or it carries this boot's mark (then remembered; the mark is
+    /// read from the open file, so the path is walked once). `None` if the chunk is not
+    /// indexed.
+    fn open_indexed(&self, digest: &Sha256Digest) -> Option<(io::Result<fs::File>, bool)> {
         let verified = lock(&self.index).lru.get(digest).map(|e| e.verified)?;
+        let file = fs::File::open(self.path_of(digest));
         if verified {
-            return Some(true);
+            return Some((file, true));
         }
-        let marked = self
-            .boot_id
-            .as_deref()
-            .is_some_and(|b| has_mark(&self.path_of(digest), b));
+        let marked = match (&file, &self.boot_id) {
+            (Ok(f), Some(boot_id)) => has_mark(f, boot_id),
+            _ => false,
+        };
         if marked {
             if let Some(e) = lock(&self.index).lru.peek_mut(digest) {
                 e.verified = true;
             }
         }
-        Some(marked)
+        Some((file, marked))
+    }
+
+    /// [`ChunkCache::open_indexed`], counting a chunk not indexed as a miss.
+    fn open_or_miss(&self, digest: &Sha256Digest) -> Option<(io::Result<fs::File>, bool)> {
+        let opened = self.open_indexed(digest);
+        if opened.is_none() {
+            self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        }
+        opened
     }
 
     /// The chunk, if cached and intact.
     pub fn get(&self, digest: &Sha256Digest) -> Option<Arc<[u8]>> {
-        self.load(digest, self.trusted(digest))
+        let (file, trusted) = self.open_or_miss(digest)?;
+        self.load(digest, file, trusted)
+            .map(|(_, data)| data.into())
     }
 
-    /// The chunk's file read whole, hashed unless `trusted` says it need not be (then
-    /// trusted and marked for this boot); `trusted` is [`ChunkCache::trusted`]'s answer,
-    /// `None` for a chunk not in the index (a miss).
-    fn load(&self, digest: &Sha256Digest, trusted: Option<bool>) -> Option<Arc<[u8]>> {
+    /// The chunk's `file` (as [`ChunkCache::open_indexed`] opened it) read whole, hashed
+    /// unless `trusted` (then trusted and marked for this boot); with the file. A damaged
+    /// or unreadable file is forgotten (a miss).
+    fn load(
+        &self,
+        digest: &Sha256Digest,
+        file: io::Result<fs::File>,
+        trusted: bool,
+    ) -> Option<(fs::File, Vec<u8>)> {
         use std::io::Read;
-        let Some(trusted) = trusted else {
-            self.counters.misses.fetch_add(1, Ordering::Relaxed);
-            return None;
-        };
-        let read = fs::File::open(self.path_of(digest)).and_then(|mut f| {
+        let read = file.and_then(|mut f| {
             let mut data = Vec::new();
             f.read_to_end(&mut data)?;
             Ok((f, data))
@@ -412,7 +420,7 @@ impl ChunkCache {
                         set_mark(&file, b);
                     }
                 }
-                Some(data.into())
+                Some((file, data))
             }
             Ok(_) => {
                 tracing::warn!(chunk = %digest, "damaged chunk file in the cache; removed");
@@ -466,10 +474,9 @@ impl ChunkCache {
     /// otherwise, or if the file is gone or shorter: then `get` the whole chunk.
     pub fn read_verified(&self, digest: &Sha256Digest, offset: u64, len: usize) -> Option<Vec<u8>> {
         use std::os::unix::fs::FileExt;
-        if self.trusted(digest) != Some(true) {
+        let (Ok(f), true) = self.open_indexed(digest)? else {
             return None;
-        }
-        let f = fs::File::open(self.path_of(digest)).ok()?;
+        };
         let mut buf = vec![0u8; len];
         f.read_exact_at(&mut buf, offset).ok()?;
         self.counters.hits.fetch_add(1, Ordering::Relaxed);
@@ -481,11 +488,15 @@ impl ChunkCache {
     /// such as the kernel through FUSE passthrough. `None` if the chunk is not cached or its
     /// file is damaged (then removed).
     pub fn open_verified(&self, digest: &Sha256Digest) -> Option<fs::File> {
-        let trusted = self.trusted(digest);
-        if trusted != Some(true) {
-            self.load(digest, trusted)?;
+        use std::io::Seek;
+        let (file, trusted) = self.open_or_miss(digest)?;
+        if trusted {
+            return file.ok();
         }
-        fs::File::open(self.path_of(digest)).ok()
+        // Read through to hash it: back to the start for a reader of the file's position.
+        let (mut file, _) = self.load(digest, file, false)?;
+        file.rewind().ok()?;
+        Some(file)
     }
 
     /// The most bytes the cache holds on disk.

@@ -273,12 +273,26 @@ struct State {
 struct Shared {
     options: FetchOptions,
     state: Mutex<State>,
-    /// Signalled whenever something a worker may be waiting for changes.
-    wake: Condvar,
+    /// The prefetch workers wait here for read-ahead or prefetch to do and a free slot.
+    work: Condvar,
+    /// The background worker waits here for a quiet link. Apart from this one waiter,
+    /// reads wake nobody: a read through FUSE that woke every worker paid for their
+    /// context switches on every request.
+    quiet: Condvar,
+    /// Prefetch and background requests about to go wait here while an on-demand fetch
+    /// is in flight ([`FetchScheduler::make_way`]).
+    way: Condvar,
     link: Mutex<LinkSamples>,
 }
 
 impl Shared {
+    /// Wakes the workers after read-ahead, prefetch or their requests in flight changed:
+    /// the prefetch workers, and the background worker, which waits for them.
+    fn queues_changed(&self) {
+        self.work.notify_all();
+        self.quiet.notify_all();
+    }
+
     fn new(options: FetchOptions) -> Shared {
         let now = Instant::now();
         Shared {
@@ -297,7 +311,9 @@ impl Shared {
                 background: VecDeque::new(),
                 background_not_before: now,
             }),
-            wake: Condvar::new(),
+            work: Condvar::new(),
+            quiet: Condvar::new(),
+            way: Condvar::new(),
             link: Mutex::new(LinkSamples::default()),
         }
     }
@@ -335,8 +351,13 @@ pub(crate) struct FetchGuard<'a>(&'a Shared);
 
 impl Drop for FetchGuard<'_> {
     fn drop(&mut self) {
-        lock(&self.0.state).fetching -= 1;
-        self.0.wake.notify_all();
+        let mut st = lock(&self.0.state);
+        st.fetching -= 1;
+        let last = st.fetching == 0;
+        drop(st);
+        if last {
+            self.0.way.notify_all();
+        }
     }
 }
 
@@ -346,7 +367,7 @@ impl Drop for ReadGuard<'_> {
         st.reading -= 1;
         st.last_activity = Instant::now();
         drop(st);
-        self.0.wake.notify_all();
+        self.0.quiet.notify_all();
     }
 }
 
@@ -424,7 +445,7 @@ impl FetchScheduler {
     pub(crate) fn make_way(&self) {
         let mut st = lock(&self.shared.state);
         while st.fetching > 0 && !st.stop {
-            st = self.shared.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = self.shared.way.wait(st).unwrap_or_else(|p| p.into_inner());
         }
     }
 
@@ -443,7 +464,7 @@ impl FetchScheduler {
         }
         st.read_ahead.push_back((layer, chunks));
         drop(st);
-        self.shared.wake.notify_all();
+        self.shared.queues_changed();
     }
 
     /// Takes a newly mounted layer: queues its prefetch, then its background fetch, as the
@@ -480,7 +501,7 @@ impl FetchScheduler {
             st.prefetch_turn = st.prefetch.len() - 1;
         }
         drop(st);
-        self.shared.wake.notify_all();
+        self.shared.queues_changed();
     }
 }
 
@@ -499,7 +520,9 @@ impl BackgroundJob {
 impl Drop for FetchScheduler {
     fn drop(&mut self) {
         lock(&self.shared.state).stop = true;
-        self.shared.wake.notify_all();
+        for c in [&self.shared.work, &self.shared.quiet, &self.shared.way] {
+            c.notify_all();
+        }
     }
 }
 
@@ -554,7 +577,7 @@ fn prefetch_worker(shared: &Shared) {
                         break Work::Prefetch(job.id, job.layer.clone(), span);
                     }
                 }
-                st = shared.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+                st = shared.work.wait(st).unwrap_or_else(|p| p.into_inner());
             }
         };
         match work {
@@ -574,7 +597,7 @@ fn prefetch_worker(shared: &Shared) {
                 lock(&shared.state).ahead_running -= 1;
             }
         }
-        shared.wake.notify_all();
+        shared.queues_changed();
     }
 }
 
@@ -628,10 +651,10 @@ fn wait_quiet(shared: &Shared) -> Option<MutexGuard<'_, State>> {
         let reading = st.reading > 0 && !quiet.is_zero();
         let busy = reading || st.reading_ahead > 0 || !st.read_ahead.is_empty();
         if st.background.is_empty() || !st.prefetch.is_empty() || busy {
-            st = shared.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = shared.quiet.wait(st).unwrap_or_else(|p| p.into_inner());
         } else if now < until {
             st = shared
-                .wake
+                .quiet
                 .wait_timeout(st, until - now)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
@@ -702,7 +725,8 @@ fn background_worker(shared: &Shared) {
             }
         }
         drop(st);
-        shared.wake.notify_all();
+        // Only the background worker waits for the background queue.
+        shared.quiet.notify_all();
     }
 }
 
