@@ -899,42 +899,47 @@ impl Inner {
             .map(|(rtt, bytes_per_sec)| (rtt.as_secs_f64() * bytes_per_sec) as u64);
         let mut near_end = NearEnd::new(total, lead, near_end);
         let mut arrived = |n: usize| near_end.arrived(n);
-        let bodies = ranges
-            .iter()
-            .map(|r| self.source.open_range(r.clone()))
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(failed)?;
-        // Each wanted digest, taken out once decoded (a run may hold the same chunk twice).
-        let mut wanted: std::collections::HashSet<&Sha256Digest> = wanted.iter().collect();
-        for (run, body) in runs.iter().zip(bodies) {
-            let mut body = Tapped {
-                inner: body,
-                tap: &mut arrived,
-            };
-            for (ino, c) in run.iter() {
-                let mut member = io::Read::take(&mut body, c.compressed_end - c.offset);
-                if wanted.remove(&c.digest) {
-                    let data = if c.compressed_end - c.offset < STREAM_MIN {
-                        // A small member decodes in no time once it is in, faster in one
-                        // call than piece by piece.
-                        let mut bytes = Vec::new();
-                        io::Read::read_to_end(&mut member, &mut bytes).map_err(failed)?;
-                        self.decompress(*ino, &bytes, c)?
-                    } else {
-                        self.decompress_from(*ino, &mut member, c)?
-                    };
-                    self.stats.streamed_chunks.fetch_add(1, Ordering::Relaxed);
-                    done(c, data);
+        // A failed fetch is a latency its reader saw too.
+        let streamed = (|| {
+            let bodies = ranges
+                .iter()
+                .map(|r| self.source.open_range(r.clone()))
+                .collect::<io::Result<Vec<_>>>()
+                .map_err(failed)?;
+            // Each wanted digest, taken out once decoded (a run may hold the same chunk twice).
+            let mut wanted: std::collections::HashSet<&Sha256Digest> = wanted.iter().collect();
+            for (run, body) in runs.iter().zip(bodies) {
+                let mut body = Tapped {
+                    inner: body,
+                    tap: &mut arrived,
+                };
+                for (ino, c) in run.iter() {
+                    let mut member = io::Read::take(&mut body, c.compressed_end - c.offset);
+                    if wanted.remove(&c.digest) {
+                        let data = if c.compressed_end - c.offset < STREAM_MIN {
+                            // A small member decodes in no time once it is in, faster in one
+                            // call than piece by piece.
+                            let mut bytes = Vec::new();
+                            io::Read::read_to_end(&mut member, &mut bytes).map_err(failed)?;
+                            self.decompress(*ino, &bytes, c)?
+                        } else {
+                            self.decompress_from(*ino, &mut member, c)?
+                        };
+                        self.stats.streamed_chunks.fetch_add(1, Ordering::Relaxed);
+                        done(c, data);
+                    }
+                    // The member's end and the tar padding after the chunk (or all of a chunk
+                    // not wanted): read through to the next chunk.
+                    io::copy(&mut member, &mut io::sink()).map_err(failed)?;
                 }
-                // The member's end and the tar padding after the chunk (or all of a chunk
-                // not wanted): read through to the next chunk.
-                io::copy(&mut member, &mut io::sink()).map_err(failed)?;
+                // Read to the end, so that the connection is free for the next request.
+                io::copy(&mut body, &mut io::sink()).map_err(failed)?;
             }
-            // Read to the end, so that the connection is free for the next request.
-            io::copy(&mut body, &mut io::sink()).map_err(failed)?;
-        }
+            Ok(())
+        })();
         let took = started.elapsed();
         self.scheduler.node_stats().fetch_latency.observe(took);
+        streamed?;
         self.count_fetch(
             &ranges,
             total,

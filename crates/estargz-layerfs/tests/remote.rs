@@ -906,10 +906,21 @@ fn chunks_decode_as_they_arrive_and_a_broken_stream_is_fetched_again() {
         ..Default::default()
     };
     let blob = r.push(&files_tar(&[("big", &content)]), &opts);
-    let m = r.mount(&blob, r.cache("cache", 1 << 30), "mnt");
+    let scheduler = FetchScheduler::new(on_demand_only());
+    let fs = r.layer(
+        &blob,
+        r.cache("cache", 1 << 30),
+        scheduler.clone(),
+        DEFAULT_READ_DEADLINE,
+    );
+    let m = r.mount_at(fs, "mnt");
     // About an eighth of a second per chunk: slow enough to decode while it arrives.
     r.proxy.set_rate(Some(8e6));
     let f = std::fs::File::open(m.mountpoint().join("big")).unwrap();
+    let fetches_timed = || {
+        let counts = scheduler.node_stats().fetch_latency.counts();
+        counts.iter().sum::<u64>()
+    };
     let streamed = || {
         m.stats()
             .streamed_chunks
@@ -929,7 +940,10 @@ fn chunks_decode_as_they_arrive_and_a_broken_stream_is_fetched_again() {
 
     for (k, fault) in [(3, Fault::Truncate), (5, Fault::CorruptBody)] {
         r.proxy.push(fault.clone());
+        let timed = fetches_timed();
         assert_eq!(read_chunk(k).unwrap(), expect(k), "{fault:?}");
+        // The reader waited for both fetches: the broken one counts in the latency too.
+        assert_eq!(fetches_timed(), timed + 2, "{fault:?}");
         assert_eq!(
             streamed(),
             1,
