@@ -1145,8 +1145,9 @@ impl Inner {
         } else if let [c] = chunks {
             if !self.cache.contains(&c.digest) && self.cache.memory_get(&c.digest).is_none() {
                 let run = self.with_neighbours(ino, c);
+                let bytes: u64 = run.iter().map(|(_, c)| c.compressed_end - c.offset).sum();
                 tracing::debug!(file = %self.tree.path(ino), neighbours = run.len() - 1,
-                    bytes = span_of(&run).end - span_of(&run).start, "small file missed");
+                    bytes, "small file missed");
                 match self.fetch_claimed(&run, For::Reader(&[c.digest]), None) {
                     // A bad neighbour must not fail this read: the chunk is fetched alone
                     // below if it did not arrive.

@@ -107,6 +107,10 @@ pub struct LinkEstimate {
     pub throughput: Option<f64>,
     /// The same from requests of 512 KiB or more only: less inflated by a burst.
     pub bulk_throughput: Option<f64>,
+    /// Round trip and bytes per second fitted to the large requests alone (time = round
+    /// trip + bytes / throughput), while no small request has measured the round trip:
+    /// a start whose first requests are all prefetch spans.
+    pub spans_fit: Option<(Duration, f64)>,
 }
 
 impl LinkEstimate {
@@ -134,9 +138,13 @@ impl LinkEstimate {
     /// within [`PREFETCH_CONCURRENCY`] and [`MAX_AHEAD_IN_FLIGHT`]; the least until the
     /// link is measured. 100 Mbit/s with 20 ms and 20 Mbit/s with 50 ms carry 250 and
     /// 125 KB per round trip: two, as before; 1 Gbit/s with 50 ms, 6.25 MB: seven.
+    ///
+    /// Before a small request has measured the round trip, from [`LinkEstimate::spans_fit`]:
+    /// a prefetch over a long fast link is not held to two requests in flight throughout.
     pub fn ahead_in_flight(&self) -> usize {
-        match (self.rtt, self.bulk_throughput) {
-            (Some(rtt), Some(thr)) => {
+        let measured = self.rtt.zip(self.bulk_throughput);
+        match measured.or(self.spans_fit) {
+            Some((rtt, thr)) => {
                 let bdp = thr * rtt.as_secs_f64() / PREFETCH_SPAN as f64;
                 (bdp.ceil().min(MAX_AHEAD_IN_FLIGHT as f64) as usize + 1)
                     .clamp(PREFETCH_CONCURRENCY, MAX_AHEAD_IN_FLIGHT)
@@ -223,9 +231,43 @@ impl LinkSamples {
             rtt,
             throughput: fastest(&self.large),
             bulk_throughput: fastest(&self.bulk),
+            spans_fit: if rtt.is_none() {
+                self.fit_large()
+            } else {
+                None
+            },
         }
     }
+
+    /// Time = round trip + bytes / throughput, fitted by least squares to the large
+    /// samples; `None` without two of them at least [`FIT_SPREAD`] times apart in size.
+    /// Where the times do not grow with the size (the transfer hides in the noise of a
+    /// long round trip), the throughput is at least the largest request over the spread
+    /// of the times, and the round trip at most the fastest request.
+    fn fit_large(&self) -> Option<(Duration, f64)> {
+        let xs = || self.large.iter().map(|(bytes, _)| *bytes as f64);
+        let ys = || self.large.iter().map(|(_, took)| took.as_secs_f64());
+        let (lo, hi) = xs().fold((f64::MAX, 0f64), |(lo, hi), x| (lo.min(x), hi.max(x)));
+        if self.large.len() < 2 || hi < lo * FIT_SPREAD {
+            return None;
+        }
+        let n = self.large.len() as f64;
+        let (mx, my) = (xs().sum::<f64>() / n, ys().sum::<f64>() / n);
+        let cov: f64 = xs().zip(ys()).map(|(x, y)| (x - mx) * (y - my)).sum();
+        let var: f64 = xs().map(|x| (x - mx) * (x - mx)).sum();
+        let slope = cov / var;
+        if slope > 0.0 {
+            let rtt = (my - slope * mx).max(0.0);
+            return Some((Duration::from_secs_f64(rtt), 1.0 / slope));
+        }
+        let (fastest, slowest) = ys().fold((f64::MAX, 0f64), |(f, s), y| (f.min(y), s.max(y)));
+        let spread = (slowest - fastest).max(0.001);
+        Some((Duration::from_secs_f64(fastest), hi / spread))
+    }
 }
+
+/// How far apart in size large requests must be for a fit of the link to them.
+const FIT_SPREAD: f64 = 1.5;
 
 struct PrefetchJob {
     id: u64,
@@ -859,6 +901,49 @@ mod tests {
         assert_eq!(e.ahead_in_flight(), MAX_AHEAD_IN_FLIGHT, "{e:?}");
     }
 
+    /// A start whose first requests are prefetch spans (no small request to measure the
+    /// round trip) fits the link to the spans: more in flight on a long fast link (these
+    /// are the spans of a gcc start over the benchmark's 1 Gbit/s, 50 ms link), two on
+    /// slower ones, and two while the spans are all of one size.
+    #[test]
+    fn prefetch_spans_alone_size_the_requests_in_flight() {
+        let fit = |spans: &[(u64, f64)]| {
+            let mut s = LinkSamples::default();
+            for &(bytes, ms) in spans {
+                s.record(bytes, Duration::from_secs_f64(ms / 1e3));
+            }
+            s.estimate()
+        };
+        let gbit = fit(&[
+            (784_577, 72.3),
+            (887_045, 76.5),
+            (478_639, 76.3),
+            (1_687_410, 72.8),
+            (2_169_907, 71.9),
+            (2_106_048, 77.1),
+            (1_279_736, 64.5),
+            (1_444_882, 67.3),
+        ]);
+        assert!(gbit.ahead_in_flight() >= 7, "{gbit:?}");
+        // 100 Mbit/s with 20 ms, 20 Mbit/s with 50 ms: round trip and rate recovered.
+        let mbit100 = fit(&[(784_577, 82.8), (2_106_048, 188.5), (1_279_736, 122.4)]);
+        let (rtt, thr) = mbit100.spans_fit.unwrap();
+        assert!((15..25).contains(&rtt.as_millis()), "{mbit100:?}");
+        assert!((11e6..14e6).contains(&thr), "{mbit100:?}");
+        assert_eq!(mbit100.ahead_in_flight(), 2);
+        let mbit20 = fit(&[(784_577, 363.8), (2_106_048, 892.4)]);
+        assert_eq!(mbit20.ahead_in_flight(), 2, "{mbit20:?}");
+        let alike = fit(&[(1 << 20, 70.0), (1 << 20, 71.0), (1 << 20, 69.0)]);
+        assert_eq!(alike.spans_fit, None);
+        assert_eq!(alike.ahead_in_flight(), PREFETCH_CONCURRENCY);
+        // Once a small request measured the round trip, the fit steps aside.
+        let mut s = LinkSamples::default();
+        s.record(4 << 10, Duration::from_millis(20));
+        s.record(784_577, Duration::from_secs_f64(0.0828));
+        s.record(2_106_048, Duration::from_secs_f64(0.1885));
+        assert_eq!(s.estimate().spans_fit, None);
+    }
+
     #[test]
     fn link_estimate_and_request_size() {
         let mut s = LinkSamples::default();
@@ -888,12 +973,14 @@ mod tests {
             rtt: Some(Duration::from_micros(50)),
             throughput: Some(1e9),
             bulk_throughput: Some(1e9),
+            spans_fit: None,
         };
         assert_eq!(fast.background_request(), MAX_BACKGROUND_REQUEST);
         let thin = LinkEstimate {
             rtt: Some(Duration::from_micros(500)),
             throughput: Some(1e6),
             bulk_throughput: Some(1e6),
+            spans_fit: None,
         };
         assert_eq!(thin.background_request(), MIN_BACKGROUND_REQUEST);
         assert_eq!(
@@ -904,6 +991,7 @@ mod tests {
             rtt: Some(Duration::from_millis(600)),
             throughput: Some(1e8),
             bulk_throughput: Some(1e8),
+            spans_fit: None,
         };
         assert_eq!(long.background_request(), MAX_BACKGROUND_REQUEST);
         // The quiet period: kept on links where a background request takes a noticeable
@@ -916,6 +1004,7 @@ mod tests {
             rtt: Some(Duration::from_micros(500)),
             throughput: Some(1.25e8),
             bulk_throughput: Some(1.25e8),
+            spans_fit: None,
         };
         assert_eq!(lan.background_quiet(quiet), Duration::ZERO, "1 Gbit/s LAN");
         // A long round trip whose throughput was measured far too high (a burst).
@@ -923,12 +1012,14 @@ mod tests {
             rtt: Some(Duration::from_millis(20)),
             throughput: Some(1e9),
             bulk_throughput: Some(1e9),
+            spans_fit: None,
         };
         assert_eq!(burst.background_quiet(quiet), quiet);
         let unknown = LinkEstimate {
             rtt: None,
             throughput: None,
             bulk_throughput: None,
+            spans_fit: None,
         };
         assert_eq!(unknown.background_quiet(quiet), quiet);
         // Old samples leave the window.
