@@ -248,6 +248,16 @@ def image_tar(work, image):
     return rootfs_tar(work, image, IMAGES[image])
 
 
+def unpacked(work, image):
+    """One of IMAGES unpacked (image_tar), as an ordinary pull leaves it, once per work
+    directory as work/rootfs-IMAGE; returns that directory."""
+    root = work / f"rootfs-{image}"
+    if not root.exists():
+        root.mkdir()
+        run(["tar", "-xf", image_tar(work, image), "-C", root])
+    return root
+
+
 def image_layers(work, image):
     """The layer tars of one of IMAGES, bottom first: the shared Debian base, and the
     entries of the image that the base does not have identically (for MODEL, the model

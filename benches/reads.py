@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 from benchlib import (ESTARGZ, IMAGES, LINKS, SCRIPTS, Link, arguments, choices, drop_caches,
-                      image_tar, p95, push_image, reference_binary, run, start)
+                      p95, push_image, reference_binary, run, start, unpacked)
 
 MODES = ("cold", "warm", "warm-fuse", "native", "ref-cold", "ref-warm")
 SEQ_MIN = 1 << 20
@@ -165,9 +165,7 @@ def main():
     out, work = start(args, "reads")
     samples = []
     try:
-        native = work / "native"
-        native.mkdir()
-        run(["tar", "-xf", image_tar(work, args.image), "-C", native])
+        native = unpacked(work, args.image)
         all_files = files_of(native)
         seq = [f for f in all_files if f[1] >= SEQ_MIN]
         big = [f for f in all_files if f[1] >= RAND_MIN]

@@ -60,7 +60,7 @@ from pathlib import Path
 from benchlib import (ESTARGZ, LINKS, MODEL, MODEL_FILE, SCRIPTS, SNAPSHOTTER, Link, arguments, choices,
                       drop_caches, fuse_mounts, image_bytes, image_layers, image_tar,
                       manifest_digest, metric_sum, p95, push_image, reference_binary, run,
-                      start, wait_background_fetch)
+                      start, unpacked, wait_background_fetch)
 
 IMPORTS = ("argparse, ast, bisect, calendar, collections, compileall, configparser, "
            "contextlib, copy, csv, datetime, dis, email, email.mime.text, email.parser, enum, "
@@ -166,10 +166,7 @@ def record_prioritized(reg, work, wl, orig):
     that holds it, the upper one when both do), and the files' total size (what the
     workload can read at most: the floor of what a lazy start must fetch)."""
     image, command = WORKLOADS[wl]
-    root = work / f"rootfs-{image}"
-    if not root.exists():
-        root.mkdir()
-        run(["tar", "-xf", image_tar(work, image), "-C", root])
+    root = unpacked(work, image)
     # Only files of the image count: the workload may create files (gcc's output) as it runs.
     in_image = {os.path.normpath(n) for n in
                 run(["tar", "-tf", image_tar(work, image)]).splitlines()}

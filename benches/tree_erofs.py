@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import IMAGES, SCRIPTS, arguments, drop_caches, image_tar, run, start  # noqa: E402
+from benchlib import IMAGES, SCRIPTS, arguments, drop_caches, run, start, unpacked  # noqa: E402
 from reads import files_of, read_seq  # noqa: E402
 
 
@@ -90,9 +90,7 @@ def main():
 
     samples = []
     try:
-        native = work / "native"
-        native.mkdir()
-        run(["tar", "-xf", image_tar(work, args.image), "-C", native])
+        native = unpacked(work, args.image)
         files = files_of(native)
         meta, data = work / "meta", work / "data"
         data.mkdir()

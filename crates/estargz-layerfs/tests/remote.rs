@@ -113,6 +113,21 @@ impl Remote {
         self.mount_at(fs, at)
     }
 
+    /// Mounts on `scheduler` (kept by the caller, to look at the link or the node's
+    /// counters).
+    fn mount_on(
+        &self,
+        blob: &(Digest, u64),
+        cache: Arc<ChunkCache>,
+        at: &str,
+        scheduler: Arc<FetchScheduler>,
+    ) -> MountedLayer {
+        self.mount_at(
+            self.layer(blob, cache, scheduler, DEFAULT_READ_DEADLINE),
+            at,
+        )
+    }
+
     /// Mounts with prefetch and background fetch off, over the layers `lowers` (nearest
     /// first), sharing their scheduler.
     fn mount_over(
@@ -907,13 +922,7 @@ fn chunks_decode_as_they_arrive_and_a_broken_stream_is_fetched_again() {
     };
     let blob = r.push(&files_tar(&[("big", &content)]), &opts);
     let scheduler = FetchScheduler::new(on_demand_only());
-    let fs = r.layer(
-        &blob,
-        r.cache("cache", 1 << 30),
-        scheduler.clone(),
-        DEFAULT_READ_DEADLINE,
-    );
-    let m = r.mount_at(fs, "mnt");
+    let m = r.mount_on(&blob, r.cache("cache", 1 << 30), "mnt", scheduler.clone());
     // About an eighth of a second per chunk: slow enough to decode while it arrives.
     r.proxy.set_rate(Some(8e6));
     let f = std::fs::File::open(m.mountpoint().join("big")).unwrap();
@@ -1149,13 +1158,7 @@ fn prefetch_fills_a_long_fast_link() {
     r.proxy.set_latency(Some(Duration::from_millis(100)));
     let scheduler = FetchScheduler::new(prefetch_only());
     let before = r.proxy.blob_log().len();
-    let fs = r.layer(
-        &blob,
-        r.cache("c", 1 << 30),
-        scheduler.clone(),
-        DEFAULT_READ_DEADLINE,
-    );
-    let m = r.mount_at(fs, "mnt");
+    let m = r.mount_on(&blob, r.cache("c", 1 << 30), "mnt", scheduler.clone());
     // A small read measures the round trip; the first spans measure the throughput.
     assert!(std::fs::read(m.mountpoint().join("small")).unwrap() == small);
     wait_for("the prefetch", || m.fs().is_prefetch_done());
