@@ -160,10 +160,35 @@ impl Node {
                 ),
             ],
         );
-        Node {
+        let node = Node {
             dir: node,
             metrics: metrics.trim().to_string(),
-        }
+        };
+        node.wait_for_cri();
+        node
+    }
+
+    /// Waits until containerd's CRI service answers: it initializes after containerd's own
+    /// API is up (which is what the start script waits for), and containerd 2 answers
+    /// "server is not initialized yet" (Unavailable) until then.
+    fn wait_for_cri(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        current_thread().block_on(async {
+            loop {
+                let answer = RuntimeServiceClient::new(channel(&self.socket()).await)
+                    .version(VersionRequest {
+                        version: "v1".into(),
+                    })
+                    .await;
+                match answer {
+                    Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(100)).await
+                    }
+                    // Answered, or a failure the test's own requests report.
+                    _ => return,
+                }
+            }
+        })
     }
 
     fn socket(&self) -> PathBuf {
