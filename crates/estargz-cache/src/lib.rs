@@ -499,6 +499,26 @@ impl ChunkCache {
         Some(file)
     }
 
+    /// Links the cached file of `digest` at `dest` (a hard link: `dest` must be on the
+    /// cache's file system), once this process has verified it ([`ChunkCache::open_verified`]).
+    /// The link keeps the content on disk after the cache evicts it, for as long as the
+    /// link exists (a layer served from local files without FUSE, see `estargz-layerfs`);
+    /// the cache no longer counts it then. `Ok(false)` if the chunk is not cached or its
+    /// file is damaged.
+    pub fn link_verified(&self, digest: &Sha256Digest, dest: &Path) -> std::io::Result<bool> {
+        let Some(file) = self.open_verified(digest) else {
+            return Ok(false);
+        };
+        drop(file);
+        match fs::hard_link(self.path_of(digest), dest) {
+            Ok(()) => Ok(true),
+            // Evicted between the check and the link.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The most bytes the cache holds on disk.
     pub fn max_bytes(&self) -> u64 {
         self.max_bytes

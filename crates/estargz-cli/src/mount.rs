@@ -61,22 +61,27 @@ impl Drop for OverlayMount {
     }
 }
 
-/// Stacks `lowers` (lowest first) under `upper` at `at`. `inspect`: for looking at an
+/// Stacks `lowers` (lowest first) under `upper` at `at`, with `data` (the data
+/// directories of lowers served without FUSE) as data-only lower layers after them. `inspect`: for looking at an
 /// image from the host, without its setuid binaries or device nodes taking effect; a
 /// container's root file system keeps them.
 pub(crate) fn mount_overlay(
     lowers: &[PathBuf],
+    data: &[PathBuf],
     upper: &Path,
     work: &Path,
     at: &Path,
     inspect: bool,
 ) -> Result<OverlayMount> {
-    let lower = lowers
+    let mut lower = lowers
         .iter()
         .rev()
         .map(|p| p.display().to_string())
         .collect::<Vec<_>>()
         .join(":");
+    for d in data.iter().rev() {
+        lower = format!("{lower}::{}", d.display());
+    }
     let opts = format!(
         "lowerdir={lower},upperdir={},workdir={}",
         upper.display(),
@@ -166,7 +171,7 @@ pub fn mount(args: &MountArgs, quiet: bool) -> Result<ExitCode> {
         let (_, manifest) = runtime
             .block_on(client.resolve_manifest(&image, &platform))
             .with_context(|| format!("resolving {image}"))?;
-        let mut lowers = Vec::new();
+        let (mut lowers, mut data) = (Vec::new(), Vec::new());
         for (i, layer) in manifest.layers.iter().enumerate() {
             let annotated = layer
                 .annotations
@@ -196,18 +201,35 @@ pub fn mount(args: &MountArgs, quiet: bool) -> Result<ExitCode> {
             // Executables find their libraries in the layers below too, nearest first.
             let below: Vec<LayerFs> = layers.iter().rev().map(|l| l.fs().clone()).collect();
             fs.set_lowers(&below);
-            layers.push(mount_layer(fs, &dir).with_context(|| format!("mounting layer {i}"))?);
+            let mounted = mount_layer(fs, &dir).with_context(|| format!("mounting layer {i}"))?;
+            // A layer whose content is all cached is served without FUSE (passthrough's
+            // sibling: reads and opens of local files at the kernel's speed).
+            if !args.no_passthrough {
+                match mounted.serve_locally_now(&args.cache_dir.join("local")) {
+                    Ok(true) => eprintln!("layer {i}: all local, served without FUSE"),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(layer = i, error = %e, "layer stays on FUSE"),
+                }
+            }
+            let form = mounted.local_form();
+            layers.push(mounted);
             eprintln!(
                 "layer {i}: {} (TOC {digest}) at {}",
                 layer.digest,
                 dir.display()
             );
-            lowers.push(dir);
+            match form {
+                Some(f) => {
+                    lowers.push(f.meta);
+                    data.push(f.data);
+                }
+                None => lowers.push(dir),
+            }
         }
         let (upper, workdir) = (work.path().join("upper"), work.path().join("work"));
         std::fs::create_dir_all(&upper)?;
         std::fs::create_dir_all(&workdir)?;
-        _overlay = mount_overlay(&lowers, &upper, &workdir, &args.dir, true)?;
+        _overlay = mount_overlay(&lowers, &data, &upper, &workdir, &args.dir, true)?;
     }
     // The parsed TOCs are gone; only the compact indexes stay.
     estargz_layerfs::memory::release_freed_memory();

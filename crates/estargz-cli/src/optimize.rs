@@ -203,7 +203,14 @@ fn mount_image(
     for d in [&upper, &workdir, &rootfs] {
         std::fs::create_dir_all(d)?;
     }
-    root.overlay = Some(mount_overlay(&lowers, &upper, &workdir, &rootfs, false)?);
+    root.overlay = Some(mount_overlay(
+        &lowers,
+        &[],
+        &upper,
+        &workdir,
+        &rootfs,
+        false,
+    )?);
     Ok((root, rootfs))
 }
 

@@ -277,6 +277,19 @@ pub struct Inner {
     lowers: std::sync::OnceLock<Vec<std::sync::Weak<Inner>>>,
     /// ELF objects of this layer whose libraries were looked for (`deps`).
     deps_seen: Mutex<std::collections::HashSet<u64>>,
+    /// Serving the layer without FUSE once its content is local (`local`).
+    local: Mutex<LocalState>,
+}
+
+/// Where a layer is rebuilt for serving without FUSE, and its mount once done.
+#[derive(Default)]
+struct LocalState {
+    /// The directory to build in, once asked for.
+    target: Option<PathBuf>,
+    building: bool,
+    /// Asked again while building: the build may have counted before the last chunk.
+    again: bool,
+    mounted: Option<crate::local::LocalMount>,
 }
 
 /// Calls `call` once, when no more than `lead` bytes of a transfer are left to arrive (not
@@ -381,6 +394,7 @@ impl LayerFs {
             recorder: Default::default(),
             lowers: Default::default(),
             deps_seen: Default::default(),
+            local: Default::default(),
         }))
     }
 
@@ -452,9 +466,32 @@ impl Inner {
     /// written): at this open up to [`MAX_ASSEMBLED`] bytes, in the background for larger
     /// files (this open reads through FUSE, later ones get the assembled file).
     fn local_content(&self, ino: u64, node: &crate::tree::Node) -> Option<std::fs::File> {
+        match self.local_digest(ino, node)? {
+            (digest, None) => self.cache.open_verified(&digest),
+            (digest, Some(parts)) => {
+                if node.size <= MAX_ASSEMBLED || self.cache.contains(&digest) {
+                    return self.cache.assemble(&digest, &parts);
+                }
+                // A file that would take more than half the cache twice over stays chunks.
+                if node.size <= self.cache.max_bytes() / 2 {
+                    self.assemble_in_background(digest, parts);
+                }
+                None
+            }
+        }
+    }
+
+    /// The cache key of file `ino`'s whole content if its chunks are local: its chunk's
+    /// digest for a file of one chunk; for a file of several, its whole-file digest from
+    /// the TOC and the chunks to assemble it from (`Some`), if the chunks tile the file.
+    pub(crate) fn local_digest(
+        &self,
+        ino: u64,
+        node: &crate::tree::Node,
+    ) -> Option<(Sha256Digest, Option<Vec<Sha256Digest>>)> {
         match self.tree.chunks(node) {
             [c] if c.chunk_offset == 0 && c.size == node.size => {
-                self.cache.open_verified(&c.digest)
+                self.cache.contains(&c.digest).then_some((c.digest, None))
             }
             [] | [_] => None,
             chunks => {
@@ -472,15 +509,7 @@ impl Inner {
                 if !tiled || !chunks.iter().all(|c| self.cache.contains(&c.digest)) {
                     return None;
                 }
-                let parts: Vec<_> = chunks.iter().map(|c| c.digest).collect();
-                if node.size <= MAX_ASSEMBLED || self.cache.contains(&digest) {
-                    return self.cache.assemble(&digest, &parts);
-                }
-                // A file that would take more than half the cache twice over stays chunks.
-                if node.size <= self.cache.max_bytes() / 2 {
-                    self.assemble_in_background(digest, parts);
-                }
-                None
+                Some((digest, Some(chunks.iter().map(|c| c.digest).collect())))
             }
         }
     }
@@ -655,6 +684,92 @@ impl Inner {
 
     pub(crate) fn mark_background_done(&self) {
         self.background_done.store(true, Ordering::SeqCst);
+        self.go_local_in_background();
+    }
+
+    fn lock_local(&self) -> std::sync::MutexGuard<'_, LocalState> {
+        self.local.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts [`Inner::go_local`] on a thread of its own (it hashes and copies).
+    fn go_local_in_background(&self) {
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        if self.lock_local().target.is_none() {
+            return;
+        }
+        let _ = std::thread::Builder::new()
+            .name("estargz-local".into())
+            .spawn(move || match me.go_local() {
+                Ok(_) => {}
+                Err(e @ crate::local::LocalError::NotLocal(_)) => {
+                    tracing::debug!(error = %e, "layer stays on FUSE")
+                }
+                Err(e) => tracing::warn!(error = %e,
+                    "cannot serve a local layer without FUSE; it stays on FUSE"),
+            });
+    }
+
+    /// If every file of the layer is local and a target was given, rebuilds the layer
+    /// there and mounts it (see `local`): `Ok(true)` once mounted.
+    fn go_local(&self) -> Result<bool, crate::local::LocalError> {
+        let dir = {
+            let mut st = self.lock_local();
+            let Some(target) = st.target.clone() else {
+                return Ok(false);
+            };
+            if st.mounted.is_some() {
+                return Ok(true);
+            }
+            if st.building {
+                st.again = true;
+                return Ok(false);
+            }
+            st.building = true;
+            st.again = false;
+            target
+        };
+        loop {
+            let result = self.build_and_mount(&dir);
+            let mut st = self.lock_local();
+            if matches!(result, Ok(false)) && st.again && !self.is_closed() {
+                st.again = false;
+                continue;
+            }
+            st.building = false;
+            return result;
+        }
+    }
+
+    /// [`Inner::go_local`]'s work, while it holds the `building` claim.
+    fn build_and_mount(&self, dir: &Path) -> Result<bool, crate::local::LocalError> {
+        if self.is_closed() {
+            return Ok(false);
+        }
+        // Its own directory per build: a mount left by a manager that died still uses
+        // the files of the one before.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let dir = dir.join(format!("{}-{nanos}", std::process::id()));
+        // Whether every file shown is local is found out by building (the first one that
+        // is not ends it): chunks of hidden entries (the landmarks) may never be fetched.
+        let layer = match self.build_local(&dir) {
+            Err(crate::local::LocalError::NotLocal(_)) => return Ok(false),
+            other => other?,
+        };
+        let mut st = self.lock_local();
+        // Unmounted meanwhile: `MountedLayer::unmount` took what was mounted under
+        // this lock after closing, so nothing may be mounted now.
+        if self.is_closed() {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Ok(false);
+        }
+        let mounted = layer.mount(&dir)?;
+        tracing::info!(at = %dir.display(), "layer content all local: served without FUSE");
+        st.mounted = Some(mounted);
+        Ok(true)
     }
 
     /// Whether the prefetch of prioritized files finished.
@@ -1634,9 +1749,40 @@ impl MountedLayer {
         }
     }
 
-    /// Tells the scheduler to fetch nothing more for this layer.
+    /// Tells the scheduler to fetch nothing more for this layer, and detaches its local
+    /// form if it has one.
     fn stop_fetching(&mut self) {
         self.fs.closed.store(true, Ordering::SeqCst);
+        let local = self.fs.lock_local().mounted.take();
+        drop(local);
+    }
+
+    /// Serves the layer without FUSE (see `local`) once every file is local, now or when
+    /// its background fetch completes, built and mounted by a thread of its own (up to
+    /// seconds: hashing, copying) in a directory of its own under `dir`, which must be on
+    /// the chunk cache's file system (hard links); [`local_form_of`](crate::local_form_of)
+    /// `(dir)` then finds it. The FUSE mount stays. Failures are logged; the layer stays
+    /// on FUSE.
+    pub fn serve_locally(&self, dir: &Path) {
+        self.fs.lock_local().target = Some(dir.to_path_buf());
+        self.fs.go_local_in_background();
+    }
+
+    /// Serves the layer without FUSE now if every chunk is local (`Ok(true)`), as
+    /// [`MountedLayer::serve_locally`], and not later otherwise: for a caller that stacks
+    /// the layer once, now.
+    pub fn serve_locally_now(&self, dir: &Path) -> Result<bool, crate::local::LocalError> {
+        self.fs.lock_local().target = Some(dir.to_path_buf());
+        let done = self.fs.go_local();
+        if !matches!(done, Ok(true)) {
+            self.fs.lock_local().target = None;
+        }
+        done
+    }
+
+    /// Where the layer is served without FUSE, if it is.
+    pub fn local_form(&self) -> Option<crate::local::LocalForm> {
+        self.fs.lock_local().mounted.as_ref().map(|m| m.form())
     }
 
     /// Stops fetching, unmounts, and waits for the session to end.

@@ -15,6 +15,7 @@
 mod elf;
 mod fetch;
 mod fs;
+mod local;
 pub mod memory;
 mod record;
 mod scheduler;
@@ -24,6 +25,9 @@ mod tree;
 pub use fetch::Progress;
 pub use fs::{
     detach, mount, Inner, LatencyHistogram, LayerFs, LayerStats, MountedLayer, NodeStats,
+};
+pub use local::{
+    is_local_mount, local_form_of, local_mounts_under, LocalError, LocalForm, EROFS_SUPER_MAGIC,
 };
 pub use record::{Access, AccessOp, AccessRecorder, MAX_RANGES};
 pub use scheduler::{

@@ -18,6 +18,15 @@ use estargz_format::{
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
 
+/// Whether an extended attribute of the TOC is shown. overlayfs's own attributes other
+/// than `opaque` (`redirect`, `metacopy`, `origin`, ...) are dropped: in a lower layer they
+/// would make overlayfs take a file's content or a directory's entries from another path,
+/// of this image or (where data-only lower layers are stacked, see `local`) of the node's
+/// chunk cache; a layer's tar has no business carrying them.
+fn kept_xattr(name: &str) -> bool {
+    !name.starts_with("trusted.overlay.") || name == "trusted.overlay.opaque"
+}
+
 /// What a node is, as the kernel sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum NodeKind {
@@ -146,12 +155,10 @@ impl Tree {
                 NodeKind::Symlink => tree.intern(&e.link_name),
                 _ => (0, 0),
             };
-            let has_xattrs = !whiteout && !e.xattrs.is_empty();
+            let kept = || e.xattrs.iter().filter(|(k, _)| kept_xattr(k));
+            let has_xattrs = !whiteout && kept().next().is_some();
             if has_xattrs {
-                let list = e
-                    .xattrs
-                    .iter()
-                    .map(|(k, v)| (k.as_str().into(), v.as_slice().into()));
+                let list = kept().map(|(k, v)| (k.as_str().into(), v.as_slice().into()));
                 tree.xattrs.insert(ino, list.collect());
             }
             let device = matches!(e.kind, EntryKind::Char | EntryKind::Block);
@@ -392,6 +399,52 @@ mod tests {
         path.split('/')
             .try_fold(1, |dir, name| t.child(dir, name))
             .unwrap_or_else(|| panic!("{path} not found"))
+    }
+
+    #[test]
+    fn overlay_attributes_of_the_toc_are_dropped_but_opaque() {
+        let mut b = tar::Builder::new(Vec::new());
+        estargz_testutil::pax(
+            &mut b,
+            &[
+                ("SCHILY.xattr.trusted.overlay.redirect", b"/ab/secret"),
+                ("SCHILY.xattr.trusted.overlay.metacopy", b""),
+                ("SCHILY.xattr.user.kept", b"1"),
+            ],
+        );
+        let mut h = tar::Header::new_ustar();
+        h.set_size(5);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "f", &b"hello"[..]).unwrap();
+        estargz_testutil::pax(&mut b, &[("SCHILY.xattr.trusted.overlay.redirect", b"/x")]);
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_size(0);
+        h.set_mode(0o755);
+        h.set_cksum();
+        b.append_data(&mut h, "d/", &[][..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        let mut blob = Vec::new();
+        convert(&tar[..], &mut blob, &ConvertOptions::default(), &()).unwrap();
+        let reader = EstargzReader::open(&blob[..], &OpenOptions::default()).unwrap();
+        let t = Tree::build(reader.toc());
+        let names = |p: &str| -> Vec<String> {
+            t.xattrs(lookup(&t, p))
+                .iter()
+                .map(|(k, _)| k.to_string())
+                .collect()
+        };
+        assert_eq!(names("f"), ["user.kept"]);
+        assert!(names("d").is_empty());
+        assert!(!t.node(lookup(&t, "d")).unwrap().has_xattrs);
+        // The synthetic layer's opaque directory by attribute keeps it.
+        let s = tree();
+        let opaque: Vec<_> = (1..=s.len() as u64)
+            .flat_map(|i| s.xattrs(i).iter().map(|(k, _)| k.to_string()))
+            .filter(|k| k == "trusted.overlay.opaque")
+            .collect();
+        assert!(!opaque.is_empty());
     }
 
     #[test]

@@ -11,7 +11,10 @@ use std::sync::Arc;
 
 use estargz_cache::{CacheConfig, ChunkCache};
 use estargz_format::{convert, ConvertOptions, EstargzReader, OpenOptions};
-use estargz_layerfs::{mount, FetchOptions, FetchScheduler, FileSource, LayerFs, MountedLayer};
+use estargz_layerfs::{
+    is_local_mount, local_form_of, mount, FetchOptions, FetchScheduler, FileSource, LayerFs,
+    MountedLayer,
+};
 use estargz_testutil::{real_rootfs_tar, synthetic_tar, Overlay, SMALL_CHUNK};
 
 fn xattrs(path: &Path) -> BTreeMap<String, Vec<u8>> {
@@ -76,6 +79,43 @@ fn assert_same_tree(
     mounted: &Path,
     headers: &BTreeMap<String, estargz_testutil::Expected>,
 ) -> usize {
+    assert_same_tree_in(extracted, mounted, headers, None)
+}
+
+/// [`assert_same_tree`] of a layer served without FUSE (`mounted` is its metadata image):
+/// a regular file's content is the file its `trusted.overlay.redirect` names in `data`,
+/// which is all overlayfs reads (the two overlay attributes are not the tar's).
+fn assert_same_tree_in(
+    extracted: &Path,
+    mounted: &Path,
+    headers: &BTreeMap<String, estargz_testutil::Expected>,
+    data: Option<&Path>,
+) -> usize {
+    let content = |dst: &Path| -> Vec<u8> {
+        let Some(data) = data else {
+            return std::fs::read(dst).unwrap();
+        };
+        let x = xattrs(dst);
+        match x.get("trusted.overlay.redirect") {
+            Some(to) => {
+                assert_eq!(
+                    x.get("trusted.overlay.metacopy").map(|v| &v[..]),
+                    Some(&b""[..])
+                );
+                let to = String::from_utf8(to.clone()).unwrap();
+                std::fs::read(data.join(to.trim_start_matches('/'))).unwrap()
+            }
+            None => std::fs::read(dst).unwrap(),
+        }
+    };
+    let shown_xattrs = |dst: &Path| {
+        let mut x = xattrs(dst);
+        if data.is_some() {
+            x.remove("trusted.overlay.redirect");
+            x.remove("trusted.overlay.metacopy");
+        }
+        x
+    };
     let mut expected = Vec::new();
     walk(extracted, Path::new(""), &mut expected);
     let mut seen = std::collections::BTreeSet::new();
@@ -129,13 +169,13 @@ fn assert_same_tree(
                 "{what}: mtime"
             );
         }
-        assert_eq!(xattrs(&src), xattrs(&dst), "{what}: xattrs");
+        assert_eq!(xattrs(&src), shown_xattrs(&dst), "{what}: xattrs");
         let ft = a.file_type();
         if ft.is_file() {
             assert_eq!(a.len(), b.len(), "{what}: size");
             assert_eq!(a.nlink(), b.nlink(), "{what}: link count");
             assert!(
-                std::fs::read(&src).unwrap() == std::fs::read(&dst).unwrap(),
+                std::fs::read(&src).unwrap() == content(&dst),
                 "{what}: content"
             );
         } else if ft.is_symlink() {
@@ -684,4 +724,164 @@ fn the_mount_reads_ahead_a_mebibyte() {
         "1024",
         "{knob}"
     );
+}
+
+/// Regular files with content, as a container sees them (whiteouts and markers hidden).
+fn container_files(
+    headers: &BTreeMap<String, estargz_testutil::Expected>,
+) -> Vec<(String, Vec<u8>)> {
+    headers
+        .iter()
+        .filter(|(_, e)| e.kind == estargz_format::EntryKind::Reg && !e.content.is_empty())
+        .filter(|(n, _)| !n.rsplit('/').next().unwrap().starts_with(".wh."))
+        .map(|(n, e)| (n.clone(), e.content.clone()))
+        .collect()
+}
+
+/// Once every file of a layer is local, it is served without FUSE: an EROFS image of its
+/// metadata mounted beside the FUSE mount, whose files redirect to their content in a data
+/// directory of verified cache files. It shows what the tar holds; a container (overlayfs
+/// with the data directory as a data-only lower layer) reads every file, changes files of
+/// it (copy-up) and runs programs from it, without a single read reaching FUSE; the FUSE
+/// mount still serves; unmounting removes both mounts and the files. One layer becomes local by its background fetch
+/// (small chunks: files of many chunks, assembled), the other by being read.
+#[test]
+fn a_layer_whose_content_is_local_is_served_without_fuse() {
+    let root = tempfile::tempdir().unwrap();
+    let small = ConvertOptions {
+        chunk_size: SMALL_CHUNK,
+        ..Default::default()
+    };
+    let level1 = ConvertOptions {
+        compression_level: 1,
+        ..Default::default()
+    };
+    let cases = [
+        (synthetic_tar(), small, FetchOptions::default()),
+        (real_rootfs_tar(root.path()), level1, on_demand_only(true)),
+    ];
+    for (tar, opts, fetch) in cases {
+        let background = fetch.background;
+        let mut layer = mount_layer_with(tar, &opts, &fetch);
+        let mnt = layer.mountpoint();
+        let local = layer._dir.path().join("cache").join("local");
+        let m = layer.mounted.as_ref().unwrap();
+        if background {
+            m.serve_locally(&local);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while m.local_form().is_none() {
+                assert!(std::time::Instant::now() < deadline, "never served locally");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        } else {
+            // Asked before anything is local, without a background fetch: nothing happens.
+            m.serve_locally(&local);
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            assert_eq!(m.local_form(), None);
+            assert_same_tree(&layer.extracted, &mnt, &layer.headers);
+            let now = m.serve_locally_now(&local).unwrap();
+            assert!(now, "read whole, the layer is local");
+        }
+        let form = m.local_form().expect("served without FUSE");
+        assert!(is_local_mount(&form.meta));
+        assert_eq!(
+            local_form_of(&local),
+            Some(form.clone()),
+            "found in the mount table"
+        );
+        let (meta, data) = (form.meta, form.data);
+        let read_before = m
+            .stats()
+            .read_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        drop_caches();
+        let n = assert_same_tree_in(&layer.extracted, &meta, &layer.headers, Some(&data));
+        assert!(n >= 36, "compared {n} paths");
+        // The image holds metadata only: content stays in the cache's files.
+        let image = std::fs::metadata(data.parent().unwrap().join("layer.erofs")).unwrap();
+        let content: u64 = layer.headers.values().map(|e| e.content.len() as u64).sum();
+        assert!(
+            image.len() < content / 4,
+            "{} bytes of image for {content}",
+            image.len()
+        );
+        let ovl = Overlay::with_data(&[&meta], &[&data]);
+        let files = container_files(&layer.headers);
+        for (name, content) in &files {
+            let read = std::fs::read(ovl.merged.join(name)).unwrap();
+            assert!(
+                &read == content,
+                "{name}: content through the container's overlay"
+            );
+        }
+        // Copy-up of each kind.
+        use std::io::Write;
+        use std::os::unix::fs::PermissionsExt;
+        let small: Vec<&(String, Vec<u8>)> = files.iter().filter(|(_, c)| c.len() > 1).collect();
+        let at = |i: usize| ovl.merged.join(&small[i].0);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(at(0))
+            .unwrap()
+            .write_all(b"+appended")
+            .unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(at(1))
+            .unwrap()
+            .set_len(1)
+            .unwrap();
+        std::fs::rename(at(2), ovl.merged.join("renamed")).unwrap();
+        std::fs::set_permissions(at(3), std::fs::Permissions::from_mode(0o600)).unwrap();
+        let mut appended = small[0].1.clone();
+        appended.extend_from_slice(b"+appended");
+        assert_eq!(std::fs::read(at(0)).unwrap(), appended);
+        assert_eq!(std::fs::read(at(1)).unwrap(), &small[1].1[..1]);
+        assert_eq!(
+            std::fs::read(ovl.merged.join("renamed")).unwrap(),
+            small[2].1
+        );
+        assert!(!at(2).exists());
+        assert_eq!(
+            std::fs::metadata(at(3)).unwrap().permissions().mode() & 0o7777,
+            0o600
+        );
+        assert_eq!(std::fs::read(at(3)).unwrap(), small[3].1);
+        if !background {
+            // Programs run from it, as in a container.
+            let out = std::process::Command::new("chroot")
+                .arg(&ovl.merged)
+                .args(["/bin/sh", "-c", "ls /usr/bin/python3.11 && echo ran"])
+                .output()
+                .unwrap();
+            assert!(
+                String::from_utf8_lossy(&out.stdout).ends_with("ran\n"),
+                "{out:?}"
+            );
+        }
+        drop(ovl);
+        let m = layer.mounted.as_ref().unwrap();
+        assert_eq!(
+            m.stats()
+                .read_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            read_before,
+            "no read reached FUSE"
+        );
+        // The FUSE mount stays, for containers that use it.
+        let (name, content) = &files[files.len() / 2];
+        assert!(
+            &std::fs::read(mnt.join(name)).unwrap() == content,
+            "{name} through FUSE"
+        );
+        layer.mounted.take().unwrap().unmount().unwrap();
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        for gone in [&mnt, &meta] {
+            assert!(
+                !mounts.lines().any(|l| l.split(' ').nth(1) == gone.to_str()),
+                "{mounts}"
+            );
+        }
+        assert!(!data.exists(), "the data directory is removed");
+    }
 }

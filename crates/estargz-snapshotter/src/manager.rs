@@ -244,6 +244,14 @@ impl Manager {
             .map_err(|e| format!("FUSE mount at {}: {e}", mountpoint.display()))
             .map_err(fail(ErrorKind::Mount))?;
         tracing::info!(mountpoint = %mountpoint.display(), layer = %layer.digest, "layer mounted");
+        // Once its content is all local, the layer is served without FUSE (passthrough's
+        // sibling; estargz-layerfs's `local`), built beside the mountpoint (snapshots/ID/
+        // local, removed with the snapshot).
+        if self.scheduler.options().passthrough {
+            if let Some(snapshot) = mountpoint.parent() {
+                mounted.serve_locally(&snapshot.join("local"));
+            }
+        }
         self.lock_mounts().insert(
             mountpoint.to_path_buf(),
             Mounted {

@@ -21,6 +21,7 @@ use crate::remote::{Fallback, LayerLabels, Resolver, REMOTE_LABEL};
 use crate::store::{Kind, RemoteLayer, Snapshot, Store, Time, Usage};
 use crate::{Config, Error};
 use estargz_cache::private_dir;
+use estargz_layerfs::{local_form_of, local_mounts_under};
 
 /// A mount for containerd to perform.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -230,14 +231,28 @@ impl Snapshotter {
             source: path(source),
             options: vec![if rw { "rw" } else { "ro" }.into(), "rbind".into()],
         };
+        // A lazy layer whose content is all local is served without FUSE too (an EROFS
+        // image of its metadata whose files redirect to a data directory; the FUSE mount
+        // stays for the containers using it): stacked instead of the FUSE mount, with its
+        // data directory after every lower layer, as a data-only lower layer ("::DIR").
+        let mut data = String::new();
+        let dirs: Vec<PathBuf> = parents
+            .iter()
+            .map(|p| {
+                let local = p.dir.parent().map(|s| s.join("local"));
+                match local.filter(|_| p.lazy).and_then(|l| local_form_of(&l)) {
+                    Some(f) => {
+                        data.push_str(&format!("::{}", path(&f.data)));
+                        f.meta
+                    }
+                    None => p.dir.clone(),
+                }
+            })
+            .collect();
         let lower = || {
             format!(
-                "lowerdir={}",
-                parents
-                    .iter()
-                    .map(|p| path(&p.dir))
-                    .collect::<Vec<_>>()
-                    .join(":")
+                "lowerdir={}{data}",
+                dirs.iter().map(|d| path(d)).collect::<Vec<_>>().join(":")
             )
         };
         Ok(vec![match (s.kind, parents.len()) {
@@ -250,8 +265,8 @@ impl Snapshotter {
                 kind: "overlay".into(),
                 source: "overlay".into(),
                 options: vec![format!(
-                    "lowerdir={}:{}",
-                    path(&parents[0].dir),
+                    "lowerdir={}:{}{data}",
+                    path(&dirs[0]),
                     path(&self.root.join("empty"))
                 )],
             },
@@ -574,6 +589,10 @@ impl Snapshotter {
             if is_mountpoint(&fs) || is_dead_mount(&fs) {
                 detach(&fs).map_err(io(format!("detaching {}", fs.display())))?;
             }
+        }
+        // The layer served without FUSE by a manager that died is still mounted.
+        for (at, _) in local_mounts_under(&dir.join("local")) {
+            detach(&at).map_err(io(format!("detaching {}", at.display())))?;
         }
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

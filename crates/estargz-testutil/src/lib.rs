@@ -21,7 +21,8 @@ use estargz_oci::{media_types, Descriptor, Digest, OciLayout, Platform};
 /// Chunk size the synthetic layer is designed around (files straddle it).
 pub const SMALL_CHUNK: u64 = 64 * 1024;
 
-fn pax(b: &mut tar::Builder<Vec<u8>>, records: &[(&str, &[u8])]) {
+/// Appends a PAX extended header with `records` (applying to the next entry).
+pub fn pax(b: &mut tar::Builder<Vec<u8>>, records: &[(&str, &[u8])]) {
     let mut data = Vec::new();
     for (k, v) in records {
         // "len key=value\n", where len counts itself.
@@ -929,6 +930,12 @@ pub struct Overlay {
 impl Overlay {
     /// Mounts the overlay; panics if that fails.
     pub fn new(lowers: &[&std::path::Path]) -> Overlay {
+        Overlay::with_data(lowers, &[])
+    }
+
+    /// Mounts the overlay with `data` as data-only lower layers after `lowers` (for lower
+    /// layers served without FUSE); panics if that fails.
+    pub fn with_data(lowers: &[&std::path::Path], data: &[&std::path::Path]) -> Overlay {
         let dir = tempfile::tempdir().expect("temp dir");
         let (upper, work, merged) = (
             dir.path().join("upper"),
@@ -939,9 +946,13 @@ impl Overlay {
             std::fs::create_dir(d).expect("overlay directories");
         }
         let lower: Vec<String> = lowers.iter().map(|l| l.display().to_string()).collect();
+        let mut lower = lower.join(":");
+        for d in data {
+            lower = format!("{lower}::{}", d.display());
+        }
         let options = format!(
             "lowerdir={},upperdir={},workdir={}",
-            lower.join(":"),
+            lower,
             upper.display(),
             work.display()
         );
