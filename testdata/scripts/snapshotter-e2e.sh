@@ -19,7 +19,10 @@
 #    the kill reads a file it never read, a new container starts;
 #  - the metrics endpoint shows the fetches;
 #  - removing the images lets containerd's GC remove every snapshot and unmount every
-#    lazily mounted layer.
+#    lazily mounted layer;
+#  - pulled again with every file in the chunk cache (a container read them all before),
+#    its layers are served without FUSE (EROFS metadata + overlayfs data-only lower
+#    layers): a container reads, runs and writes its files; GC removes those mounts too.
 set -euo pipefail
 # With pipefail, never end a pipeline in `grep -q` or `head`: they exit at the first match and
 # the writer (curl, ctr) fails with SIGPIPE or EPIPE, failing the check at random.
@@ -47,7 +50,7 @@ cleanup() {
 trap cleanup EXIT
 ok() { echo "ok - $*"; }
 # Namespaces of their own: runc keeps container state per namespace under /run/containerd.
-for ns in lazy ref opt fallback notoc plain; do eval "NS_$ns=e2e-$ns-$$"; done
+for ns in lazy ref opt fallback notoc plain local; do eval "NS_$ns=e2e-$ns-$$"; done
 
 log "building a Debian image with python3, plus a layer with a 3 MB file"
 bash "$SCRIPTS_DIR/rootfs.sh" "$work/rootfs.tar" >&2
@@ -98,6 +101,7 @@ run_in() { # run_in NS IMAGE CMD...: runs a container and prints its output
     c -n "$ns" run --rm --snapshotter estargz "$image" "t-$ns-$RANDOM" "$@"
 }
 fuse_mounts() { grep -c " $S/root/snapshots/[0-9]*/fs fuse" /proc/self/mounts || true; }
+erofs_mounts() { grep -c " $S/root/snapshots/[0-9]*/local/[^ ]*/mnt erofs" /proc/self/mounts || true; }
 
 log "lazy pull of our conversion"
 before=$(served)
@@ -217,6 +221,19 @@ out=$(run_in "$NS_plain" "$addr/e2e:ours" /bin/cat /srv/hello.txt)
 [ "$out" = "from the second layer" ] || die "cat printed: $out"
 ok "plain ctr pull works as an ordinary overlayfs snapshotter"
 
+log "a container reads every file of the image (for the pull again at the end)"
+# A container reads every file of the image: all of it is in the chunk cache then.
+run_in "$NS_lazy" "$addr/e2e:ours" /usr/bin/python3.11 -c '
+import os, stat
+for top, dirs, files in os.walk("/"):
+    if top == "/":
+        dirs[:] = [d for d in dirs if d not in ("proc", "sys", "dev", "run", "tmp")]
+    for f in files:
+        p = os.path.join(top, f)
+        if stat.S_ISREG(os.lstat(p).st_mode):
+            open(p, "rb").read()' >&2
+[ "$(erofs_mounts)" = 0 ] || die "layers served without FUSE before their files were local"
+
 log "snapshots"
 list=$(c -n "$NS_lazy" snapshots --snapshotter estargz ls)
 echo "$list" >&2
@@ -270,3 +287,29 @@ done
 [ "$left" = 0 ] || die "$left snapshots left after removing every image"
 [ "$(fuse_mounts)" = 0 ] || die "lazily mounted layers left after GC: $(fuse_mounts)"
 ok "image removal: GC removed every snapshot and unmounted every lazy layer"
+
+log "the image pulled again on a node whose chunk cache holds all of it (read whole above)"
+ctr-remote -a "$sock" -n "$NS_local" images rpull --plain-http --snapshotter estargz "$addr/e2e:ours" >&2
+for _ in $(seq 1 100); do [ "$(erofs_mounts)" -ge 2 ] && break; sleep 0.1; done
+[ "$(erofs_mounts)" -ge 2 ] || die "the layers pulled again are not served without FUSE: $(tail -n 20 "$S/snapshotter.log")"
+c -n "$NS_local" run -d --snapshotter estargz "$addr/e2e:ours" local1 /bin/sleep 600 >&2
+overlays=$(grep -c "^overlay .*lowerdir=[^ ]*/local/[^ ]*/mnt:[^ ]*::[^ ]*metacopy=on" /proc/self/mounts || true)
+[ "$overlays" -ge 1 ] || die "the container's overlay does not stack the local layers: $(grep ^overlay /proc/self/mounts)"
+got=$(c -n "$NS_local" task exec --exec-id l1 local1 /bin/sh -c 'sha256sum /srv/big.bin' | cut -d' ' -f1)
+[ "$got" = "$big_sum" ] || die "the container read $got from /srv/big.bin, want $big_sum"
+out=$(c -n "$NS_local" task exec --exec-id l2 local1 /usr/bin/python3.11 -c 'print("local python")')
+[ "$out" = "local python" ] || die "python printed: $out"
+out=$(c -n "$NS_local" task exec --exec-id l3 local1 /bin/sh -c 'echo appended >> /srv/hello.txt && chmod 600 /srv/hello.txt && cat /srv/hello.txt')
+[ "$out" = "$(printf 'from the second layer\nappended')" ] || die "after writing, /srv/hello.txt holds: $out"
+c -n "$NS_local" task kill -s KILL local1 >&2 || true
+for _ in $(seq 1 50); do c -n "$NS_local" task ls | grep local1 >/dev/null || break; c -n "$NS_local" task delete local1 >/dev/null 2>&1 || true; sleep 0.1; done
+c -n "$NS_local" containers rm local1 >&2
+for img in $(c -n "$NS_local" images ls -q); do c -n "$NS_local" images rm --sync "$img" >&2; done
+for _ in $(seq 1 100); do
+    left=$(c -n "$NS_local" snapshots --snapshotter estargz ls | tail -n +2 | wc -l)
+    [ "$left" = 0 ] && [ "$(fuse_mounts)" = 0 ] && [ "$(erofs_mounts)" = 0 ] && break
+    sleep 0.1
+done
+[ "$left" = 0 ] || die "$left snapshots left after removing the image"
+[ "$(fuse_mounts)$(erofs_mounts)" = 00 ] || die "mounts left after GC: $(fuse_mounts) FUSE, $(erofs_mounts) EROFS"
+ok "all local at mount: served without FUSE; a container read, ran and wrote its files; GC removed both mounts"

@@ -82,6 +82,11 @@ pub(crate) fn mount_overlay(
     for d in data.iter().rev() {
         lower = format!("{lower}::{}", d.display());
     }
+    // overlayfs follows a metacopy file of a lower layer other than the last to its data
+    // only with metacopy=on.
+    if !data.is_empty() {
+        lower.push_str(",metacopy=on");
+    }
     let opts = format!(
         "lowerdir={lower},upperdir={},workdir={}",
         upper.display(),

@@ -701,14 +701,28 @@ impl Inner {
         }
         let _ = std::thread::Builder::new()
             .name("estargz-local".into())
-            .spawn(move || match me.go_local() {
-                Ok(_) => {}
-                Err(e @ crate::local::LocalError::NotLocal(_)) => {
-                    tracing::debug!(error = %e, "layer stays on FUSE")
+            .spawn(move || {
+                // Hashing and copying can wait for containers to start: after a quiet
+                // second on the node, and behind their processes for the CPU.
+                // SAFETY: plain calls on this thread's own ID.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS as _, libc::gettid() as _, 10);
                 }
-                Err(e) => tracing::warn!(error = %e,
-                    "cannot serve a local layer without FUSE; it stays on FUSE"),
+                me.scheduler
+                    .wait_idle(Duration::from_secs(1), || me.is_closed());
+                me.go_local_logged();
             });
+    }
+
+    fn go_local_logged(&self) {
+        match self.go_local() {
+            Ok(_) => {}
+            Err(e @ crate::local::LocalError::NotLocal(_)) => {
+                tracing::debug!(error = %e, "layer stays on FUSE")
+            }
+            Err(e) => tracing::warn!(error = %e,
+                "cannot serve a local layer without FUSE; it stays on FUSE"),
+        }
     }
 
     /// If every file of the layer is local and a target was given, rebuilds the layer

@@ -457,6 +457,29 @@ impl FetchScheduler {
         &self.shared.options
     }
 
+    /// Waits until no on-demand read has been in progress on the node for `idle`, or
+    /// `give_up` says to stop: for work that can wait while containers start, such as
+    /// rebuilding a layer to serve it without FUSE.
+    pub(crate) fn wait_idle(&self, idle: Duration, give_up: impl Fn() -> bool) {
+        loop {
+            let left = {
+                let st = lock(&self.shared.state);
+                match st.reading {
+                    0 => idle.checked_sub(st.last_activity.elapsed()),
+                    _ => Some(idle),
+                }
+            };
+            match left {
+                None => return,
+                Some(_) if give_up() => return,
+                Some(d) => std::thread::sleep(d.clamp(
+                    Duration::from_millis(10),
+                    idle.min(Duration::from_millis(100)),
+                )),
+            }
+        }
+    }
+
     /// The link as measured so far.
     pub fn link(&self) -> LinkEstimate {
         lock(&self.shared.link).estimate()

@@ -102,6 +102,8 @@ pub struct FetchSection {
     pub read_timeout_secs: u64,
     /// Open files whose content is local with FUSE passthrough (Linux 6.9 and later): the
     /// kernel reads them from the chunk cache without a round trip through the manager.
+    /// Also serves a layer whose files are all local without FUSE (EROFS metadata over
+    /// the cached files) to containers created afterwards.
     pub passthrough: bool,
     /// Ignored (background requests are paced node-wide now); accepted so that older
     /// configuration files still load.

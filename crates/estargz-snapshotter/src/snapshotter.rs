@@ -255,6 +255,16 @@ impl Snapshotter {
                 dirs.iter().map(|d| path(d)).collect::<Vec<_>>().join(":")
             )
         };
+        // overlayfs follows a metacopy file of a lower layer other than the last to its
+        // data only with metacopy=on (it answers EPERM otherwise). The FUSE layers never
+        // show a TOC's own overlay attributes, and the data directories are this image's,
+        // so what a redirect can reach is what the container may read anyway.
+        let with_data = |mut options: Vec<String>| {
+            if !data.is_empty() {
+                options.push("metacopy=on".into());
+            }
+            options
+        };
         Ok(vec![match (s.kind, parents.len()) {
             (Kind::Active, 0) => bind(&self.fs_dir(s.id), true),
             (_, 0) => bind(&self.fs_dir(s.id), false),
@@ -264,26 +274,26 @@ impl Snapshotter {
             (Kind::View, 1) if parents[0].lazy => Mount {
                 kind: "overlay".into(),
                 source: "overlay".into(),
-                options: vec![format!(
+                options: with_data(vec![format!(
                     "lowerdir={}:{}{data}",
                     path(&dirs[0]),
                     path(&self.root.join("empty"))
-                )],
+                )]),
             },
             (Kind::View, 1) => bind(&parents[0].dir, false),
             (Kind::View, _) => Mount {
                 kind: "overlay".into(),
                 source: "overlay".into(),
-                options: vec![lower()],
+                options: with_data(vec![lower()]),
             },
             _ => Mount {
                 kind: "overlay".into(),
                 source: "overlay".into(),
-                options: vec![
+                options: with_data(vec![
                     format!("workdir={}", path(&self.dir(s.id).join("work"))),
                     format!("upperdir={}", path(&self.fs_dir(s.id))),
                     lower(),
-                ],
+                ]),
             },
         }])
     }

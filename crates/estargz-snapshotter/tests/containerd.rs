@@ -20,7 +20,7 @@ fn containerd_end_to_end() {
     print!("{out}");
     assert_eq!(
         out.lines().filter(|l| l.starts_with("ok - ")).count(),
-        11,
+        12,
         "{out}"
     );
 }

@@ -1097,3 +1097,122 @@ async fn an_upgraded_daemon_keeps_an_older_manager_serving_running_containers() 
         b"second layer\n"
     );
 }
+
+/// EROFS mounts (layers served without FUSE) under the daemon's root.
+fn local_mounts(d: &Daemon) -> usize {
+    let root = d.root().display().to_string();
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+        .filter(|l| l.split(' ').nth(2) == Some("erofs"))
+        .filter(|l| l.split(' ').nth(1).is_some_and(|m| m.starts_with(&root)))
+        .count()
+}
+
+/// Once the background fetch has made a layer's files local, the daemon serves it without
+/// FUSE as well: a container's mounts prepared afterwards stack its EROFS image and data
+/// directory, read every file like the tar, and write to them (copy-up); removing the
+/// snapshots removes those mounts too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_fetched_whole_reach_new_containers_without_fuse() {
+    let reg = TestRegistry::start(None);
+    let reference = format!("{}/local/app:v1", reg.addr);
+    let image: ImageRef = reference.parse().unwrap();
+    let tar = synthetic_tar();
+    let (digest, toc_digest) = push_layer(&image, &tar).await;
+    let second = estargz_testutil::one_file_tar("srv/second.txt", b"second layer\n");
+    let (digest2, toc_digest2) = push_layer(&image, &second).await;
+    let layers = format!("{digest},{digest2}");
+    let d = Daemon::start("");
+    let mut c = d.client().await;
+    let l1 = cri_labels(
+        "sha256:chain1",
+        reference.as_str(),
+        &digest.to_string(),
+        layers.as_str(),
+        toc_digest.as_str(),
+    );
+    prepare_lazily(&mut c, &d, "k8s.io/1/extract-1", "", l1).await;
+    let l2 = cri_labels(
+        "sha256:chain2",
+        reference.as_str(),
+        &digest2.to_string(),
+        layers.as_str(),
+        toc_digest2.as_str(),
+    );
+    prepare_lazily(&mut c, &d, "k8s.io/1/extract-2", "sha256:chain1", l2).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while local_mounts(&d) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "layers not served without FUSE: {}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m = prepare(
+        &mut c,
+        "k8s.io/2/container",
+        "sha256:chain2",
+        HashMap::new(),
+    )
+    .await
+    .unwrap();
+    let lower = m[0]
+        .options
+        .iter()
+        .find_map(|o| o.strip_prefix("lowerdir="))
+        .unwrap();
+    assert_eq!(
+        lower.matches("::").count(),
+        2,
+        "two data directories: {lower}"
+    );
+    let root = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &m[0].options.join(",")])
+        .arg(root.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "mounting {m:?}");
+    let mut files = 0;
+    let mut result = Ok(());
+    for (path, e) in expected_from_tar(&tar) {
+        let name = path.rsplit('/').next().unwrap_or("");
+        let at = root.path().join(&path);
+        let regular = std::fs::symlink_metadata(&at).is_ok_and(|m| m.is_file());
+        if name.starts_with(".wh.") || !matches!(e.kind, EntryKind::Reg) || !regular {
+            continue;
+        }
+        if std::fs::read(&at).ok().as_deref() != Some(&e.content[..]) {
+            result = Err(format!("{path} differs"));
+        }
+        files += 1;
+    }
+    let second_read = std::fs::read(root.path().join("srv/second.txt"));
+    let appended = std::fs::OpenOptions::new()
+        .append(true)
+        .open(root.path().join("srv/second.txt"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"more\n"))
+        .and_then(|()| std::fs::read(root.path().join("srv/second.txt")));
+    let _ = std::process::Command::new("umount")
+        .arg(root.path())
+        .status();
+    result.unwrap();
+    assert!(files > 10, "only {files} files checked");
+    assert_eq!(second_read.unwrap(), b"second layer\n");
+    assert_eq!(appended.unwrap(), b"second layer\nmore\n");
+    for key in ["k8s.io/2/container", "sha256:chain2", "sha256:chain1"] {
+        c.remove(pb::RemoveSnapshotRequest {
+            snapshotter: "estargz".into(),
+            key: key.into(),
+        })
+        .await
+        .unwrap();
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.contains(&d.root().display().to_string()),
+        "still mounted: {mounts}"
+    );
+}

@@ -950,6 +950,9 @@ impl Overlay {
         for d in data {
             lower = format!("{lower}::{}", d.display());
         }
+        if !data.is_empty() {
+            lower.push_str(",metacopy=on");
+        }
         let options = format!(
             "lowerdir={},upperdir={},workdir={}",
             lower,
