@@ -10,7 +10,8 @@ comparison, unpacked into a directory on the same disk:
 
   cold    a fresh chunk cache: every chunk comes from the registry over the link
   warm    a chunk cache that holds the whole layer (from an earlier mount); no network;
-          files read through FUSE passthrough (the kernel reads the cached content)
+          the layer, all cached, is served without FUSE (an EROFS image of its metadata
+          over the cached files, built at mount: its time is recorded as local_build_ms)
   warm-fuse  the same, every read through FUSE (`estargz mount --no-passthrough`)
   native  the unpacked files (an ordinary overlayfs snapshot reads the same way)
   ref-cold, ref-warm  the reference stargz snapshotter (its own conversion, `ctr-remote
@@ -33,6 +34,7 @@ registry bytes) and writes the samples to OUT/reads.json. Needs root (FUSE, drop
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -59,7 +61,12 @@ class Mount:
             link.prefix + [str(ESTARGZ), "mount", ref, str(dir), "--cache-dir", str(cache),
                            "--no-prefetch", "--no-background-fetch", "--quiet", *extra],
             stderr=subprocess.PIPE, text=True)
+        # Set when the layer, all cached, was served without FUSE: the time that took.
+        self.local_build_ms = None
         for line in self.proc.stderr:
+            m = re.search(r"served without FUSE \(built in (\d+) ms\)", line)
+            if m:
+                self.local_build_ms = int(m.group(1))
             if line.startswith("mounted "):
                 return
         raise RuntimeError(f"estargz mount {ref} exited ({self.proc.wait()}) before mounting")
@@ -223,6 +230,8 @@ def main():
                             lat = read_random(root, plan)
                             s.update(seconds=sum(lat), latencies=lat)
                         s["registry_bytes"] = link.served() - before
+                        if m and getattr(m, "local_build_ms", None) is not None:
+                            s["local_build_ms"] = m.local_build_ms
                     finally:
                         if m:
                             m.close()

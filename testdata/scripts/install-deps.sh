@@ -5,7 +5,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 apt_install ca-certificates tar gzip xz-utils python3 attr openssl curl \
-    containerd runc stargz-snapshotter docker-registry skopeo umoci fuse3 erofs-utils python3-yaml \
+    containerd runc stargz-snapshotter docker-registry skopeo umoci fuse3 python3-yaml \
     gpgv debian-archive-keyring
 for tool in containerd ctr ctr-remote runc; do
     command -v "$tool" >/dev/null || die "$tool is missing after installing packages"

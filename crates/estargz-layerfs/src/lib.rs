@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 mod elf;
+mod erofs;
 mod fetch;
 mod fs;
 mod local;

@@ -6,11 +6,11 @@
 //! every chunk of a layer is in the cache, the layer is rebuilt as the kernel can serve it
 //! alone, in the layout composefs uses:
 //!
-//! - an EROFS image of the layer's metadata (`mkfs.erofs` from erofs-utils, over a staging
-//!   tree written from the layer's inode table): directories, names, modes, owners, times,
-//!   extended attributes, links, devices and whiteouts as the FUSE layer shows them; each
-//!   non-empty regular file is empty but for its size and overlayfs's
-//!   `trusted.overlay.metacopy` and `trusted.overlay.redirect = /xx/<sha256>`;
+//! - an EROFS image of the layer's metadata, written from the layer's inode table (`erofs`):
+//!   directories, names, modes, owners, times, extended attributes, links, devices and
+//!   whiteouts as the FUSE layer shows them; each non-empty regular file is a hole of its
+//!   size with overlayfs's `trusted.overlay.metacopy` and
+//!   `trusted.overlay.redirect = /xx/<sha256>`;
 //! - a data directory holding the files those redirects name: hard links to the cache's
 //!   verified chunk files (a file of one chunk) and assembled files (a file of several),
 //!   which overlayfs reads as a data-only lower layer (`lowerdir=...:IMAGE::DATA`, Linux 6.5
@@ -31,10 +31,9 @@
 
 use std::collections::HashMap;
 use std::ffi::CString;
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use estargz_format::Sha256Digest;
@@ -61,9 +60,9 @@ pub enum LocalError {
         #[source]
         source: io::Error,
     },
-    /// `mkfs.erofs` is missing or failed.
-    #[error("mkfs.erofs (erofs-utils): {0}")]
-    Mkfs(String),
+    /// The image cannot hold the layer (an attribute EROFS cannot store, ...).
+    #[error("building the EROFS image: {0}")]
+    Image(String),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> LocalError {
@@ -224,36 +223,25 @@ impl Inner {
 
     /// Rebuilds this layer in `dir` (created; emptied first) for serving without FUSE: see
     /// the module docs. Takes as long as hashing the files not verified during this boot
-    /// and copying the files of several chunks not yet assembled, plus about a second per
-    /// 10,000 files; meant for a thread of its own.
+    /// and copying the files of several chunks not yet assembled, plus a hard link per
+    /// file; meant for a thread of its own.
     pub(crate) fn build_local(&self, dir: &Path) -> Result<LocalLayer, LocalError> {
         let started = Instant::now();
         let _ = std::fs::remove_dir_all(dir);
-        let (staging, data) = (dir.join("staging"), dir.join("data"));
+        let data = dir.join("data");
         for d in [dir, &data] {
             std::fs::create_dir_all(d).map_err(io_err(format!("creating {}", d.display())))?;
             estargz_cache::private_dir(d).map_err(io_err(format!("protecting {}", d.display())))?;
         }
-        let result = self.write_staging(&staging, &data);
         let image = dir.join("layer.erofs");
-        let result = result.and_then(|()| {
-            let out = Command::new("mkfs.erofs")
-                // Holes, not zeros: the files are empty but for their size.
-                .args(["--quiet", "--chunksize=4096", "--preserve-mtime"])
-                .arg(&image)
-                .arg(&staging)
-                .output()
-                .map_err(|e| LocalError::Mkfs(format!("cannot run it: {e}")))?;
-            if !out.status.success() {
-                return Err(LocalError::Mkfs(format!(
-                    "{}: {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )));
-            }
-            Ok(())
+        let result = self.inodes(&data).and_then(|inodes| {
+            let file = std::fs::File::create(&image)
+                .map_err(io_err(format!("creating {}", image.display())))?;
+            let mut out = io::BufWriter::new(file);
+            crate::erofs::write(&inodes, &mut out)
+                .and_then(|()| out.flush().map_err(Into::into))
+                .map_err(|e| LocalError::Image(e.to_string()))
         });
-        let _ = std::fs::remove_dir_all(&staging);
         if let Err(e) = result {
             let _ = std::fs::remove_dir_all(dir);
             return Err(e);
@@ -263,52 +251,47 @@ impl Inner {
         Ok(LocalLayer { image, data })
     }
 
-    /// Writes the layer's tree to `staging` (regular files empty, redirected to their
-    /// content, which is linked into `data`).
-    fn write_staging(&self, staging: &Path, data: &Path) -> Result<(), LocalError> {
+    /// The layer's inodes for its EROFS image, the root first, as the FUSE layer shows
+    /// them; each non-empty regular file redirected to its content, linked into `data`.
+    fn inodes(&self, data: &Path) -> Result<Vec<crate::erofs::Inode>, LocalError> {
+        use crate::erofs::{Inode, Kind};
         let tree = self.tree();
-        let mut first_path: HashMap<u64, PathBuf> = HashMap::new();
-        // Directories get their attributes after their entries (creating an entry changes
-        // the directory's times), deepest first.
-        let mut dirs: Vec<(u64, PathBuf)> = Vec::new();
-        let mut todo: Vec<(u64, PathBuf)> = vec![(1, staging.to_path_buf())];
+        let mut index: HashMap<u64, usize> = HashMap::from([(1, 0)]);
+        let mut order: Vec<u64> = vec![1];
+        let mut inodes = Vec::new();
         let mut data_dirs = std::collections::HashSet::new();
-        let mut seen_dirs = std::collections::HashSet::new();
-        while let Some((ino, path)) = todo.pop() {
+        let mut i = 0;
+        while i < order.len() {
+            let ino = order[i];
+            i += 1;
             let node = tree
                 .node(ino)
                 .ok_or_else(|| LocalError::NotLocal(format!("inode {ino}")))?;
-            let c = cpath(&path)?;
-            if node.kind == NodeKind::Dir {
-                if !seen_dirs.insert(ino) {
-                    continue; // listed twice: a tree from a validated TOC is not, but be sure
-                }
-                std::fs::create_dir(&path)
-                    .map_err(io_err(format!("creating {}", path.display())))?;
-                for (name, child) in tree.children(node) {
-                    if name.is_empty() || name == "." || name == ".." || name.contains('/') {
-                        return Err(LocalError::NotLocal(format!("entry {name:?}")));
+            let mut xattrs: Vec<(String, Vec<u8>)> = tree
+                .xattrs(ino)
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_vec()))
+                .collect();
+            if node.opaque && !xattrs.iter().any(|(k, _)| k == "trusted.overlay.opaque") {
+                xattrs.push(("trusted.overlay.opaque".into(), b"y".to_vec()));
+            }
+            let (type_bits, kind) = match node.kind {
+                NodeKind::Dir => {
+                    let mut children = Vec::new();
+                    for (name, child) in tree.children(node) {
+                        let next = index.len();
+                        let at = *index.entry(child).or_insert(next);
+                        if at == next {
+                            order.push(child);
+                        } else if tree.node(child).is_some_and(|n| n.kind == NodeKind::Dir) {
+                            // A directory listed twice: not from a validated TOC.
+                            return Err(LocalError::NotLocal(format!("directory {name:?}")));
+                        }
+                        children.push((name.as_bytes().to_vec(), at));
                     }
-                    todo.push((child, path.join(name)));
+                    (libc::S_IFDIR, Kind::Dir(children))
                 }
-                dirs.push((ino, path));
-                continue;
-            }
-            if node.nlink > 1 {
-                if let Some(first) = first_path.get(&ino) {
-                    std::fs::hard_link(first, &path)
-                        .map_err(io_err(format!("linking {}", path.display())))?;
-                    continue;
-                }
-                first_path.insert(ino, path.clone());
-            }
-            match node.kind {
                 NodeKind::File => {
-                    let f = std::fs::File::create(&path)
-                        .map_err(io_err(format!("creating {}", path.display())))?;
-                    f.set_len(node.size)
-                        .map_err(io_err(format!("sizing {}", path.display())))?;
-                    drop(f);
                     if node.size > 0 {
                         let digest = self
                             .local_file(ino, node)
@@ -326,92 +309,38 @@ impl Inner {
                         if !linked {
                             return Err(LocalError::NotLocal(tree.path(ino)));
                         }
-                        set_xattr(&c, "trusted.overlay.metacopy", b"")?;
+                        xattrs.push(("trusted.overlay.metacopy".into(), Vec::new()));
                         let redirect = format!("/{}/{hex}", &hex[..2]);
-                        set_xattr(&c, "trusted.overlay.redirect", redirect.as_bytes())?;
+                        xattrs.push(("trusted.overlay.redirect".into(), redirect.into_bytes()));
                     }
+                    (libc::S_IFREG, Kind::File)
                 }
                 NodeKind::Symlink => {
                     let target = tree.link_target(node).unwrap_or_default();
-                    std::os::unix::fs::symlink(target, &path)
-                        .map_err(io_err(format!("creating symlink {}", path.display())))?;
+                    (libc::S_IFLNK, Kind::Symlink(target.as_bytes().to_vec()))
                 }
-                NodeKind::Char | NodeKind::Block | NodeKind::Fifo => {
-                    let kind = match node.kind {
-                        NodeKind::Char => libc::S_IFCHR,
-                        NodeKind::Block => libc::S_IFBLK,
-                        _ => libc::S_IFIFO,
-                    };
-                    // SAFETY: a valid NUL-terminated path.
-                    let rc = unsafe { libc::mknod(c.as_ptr(), kind | 0o600, node.rdev as _) };
-                    check(rc, || format!("creating node {}", path.display()))?;
-                }
-                NodeKind::Dir => unreachable!("handled above"),
-            }
-            self.set_attrs(ino, &path, &c)?;
+                NodeKind::Char => (libc::S_IFCHR, Kind::Special(node.rdev)),
+                NodeKind::Block => (libc::S_IFBLK, Kind::Special(node.rdev)),
+                NodeKind::Fifo => (libc::S_IFIFO, Kind::Special(0)),
+            };
+            inodes.push(Inode {
+                mode: type_bits | (node.mode & 0o7777),
+                uid: node.uid,
+                gid: node.gid,
+                mtime: node.mtime,
+                mtime_nanos: node.mtime_nanos,
+                nlink: node.nlink.max(1),
+                size: if node.kind == NodeKind::File {
+                    node.size
+                } else {
+                    0
+                },
+                kind,
+                xattrs,
+            });
         }
-        for (ino, path) in dirs.iter().rev() {
-            self.set_attrs(*ino, path, &cpath(path)?)?;
-        }
-        Ok(())
+        Ok(inodes)
     }
-
-    /// Owner, mode, extended attributes and times of `path` (inode `ino`), in the order
-    /// that keeps each: a change of owner clears setuid bits and file capabilities.
-    fn set_attrs(&self, ino: u64, path: &Path, c: &CString) -> Result<(), LocalError> {
-        let tree = self.tree();
-        let node = tree.node(ino).expect("checked by the caller");
-        let what = |op: &str| format!("{op} {}", path.display());
-        // SAFETY: valid NUL-terminated paths; the timespec array outlives the call.
-        unsafe {
-            check(libc::lchown(c.as_ptr(), node.uid, node.gid), || {
-                what("chown")
-            })?;
-            if node.kind != NodeKind::Symlink {
-                check(libc::chmod(c.as_ptr(), node.mode & 0o7777), || {
-                    what("chmod")
-                })?;
-            }
-        }
-        for (name, value) in tree.xattrs(ino) {
-            set_xattr(c, name, value)?;
-        }
-        if node.opaque {
-            set_xattr(c, "trusted.overlay.opaque", b"y")?;
-        }
-        let t = libc::timespec {
-            tv_sec: node.mtime as libc::time_t,
-            tv_nsec: node.mtime_nanos as _,
-        };
-        let times = [t, t];
-        // SAFETY: as above.
-        let rc = unsafe {
-            libc::utimensat(
-                libc::AT_FDCWD,
-                c.as_ptr(),
-                times.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        };
-        check(rc, || what("setting the times of"))
-    }
-}
-
-fn set_xattr(path: &CString, name: &str, value: &[u8]) -> Result<(), LocalError> {
-    let n = CString::new(name).map_err(|_| LocalError::NotLocal(format!("xattr {name:?}")))?;
-    // SAFETY: NUL-terminated path and name, a value of the length given.
-    let rc = unsafe {
-        libc::lsetxattr(
-            path.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    check(rc, || {
-        format!("setting {name} on {}", path.to_string_lossy())
-    })
 }
 
 impl LocalLayer {

@@ -885,3 +885,54 @@ fn a_layer_whose_content_is_local_is_served_without_fuse() {
         assert!(!data.exists(), "the data directory is removed");
     }
 }
+
+/// The EROFS image of a local layer keeps directories whose names sort around `.` and
+/// `..`, span several directory blocks, or are as long as names get; looked up and listed
+/// through the kernel, they read like the tar.
+#[test]
+fn a_local_layer_keeps_names_that_sort_around_dots_and_fill_blocks() {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(1_700_000_000);
+        h.set_cksum();
+        b.append_data(&mut h, path, data).unwrap();
+    };
+    for name in [
+        "!bang", "#hash", "+plus", "-dash", ".dot", "..dots", "a", "~tilde", "é",
+    ] {
+        add(&format!("odd/{name}"), name.as_bytes());
+    }
+    for i in 0..700 {
+        add(
+            &format!("many/entry-number-{i:05}"),
+            format!("{i}").as_bytes(),
+        );
+    }
+    add(&format!("long/{}", "n".repeat(255)), b"long name");
+    add("empty", b"");
+    let tar = b.into_inner().unwrap();
+    let mut layer = mount_layer_with(tar, &ConvertOptions::default(), &on_demand_only(true));
+    let mnt = layer.mountpoint();
+    assert_same_tree(&layer.extracted, &mnt, &layer.headers);
+    let m = layer.mounted.as_ref().unwrap();
+    let local = layer._dir.path().join("cache").join("local");
+    assert!(m.serve_locally_now(&local).unwrap());
+    let form = m.local_form().unwrap();
+    drop_caches();
+    let n = assert_same_tree_in(
+        &layer.extracted,
+        &form.meta,
+        &layer.headers,
+        Some(&form.data),
+    );
+    assert!(n > 710, "compared {n} paths");
+    let names: Vec<String> = std::fs::read_dir(form.meta.join("odd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names.len(), 9, "{names:?}");
+    layer.mounted.take().unwrap().unmount().unwrap();
+}
