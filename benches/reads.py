@@ -13,7 +13,9 @@ comparison, unpacked into a directory on the same disk:
           the layer, all cached, is served without FUSE (an EROFS image of its metadata
           over the cached files, built at mount: its time is recorded as local_build_ms)
   warm-fuse  the same, every read through FUSE (`estargz mount --no-passthrough`)
-  native  the unpacked files (an ordinary overlayfs snapshot reads the same way)
+  native  the unpacked files
+  native-overlay  the unpacked files as the lower layer of a writable overlay: a container
+          on an ordinary overlayfs snapshot (`estargz mount` stacks its layers the same way)
   ref-cold, ref-warm  the reference stargz snapshotter (its own conversion, `ctr-remote
           image convert --estargz --oci`): a private containerd with the reference daemon
           (fresh root, no prefetch or background fetch, as ours), the image pulled with
@@ -45,7 +47,7 @@ from pathlib import Path
 from benchlib import (ESTARGZ, IMAGES, LINKS, SCRIPTS, Link, arguments, choices, drop_caches,
                       p95, push_image, reference_binary, run, start, unpacked)
 
-MODES = ("cold", "warm", "warm-fuse", "native", "ref-cold", "ref-warm")
+MODES = ("cold", "warm", "warm-fuse", "native", "native-overlay", "ref-cold", "ref-warm")
 SEQ_MIN = 1 << 20
 RAND_MIN = 64 << 10
 BLOCK = 128 << 10
@@ -79,6 +81,23 @@ class Mount:
             self.proc.kill()
             self.proc.wait()
             run(["umount", "-l", self.dir], check=False)
+
+
+class NativeOverlay:
+    """The unpacked files NATIVE as the lower layer of a writable overlay at WORK/ovl, as
+    containerd's overlayfs snapshotter mounts a container's root, until closed."""
+
+    def __init__(self, native, work):
+        self.work = work
+        for d in ("upper", "wd", "ovl"):
+            (work / d).mkdir(parents=True, exist_ok=True)
+        self.dir = work / "ovl"
+        run(["mount", "-t", "overlay", "overlay", "-o",
+             f"lowerdir={native},upperdir={work / 'upper'},workdir={work / 'wd'}", self.dir])
+
+    def close(self):
+        run(["umount", self.dir], check=False)
+        shutil.rmtree(self.work, ignore_errors=True)
 
 
 class RefMount:
@@ -205,6 +224,9 @@ def main():
                     m = None
                     if mode == "native":
                         root = native
+                    elif mode == "native-overlay":
+                        m = NativeOverlay(native, work / "native-overlay")
+                        root = m.dir
                     elif mode.startswith("ref-"):
                         m = RefMount(link, ref_image, work / "ref",
                                      all_files if mode == "ref-warm" else None)

@@ -292,6 +292,7 @@ log "the image pulled again on a node whose chunk cache holds all of it (read wh
 ctr-remote -a "$sock" -n "$NS_local" images rpull --plain-http --snapshotter estargz "$addr/e2e:ours" >&2
 for _ in $(seq 1 100); do [ "$(erofs_mounts)" -ge 2 ] && break; sleep 0.1; done
 [ "$(erofs_mounts)" -ge 2 ] || die "the layers pulled again are not served without FUSE: $(tail -n 20 "$S/snapshotter.log")"
+[ "$(metric_sum estargz_layer_served_without_fuse)" -ge 2 ] || die "the metrics do not show the layers served without FUSE"
 c -n "$NS_local" run -d --snapshotter estargz "$addr/e2e:ours" local1 /bin/sleep 600 >&2
 overlays=$(grep -c "^overlay .*lowerdir=[^ ]*/local/[^ ]*/mnt:[^ ]*::[^ ]*metacopy=on" /proc/self/mounts || true)
 [ "$overlays" -ge 1 ] || die "the container's overlay does not stack the local layers: $(grep ^overlay /proc/self/mounts)"

@@ -7,12 +7,13 @@
 //! where writing the metadata takes milliseconds; and the staging tree itself costs a
 //! file, an owner, a mode, times and attributes per entry on disk. The subset written here
 //! is small: uncompressed, 4 KiB blocks, extended (64-byte) inodes, inline extended
-//! attributes only, directories and symlink targets in blocks of their own, and regular
+//! attributes only, directories and symlink targets inline after their inode where they
+//! fit in its block (in blocks of their own otherwise), and regular
 //! files as one hole (a chunk-based file whose only chunk is unmapped: it reads as zeros,
 //! overlayfs reads its content from the data layer its redirect names). Layout, from the
 //! kernel's `fs/erofs/erofs_fs.h`: the superblock at byte 1024 of block 0, inodes from
-//! block 1 (`meta_blkaddr`; an inode's `nid` is its offset there / 32, the root's first),
-//! then the blocks of directories and symlinks.
+//! block 1 (`meta_blkaddr`; an inode's `nid` is its offset there / 32, the root's first,
+//! in the order given), then the blocks of larger directories and symlinks.
 
 use std::io::{self, Write};
 
@@ -23,6 +24,7 @@ const MAGIC: u32 = 0xE0F5_E1E2;
 const INCOMPAT_CHUNKED_FILE: u32 = 0x4;
 /// `i_format`: extended inode (bit 0), data layout in bits 1-3.
 const LAYOUT_FLAT_PLAIN: u16 = 0;
+const LAYOUT_FLAT_INLINE: u16 = 2;
 const LAYOUT_CHUNK_BASED: u16 = 4;
 const EXTENDED: u16 = 1;
 const INODE_SIZE: u64 = 64;
@@ -181,18 +183,31 @@ fn dir_blocks(entries: &[(&[u8], u64, u8)]) -> Result<(Vec<u8>, u64), ImageError
 /// Writes an image of `inodes` (the root is `inodes[0]`) to `out`.
 pub(crate) fn write(inodes: &[Inode], out: &mut impl Write) -> Result<(), ImageError> {
     // Inode placement: each 32-byte aligned, not crossing a block where it fits in one.
+    // A directory or symlink whose data fits in the inode's block keeps it there, right
+    // after the inode and its attributes (`FLAT_INLINE`): one block read less per lookup.
     let mut areas = Vec::with_capacity(inodes.len());
     let mut nids = Vec::with_capacity(inodes.len());
     let mut at = 0u64; // offset in the inode area
     for inode in inodes {
         let xattrs = xattr_area(&inode.xattrs)?;
         let map = matches!(inode.kind, Kind::File) && inode.size > 0;
-        let len = INODE_SIZE + xattrs.len() as u64 + if map { 4 } else { 0 };
+        let data_len = match &inode.kind {
+            // Every entry's dirent and name, `.` and `..` included.
+            Kind::Dir(children) => {
+                let named: u64 = children.iter().map(|(n, _)| 12 + n.len() as u64).sum();
+                named + (12 + 1) + (12 + 2)
+            }
+            Kind::Symlink(target) => target.len() as u64,
+            _ => 0,
+        };
+        let fixed = INODE_SIZE + xattrs.len() as u64 + if map { 4 } else { 0 };
+        let inline = data_len > 0 && fixed + data_len <= BLOCK;
+        let len = fixed + if inline { data_len } else { 0 };
         if at % BLOCK + len > BLOCK && len <= BLOCK {
             at = at.next_multiple_of(BLOCK);
         }
         nids.push(at / 32);
-        areas.push((xattrs, map, len));
+        areas.push((xattrs, map, inline));
         at = (at + len).next_multiple_of(32);
     }
     let meta_blocks = at.div_ceil(BLOCK).max(1);
@@ -210,8 +225,11 @@ pub(crate) fn write(inodes: &[Inode], out: &mut impl Write) -> Result<(), ImageE
             }
         }
     }
+    // Inline data by inode.
+    let mut inline_data: Vec<Vec<u8>> = vec![Vec::new(); inodes.len()];
     for (i, inode) in inodes.iter().enumerate() {
         let blkaddr = first_data + data.len() as u64 / BLOCK;
+        let inline = areas[i].2;
         let size = match &inode.kind {
             Kind::Dir(children) => {
                 let mut entries: Vec<(&[u8], u64, u8)> =
@@ -223,8 +241,16 @@ pub(crate) fn write(inodes: &[Inode], out: &mut impl Write) -> Result<(), ImageE
                 );
                 entries.sort_by(|a, b| a.0.cmp(b.0));
                 let (blocks, size) = dir_blocks(&entries)?;
-                data.extend_from_slice(&blocks);
+                if inline {
+                    inline_data[i] = blocks[..size as usize].to_vec();
+                } else {
+                    data.extend_from_slice(&blocks);
+                }
                 size
+            }
+            Kind::Symlink(target) if inline => {
+                inline_data[i] = target.clone();
+                target.len() as u64
             }
             Kind::Symlink(target) => {
                 data.extend_from_slice(target);
@@ -254,15 +280,16 @@ pub(crate) fn write(inodes: &[Inode], out: &mut impl Write) -> Result<(), ImageE
     // The inode area.
     let mut meta = vec![0u8; (meta_blocks * BLOCK) as usize];
     for (i, inode) in inodes.iter().enumerate() {
-        let (xattrs, map, _) = &areas[i];
+        let (xattrs, map, inline) = &areas[i];
         let (blkaddr, size) = placed[i];
         let off = (nids[i] * 32) as usize;
-        let layout = if *map {
-            LAYOUT_CHUNK_BASED
-        } else {
-            LAYOUT_FLAT_PLAIN
+        let layout = match (*map, *inline) {
+            (true, _) => LAYOUT_CHUNK_BASED,
+            (_, true) => LAYOUT_FLAT_INLINE,
+            _ => LAYOUT_FLAT_PLAIN,
         };
         let i_u: u32 = match &inode.kind {
+            Kind::Dir(_) | Kind::Symlink(_) if *inline => 0,
             Kind::Dir(_) | Kind::Symlink(_) => {
                 u32::try_from(blkaddr).map_err(|_| ImageError::TooLarge)?
             }
@@ -291,10 +318,11 @@ pub(crate) fn write(inodes: &[Inode], out: &mut impl Write) -> Result<(), ImageE
         d[44..48].copy_from_slice(&inode.nlink.to_le_bytes());
         let x = off + INODE_SIZE as usize;
         meta[x..x + xattrs.len()].copy_from_slice(xattrs);
+        let m = x + xattrs.len();
         if *map {
-            let m = x + xattrs.len();
             meta[m..m + 4].copy_from_slice(&NULL_ADDR.to_le_bytes());
         }
+        meta[m..m + inline_data[i].len()].copy_from_slice(&inline_data[i]);
     }
     out.write_all(&meta)?;
     out.write_all(&data)?;

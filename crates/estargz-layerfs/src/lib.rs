@@ -28,7 +28,8 @@ pub use fs::{
     detach, mount, Inner, LatencyHistogram, LayerFs, LayerStats, MountedLayer, NodeStats,
 };
 pub use local::{
-    is_local_mount, local_form_of, local_mounts_under, LocalError, LocalForm, EROFS_SUPER_MAGIC,
+    is_local_mount, local_form_of, local_forms_of, local_mounts_under, LocalError, LocalForm,
+    EROFS_SUPER_MAGIC,
 };
 pub use record::{Access, AccessOp, AccessRecorder, MAX_RANGES};
 pub use scheduler::{

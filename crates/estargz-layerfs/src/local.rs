@@ -10,9 +10,10 @@
 //!   directories, names, modes, owners, times, extended attributes, links, devices and
 //!   whiteouts as the FUSE layer shows them; each non-empty regular file is a hole of its
 //!   size with overlayfs's `trusted.overlay.metacopy` and
-//!   `trusted.overlay.redirect = /xx/<sha256>`;
-//! - a data directory holding the files those redirects name: hard links to the cache's
-//!   verified chunk files (a file of one chunk) and assembled files (a file of several),
+//!   `trusted.overlay.redirect = /<sha256>`;
+//! - a data directory holding the files those redirects name, by the sha256 of their
+//!   content: hard links to the cache's verified chunk files (a file of one chunk) and
+//!   assembled files (a file of several),
 //!   which overlayfs reads as a data-only lower layer (`lowerdir=...:IMAGE::DATA`, Linux 6.5
 //!   and later).
 //!
@@ -124,12 +125,9 @@ pub fn is_local_mount(path: &Path) -> bool {
     (unsafe { libc::statfs(c.as_ptr(), &mut buf) } == 0) && buf.f_type as i64 == EROFS_SUPER_MAGIC
 }
 
-/// EROFS mounts whose image lies under `dir`, in the order mounted (the last is the
-/// newest): (mountpoint, image), from the kernel's mount table.
-pub fn local_mounts_under(dir: &Path) -> Vec<(PathBuf, PathBuf)> {
-    let Ok(dir) = dir.canonicalize() else {
-        return Vec::new();
-    };
+/// Every EROFS mount, in the order mounted: (mountpoint, image), from the kernel's mount
+/// table.
+fn erofs_mounts() -> Vec<(PathBuf, PathBuf)> {
     let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     // "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - TYPE SOURCE SUPER".
     table
@@ -138,14 +136,27 @@ pub fn local_mounts_under(dir: &Path) -> Vec<(PathBuf, PathBuf)> {
             let (left, right) = line.split_once(" - ")?;
             let at = left.split(' ').nth(4)?;
             let mut r = right.split(' ');
-            if r.next()? != "erofs" {
-                return None;
-            }
-            let image = PathBuf::from(unescape(r.next()?));
-            image
-                .starts_with(&dir)
-                .then(|| (PathBuf::from(unescape(at)), image))
+            (r.next()? == "erofs")
+                .then(|| {
+                    Some((
+                        PathBuf::from(unescape(at)),
+                        PathBuf::from(unescape(r.next()?)),
+                    ))
+                })
+                .flatten()
         })
+        .collect()
+}
+
+/// EROFS mounts whose image lies under `dir`, in the order mounted (the last is the
+/// newest): (mountpoint, image).
+pub fn local_mounts_under(dir: &Path) -> Vec<(PathBuf, PathBuf)> {
+    let Ok(dir) = dir.canonicalize() else {
+        return Vec::new();
+    };
+    erofs_mounts()
+        .into_iter()
+        .filter(|(_, image)| image.starts_with(&dir))
         .collect()
 }
 
@@ -153,9 +164,23 @@ pub fn local_mounts_under(dir: &Path) -> Vec<(PathBuf, PathBuf)> {
 /// `MountedLayer::serve_locally`): its newest mount, and the data directory its overlay
 /// needs after it. `None` while it is served through FUSE only.
 pub fn local_form_of(dir: &Path) -> Option<LocalForm> {
-    let (meta, image) = local_mounts_under(dir).pop()?;
-    let data = image.parent()?.join("data");
-    (data.is_dir() && is_local_mount(&meta)).then_some(LocalForm { meta, data })
+    local_forms_of(&[dir]).pop().flatten()
+}
+
+/// [`local_form_of`] of each of `dirs`, reading the mount table once.
+pub fn local_forms_of(dirs: &[&Path]) -> Vec<Option<LocalForm>> {
+    let mounts = erofs_mounts();
+    dirs.iter()
+        .map(|dir| {
+            let dir = dir.canonicalize().ok()?;
+            let (meta, image) = mounts.iter().rev().find(|(_, i)| i.starts_with(&dir))?;
+            let data = image.parent()?.join("data");
+            (data.is_dir() && is_local_mount(meta)).then(|| LocalForm {
+                meta: meta.clone(),
+                data,
+            })
+        })
+        .collect()
 }
 
 /// Where a layer served without FUSE is: stack `meta` as the layer, and `data` as a
@@ -256,14 +281,36 @@ impl Inner {
     fn inodes(&self, data: &Path) -> Result<Vec<crate::erofs::Inode>, LocalError> {
         use crate::erofs::{Inode, Kind};
         let tree = self.tree();
+        // The order of the inodes in the image, as mkfs.erofs writes them: a directory's
+        // entries together, then each subdirectory's in turn, depth first. A walk of the
+        // tree reads the image's blocks nearly in order.
         let mut index: HashMap<u64, usize> = HashMap::from([(1, 0)]);
         let mut order: Vec<u64> = vec![1];
-        let mut inodes = Vec::new();
-        let mut data_dirs = std::collections::HashSet::new();
-        let mut i = 0;
-        while i < order.len() {
-            let ino = order[i];
-            i += 1;
+        let mut dirs = vec![1u64];
+        while let Some(dir) = dirs.pop() {
+            let node = tree
+                .node(dir)
+                .ok_or_else(|| LocalError::NotLocal(format!("inode {dir}")))?;
+            let mut subdirs = Vec::new();
+            for (name, child) in tree.children(node) {
+                let is_dir = tree.node(child).is_some_and(|n| n.kind == NodeKind::Dir);
+                let next = index.len();
+                if *index.entry(child).or_insert(next) == next {
+                    order.push(child);
+                    if is_dir {
+                        subdirs.push(child);
+                    }
+                } else if is_dir {
+                    // A directory listed twice: not from a validated TOC.
+                    return Err(LocalError::NotLocal(format!("directory {name:?}")));
+                }
+            }
+            dirs.extend(subdirs.into_iter().rev());
+        }
+        let mut inodes = Vec::with_capacity(order.len());
+        // Content already linked into `data`.
+        let mut names: std::collections::HashSet<Sha256Digest> = Default::default();
+        for &ino in &order {
             let node = tree
                 .node(ino)
                 .ok_or_else(|| LocalError::NotLocal(format!("inode {ino}")))?;
@@ -277,18 +324,10 @@ impl Inner {
             }
             let (type_bits, kind) = match node.kind {
                 NodeKind::Dir => {
-                    let mut children = Vec::new();
-                    for (name, child) in tree.children(node) {
-                        let next = index.len();
-                        let at = *index.entry(child).or_insert(next);
-                        if at == next {
-                            order.push(child);
-                        } else if tree.node(child).is_some_and(|n| n.kind == NodeKind::Dir) {
-                            // A directory listed twice: not from a validated TOC.
-                            return Err(LocalError::NotLocal(format!("directory {name:?}")));
-                        }
-                        children.push((name.as_bytes().to_vec(), at));
-                    }
+                    let children = tree
+                        .children(node)
+                        .map(|(name, child)| (name.as_bytes().to_vec(), index[&child]))
+                        .collect();
                     (libc::S_IFDIR, Kind::Dir(children))
                 }
                 NodeKind::File => {
@@ -296,21 +335,24 @@ impl Inner {
                         let digest = self
                             .local_file(ino, node)
                             .ok_or_else(|| LocalError::NotLocal(tree.path(ino)))?;
-                        let hex = digest.hex();
-                        let sub = data.join(&hex[..2]);
-                        if data_dirs.insert(hex[..2].to_string()) {
-                            std::fs::create_dir(&sub)
-                                .map_err(io_err(format!("creating {}", sub.display())))?;
-                        }
-                        let linked = self
-                            .cache()
-                            .link_verified(&digest, &sub.join(&hex))
-                            .map_err(io_err(format!("linking {hex} into {}", sub.display())))?;
-                        if !linked {
-                            return Err(LocalError::NotLocal(tree.path(ino)));
+                        // Named by content: a container's overlay stacks the data
+                        // directories of all its local layers, and a redirect is looked up
+                        // in each in turn, so the first file of that name must be the
+                        // content. One directory: after the page cache is dropped, a first
+                        // open reads a few blocks of it, not a directory per prefix.
+                        let name = digest.hex();
+                        if names.insert(digest) {
+                            let at = data.join(&name);
+                            let linked = self
+                                .cache()
+                                .link_verified(&digest, &at)
+                                .map_err(io_err(format!("linking {}", at.display())))?;
+                            if !linked {
+                                return Err(LocalError::NotLocal(tree.path(ino)));
+                            }
                         }
                         xattrs.push(("trusted.overlay.metacopy".into(), Vec::new()));
-                        let redirect = format!("/{}/{hex}", &hex[..2]);
+                        let redirect = format!("/{name}");
                         xattrs.push(("trusted.overlay.redirect".into(), redirect.into_bytes()));
                     }
                     (libc::S_IFREG, Kind::File)

@@ -319,6 +319,7 @@ impl Manager {
                     total_chunks: p.total_chunks,
                     prefetch_done: p.prefetch_done,
                     background_done: p.background_done,
+                    served_without_fuse: m.layer.local_form().is_some(),
                 };
                 (path.clone(), st)
             })

@@ -332,6 +332,12 @@ const LAYER: &[Field<LayerStatus>] = &[
         help: "Whether the background fetch finished (every chunk was local).",
         read: Read::Gauge(|l| u64::from(l.background_done)),
     },
+    Field {
+        name: "estargz_layer_served_without_fuse",
+        help: "Whether the layer, its files all local, is served without FUSE to new \
+               containers (an EROFS image of its metadata over the cached files).",
+        read: Read::Gauge(|l| u64::from(l.served_without_fuse)),
+    },
 ];
 
 /// Every field of [`CacheStatus`], each once.
@@ -543,6 +549,7 @@ mod tests {
             total_chunks: 10,
             prefetch_done: true,
             background_done: n == 2,
+            served_without_fuse: n == 2,
         };
         Status {
             pid: 1,

@@ -291,6 +291,9 @@ pub struct LayerStatus {
     pub prefetch_done: bool,
     /// Background fetch finished.
     pub background_done: bool,
+    /// Served without FUSE too, its files all local (absent from older managers).
+    #[serde(default)]
+    pub served_without_fuse: bool,
 }
 
 /// Chunk cache counters.

@@ -21,7 +21,7 @@ use crate::remote::{Fallback, LayerLabels, Resolver, REMOTE_LABEL};
 use crate::store::{Kind, RemoteLayer, Snapshot, Store, Time, Usage};
 use crate::{Config, Error};
 use estargz_cache::private_dir;
-use estargz_layerfs::{local_form_of, local_mounts_under};
+use estargz_layerfs::{local_forms_of, local_mounts_under};
 
 /// A mount for containerd to perform.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -236,17 +236,23 @@ impl Snapshotter {
         // stays for the containers using it): stacked instead of the FUSE mount, with its
         // data directory after every lower layer, as a data-only lower layer ("::DIR").
         let mut data = String::new();
+        let locals: Vec<PathBuf> = parents
+            .iter()
+            .map(|p| match (p.lazy, p.dir.parent()) {
+                (true, Some(snapshot)) => snapshot.join("local"),
+                _ => PathBuf::new(), // never an EROFS mount's
+            })
+            .collect();
+        let forms = local_forms_of(&locals.iter().map(|l| l.as_path()).collect::<Vec<_>>());
         let dirs: Vec<PathBuf> = parents
             .iter()
-            .map(|p| {
-                let local = p.dir.parent().map(|s| s.join("local"));
-                match local.filter(|_| p.lazy).and_then(|l| local_form_of(&l)) {
-                    Some(f) => {
-                        data.push_str(&format!("::{}", path(&f.data)));
-                        f.meta
-                    }
-                    None => p.dir.clone(),
+            .zip(forms)
+            .map(|(p, form)| match form {
+                Some(f) => {
+                    data.push_str(&format!("::{}", path(&f.data)));
+                    f.meta
                 }
+                None => p.dir.clone(),
             })
             .collect();
         let lower = || {

@@ -1111,7 +1111,8 @@ fn local_mounts(d: &Daemon) -> usize {
 
 /// Once the background fetch has made a layer's files local, the daemon serves it without
 /// FUSE as well: a container's mounts prepared afterwards stack its EROFS image and data
-/// directory, read every file like the tar, and write to them (copy-up); removing the
+/// directory, read every file like the tar (two layers' data directories side by side:
+/// each redirect finds its own content), and write to them (copy-up); removing the
 /// snapshots removes those mounts too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layers_fetched_whole_reach_new_containers_without_fuse() {
