@@ -758,7 +758,7 @@ impl Inner {
 
     /// [`Inner::go_local`]'s work, while it holds the `building` claim.
     fn build_and_mount(&self, dir: &Path) -> Result<bool, crate::local::LocalError> {
-        if self.is_closed() {
+        if self.is_closed() || !self.files_local() {
             return Ok(false);
         }
         // Its own directory per build: a mount left by a manager that died still uses
@@ -767,8 +767,7 @@ impl Inner {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         let dir = dir.join(format!("{}-{nanos}", std::process::id()));
-        // Whether every file shown is local is found out by building (the first one that
-        // is not ends it): chunks of hidden entries (the landmarks) may never be fetched.
+        // A chunk evicted since the check ends the build here.
         let layer = match self.build_local(&dir) {
             Err(crate::local::LocalError::NotLocal(_)) => return Ok(false),
             other => other?,

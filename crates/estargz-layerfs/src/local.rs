@@ -246,6 +246,39 @@ impl Inner {
         }
     }
 
+    /// Whether every chunk of every file the layer shows is cached (index lookups only).
+    /// Not a count of the layer's chunks: those of hidden entries (the landmarks) may
+    /// never be fetched.
+    pub(crate) fn files_local(&self) -> bool {
+        let tree = self.tree();
+        let mut dirs = vec![1u64];
+        let mut seen = std::collections::HashSet::new();
+        while let Some(dir) = dirs.pop() {
+            let Some(node) = tree.node(dir) else {
+                return false;
+            };
+            for (_, child) in tree.children(node) {
+                let Some(n) = tree.node(child) else {
+                    return false;
+                };
+                match n.kind {
+                    NodeKind::Dir if seen.insert(child) => dirs.push(child),
+                    NodeKind::File => {
+                        if !tree
+                            .chunks(n)
+                            .iter()
+                            .all(|c| self.cache().contains(&c.digest))
+                        {
+                            return false;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        true
+    }
+
     /// Rebuilds this layer in `dir` (created; emptied first) for serving without FUSE: see
     /// the module docs. Takes as long as hashing the files not verified during this boot
     /// and copying the files of several chunks not yet assembled, plus a hard link per
