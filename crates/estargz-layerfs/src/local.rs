@@ -263,14 +263,13 @@ impl Inner {
                 };
                 match n.kind {
                     NodeKind::Dir if seen.insert(child) => dirs.push(child),
-                    NodeKind::File => {
+                    NodeKind::File
                         if !tree
                             .chunks(n)
                             .iter()
-                            .all(|c| self.cache().contains(&c.digest))
-                        {
-                            return false;
-                        }
+                            .all(|c| self.cache().contains(&c.digest)) =>
+                    {
+                        return false;
                     }
                     _ => {}
                 }
