@@ -246,36 +246,55 @@ impl Inner {
         }
     }
 
+    /// The inodes the layer shows, each once, the root first, in the order the image
+    /// holds them (as mkfs.erofs writes them: a directory's entries together, then each
+    /// subdirectory's in turn, depth first; a walk of the tree reads the image's blocks
+    /// nearly in order), with each inode's position in that order.
+    fn shown_inodes(&self) -> Result<(Vec<u64>, HashMap<u64, usize>), LocalError> {
+        let tree = self.tree();
+        let mut index: HashMap<u64, usize> = HashMap::from([(1, 0)]);
+        let mut order: Vec<u64> = vec![1];
+        let mut dirs = vec![1u64];
+        while let Some(dir) = dirs.pop() {
+            let node = tree
+                .node(dir)
+                .ok_or_else(|| LocalError::NotLocal(format!("inode {dir}")))?;
+            let mut subdirs = Vec::new();
+            for (name, child) in tree.children(node) {
+                let is_dir = tree.node(child).is_some_and(|n| n.kind == NodeKind::Dir);
+                let next = index.len();
+                if *index.entry(child).or_insert(next) == next {
+                    order.push(child);
+                    if is_dir {
+                        subdirs.push(child);
+                    }
+                } else if is_dir {
+                    // A directory listed twice: not from a validated TOC.
+                    return Err(LocalError::NotLocal(format!("directory {name:?}")));
+                }
+            }
+            dirs.extend(subdirs.into_iter().rev());
+        }
+        Ok((order, index))
+    }
+
     /// Whether every chunk of every file the layer shows is cached (index lookups only).
     /// Not a count of the layer's chunks: those of hidden entries (the landmarks) may
     /// never be fetched.
     pub(crate) fn files_local(&self) -> bool {
         let tree = self.tree();
-        let mut dirs = vec![1u64];
-        let mut seen = std::collections::HashSet::new();
-        while let Some(dir) = dirs.pop() {
-            let Some(node) = tree.node(dir) else {
-                return false;
-            };
-            for (_, child) in tree.children(node) {
-                let Some(n) = tree.node(child) else {
-                    return false;
-                };
-                match n.kind {
-                    NodeKind::Dir if seen.insert(child) => dirs.push(child),
-                    NodeKind::File
-                        if !tree
-                            .chunks(n)
-                            .iter()
-                            .all(|c| self.cache().contains(&c.digest)) =>
-                    {
-                        return false;
-                    }
-                    _ => {}
-                }
-            }
-        }
-        true
+        let Ok((order, _)) = self.shown_inodes() else {
+            return false;
+        };
+        order
+            .iter()
+            .filter_map(|&ino| tree.node(ino))
+            .filter(|n| n.kind == NodeKind::File)
+            .all(|n| {
+                tree.chunks(n)
+                    .iter()
+                    .all(|c| self.cache().contains(&c.digest))
+            })
     }
 
     /// Rebuilds this layer in `dir` (created; emptied first) for serving without FUSE: see
@@ -313,32 +332,7 @@ impl Inner {
     fn inodes(&self, data: &Path) -> Result<Vec<crate::erofs::Inode>, LocalError> {
         use crate::erofs::{Inode, Kind};
         let tree = self.tree();
-        // The order of the inodes in the image, as mkfs.erofs writes them: a directory's
-        // entries together, then each subdirectory's in turn, depth first. A walk of the
-        // tree reads the image's blocks nearly in order.
-        let mut index: HashMap<u64, usize> = HashMap::from([(1, 0)]);
-        let mut order: Vec<u64> = vec![1];
-        let mut dirs = vec![1u64];
-        while let Some(dir) = dirs.pop() {
-            let node = tree
-                .node(dir)
-                .ok_or_else(|| LocalError::NotLocal(format!("inode {dir}")))?;
-            let mut subdirs = Vec::new();
-            for (name, child) in tree.children(node) {
-                let is_dir = tree.node(child).is_some_and(|n| n.kind == NodeKind::Dir);
-                let next = index.len();
-                if *index.entry(child).or_insert(next) == next {
-                    order.push(child);
-                    if is_dir {
-                        subdirs.push(child);
-                    }
-                } else if is_dir {
-                    // A directory listed twice: not from a validated TOC.
-                    return Err(LocalError::NotLocal(format!("directory {name:?}")));
-                }
-            }
-            dirs.extend(subdirs.into_iter().rev());
-        }
+        let (order, index) = self.shown_inodes()?;
         let mut inodes = Vec::with_capacity(order.len());
         // Content already linked into `data`.
         let mut names: std::collections::HashSet<Sha256Digest> = Default::default();

@@ -371,6 +371,44 @@ impl Layer {
     }
 }
 
+/// In a container's root `merged`, changes the first four of `files` (name, content) in
+/// each way that makes overlayfs copy a lower file up: append, truncate, rename (to
+/// `renamed`), chmod 0600.
+fn change_each_kind(merged: &Path, files: &[&(String, Vec<u8>)]) {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let at = |i: usize| merged.join(&files[i].0);
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(at(0))
+        .unwrap()
+        .write_all(b"+appended")
+        .unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(at(1))
+        .unwrap()
+        .set_len(1)
+        .unwrap();
+    std::fs::rename(at(2), merged.join("renamed")).unwrap();
+    std::fs::set_permissions(at(3), std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// Checks what [`change_each_kind`] did, as read back through `merged`.
+fn assert_changed(merged: &Path, files: &[&(String, Vec<u8>)]) {
+    use std::os::unix::fs::PermissionsExt;
+    let at = |i: usize| merged.join(&files[i].0);
+    let mut appended = files[0].1.clone();
+    appended.extend_from_slice(b"+appended");
+    assert_eq!(std::fs::read(at(0)).unwrap(), appended);
+    assert_eq!(std::fs::read(at(1)).unwrap(), &files[1].1[..1]);
+    assert_eq!(std::fs::read(merged.join("renamed")).unwrap(), files[2].1);
+    assert!(!at(2).exists());
+    let meta = std::fs::metadata(at(3)).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+    assert_eq!(std::fs::read(at(3)).unwrap(), files[3].1);
+}
+
 #[test]
 fn passthrough_on_and_off_read_the_same_bytes() {
     // Small chunks: most files have several, and are assembled as one local file to be
@@ -438,40 +476,14 @@ fn files_read_in_passthrough_mode_can_be_changed_in_a_container() {
     }
     assert!(layer.passthrough_opens() - before >= files.len() as u64);
     // Copy-up of each kind, on files the kernel has open in passthrough mode.
-    use std::io::Write;
-    use std::os::unix::fs::PermissionsExt;
     let held: Vec<std::fs::File> = files
         .iter()
         .map(|(n, _)| std::fs::File::open(ovl.merged.join(n)).unwrap())
         .collect();
-    let at = |i: usize| ovl.merged.join(&files[i].0);
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(at(0))
-        .unwrap()
-        .write_all(b"+appended")
-        .unwrap();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(at(1))
-        .unwrap()
-        .set_len(1)
-        .unwrap();
-    std::fs::rename(at(2), ovl.merged.join("renamed")).unwrap();
-    std::fs::set_permissions(at(3), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let four: Vec<&(String, Vec<u8>)> = files.iter().collect();
+    change_each_kind(&ovl.merged, &four);
     drop(held);
-    let mut appended = files[0].1.clone();
-    appended.extend_from_slice(b"+appended");
-    assert_eq!(std::fs::read(at(0)).unwrap(), appended);
-    assert_eq!(std::fs::read(at(1)).unwrap(), &files[1].1[..1]);
-    assert_eq!(
-        std::fs::read(ovl.merged.join("renamed")).unwrap(),
-        files[2].1
-    );
-    assert!(!at(2).exists());
-    let meta = std::fs::metadata(at(3)).unwrap();
-    assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
-    assert_eq!(std::fs::read(at(3)).unwrap(), files[3].1);
+    assert_changed(&ovl.merged, &four);
     assert!(ovl.upper().join(&files[0].0).exists(), "copied up");
     // The lazy layer itself is unchanged.
     for (name, content) in &files {
@@ -815,38 +827,9 @@ fn a_layer_whose_content_is_local_is_served_without_fuse() {
             );
         }
         // Copy-up of each kind.
-        use std::io::Write;
-        use std::os::unix::fs::PermissionsExt;
         let small: Vec<&(String, Vec<u8>)> = files.iter().filter(|(_, c)| c.len() > 1).collect();
-        let at = |i: usize| ovl.merged.join(&small[i].0);
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(at(0))
-            .unwrap()
-            .write_all(b"+appended")
-            .unwrap();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(at(1))
-            .unwrap()
-            .set_len(1)
-            .unwrap();
-        std::fs::rename(at(2), ovl.merged.join("renamed")).unwrap();
-        std::fs::set_permissions(at(3), std::fs::Permissions::from_mode(0o600)).unwrap();
-        let mut appended = small[0].1.clone();
-        appended.extend_from_slice(b"+appended");
-        assert_eq!(std::fs::read(at(0)).unwrap(), appended);
-        assert_eq!(std::fs::read(at(1)).unwrap(), &small[1].1[..1]);
-        assert_eq!(
-            std::fs::read(ovl.merged.join("renamed")).unwrap(),
-            small[2].1
-        );
-        assert!(!at(2).exists());
-        assert_eq!(
-            std::fs::metadata(at(3)).unwrap().permissions().mode() & 0o7777,
-            0o600
-        );
-        assert_eq!(std::fs::read(at(3)).unwrap(), small[3].1);
+        change_each_kind(&ovl.merged, &small);
+        assert_changed(&ovl.merged, &small);
         if !background {
             // Programs run from it, as in a container.
             let out = std::process::Command::new("chroot")

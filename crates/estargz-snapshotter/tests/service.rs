@@ -204,6 +204,48 @@ async fn prepare_lazily(
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}\n{}", d.log());
 }
 
+/// Reads every regular file of `tar` under `root` (whiteouts aside: a device under its
+/// plain name in a layer, hidden in an overlay): how many read like the tar, or the first
+/// that is missing or differs.
+fn read_like_tar(root: &Path, tar: &[u8]) -> Result<usize, String> {
+    let mut files = 0;
+    for (path, e) in expected_from_tar(tar) {
+        if path.rsplit('/').next().unwrap_or("").starts_with(".wh.") {
+            continue;
+        }
+        // Hardlinks may name symlinks: read what is a regular file in the tar.
+        let at = root.join(&path);
+        let regular = std::fs::symlink_metadata(&at)
+            .map_err(|err| format!("{path}: {err}"))?
+            .is_file();
+        if matches!(e.kind, EntryKind::Reg | EntryKind::Hardlink) && regular {
+            let got = std::fs::read(&at).map_err(|err| format!("{path}: {err}"))?;
+            if got != e.content {
+                return Err(format!("{path} differs"));
+            }
+            files += 1;
+        }
+    }
+    Ok(files)
+}
+
+/// Removes snapshots `keys`, then checks that nothing is mounted under the daemon's root.
+async fn remove_leaving_no_mount(c: &mut SnapshotsClient<Channel>, d: &Daemon, keys: &[&str]) {
+    for key in keys {
+        c.remove(pb::RemoveSnapshotRequest {
+            snapshotter: "estargz".into(),
+            key: key.to_string(),
+        })
+        .await
+        .unwrap();
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.contains(&d.root().display().to_string()),
+        "still mounted: {mounts}"
+    );
+}
+
 /// The largest regular file of the synthetic layer (name and expected content).
 fn largest_synthetic_file() -> (String, estargz_testutil::Expected) {
     expected_from_tar(&synthetic_tar())
@@ -628,24 +670,8 @@ async fn cri_labels_mount_lazily_and_survive_a_node_restart_without_the_registry
         .arg(shown.path())
         .status();
     assert_eq!(through_view, direct);
-    let expected = expected_from_tar(&tar);
     let check = |lower: &Path| {
-        let mut files = 0;
-        for (path, e) in &expected {
-            if path.rsplit('/').next().unwrap_or("").starts_with(".wh.") {
-                continue; // shown as a whiteout device under its plain name
-            }
-            // Hardlinks may name symlinks: read what is a regular file in the tar.
-            let regular = std::fs::symlink_metadata(lower.join(path))
-                .unwrap_or_else(|err| panic!("{path}: {err}"))
-                .is_file();
-            if matches!(e.kind, EntryKind::Reg | EntryKind::Hardlink) && regular {
-                let got =
-                    std::fs::read(lower.join(path)).unwrap_or_else(|err| panic!("{path}: {err}"));
-                assert!(got == e.content, "{path} differs");
-                files += 1;
-            }
-        }
+        let files = read_like_tar(lower, &tar).unwrap();
         assert!(files > 10, "only {files} files checked");
     };
     check(&lower);
@@ -684,19 +710,7 @@ async fn cri_labels_mount_lazily_and_survive_a_node_restart_without_the_registry
     check(&lower);
 
     // Removal unmounts.
-    for key in ["k8s.io/2/view", "sha256:chain1"] {
-        c.remove(pb::RemoveSnapshotRequest {
-            snapshotter: "estargz".into(),
-            key: key.into(),
-        })
-        .await
-        .unwrap();
-    }
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-    assert!(
-        !mounts.contains(&d.root().display().to_string()),
-        "still mounted: {mounts}"
-    );
+    remove_leaving_no_mount(&mut c, &d, &["k8s.io/2/view", "sha256:chain1"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1176,20 +1190,8 @@ async fn layers_fetched_whole_reach_new_containers_without_fuse() {
         .status()
         .unwrap();
     assert!(status.success(), "mounting {m:?}");
-    let mut files = 0;
-    let mut result = Ok(());
-    for (path, e) in expected_from_tar(&tar) {
-        let name = path.rsplit('/').next().unwrap_or("");
-        let at = root.path().join(&path);
-        let regular = std::fs::symlink_metadata(&at).is_ok_and(|m| m.is_file());
-        if name.starts_with(".wh.") || !matches!(e.kind, EntryKind::Reg) || !regular {
-            continue;
-        }
-        if std::fs::read(&at).ok().as_deref() != Some(&e.content[..]) {
-            result = Err(format!("{path} differs"));
-        }
-        files += 1;
-    }
+    // Checked once unmounted, so that a failure leaves no mount behind.
+    let files = read_like_tar(root.path(), &tar);
     let second_read = std::fs::read(root.path().join("srv/second.txt"));
     let appended = std::fs::OpenOptions::new()
         .append(true)
@@ -1199,21 +1201,10 @@ async fn layers_fetched_whole_reach_new_containers_without_fuse() {
     let _ = std::process::Command::new("umount")
         .arg(root.path())
         .status();
-    result.unwrap();
+    let files = files.unwrap();
     assert!(files > 10, "only {files} files checked");
     assert_eq!(second_read.unwrap(), b"second layer\n");
     assert_eq!(appended.unwrap(), b"second layer\nmore\n");
-    for key in ["k8s.io/2/container", "sha256:chain2", "sha256:chain1"] {
-        c.remove(pb::RemoveSnapshotRequest {
-            snapshotter: "estargz".into(),
-            key: key.into(),
-        })
-        .await
-        .unwrap();
-    }
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-    assert!(
-        !mounts.contains(&d.root().display().to_string()),
-        "still mounted: {mounts}"
-    );
+    let keys = ["k8s.io/2/container", "sha256:chain2", "sha256:chain1"];
+    remove_leaving_no_mount(&mut c, &d, &keys).await;
 }
