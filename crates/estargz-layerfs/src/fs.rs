@@ -779,7 +779,9 @@ impl Inner {
             let _ = std::fs::remove_dir_all(&dir);
             return Ok(false);
         }
-        let mounted = layer.mount(&dir)?;
+        let mounted = layer.mount(&dir).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&dir);
+        })?;
         tracing::info!(at = %dir.display(), "layer content all local: served without FUSE");
         st.mounted = Some(mounted);
         Ok(true)
