@@ -290,6 +290,11 @@ struct LocalState {
     /// Asked again while building: the build may have counted before the last chunk.
     again: bool,
     mounted: Option<crate::local::LocalMount>,
+    /// A thread waits for a quiet moment to check whether the layer is local
+    /// ([`Inner::check_local_soon`]).
+    checking: bool,
+    /// Asked to check since that thread last checked.
+    recheck: bool,
 }
 
 /// Calls `call` once, when no more than `lead` bytes of a transfer are left to arrive (not
@@ -684,22 +689,54 @@ impl Inner {
 
     pub(crate) fn mark_background_done(&self) {
         self.background_done.store(true, Ordering::SeqCst);
-        self.go_local_in_background();
+        self.check_local_soon();
+    }
+
+    /// Called after this layer stored a chunk in the cache. Reads alone can make a layer
+    /// local (without a background fetch, or before it gets there), so a layer that
+    /// [`Inner::may_be_local`] is checked at the next quiet moment.
+    fn chunk_stored(&self) {
+        if self.may_be_local() && !self.is_background_done() {
+            self.check_local_soon();
+        }
+    }
+
+    /// Whether this layer has stored about as many chunks as were missing when it was
+    /// made: only then is checking every file ([`Inner::files_local`], exact) worth it.
+    /// A cheap filter, not a count of what is local: chunks of hidden entries may never be
+    /// fetched, and a chunk another layer stored first is not counted here (such a layer
+    /// waits for its background fetch or its next mount).
+    fn may_be_local(&self) -> bool {
+        /// Chunks of a layer no reader fetches: its two landmark files at most.
+        const HIDDEN_CHUNKS: u64 = 2;
+        let stored = self.stats.fetched_chunks.load(Ordering::Relaxed);
+        let missing = self.distinct_chunks.saturating_sub(self.local_at_start);
+        stored.saturating_add(HIDDEN_CHUNKS) >= missing
     }
 
     fn lock_local(&self) -> std::sync::MutexGuard<'_, LocalState> {
         self.local.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts [`Inner::go_local`] on a thread of its own (it hashes and copies).
-    fn go_local_in_background(&self) {
+    /// Checks on a thread of its own, after a quiet second on the node and at low CPU
+    /// priority, whether every file of the layer is local, and if so serves it without
+    /// FUSE ([`Inner::go_local`]: it hashes and copies); again after each later call that
+    /// came while it was checking. Nothing without a target or once served.
+    fn check_local_soon(&self) {
         let Some(me) = self.me.upgrade() else {
             return;
         };
-        if self.lock_local().target.is_none() {
-            return;
+        {
+            let mut st = self.lock_local();
+            if st.target.is_none() || st.mounted.is_some() {
+                return;
+            }
+            st.recheck = true;
+            if std::mem::replace(&mut st.checking, true) {
+                return;
+            }
         }
-        let _ = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("estargz-local".into())
             .spawn(move || {
                 // Hashing and copying can wait for containers to start: after a quiet
@@ -708,20 +745,36 @@ impl Inner {
                 unsafe {
                     libc::setpriority(libc::PRIO_PROCESS as _, libc::gettid() as _, 10);
                 }
-                me.scheduler
-                    .wait_idle(Duration::from_secs(1), || me.is_closed());
-                me.go_local_logged();
+                loop {
+                    me.scheduler
+                        .wait_idle(Duration::from_secs(1), || me.is_closed());
+                    me.lock_local().recheck = false;
+                    let mounted = me.go_local_logged();
+                    let mut st = me.lock_local();
+                    if mounted || me.is_closed() || !st.recheck {
+                        st.checking = false;
+                        return;
+                    }
+                }
             });
+        if spawned.is_err() {
+            self.lock_local().checking = false;
+        }
     }
 
-    fn go_local_logged(&self) {
+    /// [`Inner::go_local`], its errors logged: whether the layer is served without FUSE.
+    fn go_local_logged(&self) -> bool {
         match self.go_local() {
-            Ok(_) => {}
+            Ok(mounted) => mounted,
             Err(e @ crate::local::LocalError::NotLocal(_)) => {
-                tracing::debug!(error = %e, "layer stays on FUSE")
+                tracing::debug!(error = %e, "layer stays on FUSE");
+                false
             }
-            Err(e) => tracing::warn!(error = %e,
-                "cannot serve a local layer without FUSE; it stays on FUSE"),
+            Err(e) => {
+                tracing::warn!(error = %e,
+                    "cannot serve a local layer without FUSE; it stays on FUSE");
+                false
+            }
         }
     }
 
@@ -880,6 +933,7 @@ impl Inner {
             let streamed = self.fetch_streamed(&runs, &wanted, near_end, |c, data| {
                 self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
                 claim.fulfil(&c.digest, &data);
+                self.chunk_stored();
                 if hot.contains(&c.digest) {
                     self.cache.memory_put(c.digest, data.into());
                 }
@@ -950,6 +1004,7 @@ impl Inner {
                 .map_err(io::Error::other)?;
             self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
             claim.fulfil(&c.digest, &data);
+            self.chunk_stored();
             if hot.contains(&c.digest) {
                 self.cache.memory_put(c.digest, data.into());
             }
@@ -1223,6 +1278,7 @@ impl Inner {
                 Ok::<_, Error>(data)
             })
             .map_err(io::Error::other)?;
+        self.chunk_stored();
         self.cache.memory_put(c.digest, data.clone());
         Ok(data)
     }
@@ -1772,15 +1828,18 @@ impl MountedLayer {
         drop(local);
     }
 
-    /// Serves the layer without FUSE (see `local`) once every file is local, now or when
-    /// its background fetch completes, built and mounted by a thread of its own (up to
+    /// Serves the layer without FUSE (see `local`) once every file is local (now, when its
+    /// background fetch completes, or when reads have fetched the rest), built and mounted
+    /// after a quiet second on the node by a thread of its own (up to
     /// seconds: hashing, copying) in a directory of its own under `dir`, which must be on
     /// the chunk cache's file system (hard links); [`local_form_of`](crate::local_form_of)
     /// `(dir)` then finds it. The FUSE mount stays. Failures are logged; the layer stays
     /// on FUSE.
     pub fn serve_locally(&self, dir: &Path) {
         self.fs.lock_local().target = Some(dir.to_path_buf());
-        self.fs.go_local_in_background();
+        if self.fs.may_be_local() || self.fs.is_background_done() {
+            self.fs.check_local_soon();
+        }
     }
 
     /// Serves the layer without FUSE now if every chunk is local (`Ok(true)`), as

@@ -790,9 +790,18 @@ fn a_layer_whose_content_is_local_is_served_without_fuse() {
             m.serve_locally(&local);
             std::thread::sleep(std::time::Duration::from_millis(200));
             assert_eq!(m.local_form(), None);
+            // Read whole, the layer became local by reads alone: served without FUSE
+            // after a quiet second.
             assert_same_tree(&layer.extracted, &mnt, &layer.headers);
-            let now = m.serve_locally_now(&local).unwrap();
-            assert!(now, "read whole, the layer is local");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while m.local_form().is_none() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "read whole, never served locally"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            assert!(m.serve_locally_now(&local).unwrap(), "already served");
         }
         let form = m.local_form().expect("served without FUSE");
         assert!(is_local_mount(&form.meta));
