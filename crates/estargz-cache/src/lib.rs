@@ -501,10 +501,9 @@ impl ChunkCache {
 
     /// Links the cached file of `digest` at `dest` (a hard link: `dest` must be on the
     /// cache's file system), once this process has verified it ([`ChunkCache::open_verified`]).
-    /// The link keeps the content on disk after the cache evicts it, for as long as the
-    /// link exists (a layer served from local files without FUSE, see `estargz-layerfs`);
-    /// the cache no longer counts it then. `Ok(false)` if the chunk is not cached or its
-    /// file is damaged.
+    /// While the link exists (a layer served from local files without FUSE, see
+    /// `estargz-layerfs`) the cache keeps the file and counts it: eviction passes it over.
+    /// `Ok(false)` if the chunk is not cached or its file is damaged.
     pub fn link_verified(&self, digest: &Sha256Digest, dest: &Path) -> std::io::Result<bool> {
         let Some(file) = self.open_verified(digest) else {
             return Ok(false);
@@ -672,22 +671,40 @@ impl ChunkCache {
         result
     }
 
+    /// Removes least recently used files until the cache holds at most `cap` bytes. A file
+    /// linked elsewhere too ([`ChunkCache::link_verified`]: a layer served without FUSE)
+    /// frees nothing when removed, and its bytes stay on disk while the cache would forget
+    /// them (a later miss fetching them again): it is kept, counted, and moved to the most
+    /// recently used end, as the mounted layer uses it. If only such files are left, the
+    /// cache stays over `cap` until their layers are unmounted.
     fn evict_to(&self, cap: u64) {
+        use std::os::unix::fs::MetadataExt;
+        let mut kept = 0usize;
         loop {
-            let victim = {
+            let (victim, entry) = {
                 let mut idx = lock(&self.index);
-                if idx.usage <= cap {
+                if idx.usage <= cap || kept >= idx.lru.len() {
                     return;
                 }
                 match idx.lru.pop_lru() {
                     Some((d, e)) => {
                         idx.usage -= e.size;
-                        d
+                        (d, e)
                     }
                     None => return,
                 }
             };
-            let _ = fs::remove_file(self.path_of(&victim));
+            let path = self.path_of(&victim);
+            if fs::symlink_metadata(&path).is_ok_and(|m| m.nlink() > 1) {
+                let mut idx = lock(&self.index);
+                if !idx.lru.contains(&victim) {
+                    idx.usage += entry.size;
+                    idx.lru.put(victim, entry);
+                }
+                kept += 1;
+                continue;
+            }
+            let _ = fs::remove_file(path);
             self.counters.evictions.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -568,3 +568,51 @@ fn files_of_several_chunks_are_assembled_once_checked_and_evicted_like_chunks() 
     let tiny = open(dir.path(), 6000);
     assert!(tiny.stats().usage_bytes <= 6000);
 }
+
+#[test]
+fn files_linked_by_a_mounted_layer_are_kept_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 2500);
+    let (a, da) = chunk(1, 1000);
+    let (b, db) = chunk(2, 1000);
+    cache.insert(&a, &da);
+    cache.insert(&b, &db);
+    // `a` is linked (as a layer served without FUSE links it) and the least recently used.
+    let links = dir.path().join("layer-data");
+    std::fs::create_dir(&links).unwrap();
+    assert!(cache.link_verified(&a, &links.join("a")).unwrap());
+    let (c, dc) = chunk(3, 1000);
+    cache.insert(&c, &dc);
+    // Removing `a` would free nothing: `b` goes instead.
+    assert!(cache.contains(&a), "linked file kept");
+    assert!(!cache.contains(&b), "the next least recently used evicted");
+    assert!(file_of(dir.path(), &a).exists());
+    assert!(!file_of(dir.path(), &b).exists());
+    assert_eq!(
+        cache.stats().usage_bytes,
+        2000,
+        "the linked file is counted"
+    );
+    assert_eq!(cache.get(&a).as_deref(), Some(&da[..]));
+    // Both files linked: a new chunk is what goes.
+    assert!(cache.link_verified(&c, &links.join("c")).unwrap());
+    let (d, dd) = chunk(4, 1000);
+    cache.insert(&d, &dd);
+    assert!(cache.contains(&a) && cache.contains(&c) && !cache.contains(&d));
+    assert_eq!(cache.stats().usage_bytes, 2000);
+    // Reopened with a cap below them: kept, over the cap, until unlinked.
+    drop(cache);
+    let cache = open(dir.path(), 1500);
+    assert!(cache.contains(&a) && cache.contains(&c));
+    assert_eq!(cache.stats().usage_bytes, 2000);
+    drop(cache);
+    let cache = open(dir.path(), 2500);
+    // Unlinked (the layer unmounted): evicted like any file.
+    std::fs::remove_dir_all(&links).unwrap();
+    let (e, de) = chunk(5, 1000);
+    cache.insert(&e, &de);
+    cache.insert(&d, &dd);
+    let s = cache.stats();
+    assert!(s.usage_bytes <= 2500, "{s:?}");
+    assert!(cache.contains(&d) && cache.contains(&e));
+}
