@@ -15,6 +15,9 @@ regular file start to end, page cache dropped before each, from:
   data         the same content files the warm mount redirects to, read directly, in the
                same order (path order of the tree)
   data-inode   those files in the order of their inode numbers
+  small-big    those files, the files of less than a chunk (4 MiB) first, in path order,
+               then the larger ones (assembled from their chunks when the layer was built)
+  native-small-big  the unpacked files in that order
 
 and sums, for `native` and `data` in path order, the distance on the disk between the end
 of one file's extents and the start of the next (`filefrag`), in 4 KiB blocks. Prints the
@@ -34,7 +37,8 @@ from benchlib import (ESTARGZ, IMAGES, Link, arguments, drop_caches, push_image,
                       start, unpacked)
 from reads import Mount, files_of, read_seq  # noqa: E402
 
-MODES = ("native", "warm", "data", "data-inode")
+MODES = ("native", "warm", "data", "data-inode", "small-big", "native-small-big")
+CHUNK = 4 << 20
 
 
 def seek_blocks(paths):
@@ -85,6 +89,17 @@ def main():
                 content = [data / os.getxattr(meta / rel, "trusted.overlay.redirect")
                            .decode().lstrip("/") for rel, _ in files]
                 by_inode = sorted(content, key=lambda p: p.stat().st_ino)
+
+                def small_then_big(paths):
+                    sized = list(zip(paths, (size for _, size in files)))
+                    return ([p for p, size in sized if size < CHUNK]
+                            + [p for p, size in sized if size >= CHUNK])
+                orders = {
+                    "data": content,
+                    "data-inode": by_inode,
+                    "small-big": small_then_big(content),
+                    "native-small-big": small_then_big([native / rel for rel, _ in files]),
+                }
                 layout = {
                     "native": seek_blocks([native / rel for rel, _ in files]),
                     "data": seek_blocks(content),
@@ -97,8 +112,7 @@ def main():
                         elif mode == "warm":
                             n, secs = read_seq(m.dir, files)
                         else:
-                            paths = content if mode == "data" else by_inode
-                            n, secs = read_seq(Path("/"), [(p, 0) for p in paths])
+                            n, secs = read_seq(Path("/"), [(p, 0) for p in orders[mode]])
                         samples.append({"mode": mode, "seconds": secs, "bytes": n})
                         print(f"# {mode}: {secs:.3f}s", file=sys.stderr, flush=True)
             finally:
