@@ -814,6 +814,7 @@ impl Inner {
         if self.is_closed() || !self.files_local() {
             return Ok(false);
         }
+        crate::local::remove_stale_builds(dir);
         // Its own directory per build: a mount left by a manager that died still uses
         // the files of the one before.
         let nanos = std::time::SystemTime::now()

@@ -160,6 +160,45 @@ pub fn local_mounts_under(dir: &Path) -> Vec<(PathBuf, PathBuf)> {
         .collect()
 }
 
+/// Removes the build directories under `dir` (a layer's target, see
+/// `MountedLayer::serve_locally`) that a process no longer running left unmounted: a build
+/// cut short by a crash, or an `estargz mount` killed before it could clean up. Their hard
+/// links would keep the chunk cache from evicting those files. Directories of running
+/// processes (named `PID-NANOS`) and mounted ones (containers may use them) are kept.
+pub(crate) fn remove_stale_builds(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mounted: Vec<PathBuf> = local_mounts_under(dir)
+        .into_iter()
+        .filter_map(|(_, image)| image.parent().map(Path::to_path_buf))
+        .collect();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let pid = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<libc::pid_t>().ok());
+        let Some(pid) = pid.filter(|&p| p > 0) else {
+            continue;
+        };
+        let canonical = path.canonicalize().unwrap_or_else(|_| path.clone());
+        if mounted.contains(&canonical) || is_running(pid) {
+            continue;
+        }
+        tracing::info!(dir = %path.display(), "removing a stale build of a local layer");
+        let _ = std::fs::remove_dir_all(&path);
+    }
+}
+
+/// Whether process `pid` exists (it may belong to another user).
+fn is_running(pid: libc::pid_t) -> bool {
+    // SAFETY: signal 0 only checks that the process exists and may be signalled.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
 /// The layer served without FUSE from images built under `dir` (the directory given to
 /// `MountedLayer::serve_locally`): its newest mount, and the data directory its overlay
 /// needs after it. `None` while it is served through FUSE only.

@@ -786,6 +786,19 @@ fn a_layer_whose_content_is_local_is_served_without_fuse() {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
         } else {
+            // Builds left unmounted by a process that is gone (their hard links would
+            // pin cache files) are removed at the next build; a running process's stay.
+            let gone = {
+                let mut child = std::process::Command::new("true").spawn().unwrap();
+                child.wait().unwrap();
+                child.id()
+            };
+            let stale = local.join(format!("{gone}-1"));
+            let running = local.join(format!("{}-1", std::process::id()));
+            for d in [&stale, &running] {
+                std::fs::create_dir_all(d.join("data")).unwrap();
+                std::fs::write(d.join("data").join("x"), b"x").unwrap();
+            }
             // Asked before anything is local, without a background fetch: nothing happens.
             m.serve_locally(&local);
             std::thread::sleep(std::time::Duration::from_millis(200));
@@ -802,6 +815,9 @@ fn a_layer_whose_content_is_local_is_served_without_fuse() {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
             assert!(m.serve_locally_now(&local).unwrap(), "already served");
+            assert!(!stale.exists(), "a dead process's build was left");
+            assert!(running.join("data").join("x").exists());
+            std::fs::remove_dir_all(&running).unwrap();
         }
         let form = m.local_form().expect("served without FUSE");
         assert!(is_local_mount(&form.meta));
