@@ -1130,6 +1130,20 @@ fn local_mounts(d: &Daemon) -> usize {
 /// snapshots removes those mounts too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layers_fetched_whole_reach_new_containers_without_fuse() {
+    reach_new_containers_without_fuse("", false).await;
+}
+
+/// The same without a background fetch: a container that read every file through FUSE
+/// has made the layers local, and the next container gets them without FUSE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_read_whole_reach_new_containers_without_fuse() {
+    reach_new_containers_without_fuse("[fetch]\nbackground = false\n", true).await;
+}
+
+/// Prepares the two layers of an image lazily on a daemon with `config`; with `read_first`,
+/// mounts a first container (the FUSE layers) and reads every file through it; then checks
+/// that both layers come to be served without FUSE and what a new container reads.
+async fn reach_new_containers_without_fuse(config: &str, read_first: bool) {
     let reg = TestRegistry::start(None);
     let reference = format!("{}/local/app:v1", reg.addr);
     let image: ImageRef = reference.parse().unwrap();
@@ -1138,7 +1152,7 @@ async fn layers_fetched_whole_reach_new_containers_without_fuse() {
     let second = estargz_testutil::one_file_tar("srv/second.txt", b"second layer\n");
     let (digest2, toc_digest2) = push_layer(&image, &second).await;
     let layers = format!("{digest},{digest2}");
-    let d = Daemon::start("");
+    let d = Daemon::start(config);
     let mut c = d.client().await;
     let l1 = cri_labels(
         "sha256:chain1",
@@ -1156,6 +1170,29 @@ async fn layers_fetched_whole_reach_new_containers_without_fuse() {
         toc_digest2.as_str(),
     );
     prepare_lazily(&mut c, &d, "k8s.io/1/extract-2", "sha256:chain1", l2).await;
+    let mut keys = vec!["k8s.io/2/container", "sha256:chain2", "sha256:chain1"];
+    if read_first {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(local_mounts(&d), 0, "local before any read");
+        let m = prepare(&mut c, "k8s.io/2/reader", "sha256:chain2", HashMap::new())
+            .await
+            .unwrap();
+        keys.insert(0, "k8s.io/2/reader");
+        let root = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &m[0].options.join(",")])
+            .arg(root.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting {m:?}");
+        let files = read_like_tar(root.path(), &tar);
+        let second = std::fs::read(root.path().join("srv/second.txt"));
+        let _ = std::process::Command::new("umount")
+            .arg(root.path())
+            .status();
+        assert!(files.unwrap() > 10);
+        assert_eq!(second.unwrap(), b"second layer\n");
+    }
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while local_mounts(&d) < 2 {
         assert!(
@@ -1205,6 +1242,5 @@ async fn layers_fetched_whole_reach_new_containers_without_fuse() {
     assert!(files > 10, "only {files} files checked");
     assert_eq!(second_read.unwrap(), b"second layer\n");
     assert_eq!(appended.unwrap(), b"second layer\nmore\n");
-    let keys = ["k8s.io/2/container", "sha256:chain2", "sha256:chain1"];
     remove_leaving_no_mount(&mut c, &d, &keys).await;
 }
