@@ -18,6 +18,9 @@ regular file start to end, page cache dropped before each, from:
   small-big    those files, the files of less than a chunk (4 MiB) first, in path order,
                then the larger ones (assembled from their chunks when the layer was built)
   native-small-big  the unpacked files in that order
+  native-tar, warm-tar  `tar -cf - .` of the unpacked files and of the warm mount, piped
+               to `wc -c`: every file in the order tar walks them (each directory's
+               entries as `readdir` gives them: hash order on ext4, name order on EROFS)
 
 and sums, for `native` and `data` in path order, the distance on the disk between the end
 of one file's extents and the start of the next (`filefrag`), in 4 KiB blocks. Prints the
@@ -30,6 +33,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,7 +41,8 @@ from benchlib import (ESTARGZ, IMAGES, Link, arguments, drop_caches, push_image,
                       start, unpacked)
 from reads import Mount, files_of, read_seq  # noqa: E402
 
-MODES = ("native", "warm", "data", "data-inode", "small-big", "native-small-big")
+MODES = ("native", "warm", "data", "data-inode", "small-big", "native-small-big",
+         "native-tar", "warm-tar")
 CHUNK = 4 << 20
 
 
@@ -56,6 +61,15 @@ def seek_blocks(paths):
                 prev = last + 1
                 extents += 1
     return total, extents
+
+
+def tar_read(root):
+    """Bytes of `tar -cf - .` in ROOT (piped: GNU tar skips reading when writing to
+    /dev/null) and the seconds it took."""
+    t0 = time.perf_counter()
+    out = subprocess.run(["bash", "-c", f"tar -C '{root}' -cf - . | wc -c"],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip()), time.perf_counter() - t0
 
 
 def main():
@@ -111,6 +125,8 @@ def main():
                             n, secs = read_seq(native, files)
                         elif mode == "warm":
                             n, secs = read_seq(m.dir, files)
+                        elif mode.endswith("-tar"):
+                            n, secs = tar_read(native if mode == "native-tar" else m.dir)
                         else:
                             n, secs = read_seq(Path("/"), [(p, 0) for p in orders[mode]])
                         samples.append({"mode": mode, "seconds": secs, "bytes": n})
