@@ -531,6 +531,8 @@ impl Inner {
         let spawned = std::thread::Builder::new()
             .name("estargz-assemble".into())
             .spawn(move || {
+                // A copy of up to gigabytes: behind the containers' own reads and writes.
+                yield_to_containers();
                 let started = std::time::Instant::now();
                 let done = me.cache.assemble(&digest, &parts).is_some();
                 tracing::debug!(file = %digest, done, ms = started.elapsed().as_millis() as u64,
@@ -592,6 +594,26 @@ impl Inner {
         }
         o.cached += 1;
         None
+    }
+}
+
+/// Puts the calling thread behind the node's containers: nice 10 for the CPU, and the idle
+/// I/O class for the disk (which the mq-deadline and BFQ schedulers honour), for work that
+/// copies or hashes whole files while containers may be starting.
+fn yield_to_containers() {
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const IOPRIO_CLASS_IDLE: libc::c_long = 3;
+    const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
+    // SAFETY: plain calls about this thread's own ID, with integer arguments.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS as _, tid as _, 10);
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            tid as libc::c_long,
+            IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT,
+        );
     }
 }
 
@@ -740,11 +762,8 @@ impl Inner {
             .name("estargz-local".into())
             .spawn(move || {
                 // Hashing and copying can wait for containers to start: after a quiet
-                // second on the node, and behind their processes for the CPU.
-                // SAFETY: plain calls on this thread's own ID.
-                unsafe {
-                    libc::setpriority(libc::PRIO_PROCESS as _, libc::gettid() as _, 10);
-                }
+                // second on the node, and behind their processes for the CPU and disk.
+                yield_to_containers();
                 loop {
                     me.scheduler
                         .wait_idle(Duration::from_secs(1), || me.is_closed());
@@ -1965,6 +1984,27 @@ pub fn mount(fs: LayerFs, mountpoint: &Path) -> io::Result<MountedLayer> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn work_that_yields_to_containers_runs_at_nice_10_and_idle_io() {
+        let (nice, ioprio) = std::thread::spawn(|| {
+            yield_to_containers();
+            // SAFETY: plain queries about this thread's own ID.
+            unsafe {
+                let tid = libc::gettid();
+                *libc::__errno_location() = 0;
+                let nice = libc::getpriority(libc::PRIO_PROCESS as _, tid as _);
+                (
+                    nice,
+                    libc::syscall(libc::SYS_ioprio_get, 1, tid as libc::c_long),
+                )
+            }
+        })
+        .join()
+        .unwrap();
+        assert_eq!(nice, 10);
+        assert_eq!(ioprio >> 13, 3, "I/O class (ioprio {ioprio})");
+    }
 
     #[test]
     fn near_end_calls_once_a_round_trip_before_the_end() {
