@@ -833,13 +833,7 @@ impl Inner {
         if self.is_closed() || !self.files_local() {
             return Ok(false);
         }
-        crate::local::remove_stale_builds(dir);
-        // Its own directory per build: a mount left by a manager that died still uses
-        // the files of the one before.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let dir = dir.join(format!("{}-{nanos}", std::process::id()));
+        let dir = crate::local::new_build_dir(dir);
         // A chunk evicted since the check ends the build here.
         let layer = match self.build_local(&dir) {
             Err(crate::local::LocalError::NotLocal(_)) => return Ok(false),

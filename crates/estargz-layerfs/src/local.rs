@@ -160,12 +160,24 @@ pub fn local_mounts_under(dir: &Path) -> Vec<(PathBuf, PathBuf)> {
         .collect()
 }
 
-/// Removes the build directories under `dir` (a layer's target, see
-/// `MountedLayer::serve_locally`) that a process no longer running left unmounted: a build
-/// cut short by a crash, or an `estargz mount` killed before it could clean up. Their hard
-/// links would keep the chunk cache from evicting those files. Directories of running
-/// processes (named `PID-NANOS`) and mounted ones (containers may use them) are kept.
-pub(crate) fn remove_stale_builds(dir: &Path) {
+/// A directory under `dir` (a layer's target, see `MountedLayer::serve_locally`) for a new
+/// build, named `PID-NANOS` (not created): its own per build, since a mount left by a
+/// manager that died still uses the files of the one before. The builds a process no
+/// longer running left unmounted are removed first ([`remove_stale_builds`]).
+pub(crate) fn new_build_dir(dir: &Path) -> PathBuf {
+    remove_stale_builds(dir);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    dir.join(format!("{}-{nanos}", std::process::id()))
+}
+
+/// Removes the build directories under `dir` (named as [`new_build_dir`] names them) that
+/// a process no longer running left unmounted: a build cut short by a crash, or an
+/// `estargz mount` killed before it could clean up. Their hard links would keep the chunk
+/// cache from evicting those files. Directories of running processes and mounted ones
+/// (containers may use them) are kept.
+fn remove_stale_builds(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
