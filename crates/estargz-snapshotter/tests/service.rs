@@ -229,6 +229,30 @@ fn read_like_tar(root: &Path, tar: &[u8]) -> Result<usize, String> {
     Ok(files)
 }
 
+/// Mounts `mounts` (an overlay, as containerd would) on a temporary directory, runs `f` on
+/// it, and unmounts it before returning what `f` gave: checks made on the result afterwards
+/// leave no mount behind when they fail.
+fn with_mounted<T>(mounts: &[estargz_api::types::Mount], f: impl FnOnce(&Path) -> T) -> T {
+    let root = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            &mounts[0].options.join(","),
+        ])
+        .arg(root.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "mounting {mounts:?}");
+    let got = f(root.path());
+    let _ = std::process::Command::new("umount")
+        .arg(root.path())
+        .status();
+    got
+}
+
 /// Removes snapshots `keys`, then checks that nothing is mounted under the daemon's root.
 async fn remove_leaving_no_mount(c: &mut SnapshotsClient<Channel>, d: &Daemon, keys: &[&str]) {
     for key in keys {
@@ -650,13 +674,6 @@ async fn cri_labels_mount_lazily_and_survive_a_node_restart_without_the_registry
     // The view is an overlay (the lazy layer is mounted nosuid): mounted as containerd
     // would, it shows the layer.
     assert_eq!(v[0].r#type, "overlay", "{v:?}");
-    let shown = tempfile::tempdir().unwrap();
-    let status = std::process::Command::new("mount")
-        .args(["-t", "overlay", "overlay", "-o", &v[0].options.join(",")])
-        .arg(shown.path())
-        .status()
-        .unwrap();
-    assert!(status.success(), "mounting the view {v:?}");
     let listed = |p: &Path| {
         let mut names: Vec<_> = std::fs::read_dir(p)
             .unwrap()
@@ -665,10 +682,7 @@ async fn cri_labels_mount_lazily_and_survive_a_node_restart_without_the_registry
         names.sort();
         names
     };
-    let (through_view, direct) = (listed(shown.path()), listed(&lower));
-    let _ = std::process::Command::new("umount")
-        .arg(shown.path())
-        .status();
+    let (through_view, direct) = (with_mounted(&v, listed), listed(&lower));
     assert_eq!(through_view, direct);
     let check = |lower: &Path| {
         let files = read_like_tar(lower, &tar).unwrap();
@@ -1178,18 +1192,12 @@ async fn reach_new_containers_without_fuse(config: &str, read_first: bool) {
             .await
             .unwrap();
         keys.insert(0, "k8s.io/2/reader");
-        let root = tempfile::tempdir().unwrap();
-        let status = std::process::Command::new("mount")
-            .args(["-t", "overlay", "overlay", "-o", &m[0].options.join(",")])
-            .arg(root.path())
-            .status()
-            .unwrap();
-        assert!(status.success(), "mounting {m:?}");
-        let files = read_like_tar(root.path(), &tar);
-        let second = std::fs::read(root.path().join("srv/second.txt"));
-        let _ = std::process::Command::new("umount")
-            .arg(root.path())
-            .status();
+        let (files, second) = with_mounted(&m, |root| {
+            (
+                read_like_tar(root, &tar),
+                std::fs::read(root.join("srv/second.txt")),
+            )
+        });
         assert!(files.unwrap() > 10);
         assert_eq!(second.unwrap(), b"second layer\n");
     }
@@ -1220,24 +1228,18 @@ async fn reach_new_containers_without_fuse(config: &str, read_first: bool) {
         2,
         "two data directories: {lower}"
     );
-    let root = tempfile::tempdir().unwrap();
-    let status = std::process::Command::new("mount")
-        .args(["-t", "overlay", "overlay", "-o", &m[0].options.join(",")])
-        .arg(root.path())
-        .status()
-        .unwrap();
-    assert!(status.success(), "mounting {m:?}");
-    // Checked once unmounted, so that a failure leaves no mount behind.
-    let files = read_like_tar(root.path(), &tar);
-    let second_read = std::fs::read(root.path().join("srv/second.txt"));
-    let appended = std::fs::OpenOptions::new()
-        .append(true)
-        .open(root.path().join("srv/second.txt"))
-        .and_then(|mut f| std::io::Write::write_all(&mut f, b"more\n"))
-        .and_then(|()| std::fs::read(root.path().join("srv/second.txt")));
-    let _ = std::process::Command::new("umount")
-        .arg(root.path())
-        .status();
+    let (files, second_read, appended) = with_mounted(&m, |root| {
+        let second = root.join("srv/second.txt");
+        (
+            read_like_tar(root, &tar),
+            std::fs::read(&second),
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&second)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, b"more\n"))
+                .and_then(|()| std::fs::read(&second)),
+        )
+    });
     let files = files.unwrap();
     assert!(files > 10, "only {files} files checked");
     assert_eq!(second_read.unwrap(), b"second layer\n");
