@@ -13,7 +13,8 @@ regular file start to end, page cache dropped before each, from:
   native       the unpacked files
   warm         the warm mount (overlayfs over the EROFS image and the data directory)
   data         the same content files the warm mount redirects to, read directly, in the
-               same order (path order of the tree)
+               same order (path order of the tree); small files the image holds itself
+               (3 KiB or less) read from the image's mount
   data-inode   those files in the order of their inode numbers
   small-big    those files, the files of less than a chunk (4 MiB) first, in path order,
                then the larger ones (assembled from their chunks when the layer was built)
@@ -100,8 +101,13 @@ def main():
                     raise RuntimeError(f"the warm mount is not served without FUSE: {erofs}")
                 meta = Path(erofs[0])
                 data = meta.parent / "data"
-                content = [data / os.getxattr(meta / rel, "trusted.overlay.redirect")
-                           .decode().lstrip("/") for rel, _ in files]
+                def content_of(rel):
+                    try:
+                        to = os.getxattr(meta / rel, "trusted.overlay.redirect")
+                    except OSError:
+                        return meta / rel  # a small file the image holds
+                    return data / to.decode().lstrip("/")
+                content = [content_of(rel) for rel, _ in files]
                 by_inode = sorted(content, key=lambda p: p.stat().st_ino)
 
                 def small_then_big(paths):

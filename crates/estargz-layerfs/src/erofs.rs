@@ -7,9 +7,9 @@
 //! where writing the metadata takes milliseconds; and the staging tree itself costs a
 //! file, an owner, a mode, times and attributes per entry on disk. The subset written here
 //! is small: uncompressed, 4 KiB blocks, extended (64-byte) inodes, inline extended
-//! attributes only, directories and symlink targets inline after their inode where they
-//! fit in its block (in blocks of their own otherwise), and regular
-//! files as one hole (a chunk-based file whose only chunk is unmapped: it reads as zeros,
+//! attributes only, directories, symlink targets and small files' content inline after
+//! their inode where they fit in its block (in blocks of their own otherwise), and other
+//! regular files as one hole (a chunk-based file whose only chunk is unmapped: it reads as zeros,
 //! overlayfs reads its content from the data layer its redirect names). Layout, from the
 //! kernel's `fs/erofs/erofs_fs.h`: the superblock at byte 1024 of block 0, inodes from
 //! block 1 (`meta_blkaddr`; an inode's `nid` is its offset there / 32, the root's first,
@@ -42,6 +42,9 @@ pub(crate) enum Kind {
     Dir(Vec<(Vec<u8>, usize)>),
     /// A regular file of `size` bytes, all of them a hole (content elsewhere).
     File,
+    /// A regular file whose content the image holds (a small file: right after its inode
+    /// where it fits in the inode's block, in blocks of its own otherwise).
+    Data(Vec<u8>),
     /// A symlink and its target.
     Symlink(Vec<u8>),
     /// A character or block device, fifo or socket, by `mode`; `rdev` for devices.
@@ -183,8 +186,9 @@ fn dir_blocks(entries: &[(&[u8], u64, u8)]) -> Result<(Vec<u8>, u64), ImageError
 /// Writes an image of `inodes` (the root is `inodes[0]`) to `out`.
 pub(crate) fn write(inodes: &[Inode], out: &mut impl Write) -> Result<(), ImageError> {
     // Inode placement: each 32-byte aligned, not crossing a block where it fits in one.
-    // A directory or symlink whose data fits in the inode's block keeps it there, right
-    // after the inode and its attributes (`FLAT_INLINE`): one block read less per lookup.
+    // A directory, symlink or small file whose data fits in the inode's block keeps it
+    // there, right after the inode and its attributes (`FLAT_INLINE`): one block read less
+    // per lookup.
     let mut areas = Vec::with_capacity(inodes.len());
     let mut nids = Vec::with_capacity(inodes.len());
     let mut at = 0u64; // offset in the inode area
@@ -197,7 +201,7 @@ pub(crate) fn write(inodes: &[Inode], out: &mut impl Write) -> Result<(), ImageE
                 let named: u64 = children.iter().map(|(n, _)| 12 + n.len() as u64).sum();
                 named + (12 + 1) + (12 + 2)
             }
-            Kind::Symlink(target) => target.len() as u64,
+            Kind::Symlink(bytes) | Kind::Data(bytes) => bytes.len() as u64,
             _ => 0,
         };
         let fixed = INODE_SIZE + xattrs.len() as u64 + if map { 4 } else { 0 };
@@ -211,7 +215,7 @@ pub(crate) fn write(inodes: &[Inode], out: &mut impl Write) -> Result<(), ImageE
         at = (at + len).next_multiple_of(32);
     }
     let meta_blocks = at.div_ceil(BLOCK).max(1);
-    // Data blocks of directories and symlinks, after the inodes.
+    // Data blocks of directories, symlinks and files with content, after the inodes.
     let mut data: Vec<u8> = Vec::new();
     let mut placed = Vec::with_capacity(inodes.len()); // (blkaddr, size) per inode
     let first_data = 1 + meta_blocks;
@@ -248,14 +252,14 @@ pub(crate) fn write(inodes: &[Inode], out: &mut impl Write) -> Result<(), ImageE
                 }
                 size
             }
-            Kind::Symlink(target) if inline => {
-                inline_data[i] = target.clone();
-                target.len() as u64
+            Kind::Symlink(bytes) | Kind::Data(bytes) if inline => {
+                inline_data[i] = bytes.clone();
+                bytes.len() as u64
             }
-            Kind::Symlink(target) => {
-                data.extend_from_slice(target);
+            Kind::Symlink(bytes) | Kind::Data(bytes) => {
+                data.extend_from_slice(bytes);
                 data.resize(data.len().next_multiple_of(BLOCK as usize), 0);
-                target.len() as u64
+                bytes.len() as u64
             }
             Kind::File => inode.size,
             Kind::Special(_) => 0,
@@ -289,8 +293,8 @@ pub(crate) fn write(inodes: &[Inode], out: &mut impl Write) -> Result<(), ImageE
             _ => LAYOUT_FLAT_PLAIN,
         };
         let i_u: u32 = match &inode.kind {
-            Kind::Dir(_) | Kind::Symlink(_) if *inline => 0,
-            Kind::Dir(_) | Kind::Symlink(_) => {
+            Kind::Dir(_) | Kind::Symlink(_) | Kind::Data(_) if *inline => 0,
+            Kind::Dir(_) | Kind::Symlink(_) | Kind::Data(_) => {
                 u32::try_from(blkaddr).map_err(|_| ImageError::TooLarge)?
             }
             // One chunk covering the file: chunkbits - blkszbits in the low 5 bits.

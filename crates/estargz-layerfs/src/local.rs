@@ -8,9 +8,9 @@
 //!
 //! - an EROFS image of the layer's metadata, written from the layer's inode table (`erofs`):
 //!   directories, names, modes, owners, times, extended attributes, links, devices and
-//!   whiteouts as the FUSE layer shows them; each non-empty regular file is a hole of its
-//!   size with overlayfs's `trusted.overlay.metacopy` and
-//!   `trusted.overlay.redirect = /<sha256>`;
+//!   whiteouts as the FUSE layer shows them; a small regular file (3 KiB or less) with its
+//!   content, after its inode; each larger one is a hole of its size with overlayfs's
+//!   `trusted.overlay.metacopy` and `trusted.overlay.redirect = /<sha256>`;
 //! - a data directory holding the files those redirects name, by the sha256 of their
 //!   content: hard links to the cache's verified chunk files (a file of one chunk) and
 //!   assembled files (a file of several),
@@ -41,6 +41,13 @@ use estargz_format::Sha256Digest;
 
 use crate::fs::Inner;
 use crate::tree::NodeKind;
+
+/// Regular files of at most this many bytes are held in the image itself, after their
+/// inode, rather than redirected to the data directory: opening one then costs no lookup in
+/// the data directory and no second inode, and its bytes come with the block its inode is
+/// read from (a whole-tree read of the gcc image opens about a thousand such files). The
+/// image grows by their size; the cache's copies stay where they are.
+const INLINE_FILE_MAX: u64 = 3 << 10;
 
 /// `f_type` of an EROFS mount (`EROFS_SUPER_MAGIC_V1`): how a layer served locally is
 /// told from a FUSE one ([`is_local_mount`]).
@@ -297,6 +304,20 @@ impl Inner {
         }
     }
 
+    /// The content of a small regular file (one chunk), read from the cache's verified
+    /// files, for the image to hold.
+    fn small_file(&self, ino: u64, node: &crate::tree::Node) -> Result<Vec<u8>, LocalError> {
+        let not_local = || LocalError::NotLocal(self.tree().path(ino));
+        let (digest, None) = self.local_digest(ino, node).ok_or_else(not_local)? else {
+            return Err(not_local());
+        };
+        let content = self.cache().get(&digest).ok_or_else(not_local)?;
+        if content.len() as u64 != node.size {
+            return Err(not_local());
+        }
+        Ok(content.to_vec())
+    }
+
     /// The inodes the layer shows, each once, the root first, in the order the image
     /// holds them (as mkfs.erofs writes them: a directory's entries together, then each
     /// subdirectory's in turn, depth first; a walk of the tree reads the image's blocks
@@ -406,6 +427,9 @@ impl Inner {
                         .map(|(name, child)| (name.as_bytes().to_vec(), index[&child]))
                         .collect();
                     (libc::S_IFDIR, Kind::Dir(children))
+                }
+                NodeKind::File if node.size > 0 && node.size <= INLINE_FILE_MAX => {
+                    (libc::S_IFREG, Kind::Data(self.small_file(ino, node)?))
                 }
                 NodeKind::File => {
                     if node.size > 0 {
