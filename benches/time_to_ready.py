@@ -158,6 +158,51 @@ def prepare_images(reg, work, workloads, modes):
     return sizes, opened, optimized
 
 
+def resolve_in(root, name, depth=0):
+    """NAME, an absolute path in the image unpacked at ROOT, with its symlinks followed as
+    the container sees them (an absolute target is inside the image, not on the host), as
+    a path relative to ROOT."""
+    parts, done = [p for p in name.split("/") if p and p != "."], []
+    while parts and depth < 40:
+        part = parts.pop(0)
+        if part == "..":
+            done = done[:-1]
+            continue
+        link = root.joinpath(*done, part)
+        if link.is_symlink():
+            depth += 1
+            target = os.readlink(link)
+            if target.startswith("/"):
+                done = []
+            parts = [p for p in target.split("/") if p and p != "."] + parts
+        else:
+            done.append(part)
+    return "/".join(done)
+
+
+def elf_interpreter(path):
+    """The program interpreter (PT_INTERP) the ELF file at PATH names, or None."""
+    import struct
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if head[:4] != b"\x7fELF" or head[4] != 2:  # 64-bit only, as the images
+                return None
+            phoff, = struct.unpack_from("<Q", head, 32)
+            phentsize, phnum = struct.unpack_from("<HH", head, 54)
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+            for i in range(phnum):
+                p_type, _, p_offset, _, _, p_filesz = struct.unpack_from(
+                    "<IIQQQQ", table, i * phentsize)
+                if p_type == 3:
+                    f.seek(p_offset)
+                    return f.read(p_filesz).rstrip(b"\0").decode()
+    except (OSError, struct.error, UnicodeDecodeError):
+        return None
+    return None
+
+
 def record_prioritized(reg, work, wl, orig):
     """The files of the image that the workload opens, in order, from a profiling run of it
     (strace, chroot into the unpacked image): the prioritized files of the *-prio modes.
@@ -182,13 +227,14 @@ def record_prioritized(reg, work, wl, orig):
         started = started or ("execve(" in line and m.group(1) == command[0])
         if not started:
             continue
-        path = Path(str(root) + os.path.normpath(m.group(1)))
-        real = Path(os.path.realpath(path))
-        for p in (path, real):
-            try:
-                rel = str(p.relative_to(root))
-            except ValueError:
-                continue
+        # The file opened, and for an executable the loader the kernel opens for it (not a
+        # system call strace sees; profilers that watch opens, as fanotify does, see it).
+        opened = [m.group(1)]
+        if "execve(" in line:
+            opened += [i for i in [elf_interpreter(root / resolve_in(root, m.group(1)))] if i]
+        for name in opened:
+            rel = resolve_in(root, name)
+            p = root / rel
             if rel in in_image and p.is_file() and not p.is_symlink() and rel not in seen:
                 seen.add(rel)
                 files.append(rel)
