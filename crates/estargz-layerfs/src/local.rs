@@ -48,6 +48,10 @@ use crate::tree::NodeKind;
 /// read from (a whole-tree read of the gcc image opens about a thousand such files). The
 /// image grows by their size; the cache's copies stay where they are.
 const INLINE_FILE_MAX: u64 = 3 << 10;
+/// At most this many bytes of small files are held in one layer's image: the build keeps
+/// them in memory until the image is written, and a layer of a million small files (a
+/// `node_modules` tree) must not cost the daemon gigabytes. Files beyond are redirected.
+const INLINE_LAYER_MAX: u64 = 32 << 20;
 
 /// `f_type` of an EROFS mount (`EROFS_SUPER_MAGIC_V1`): how a layer served locally is
 /// told from a FUSE one ([`is_local_mount`]).
@@ -408,6 +412,7 @@ impl Inner {
         let mut inodes = Vec::with_capacity(order.len());
         // Content already linked into `data`.
         let mut names: std::collections::HashSet<Sha256Digest> = Default::default();
+        let mut inlined = 0u64;
         for &ino in &order {
             let node = tree
                 .node(ino)
@@ -428,7 +433,12 @@ impl Inner {
                         .collect();
                     (libc::S_IFDIR, Kind::Dir(children))
                 }
-                NodeKind::File if node.size > 0 && node.size <= INLINE_FILE_MAX => {
+                NodeKind::File
+                    if node.size > 0
+                        && node.size <= INLINE_FILE_MAX
+                        && inlined + node.size <= INLINE_LAYER_MAX =>
+                {
+                    inlined += node.size;
                     (libc::S_IFREG, Kind::Data(self.small_file(ino, node)?))
                 }
                 NodeKind::File => {

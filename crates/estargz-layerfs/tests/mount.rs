@@ -915,6 +915,61 @@ fn a_layer_whose_content_is_local_is_served_without_fuse() {
     }
 }
 
+/// A local layer's image holds small files up to 32 MiB of them in all (the build keeps
+/// them in memory); the rest are redirected to the data directory like larger files, and
+/// every file reads as in the tar either way.
+#[test]
+fn a_local_layer_holds_at_most_32_mib_of_small_files_in_its_image() {
+    const FILES: usize = 12_000;
+    const SIZE: usize = 3 << 10;
+    let mut b = tar::Builder::new(Vec::new());
+    for i in 0..FILES {
+        let mut data = format!("{i:08}").into_bytes().repeat(SIZE / 8);
+        data.truncate(SIZE);
+        let mut h = tar::Header::new_gnu();
+        h.set_size(SIZE as u64);
+        h.set_mode(0o644);
+        h.set_mtime(1_700_000_000);
+        h.set_cksum();
+        b.append_data(&mut h, format!("d{}/f{i:05}", i % 16), &data[..])
+            .unwrap();
+    }
+    let tar = b.into_inner().unwrap();
+    let mut layer = mount_layer_with(tar, &ConvertOptions::default(), &on_demand_only(true));
+    let mnt = layer.mountpoint();
+    assert_same_tree(&layer.extracted, &mnt, &layer.headers);
+    let m = layer.mounted.as_ref().unwrap();
+    let local = layer._dir.path().join("cache").join("local");
+    assert!(m.serve_locally_now(&local).unwrap());
+    let form = m.local_form().unwrap();
+    drop_caches();
+    let n = assert_same_tree_in(
+        &layer.extracted,
+        &form.meta,
+        &layer.headers,
+        Some(&form.data),
+    );
+    assert!(n >= FILES, "compared {n} paths");
+    let held = layer
+        .headers
+        .keys()
+        .filter(|name| {
+            let path = form.meta.join(name);
+            path.is_file() && !xattrs(&path).contains_key("trusted.overlay.redirect")
+        })
+        .count();
+    assert_eq!(held, (32 << 20) / SIZE, "files held in the image");
+    let image = std::fs::metadata(form.data.parent().unwrap().join("layer.erofs")).unwrap();
+    // At most a block per file held (a 3 KiB file and its inode leave too little of a
+    // block for another), and little else.
+    assert!(
+        image.len() < (held as u64) * 4096 + (4 << 20),
+        "{} bytes of image",
+        image.len()
+    );
+    layer.mounted.take().unwrap().unmount().unwrap();
+}
+
 /// The EROFS image of a local layer keeps directories whose names sort around `.` and
 /// `..`, span several directory blocks, or are as long as names get; looked up and listed
 /// through the kernel, they read like the tar.
