@@ -1,5 +1,5 @@
-//! A writer of EROFS images holding metadata only, for serving a local layer without FUSE
-//! (see `local`).
+//! A writer of EROFS images holding metadata and small files, for serving a local layer
+//! without FUSE (see `local`).
 //!
 //! Why our own writer rather than `mkfs.erofs` over a staging tree: erofs-utils 1.5 (what
 //! Debian 12 ships) reads and hashes every byte of every file it is given, even of sparse
@@ -9,8 +9,8 @@
 //! is small: uncompressed, 4 KiB blocks, extended (64-byte) inodes, inline extended
 //! attributes only, directories, symlink targets and small files' content inline after
 //! their inode where they fit in its block (in blocks of their own otherwise), and other
-//! regular files as one hole (a chunk-based file whose only chunk is unmapped: it reads as zeros,
-//! overlayfs reads its content from the data layer its redirect names). Layout, from the
+//! regular files as one hole (a chunk-based file whose only chunk is unmapped: it reads as
+//! zeros, overlayfs reads its content from the data layer its redirect names). Layout, from the
 //! kernel's `fs/erofs/erofs_fs.h`: the superblock at byte 1024 of block 0, inodes from
 //! block 1 (`meta_blkaddr`; an inode's `nid` is its offset there / 32, the root's first,
 //! in the order given), then the blocks of larger directories and symlinks.
