@@ -997,6 +997,16 @@ fn a_local_layer_keeps_names_that_sort_around_dots_and_fill_blocks() {
     }
     add(&format!("long/{}", "n".repeat(255)), b"long name");
     add("empty", b"");
+    // A small file whose attributes leave no room for its content in its inode's block:
+    // the image holds it in a block of its own.
+    let big = vec![b'x'; 2000];
+    estargz_testutil::pax(&mut b, &[("SCHILY.xattr.user.big", &big[..])]);
+    let mut h = tar::Header::new_gnu();
+    h.set_size(3000);
+    h.set_mode(0o644);
+    h.set_mtime(1_700_000_000);
+    h.set_cksum();
+    b.append_data(&mut h, "outside", &[b'o'; 3000][..]).unwrap();
     let tar = b.into_inner().unwrap();
     let mut layer = mount_layer_with(tar, &ConvertOptions::default(), &on_demand_only(true));
     let mnt = layer.mountpoint();
@@ -1018,5 +1028,8 @@ fn a_local_layer_keeps_names_that_sort_around_dots_and_fill_blocks() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     assert_eq!(names.len(), 9, "{names:?}");
+    let outside = form.meta.join("outside");
+    assert!(!xattrs(&outside).contains_key("trusted.overlay.redirect"));
+    assert_eq!(std::fs::read(&outside).unwrap(), vec![b'o'; 3000]);
     layer.mounted.take().unwrap().unmount().unwrap();
 }
