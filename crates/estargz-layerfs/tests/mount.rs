@@ -13,7 +13,7 @@ use estargz_cache::{CacheConfig, ChunkCache};
 use estargz_format::{convert, ConvertOptions, EstargzReader, OpenOptions};
 use estargz_layerfs::{
     is_local_mount, local_form_of, mount, FetchOptions, FetchScheduler, FileSource, LayerFs,
-    MountedLayer,
+    LocalForm, MountedLayer,
 };
 use estargz_testutil::{real_rootfs_tar, synthetic_tar, Overlay, SMALL_CHUNK};
 
@@ -915,29 +915,22 @@ fn a_layer_whose_content_is_local_is_served_without_fuse() {
     }
 }
 
-/// A local layer's image holds small files up to 32 MiB of them in all (the build keeps
-/// them in memory); the rest are redirected to the data directory like larger files, and
-/// every file reads as in the tar either way.
-#[test]
-fn a_local_layer_holds_at_most_32_mib_of_small_files_in_its_image() {
-    const FILES: usize = 12_000;
-    const SIZE: usize = 3 << 10;
-    let mut b = tar::Builder::new(Vec::new());
-    for i in 0..FILES {
-        let mut data = format!("{i:08}").into_bytes().repeat(SIZE / 8);
-        data.truncate(SIZE);
-        let mut h = tar::Header::new_gnu();
-        h.set_size(SIZE as u64);
-        h.set_mode(0o644);
-        h.set_mtime(1_700_000_000);
-        h.set_cksum();
-        b.append_data(&mut h, format!("d{}/f{i:05}", i % 16), &data[..])
-            .unwrap();
-    }
-    let tar = b.into_inner().unwrap();
-    let mut layer = mount_layer_with(tar, &ConvertOptions::default(), &on_demand_only(true));
-    let mnt = layer.mountpoint();
-    assert_same_tree(&layer.extracted, &mnt, &layer.headers);
+/// Appends a regular file of mode 0644 to `b`.
+fn add_file(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]) {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_mtime(1_700_000_000);
+    h.set_cksum();
+    b.append_data(&mut h, path, data).unwrap();
+}
+
+/// `tar` mounted (background fetch off), read whole through FUSE and checked, then served
+/// without FUSE at once: the layer, its local form, and how many paths the local form's
+/// check compared (after the page cache was dropped).
+fn served_locally(tar: Vec<u8>) -> (Layer, LocalForm, usize) {
+    let layer = mount_layer_with(tar, &ConvertOptions::default(), &on_demand_only(true));
+    assert_same_tree(&layer.extracted, &layer.mountpoint(), &layer.headers);
     let m = layer.mounted.as_ref().unwrap();
     let local = layer._dir.path().join("cache").join("local");
     assert!(m.serve_locally_now(&local).unwrap());
@@ -949,6 +942,23 @@ fn a_local_layer_holds_at_most_32_mib_of_small_files_in_its_image() {
         &layer.headers,
         Some(&form.data),
     );
+    (layer, form, n)
+}
+
+/// A local layer's image holds small files up to 32 MiB of them in all (the build keeps
+/// them in memory); the rest are redirected to the data directory like larger files, and
+/// every file reads as in the tar either way.
+#[test]
+fn a_local_layer_holds_at_most_32_mib_of_small_files_in_its_image() {
+    const FILES: usize = 12_000;
+    const SIZE: usize = 3 << 10;
+    let mut b = tar::Builder::new(Vec::new());
+    for i in 0..FILES {
+        let mut data = format!("{i:08}").into_bytes().repeat(SIZE / 8);
+        data.truncate(SIZE);
+        add_file(&mut b, &format!("d{}/f{i:05}", i % 16), &data);
+    }
+    let (mut layer, form, n) = served_locally(b.into_inner().unwrap());
     assert!(n >= FILES, "compared {n} paths");
     let held = layer
         .headers
@@ -976,52 +986,26 @@ fn a_local_layer_holds_at_most_32_mib_of_small_files_in_its_image() {
 #[test]
 fn a_local_layer_keeps_names_that_sort_around_dots_and_fill_blocks() {
     let mut b = tar::Builder::new(Vec::new());
-    let mut add = |path: &str, data: &[u8]| {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_mtime(1_700_000_000);
-        h.set_cksum();
-        b.append_data(&mut h, path, data).unwrap();
-    };
     for name in [
         "!bang", "#hash", "+plus", "-dash", ".dot", "..dots", "a", "~tilde", "é",
     ] {
-        add(&format!("odd/{name}"), name.as_bytes());
+        add_file(&mut b, &format!("odd/{name}"), name.as_bytes());
     }
     for i in 0..700 {
-        add(
+        add_file(
+            &mut b,
             &format!("many/entry-number-{i:05}"),
             format!("{i}").as_bytes(),
         );
     }
-    add(&format!("long/{}", "n".repeat(255)), b"long name");
-    add("empty", b"");
+    add_file(&mut b, &format!("long/{}", "n".repeat(255)), b"long name");
+    add_file(&mut b, "empty", b"");
     // A small file whose attributes leave no room for its content in its inode's block:
     // the image holds it in a block of its own.
     let big = vec![b'x'; 2000];
     estargz_testutil::pax(&mut b, &[("SCHILY.xattr.user.big", &big[..])]);
-    let mut h = tar::Header::new_gnu();
-    h.set_size(3000);
-    h.set_mode(0o644);
-    h.set_mtime(1_700_000_000);
-    h.set_cksum();
-    b.append_data(&mut h, "outside", &[b'o'; 3000][..]).unwrap();
-    let tar = b.into_inner().unwrap();
-    let mut layer = mount_layer_with(tar, &ConvertOptions::default(), &on_demand_only(true));
-    let mnt = layer.mountpoint();
-    assert_same_tree(&layer.extracted, &mnt, &layer.headers);
-    let m = layer.mounted.as_ref().unwrap();
-    let local = layer._dir.path().join("cache").join("local");
-    assert!(m.serve_locally_now(&local).unwrap());
-    let form = m.local_form().unwrap();
-    drop_caches();
-    let n = assert_same_tree_in(
-        &layer.extracted,
-        &form.meta,
-        &layer.headers,
-        Some(&form.data),
-    );
+    add_file(&mut b, "outside", &[b'o'; 3000]);
+    let (mut layer, form, n) = served_locally(b.into_inner().unwrap());
     assert!(n > 710, "compared {n} paths");
     let names: Vec<String> = std::fs::read_dir(form.meta.join("odd"))
         .unwrap()
