@@ -52,6 +52,7 @@ import random
 import re
 import shutil
 import statistics
+import struct
 import sys
 import tarfile
 import time
@@ -158,11 +159,11 @@ def prepare_images(reg, work, workloads, modes):
     return sizes, opened, optimized
 
 
-def resolve_in(root, name, depth=0):
+def resolve_in(root, name):
     """NAME, an absolute path in the image unpacked at ROOT, with its symlinks followed as
     the container sees them (an absolute target is inside the image, not on the host), as
     a path relative to ROOT."""
-    parts, done = [p for p in name.split("/") if p and p != "."], []
+    parts, done, depth = [p for p in name.split("/") if p and p != "."], [], 0
     while parts and depth < 40:
         part = parts.pop(0)
         if part == "..":
@@ -182,7 +183,6 @@ def resolve_in(root, name, depth=0):
 
 def elf_interpreter(path):
     """The program interpreter (PT_INTERP) the ELF file at PATH names, or None."""
-    import struct
     try:
         with open(path, "rb") as f:
             head = f.read(64)
@@ -229,11 +229,11 @@ def record_prioritized(reg, work, wl, orig):
             continue
         # The file opened, and for an executable the loader the kernel opens for it (not a
         # system call strace sees; profilers that watch opens, as fanotify does, see it).
-        opened = [m.group(1)]
-        if "execve(" in line:
-            opened += [i for i in [elf_interpreter(root / resolve_in(root, m.group(1)))] if i]
-        for name in opened:
-            rel = resolve_in(root, name)
+        opened = [resolve_in(root, m.group(1))]
+        interp = "execve(" in line and elf_interpreter(root / opened[0])
+        if interp:
+            opened.append(resolve_in(root, interp))
+        for rel in opened:
             p = root / rel
             if rel in in_image and p.is_file() and not p.is_symlink() and rel not in seen:
                 seen.add(rel)
