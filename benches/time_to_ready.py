@@ -357,8 +357,9 @@ def compare(samples, links, workloads, modes):
     rows, means = [], []
     for link in links:
         for ours, theirs in PAIRS + [(None, None)]:
-            if ours is None:  # every pair of the link
-                ratios = [r["ratio"] for r in rows if r["link"] == link]
+            if ours is None:  # every pair of the link with the reference snapshotter
+                ratios = [r["ratio"] for r in rows
+                          if r["link"] == link and r["reference"].startswith("ref")]
                 label = "all"
             else:
                 if ours not in modes or theirs not in modes:
@@ -373,7 +374,8 @@ def compare(samples, links, workloads, modes):
                                      "ours_bytes": median(a, "bytes"),
                                      "reference_bytes": median(b, "bytes"),
                                      "ours_bytes_link_s": link_seconds(link, median(a, "bytes"))})
-                ratios = [r["ratio"] for r in rows if (r["link"], r["ours"]) == (link, ours)]
+                ratios = [r["ratio"] for r in rows
+                          if (r["link"], r["ours"], r["reference"]) == (link, ours, theirs)]
                 label = f"{ours}/{theirs}"
             if ratios:
                 means.append({"link": link, "pair": label, "geomean": geomean(ratios),

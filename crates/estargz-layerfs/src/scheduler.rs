@@ -537,10 +537,13 @@ impl FetchScheduler {
     /// about to start reading).
     pub(crate) fn add_layer(&self, layer: &Arc<Inner>) {
         let o = &self.shared.options;
-        let spans = if o.prefetch {
-            layer.prefetch_spans(PREFETCH_SPAN)
-        } else {
-            Vec::new()
+        let spans = match o.prefetch {
+            // No prioritized files: the loader and C library are what the first container
+            // reads first (they would otherwise be its second and third round trips), and
+            // they are fetched while containerd is still creating it.
+            true if layer.tree().prefetch_size.is_none() => layer.loader_spans(PREFETCH_SPAN),
+            true => layer.prefetch_spans(PREFETCH_SPAN),
+            false => Vec::new(),
         };
         let mut st = lock(&self.shared.state);
         st.last_activity = Instant::now();
@@ -801,6 +804,26 @@ pub(crate) fn adjacent(prev: &Chunk, c: &Chunk) -> bool {
     prev.compressed_end == c.offset || prev.offset == c.offset
 }
 
+/// `items` (in blob order) in runs of neighbouring chunks of at most `max` bytes.
+fn neighbour_runs(
+    items: impl IntoIterator<Item = (u64, Chunk)>,
+    max: u64,
+) -> Vec<Vec<(u64, Chunk)>> {
+    let mut out: Vec<Vec<(u64, Chunk)>> = Vec::new();
+    for item in items {
+        match out.last_mut() {
+            Some(run)
+                if adjacent(&run[run.len() - 1].1, &item.1)
+                    && item.1.compressed_end - run[0].1.offset <= max =>
+            {
+                run.push(item)
+            }
+            _ => out.push(vec![item]),
+        }
+    }
+    out
+}
+
 impl Inner {
     /// The prefetch spans of this layer: its missing prioritized chunks in blob order, in
     /// runs of neighbours of at most `max` bytes.
@@ -808,22 +831,26 @@ impl Inner {
         let Some(end) = self.tree().prefetch_size else {
             return Vec::new();
         };
-        let mut out: Vec<Vec<(u64, Chunk)>> = Vec::new();
-        for item in self.tree().chunks_in_blob_order() {
-            if item.1.compressed_end > end || self.cache().contains(&item.1.digest) {
-                continue;
-            }
-            match out.last_mut() {
-                Some(run)
-                    if adjacent(&run[run.len() - 1].1, &item.1)
-                        && item.1.compressed_end - run[0].1.offset <= max =>
-                {
-                    run.push(item)
-                }
-                _ => out.push(vec![item]),
-            }
-        }
-        out
+        neighbour_runs(
+            self.tree()
+                .chunks_in_blob_order()
+                .filter(|(_, c)| c.compressed_end <= end && !self.cache().contains(&c.digest)),
+            max,
+        )
+    }
+
+    /// The missing chunks of the image's loader and C library held by this layer
+    /// ([`Inner::loader_files`]), as prefetch spans.
+    fn loader_spans(self: &Arc<Self>, max: u64) -> Vec<Vec<(u64, Chunk)>> {
+        let mut items: Vec<(u64, Chunk)> = self
+            .loader_files()
+            .into_iter()
+            .filter_map(|ino| Some((ino, self.tree().node(ino)?)))
+            .flat_map(|(ino, n)| self.tree().chunks(n).iter().map(move |c| (ino, *c)))
+            .filter(|(_, c)| !self.cache().contains(&c.digest))
+            .collect();
+        items.sort_by_key(|(_, c)| (c.offset, c.inner_offset));
+        neighbour_runs(items, max)
     }
 
     /// Those of `span`'s chunks not cached now.

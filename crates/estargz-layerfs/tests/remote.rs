@@ -1145,6 +1145,99 @@ fn an_executables_libraries_are_fetched_before_the_loader_asks() {
     low.unmount().unwrap();
 }
 
+/// A layer without prioritized files prefetches, once mounted, the dynamic loader and C
+/// library the image has (every dynamically linked program reads them first), as the
+/// container will see them: found through symlinks, only by the layer that holds them,
+/// nothing else. With prioritized files, or with prefetch off, it does not guess.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_layer_without_prioritized_files_prefetches_the_loader_and_c_library() {
+    let r = Remote::start();
+    // Several chunks each, padded differently so that no two share a chunk.
+    let pad = 3 * SMALL_CHUNK as usize;
+    let (ld, libc, libm) = (
+        elf_object(None, &[], None, pad),
+        elf_object(None, &["ld-linux-x86-64.so.2"], None, pad + 1),
+        elf_object(None, &["libc.so.6"], None, pad + 2),
+    );
+    let base = files_and_links_tar(
+        &[
+            ("usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", 0o755, &ld),
+            ("usr/lib/x86_64-linux-gnu/libc.so.6", 0o755, &libc),
+            ("usr/lib/x86_64-linux-gnu/libm.so.6", 0o644, &libm),
+            ("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n"),
+        ],
+        &[
+            ("lib", "usr/lib"),
+            (
+                "lib64/ld-linux-x86-64.so.2",
+                "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+            ),
+        ],
+    );
+    let prog = elf_object(
+        Some("/lib64/ld-linux-x86-64.so.2"),
+        &["libc.so.6"],
+        None,
+        pad,
+    );
+    let app = files_and_links_tar(&[("usr/bin/prog", 0o755, &prog)], &[]);
+    let (base_blob, app_blob) = (r.push(&base, &small_opts()), r.push(&app, &small_opts()));
+    let whole = |cache: &ChunkCache, m: &MountedLayer, f: &str, len: usize| {
+        (0..len as u64)
+            .step_by(SMALL_CHUNK as usize)
+            .all(|at| cache.contains(&m.fs().chunk_at(f, at).unwrap().digest))
+    };
+    let none = |cache: &ChunkCache, m: &MountedLayer, f: &str| {
+        !cache.contains(&m.fs().chunk_at(f, 0).unwrap().digest)
+    };
+
+    let cache = r.cache("guessed", 1 << 30);
+    let scheduler = FetchScheduler::new(prefetch_only());
+    let low = r.mount_over(&base_blob, cache.clone(), "base", &[], scheduler.clone());
+    wait_for("the loader's prefetch", || low.fs().is_prefetch_done());
+    let loader = "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2";
+    let c = "usr/lib/x86_64-linux-gnu/libc.so.6";
+    assert!(
+        whole(&cache, &low, loader, ld.len()),
+        "the loader, through two symlinks"
+    );
+    assert!(whole(&cache, &low, c, libc.len()), "the C library");
+    assert!(none(&cache, &low, "usr/lib/x86_64-linux-gnu/libm.so.6"));
+    assert!(none(&cache, &low, "etc/passwd"), "no neighbours come along");
+    // The layer above holds neither: its mount fetches only its TOC.
+    let requests = r.proxy.blob_requests();
+    let up = r.mount_over(&app_blob, cache.clone(), "app", &[&low], scheduler);
+    wait_for("the application layer's prefetch", || {
+        up.fs().is_prefetch_done()
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(r.proxy.blob_requests() - requests, 2, "footer and TOC only");
+    assert!(none(&cache, &up, "usr/bin/prog"));
+    // What was fetched reads like the tar, without another request.
+    let requests = r.proxy.blob_requests();
+    // (Through the mount, an absolute symlink would lead out of it: the paths themselves.)
+    assert!(std::fs::read(low.mountpoint().join(loader)).unwrap() == ld);
+    assert!(std::fs::read(low.mountpoint().join(c)).unwrap() == libc);
+    assert_eq!(r.proxy.blob_requests(), requests);
+    up.unmount().unwrap();
+    low.unmount().unwrap();
+
+    // Prioritized files say what to fetch; prefetch off fetches nothing ahead.
+    let prioritized = r.push(&base, &prioritizing(&["etc/passwd"]));
+    for (name, blob, opts) in [
+        ("listed", &prioritized, prefetch_only()),
+        ("off", &base_blob, on_demand_only()),
+    ] {
+        let cache = r.cache(name, 1 << 30);
+        let m = r.mount_with(blob, cache.clone(), name, &opts);
+        wait_for("the prefetch", || m.fs().is_prefetch_done());
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(none(&cache, &m, loader) && none(&cache, &m, c), "{name}");
+        m.unmount().unwrap();
+    }
+}
+
 /// Over a link with a long round trip and bandwidth to spare, prefetch keeps as many
 /// requests in flight as carry the bandwidth-delay product (not two): once the link is
 /// measured, more than two spans are on their way at once.

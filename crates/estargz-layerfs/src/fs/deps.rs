@@ -363,3 +363,50 @@ fn lookup(stack: &[Arc<Inner>], dir: &[String], name: &str) -> Option<Entry> {
     }
     None
 }
+
+/// The dynamic loader of the machine this node runs, and its C library, where images of
+/// the common distributions keep them (glibc multiarch, glibc lib64, musl), first choices
+/// first: every dynamically linked program an image runs reads both before anything else.
+fn loader_candidates() -> (&'static [&'static str], &'static [&'static str]) {
+    match std::env::consts::ARCH {
+        "x86_64" => (
+            &["/lib64/ld-linux-x86-64.so.2", "/lib/ld-musl-x86_64.so.1"],
+            &[
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/usr/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib64/libc.so.6",
+                "/usr/lib64/libc.so.6",
+            ],
+        ),
+        "aarch64" => (
+            &["/lib/ld-linux-aarch64.so.1", "/lib/ld-musl-aarch64.so.1"],
+            &[
+                "/lib/aarch64-linux-gnu/libc.so.6",
+                "/usr/lib/aarch64-linux-gnu/libc.so.6",
+                "/lib64/libc.so.6",
+                "/usr/lib64/libc.so.6",
+            ],
+        ),
+        _ => (&[], &[]),
+    }
+}
+
+impl Inner {
+    /// The regular files of this layer that are the image's dynamic loader and C library
+    /// as the container will see them (this layer over the layers below it): for a layer
+    /// without prioritized files, what its first container is sure to read first.
+    pub(crate) fn loader_files(self: &Arc<Self>) -> Vec<u64> {
+        let stack = self.stack();
+        let (loaders, libcs) = loader_candidates();
+        let mut out: Vec<u64> = Vec::new();
+        for candidates in [loaders, libcs] {
+            // The first one the image has; it decides even when a layer below holds it.
+            if let Some(f) = candidates.iter().find_map(|p| resolve(&stack, p)) {
+                if f.layer == 0 && !out.contains(&f.ino) {
+                    out.push(f.ino);
+                }
+            }
+        }
+        out
+    }
+}
