@@ -351,6 +351,12 @@ def link_seconds(link, nbytes):
     return nbytes / (rate * 1e6 / 8) if rate else None
 
 
+def with_reference(rows, link):
+    """The cells of `link` that compare ours with the reference snapshotter (not with a
+    baseline build of ours)."""
+    return [r for r in rows if r["link"] == link and r["reference"].startswith("ref")]
+
+
 def compare(samples, links, workloads, modes):
     """Ours/reference per link, workload and pair of PAIRS (median totals and registry
     bytes), and the geometric means of the ratios per link and pair, and per link."""
@@ -358,8 +364,7 @@ def compare(samples, links, workloads, modes):
     for link in links:
         for ours, theirs in PAIRS + [(None, None)]:
             if ours is None:  # every pair of the link with the reference snapshotter
-                ratios = [r["ratio"] for r in rows
-                          if r["link"] == link and r["reference"].startswith("ref")]
+                ratios = [r["ratio"] for r in with_reference(rows, link)]
                 label = "all"
             else:
                 if ours not in modes or theirs not in modes:
@@ -394,7 +399,7 @@ def goals(rows):
     with the reference snapshotter, and each part of it."""
     out = []
     for link in dict.fromkeys(r["link"] for r in rows):
-        cells = [r for r in rows if r["link"] == link and r["reference"].startswith("ref")]
+        cells = with_reference(rows, link)
         if not cells or LINKS[link][1] == 0:
             continue
         mean = geomean([r["ratio"] for r in cells])

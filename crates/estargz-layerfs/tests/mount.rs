@@ -915,16 +915,6 @@ fn a_layer_whose_content_is_local_is_served_without_fuse() {
     }
 }
 
-/// Appends a regular file of mode 0644 to `b`.
-fn add_file(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]) {
-    let mut h = tar::Header::new_gnu();
-    h.set_size(data.len() as u64);
-    h.set_mode(0o644);
-    h.set_mtime(1_700_000_000);
-    h.set_cksum();
-    b.append_data(&mut h, path, data).unwrap();
-}
-
 /// `tar` mounted (background fetch off), read whole through FUSE and checked, then served
 /// without FUSE at once: the layer, its local form, and how many paths the local form's
 /// check compared (after the page cache was dropped).
@@ -956,7 +946,7 @@ fn a_local_layer_holds_at_most_32_mib_of_small_files_in_its_image() {
     for i in 0..FILES {
         let mut data = format!("{i:08}").into_bytes().repeat(SIZE / 8);
         data.truncate(SIZE);
-        add_file(&mut b, &format!("d{}/f{i:05}", i % 16), &data);
+        estargz_testutil::append_file(&mut b, &format!("d{}/f{i:05}", i % 16), &data);
     }
     let (mut layer, form, n) = served_locally(b.into_inner().unwrap());
     assert!(n >= FILES, "compared {n} paths");
@@ -989,22 +979,22 @@ fn a_local_layer_keeps_names_that_sort_around_dots_and_fill_blocks() {
     for name in [
         "!bang", "#hash", "+plus", "-dash", ".dot", "..dots", "a", "~tilde", "é",
     ] {
-        add_file(&mut b, &format!("odd/{name}"), name.as_bytes());
+        estargz_testutil::append_file(&mut b, &format!("odd/{name}"), name.as_bytes());
     }
     for i in 0..700 {
-        add_file(
+        estargz_testutil::append_file(
             &mut b,
             &format!("many/entry-number-{i:05}"),
             format!("{i}").as_bytes(),
         );
     }
-    add_file(&mut b, &format!("long/{}", "n".repeat(255)), b"long name");
-    add_file(&mut b, "empty", b"");
+    estargz_testutil::append_file(&mut b, &format!("long/{}", "n".repeat(255)), b"long name");
+    estargz_testutil::append_file(&mut b, "empty", b"");
     // A small file whose attributes leave no room for its content in its inode's block:
     // the image holds it in a block of its own.
     let big = vec![b'x'; 2000];
     estargz_testutil::pax(&mut b, &[("SCHILY.xattr.user.big", &big[..])]);
-    add_file(&mut b, "outside", &[b'o'; 3000]);
+    estargz_testutil::append_file(&mut b, "outside", &[b'o'; 3000]);
     let (mut layer, form, n) = served_locally(b.into_inner().unwrap());
     assert!(n > 710, "compared {n} paths");
     let names: Vec<String> = std::fs::read_dir(form.meta.join("odd"))

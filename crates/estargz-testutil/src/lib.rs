@@ -1021,14 +1021,20 @@ pub fn one_file_tar(name: &str, content: &[u8]) -> Vec<u8> {
 pub fn files_tar(files: &[(&str, &[u8])]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for (name, content) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(content.len() as u64);
-        h.set_mode(0o644);
-        h.set_mtime(1_700_000_000);
-        h.set_cksum();
-        b.append_data(&mut h, name, *content).expect("tar");
+        append_file(&mut b, name, content);
     }
     b.into_inner().expect("tar")
+}
+
+/// Appends a regular file of mode 0644 to `b`, as [`files_tar`] writes each (for a tar
+/// built up entry by entry, with other kinds of entries between).
+pub fn append_file(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]) {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_mtime(1_700_000_000);
+    h.set_cksum();
+    b.append_data(&mut h, path, data).expect("tar");
 }
 
 /// A tar layer of regular files (path, mode, content), then symlinks (path, target), in
