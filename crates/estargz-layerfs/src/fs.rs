@@ -46,6 +46,14 @@ const NEIGHBOUR_RUNS: usize = 8;
 const READ_AHEAD: u64 = 8 << 20;
 /// Read-ahead requests carry at most this many bytes, or one chunk.
 const READ_AHEAD_REQUEST: u64 = 1 << 20;
+/// A file a program maps (an executable, or an ELF object whose libraries were looked for:
+/// a library the loader maps) is read ahead up to this many compressed bytes, and its last
+/// chunk comes with its first: the loader touches its last pages (dynamic section, data,
+/// relocations) right after its first, and the program the rest soon after. Over a
+/// 1 Gbit/s link with a 50 ms round trip, gcc's `cc1` (8 chunks, 12 MB) took four round
+/// trips one after another without: the first chunk, the last, the libraries the last
+/// names, and a chunk past the first read-ahead.
+const MAPPED_READ_AHEAD: u64 = 32 << 20;
 
 /// Counters of one mounted layer, readable at any time. The FUSE manager copies every
 /// field into its status (`LayerStatus` in estargz-snapshotter, which exports each as a
@@ -1316,27 +1324,38 @@ impl Inner {
         let read_ahead = chunks.len() > first + covering.len()
             && (first == 0 || self.cache.contains(&chunks[first - 1].digest))
             && covering.iter().any(|c| !self.cache.contains(&c.digest));
+        let mapped = read_ahead && self.is_mapped(ino, node);
+        let budget = if mapped {
+            MAPPED_READ_AHEAD
+        } else {
+            READ_AHEAD
+        };
         // A reader past the first chunk reads on: the next chunks are queued before this
         // read's own fetch, so that they are on their way while it waits. A read of the
-        // first chunk (which may be all a process wants: a header) has the link to itself.
+        // first chunk (which may be all a process wants: a header) has the link to itself,
+        // but for the last chunk of a mapped file: the loader reads it next.
         let ahead = &chunks[first + covering.len()..];
         if read_ahead && first > 0 {
-            self.read_ahead(ino, ahead);
+            self.read_ahead(ino, ahead, budget);
         }
+        let last = chunks.last().filter(|l| {
+            mapped && first == 0 && !ahead.is_empty() && !self.cache.contains(&l.digest)
+        });
         // For a read of the first chunk, the next ones are queued as its fetch is about to
         // end (a round trip before, on a measured link), or else once it has.
         let queued = std::cell::Cell::new(false);
         let queue_ahead = || {
             if read_ahead && first == 0 && !queued.replace(true) {
-                self.read_ahead(ino, ahead);
+                self.read_ahead(ino, ahead, budget);
             }
         };
         // Neighbouring missing chunks: one request for the whole span (chunks someone else
         // is fetching are waited for below, not fetched again). A small file's missing
         // chunk brings its small neighbours along.
-        if covering.len() > 1 {
+        if covering.len() > 1 || last.is_some() {
             let missing: Vec<(u64, Chunk)> = covering
                 .iter()
+                .chain(last)
                 .filter(|c| self.cache.memory_get(&c.digest).is_none())
                 .map(|c| (ino, *c))
                 .collect();
@@ -1381,13 +1400,24 @@ impl Inner {
         Ok(out)
     }
 
+    /// Whether regular file `ino` is one a program maps rather than reads: executable,
+    /// or an ELF object whose libraries were looked for (the dependency walk marks each
+    /// library before it reads it).
+    fn is_mapped(&self, ino: u64, node: &crate::tree::Node) -> bool {
+        node.mode & 0o111 != 0
+            || self
+                .deps_seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&ino)
+    }
+
     /// Hands the first of `next` (the following chunks of file `ino`) that are not local,
-    /// up to [`READ_AHEAD`] bytes (at least one chunk), to the scheduler to fetch ahead of
-    /// the reader, in requests of at most [`READ_AHEAD_REQUEST`] bytes (at least one
-    /// chunk): a chunk is readable once its request has arrived, and several requests
+    /// up to `budget` compressed bytes (at least one chunk), to the scheduler to fetch
+    /// ahead of the reader, in requests of at most [`READ_AHEAD_REQUEST`] bytes (at least
+    /// one chunk): a chunk is readable once its request has arrived, and several requests
     /// are in flight at once.
-    fn read_ahead(&self, ino: u64, next: &[Chunk]) {
-        let mut budget = READ_AHEAD;
+    fn read_ahead(&self, ino: u64, next: &[Chunk], mut budget: u64) {
         let ahead: Vec<(u64, Chunk)> = next
             .iter()
             .enumerate()

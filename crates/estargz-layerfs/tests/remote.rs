@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use estargz_cache::{CacheConfig, ChunkCache};
-use estargz_format::{convert, ConvertOptions, Limits};
+use estargz_format::{convert, ConvertOptions, Limits, Sha256Digest};
 use estargz_layerfs::{
     load_toc, mount, FetchOptions, FetchScheduler, LayerFs, MountedLayer, RegistrySource,
     DEFAULT_READ_DEADLINE,
@@ -716,6 +716,66 @@ fn reads_from_the_start_of_a_file_fetch_ahead() {
         ahead.is_empty(),
         "a random read fetched chunks {ahead:?} ahead"
     );
+    m.unmount().unwrap();
+}
+
+/// A program maps its executable and touches it all over, its last pages (dynamic
+/// section, data) right after its header: a first read of an executable brings its last
+/// chunk along and has the whole file read ahead, past the 8 MiB a data file gets.
+#[test]
+fn a_read_of_an_executable_brings_its_last_chunk_and_reads_it_ahead_whole() {
+    let r = Remote::start();
+    const SIZE: usize = 12 << 20;
+    let (prog, data) = (noise(SIZE, 11), noise(SIZE, 12));
+    let tar = files_and_links_tar(&[("bin/prog", 0o755, &prog), ("data", 0o644, &data)], &[]);
+    let blob = r.push(&tar, &small_opts());
+    let cache = r.cache("cache", 1 << 30);
+    let m = r.mount(&blob, cache.clone(), "mnt");
+    let chunks = |f: &str| -> Vec<Sha256Digest> {
+        (0..SIZE as u64 / SMALL_CHUNK)
+            .map(|i| m.fs().chunk_at(f, i * SMALL_CHUNK).unwrap().digest)
+            .collect()
+    };
+    let local = |f: &str| -> usize { chunks(f).iter().filter(|c| cache.contains(c)).count() };
+    let read_head = |f: &str, want: &[u8]| {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::open(m.mountpoint().join(f)).unwrap();
+        let mut buf = vec![0u8; 4096];
+        file.read_exact_at(&mut buf, 0).unwrap();
+        assert!(buf[..] == want[..4096], "{f} read differently");
+    };
+    let last = |f: &str| cache.contains(chunks(f).last().unwrap());
+    // Answers 100 ms late: what the read-ahead brings arrives after the read returns.
+    r.proxy.set_latency(Some(Duration::from_millis(100)));
+
+    read_head("data", &data);
+    assert!(
+        !last("data"),
+        "a data file's first read fetched its last chunk"
+    );
+    read_head("bin/prog", &prog);
+    assert!(
+        last("bin/prog"),
+        "the executable's last chunk did not come with its first"
+    );
+
+    let n = chunks("bin/prog").len();
+    wait_for("the whole executable read ahead", || local("bin/prog") == n);
+    // The data file's read-ahead stops at 8 MiB (of noise, stored as it is).
+    std::thread::sleep(Duration::from_millis(500));
+    let data_local = local("data");
+    assert!(
+        data_local < n * 3 / 4 && !last("data"),
+        "{data_local} of {n} chunks of the data file were read ahead"
+    );
+    // Both read like the tar.
+    for (f, want) in [("bin/prog", &prog), ("data", &data)] {
+        assert!(
+            std::fs::read(m.mountpoint().join(f)).unwrap() == *want,
+            "{f}"
+        );
+    }
+    r.proxy.set_latency(None);
     m.unmount().unwrap();
 }
 
