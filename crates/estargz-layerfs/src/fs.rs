@@ -1324,7 +1324,9 @@ impl Inner {
         let read_ahead = chunks.len() > first + covering.len()
             && (first == 0 || self.cache.contains(&chunks[first - 1].digest))
             && covering.iter().any(|c| !self.cache.contains(&c.digest));
-        let mapped = read_ahead && self.is_mapped(ino, node);
+        let mapped = read_ahead
+            && self.is_mapped(ino, node)
+            && !self.prefetch_brings(&chunks[first]);
         let budget = if mapped {
             MAPPED_READ_AHEAD
         } else {
@@ -1410,6 +1412,17 @@ impl Inner {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .contains(&ino)
+    }
+
+    /// Whether this layer's prefetch, still running, covers chunk `c` (a prioritized
+    /// file's): it brings the file's chunks in blob order, and read-ahead requests would
+    /// race its spans for the same chunks (a span claims its chunks only once it has them).
+    fn prefetch_brings(&self, c: &Chunk) -> bool {
+        !self.is_prefetch_done()
+            && self
+                .tree
+                .prefetch_size
+                .is_some_and(|end| c.compressed_end <= end)
     }
 
     /// Hands the first of `next` (the following chunks of file `ino`) that are not local,
