@@ -779,6 +779,41 @@ fn a_read_of_an_executable_brings_its_last_chunk_and_reads_it_ahead_whole() {
     m.unmount().unwrap();
 }
 
+/// A prioritized executable that the layer's prefetch is still bringing is left to it: the
+/// read fetches its first chunk alone, not the last one (read-ahead requests would race
+/// the prefetch spans for the same chunks).
+#[test]
+fn an_executable_the_prefetch_is_bringing_is_left_to_it() {
+    let r = Remote::start();
+    let prog = noise(12 << 20, 13);
+    let tar = files_and_links_tar(&[("bin/prog", 0o755, &prog)], &[]);
+    let blob = r.push(&tar, &prioritizing(&["bin/prog"]));
+    let cache = r.cache("cache", 1 << 30);
+    // 4 MB/s for every connection together: the prefetch takes about three seconds.
+    r.proxy.set_rate(Some(4e6));
+    let m = r.mount_with(&blob, cache.clone(), "mnt", &prefetch_only());
+    let last = m.fs().chunk_at("bin/prog", (12 << 20) - 1).unwrap().digest;
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::open(m.mountpoint().join("bin/prog")).unwrap();
+        let mut buf = vec![0u8; 4096];
+        file.read_exact_at(&mut buf, 0).unwrap();
+        assert!(buf[..] == prog[..4096], "the executable read differently");
+    }
+    assert!(
+        !m.fs().is_prefetch_done(),
+        "the prefetch ended before the read: nothing was tested"
+    );
+    assert!(
+        !cache.contains(&last),
+        "the read fetched the last chunk the prefetch was bringing"
+    );
+    wait_for("the prefetch", || m.fs().is_prefetch_done());
+    r.proxy.set_rate(None);
+    assert!(std::fs::read(m.mountpoint().join("bin/prog")).unwrap() == prog);
+    m.unmount().unwrap();
+}
+
 /// A sequential reader does not fetch its chunks one after another: the chunks after the
 /// one it waits for are on their way meanwhile, in several requests in flight together, so
 /// that a cold read keeps the link busy.
