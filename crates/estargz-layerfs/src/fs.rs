@@ -1324,9 +1324,8 @@ impl Inner {
         let read_ahead = chunks.len() > first + covering.len()
             && (first == 0 || self.cache.contains(&chunks[first - 1].digest))
             && covering.iter().any(|c| !self.cache.contains(&c.digest));
-        let mapped = read_ahead
-            && self.is_mapped(ino, node)
-            && !self.prefetch_brings(&chunks[first]);
+        let mapped =
+            read_ahead && self.is_mapped(ino, node) && !self.prefetch_brings(&chunks[first]);
         let budget = if mapped {
             MAPPED_READ_AHEAD
         } else {
