@@ -1339,9 +1339,10 @@ impl Inner {
         if read_ahead && first > 0 {
             self.read_ahead(ino, ahead, budget);
         }
-        let last = chunks.last().filter(|l| {
-            mapped && first == 0 && !ahead.is_empty() && !self.cache.contains(&l.digest)
-        });
+        // (`mapped` implies `read_ahead`: chunks follow the covering ones.)
+        let last = chunks
+            .last()
+            .filter(|l| mapped && first == 0 && !self.cache.contains(&l.digest));
         // For a read of the first chunk, the next ones are queued as its fetch is about to
         // end (a round trip before, on a measured link), or else once it has.
         let queued = std::cell::Cell::new(false);

@@ -681,6 +681,21 @@ fn a_small_file_comes_with_its_directory_neighbours() {
     m.unmount().unwrap();
 }
 
+/// Reads the 4 KiB at `offset` of file `path` (one read, as a process that wants only
+/// that page) and checks them against `content`, the whole file's.
+fn assert_page_reads(path: &Path, offset: u64, content: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; 4096];
+    f.read_exact_at(&mut buf, offset).unwrap();
+    let at = offset as usize;
+    assert!(
+        buf[..] == content[at..at + 4096],
+        "{} read differently at {offset}",
+        path.display()
+    );
+}
+
 /// A read at the start of a file of several chunks has the next chunks fetched ahead of
 /// the reader; a read that starts in the middle (a random reader) does not.
 #[test]
@@ -690,11 +705,7 @@ fn reads_from_the_start_of_a_file_fetch_ahead() {
     let blob = r.push(&files_tar(&[("big", &content)]), &small_opts());
     let chunk = |m: &MountedLayer, offset: u64| m.fs().chunk_at("big", offset).unwrap().digest;
     let read_at = |m: &MountedLayer, offset: u64| {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::File::open(m.mountpoint().join("big")).unwrap();
-        let mut buf = vec![0u8; 4096];
-        f.read_exact_at(&mut buf, offset).unwrap();
-        assert!(buf[..] == content[offset as usize..offset as usize + 4096]);
+        assert_page_reads(&m.mountpoint().join("big"), offset, &content)
     };
 
     let cache = r.cache("cache-start", 1 << 30);
@@ -737,13 +748,7 @@ fn a_read_of_an_executable_brings_its_last_chunk_and_reads_it_ahead_whole() {
             .collect()
     };
     let local = |f: &str| -> usize { chunks(f).iter().filter(|c| cache.contains(c)).count() };
-    let read_head = |f: &str, want: &[u8]| {
-        use std::os::unix::fs::FileExt;
-        let file = std::fs::File::open(m.mountpoint().join(f)).unwrap();
-        let mut buf = vec![0u8; 4096];
-        file.read_exact_at(&mut buf, 0).unwrap();
-        assert!(buf[..] == want[..4096], "{f} read differently");
-    };
+    let read_head = |f: &str, want: &[u8]| assert_page_reads(&m.mountpoint().join(f), 0, want);
     let last = |f: &str| cache.contains(chunks(f).last().unwrap());
     // Answers 100 ms late: what the read-ahead brings arrives after the read returns.
     r.proxy.set_latency(Some(Duration::from_millis(100)));
@@ -793,13 +798,7 @@ fn an_executable_the_prefetch_is_bringing_is_left_to_it() {
     r.proxy.set_rate(Some(4e6));
     let m = r.mount_with(&blob, cache.clone(), "mnt", &prefetch_only());
     let last = m.fs().chunk_at("bin/prog", (12 << 20) - 1).unwrap().digest;
-    {
-        use std::os::unix::fs::FileExt;
-        let file = std::fs::File::open(m.mountpoint().join("bin/prog")).unwrap();
-        let mut buf = vec![0u8; 4096];
-        file.read_exact_at(&mut buf, 0).unwrap();
-        assert!(buf[..] == prog[..4096], "the executable read differently");
-    }
+    assert_page_reads(&m.mountpoint().join("bin/prog"), 0, &prog);
     assert!(
         !m.fs().is_prefetch_done(),
         "the prefetch ended before the read: nothing was tested"
