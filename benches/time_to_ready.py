@@ -263,7 +263,9 @@ def one_sample(link, work, wl, mode, n, logs, keep_logs=False, baseline=None):
     daemon = baseline if mode.endswith(BASE) else SNAPSHOTTER
     env = {"SNAPSHOTTER": str(daemon), "STARGZ_REF": str(reference_binary())}
     if keep_logs:
-        env["RUST_LOG"] = "info,estargz_layerfs=debug,fuser::reply=off"
+        # Our fetches and the pull's TOCs and mounts, with containerd's calls to them.
+        env["RUST_LOG"] = "info,estargz_layerfs=debug,estargz_snapshotter=debug,fuser::reply=off"
+        env["CONTAINERD_LOG_LEVEL"] = "debug"
     sock = env_dir / "c" / "containerd.sock"
     opts = ["--snapshotter", snap] if snap else []
 
@@ -474,7 +476,8 @@ def main():
     ap.add_argument("--modes", default=",".join(MODES), type=choices(MODES),
                     help=f"comma-separated, of: {', '.join(MODES)} (default all)")
     ap.add_argument("--keep-logs", action="store_true",
-                    help="keep every sample's logs in OUT/logs, with our fetches logged")
+                    help="keep every sample's logs in OUT/logs, with our fetches, TOCs and "
+                         "mounts logged and containerd's log at debug level")
     ap.add_argument("--baseline", type=Path, metavar="BIN",
                     help="also run our lazy modes with this estargz-snapshotter build")
     args = ap.parse_args()

@@ -7,7 +7,8 @@
 # CONTAINERD_EXTRA_CONFIG is appended to the config. The CRI plugin is disabled unless
 # CONTAINERD_CRI_CONFIG (its configuration, appended too) is set. CONTAINERD_BIN_DIR: the
 # directory of another containerd's binaries (containerd and its shims), searched first;
-# CONTAINERD_CONFIG_VERSION: the config's version (2, or 3 for containerd 2's plugin names).
+# CONTAINERD_CONFIG_VERSION: the config's version (2, or 3 for containerd 2's plugin names);
+# CONTAINERD_LOG_LEVEL: its log level (default info; debug logs each snapshotter call).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -50,6 +51,7 @@ disabled_plugins = [${cri_disabled}"io.containerd.internal.v1.opt",
   address = "$sock.ttrpc"
 [debug]
   address = "$dir/debug.sock"
+  level = "${CONTAINERD_LOG_LEVEL:-info}"
 [metrics]
   address = ""
 ${CONTAINERD_EXTRA_CONFIG:-}

@@ -227,8 +227,12 @@ impl Resolver {
         let (image, blob) = (reference.clone(), digest.clone());
         // The footer and, for a small TOC, the whole TOC in one request that also gives the
         // blob's size.
+        let started = Instant::now();
         let (tail, size) = match self.client.fetch_tail(&image, &blob, TOC_TAIL).await {
-            Ok(got) => got,
+            Ok(got) => {
+                tracing::debug!(layer = %digest, ms = started.elapsed().as_secs_f64() * 1e3, "TOC tail fetched");
+                got
+            }
             Err(estargz_registry::Error::NotFound { .. }) => {
                 return Err((
                     Fallback::Registry,
