@@ -48,15 +48,12 @@ const READ_AHEAD: u64 = 8 << 20;
 const READ_AHEAD_REQUEST: u64 = 1 << 20;
 /// A file a program maps (an executable, or an ELF object whose libraries were looked for:
 /// a library the loader maps) is read ahead up to this many compressed bytes, and its last
-/// chunk is fetched beside its first: the loader touches its last pages (dynamic section,
-/// data, relocations) right after its first, and the program the rest soon after. Over a
+/// chunk comes with its first: the loader touches its last pages (dynamic section, data,
+/// relocations) right after its first, and the program the rest soon after. Over a
 /// 1 Gbit/s link with a 50 ms round trip, gcc's `cc1` (8 chunks, 12 MB) took four round
 /// trips one after another without: the first chunk, the last, the libraries the last
 /// names, and a chunk past the first read-ahead.
 const MAPPED_READ_AHEAD: u64 = 32 << 20;
-/// Most last chunks of mapped files fetched beside first reads at once on the node; past
-/// it, a first read fetches the last chunk with its own.
-const MAX_BESIDE: usize = 8;
 
 /// Counters of one mounted layer, readable at any time. The FUSE manager copies every
 /// field into its status (`LayerStatus` in estargz-snapshotter, which exports each as a
@@ -1337,11 +1334,7 @@ impl Inner {
         // A reader past the first chunk reads on: the next chunks are queued before this
         // read's own fetch, so that they are on their way while it waits. A read of the
         // first chunk (which may be all a process wants: a header) has the link to itself,
-        // but for the last chunk of a mapped file, which the loader (and the dependency
-        // walk) reads next: it is fetched beside this read's own fetch, in a request of
-        // its own that this read does not wait for, so that it arrives with the first
-        // chunk rather than after it (in one request it came after all of the first
-        // chunk, and the read waited for both).
+        // but for the last chunk of a mapped file: the loader reads it next.
         let ahead = &chunks[first + covering.len()..];
         if read_ahead && first > 0 {
             self.read_ahead(ino, ahead, budget);
@@ -1349,8 +1342,7 @@ impl Inner {
         // (`mapped` implies `read_ahead`: chunks follow the covering ones.)
         let last = chunks
             .last()
-            .filter(|l| mapped && first == 0 && !self.cache.contains(&l.digest))
-            .filter(|l| !self.fetch_beside(ino, **l));
+            .filter(|l| mapped && first == 0 && !self.cache.contains(&l.digest));
         // For a read of the first chunk, the next ones are queued as its fetch is about to
         // end (a round trip before, on a measured link), or else once it has.
         let queued = std::cell::Cell::new(false);
@@ -1408,39 +1400,6 @@ impl Inner {
         }
         queue_ahead();
         Ok(out)
-    }
-
-    /// Fetches chunk `c` of file `ino` as a reader would, on a thread of its own that no
-    /// read waits for (a read that needs the chunk meanwhile waits for it to arrive);
-    /// false when [`MAX_BESIDE`] such fetches run on the node already.
-    fn fetch_beside(&self, ino: u64, c: Chunk) -> bool {
-        let running = &self.scheduler.beside_fetches;
-        let Some(me) = self.me.upgrade() else {
-            return false;
-        };
-        if running.fetch_add(1, Ordering::AcqRel) >= MAX_BESIDE {
-            running.fetch_sub(1, Ordering::AcqRel);
-            return false;
-        }
-        let fetch = move || {
-            if let Err(e) = me.fetch_claimed(&[(ino, c)], For::Reader(&[c.digest]), None) {
-                tracing::debug!(file = %me.tree.path(ino), error = %e,
-                    "fetching a last chunk beside its file's first read; left to reads");
-            }
-            me.scheduler.beside_fetches.fetch_sub(1, Ordering::AcqRel);
-        };
-        match std::thread::Builder::new()
-            .name("estargz-beside".into())
-            .spawn(fetch)
-        {
-            Ok(_) => true,
-            Err(e) => {
-                // The closure went with the failed spawn; its slot did not.
-                running.fetch_sub(1, Ordering::AcqRel);
-                tracing::debug!(error = %e, "no thread for a fetch beside a read");
-                false
-            }
-        }
     }
 
     /// Whether regular file `ino` is one a program maps rather than reads: executable,

@@ -375,8 +375,6 @@ pub struct FetchScheduler {
     no_passthrough_said: std::sync::atomic::AtomicBool,
     /// Walks fetching executables' libraries running on the node (`fs/deps.rs`).
     pub(crate) dependency_walks: std::sync::atomic::AtomicUsize,
-    /// Last chunks of mapped files being fetched beside their first reads (`fs.rs`).
-    pub(crate) beside_fetches: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for FetchScheduler {
@@ -432,7 +430,6 @@ impl FetchScheduler {
             node_stats: Default::default(),
             no_passthrough_said: Default::default(),
             dependency_walks: Default::default(),
-            beside_fetches: Default::default(),
         })
     }
 

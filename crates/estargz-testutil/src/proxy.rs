@@ -54,8 +54,6 @@ struct Shared {
     link_free: Mutex<Instant>,
     /// Added before each blob response: a round trip to a far registry.
     latency: Mutex<Option<Duration>>,
-    /// Answers to requests whose range holds this blob offset wait this much longer.
-    hold: Mutex<Option<(u64, Duration)>>,
     log: Mutex<Vec<BlobRequest>>,
 }
 
@@ -106,7 +104,6 @@ impl FaultProxy {
             rate: Mutex::new(None),
             link_free: Mutex::new(Instant::now()),
             latency: Mutex::new(None),
-            hold: Mutex::new(None),
             log: Mutex::new(Vec::new()),
         });
         let s = shared.clone();
@@ -151,12 +148,6 @@ impl FaultProxy {
     /// over a fast link, where many requests are in flight at once).
     pub fn set_latency(&self, latency: Option<Duration>) {
         *self.shared.latency.lock().unwrap() = latency;
-    }
-
-    /// Holds the answer to every blob request whose single range holds blob offset
-    /// `offset` for `hold` more (or lifts it): one request seen to be slow among others.
-    pub fn set_hold(&self, hold: Option<(u64, Duration)>) {
-        *self.shared.hold.lock().unwrap() = hold;
     }
 
     /// Every blob GET so far, in order of arrival.
@@ -309,16 +300,6 @@ fn handle(mut conn: TcpStream, s: &Shared) -> std::io::Result<()> {
         let latency = *s.latency.lock().unwrap();
         if let Some(d) = latency {
             std::thread::sleep(d);
-        }
-        let hold = *s.hold.lock().unwrap();
-        if let Some((at, d)) = hold {
-            if range
-                .as_deref()
-                .and_then(parse_range)
-                .is_some_and(|r| r.contains(&at))
-            {
-                std::thread::sleep(d);
-            }
         }
     }
     match fault {
