@@ -230,7 +230,8 @@ impl Resolver {
         let started = Instant::now();
         let (tail, size) = match self.client.fetch_tail(&image, &blob, TOC_TAIL).await {
             Ok(got) => {
-                tracing::debug!(layer = %digest, ms = started.elapsed().as_secs_f64() * 1e3, "TOC tail fetched");
+                tracing::debug!(layer = %digest,
+                    ms = started.elapsed().as_secs_f64() * 1e3, "TOC tail fetched");
                 got
             }
             Err(estargz_registry::Error::NotFound { .. }) => {

@@ -409,7 +409,8 @@ impl Snapshotter {
             (r, _) => r?,
         };
         self.metrics.observe_resolve(started.elapsed());
-        tracing::debug!(layer = %info.digest, ms = started.elapsed().as_secs_f64() * 1e3, "TOC resolved");
+        tracing::debug!(layer = %info.digest,
+            ms = started.elapsed().as_secs_f64() * 1e3, "TOC resolved");
         let (this, target, parent, labels) = (
             self.clone(),
             target.to_string(),
@@ -422,10 +423,8 @@ impl Snapshotter {
         .await
         .map_err(|e| (Fallback::Mount, e.to_string()))?
         .inspect(|_| {
-            tracing::debug!(
-                ms = started.elapsed().as_secs_f64() * 1e3,
-                "layer committed"
-            )
+            tracing::debug!(layer = %info.digest,
+                ms = started.elapsed().as_secs_f64() * 1e3, "layer committed")
         })
         .map_err(|e| match &e {
             Error::Manager(m) if m.kind == ErrorKind::InvalidToc => {
