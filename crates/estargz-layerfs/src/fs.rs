@@ -1418,11 +1418,7 @@ impl Inner {
     /// file's): it brings the file's chunks in blob order, and read-ahead requests would
     /// race its spans for the same chunks (a span claims its chunks only once it has them).
     fn prefetch_brings(&self, c: &Chunk) -> bool {
-        !self.is_prefetch_done()
-            && self
-                .tree
-                .prefetch_size
-                .is_some_and(|end| c.compressed_end <= end)
+        !self.is_prefetch_done() && self.tree.is_prioritized(c)
     }
 
     /// Hands the first of `next` (the following chunks of file `ino`) that are not local,

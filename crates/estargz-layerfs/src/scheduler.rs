@@ -828,13 +828,13 @@ impl Inner {
     /// The prefetch spans of this layer: its missing prioritized chunks in blob order, in
     /// runs of neighbours of at most `max` bytes.
     fn prefetch_spans(&self, max: u64) -> Vec<Vec<(u64, Chunk)>> {
-        let Some(end) = self.tree().prefetch_size else {
+        if self.tree().prefetch_size.is_none() {
             return Vec::new();
-        };
+        }
         neighbour_runs(
-            self.tree()
-                .chunks_in_blob_order()
-                .filter(|(_, c)| c.compressed_end <= end && !self.cache().contains(&c.digest)),
+            self.tree().chunks_in_blob_order().filter(|(_, c)| {
+                self.tree().is_prioritized(c) && !self.cache().contains(&c.digest)
+            }),
             max,
         )
     }

@@ -301,6 +301,13 @@ impl Tree {
         self.file_digests.get(&(ino as u32)).copied()
     }
 
+    /// Whether chunk `c` lies before the prefetch landmark: a prioritized file's, which the
+    /// layer's prefetch brings.
+    pub fn is_prioritized(&self, c: &Chunk) -> bool {
+        self.prefetch_size
+            .is_some_and(|end| c.compressed_end <= end)
+    }
+
     /// Every chunk of the layer, with its file's inode, in blob order.
     pub fn chunks_in_blob_order(&self) -> impl Iterator<Item = (u64, Chunk)> + '_ {
         self.blob_order.iter().map(|&i| self.chunk_by_index(i))

@@ -408,9 +408,9 @@ impl Snapshotter {
             }
             (r, _) => r?,
         };
-        self.metrics.observe_resolve(started.elapsed());
-        tracing::debug!(layer = %info.digest,
-            ms = started.elapsed().as_secs_f64() * 1e3, "TOC resolved");
+        let resolved_in = started.elapsed();
+        self.metrics.observe_resolve(resolved_in);
+        tracing::debug!(layer = %info.digest, ms = resolved_in.as_secs_f64() * 1e3, "TOC resolved");
         let (this, target, parent, labels) = (
             self.clone(),
             target.to_string(),
