@@ -6,6 +6,7 @@
 #  - an image converted by `estargz convert` and one converted by `ctr-remote` are pulled
 #    with `ctr-remote images rpull`, and run; the registry serves far fewer bytes than
 #    the image holds; python's interpreter and libraries are read ahead of the loader;
+#    each TOC of our conversion comes in one request of the size its annotation gives;
 #  - an image optimized by `estargz optimize` (python reading a file) lists the files read
 #    before each layer's landmark, and is pulled with `ctr-remote images rpull` and run;
 #  - a non-eStargz image, an image without TOC digest labels, and a plain `ctr pull`
@@ -105,7 +106,17 @@ erofs_mounts() { grep -c " $S/root/snapshots/[0-9]*/local/[^ ]*/mnt erofs" /proc
 
 log "lazy pull of our conversion"
 before=$(served)
+reg_lines=$(wc -l < "$work/reg/registry.log")
 ctr-remote -a "$sock" -n "$NS_lazy" images rpull --plain-http --snapshotter estargz "$addr/e2e:ours" >&2
+# containerd passed each layer's TOC sizes annotation to Prepare: every TOC came in one
+# request of exactly its size, none in the 64 KiB first request made without a size.
+toc_sizes=$(curl -sf -H 'Accept: application/vnd.oci.image.manifest.v1+json' "http://$addr/v2/e2e/manifests/ours" \
+    | python3 -c 'import json,sys; a=json.load(sys.stdin)["layers"][0]["annotations"]; print(" ".join(e.rsplit("=",1)[1] for e in a["containerd.io/snapshot/estargz/toc.sizes"].split(",")))')
+written=" $(tail -n +$((reg_lines + 1)) "$work/reg/registry.log" | grep 'msg="response completed"' | grep -o 'http.response.written=[0-9]*' | cut -d= -f2 | tr '\n' ' ')"
+for n in $toc_sizes; do
+    case "$written" in *" $n "*) ;; *) die "no response of the annotated TOC size $n during the pull (responses:$written)" ;; esac
+done
+case "$written" in *" 65536 "*) die "a TOC was fetched without its annotated size (responses:$written)" ;; esac
 out=$(run_in "$NS_lazy" "$addr/e2e:ours" /usr/bin/python3.11 -c 'print("hello from python")')
 [ "$out" = "hello from python" ] || die "python printed: $out"
 out=$(run_in "$NS_lazy" "$addr/e2e:ours" /bin/cat /srv/hello.txt)
@@ -115,7 +126,7 @@ lazy_bytes=$(( $(served) - before ))
 [ "$lazy_bytes" -lt $(( image_size / 2 )) ] || die "lazy pull and run fetched $lazy_bytes of $image_size bytes"
 deps=$(metric_sum estargz_layer_dependency_files_total)
 [ "$deps" -ge 2 ] || die "python's interpreter and libraries were not read ahead of the loader ($deps)"
-ok "estargz convert image: rpull + run python, registry served $lazy_bytes of $image_size bytes, $deps libraries read ahead"
+ok "estargz convert image: rpull (each TOC in one request of its annotated size) + run python, registry served $lazy_bytes of $image_size bytes, $deps libraries read ahead"
 
 log "a local user against the daemon"
 # The test's own directories are opened up so that only the daemon's protections count.

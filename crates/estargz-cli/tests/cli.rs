@@ -125,6 +125,7 @@ fn check_converted(layout: &OciLayout, mdesc: &Descriptor, originals: &[Vec<u8>]
     let config: ImageConfig = layout.read_config(&m.config).unwrap();
     let diff_ids = config.diff_ids().unwrap();
     assert_eq!(m.layers.len(), originals.len());
+    let mut sizes = Vec::new();
     for ((layer, diff_id), tar) in m.layers.iter().zip(&diff_ids).zip(originals) {
         assert_eq!(layer.media_type, media_types::OCI_LAYER_GZIP);
         let ann = layer.annotations.as_ref().expect("annotations");
@@ -154,8 +155,22 @@ fn check_converted(layout: &OciLayout, mdesc: &Descriptor, originals: &[Vec<u8>]
         )
         .unwrap();
         assert_matches_tar(&reader, tar);
+        sizes.push(format!(
+            "{}={}",
+            layer.digest,
+            reader.blob_size() - reader.footer().toc_offset
+        ));
         let path = layout.blob_path(&layer.digest);
         ok(&["verify", p(&path), "--toc-digest", &toc_digest.to_string()]);
+    }
+    // Each layer gives the size of its TOC (from its gzip member to the blob's end) and
+    // those of the layers above it, for a snapshotter to fetch each in one request.
+    for (i, layer) in m.layers.iter().enumerate() {
+        let listed = &sizes[i..sizes.len().min(i + estargz_convert::TOC_SIZES_LISTED)];
+        assert_eq!(
+            layer.annotations.as_ref().unwrap()["containerd.io/snapshot/estargz/toc.sizes"],
+            listed.join(",")
+        );
     }
     // Everything but diff_ids survives in the config.
     assert_eq!(config.raw["config"]["Env"][0], "PATH=/bin");
@@ -167,10 +182,17 @@ fn image_convert_single_manifest() {
     let dir = tempfile::tempdir().unwrap();
     let src_dir = dir.path().join("src");
     let src = OciLayout::create(&src_dir).unwrap();
-    let layers = vec![
+    // More layers than a layer's TOC sizes annotation lists.
+    let mut layers = vec![
         synthetic_tar(),
         small_tar("bin/hello", b"#!/bin/sh\necho hello\n"),
     ];
+    for i in 0..estargz_convert::TOC_SIZES_LISTED {
+        layers.push(small_tar(
+            &format!("etc/layer{i}"),
+            i.to_string().as_bytes(),
+        ));
+    }
     let m = write_oci_image(&src, &layers, "amd64");
     src.set_tag(Some("v1"), m).unwrap();
     let dst_dir = dir.path().join("dst");
@@ -183,7 +205,7 @@ fn image_convert_single_manifest() {
         "--json",
     ]);
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(report["layers"].as_array().unwrap().len(), 2);
+    assert_eq!(report["layers"].as_array().unwrap().len(), layers.len());
     let dst = OciLayout::open(&dst_dir).unwrap();
     let root = dst.resolve(Some("v1-esgz")).unwrap();
     assert_eq!(root.digest.as_str(), report["image"].as_str().unwrap());
@@ -201,6 +223,8 @@ fn image_convert_single_manifest() {
         assert_eq!(l["kept"], true, "{l}");
         assert_eq!(l["digest"], l["source"]);
     }
+    // Their TOC sizes are read from the kept layers' footers.
+    check_converted(&dst, &dst.resolve(Some("again")).unwrap(), &layers);
     // The human table names every layer.
     let text = ok(&[
         "convert",

@@ -22,6 +22,15 @@ use estargz_oci::{media_types, Descriptor, Digest, Index, Manifest, OciLayout, P
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
 /// Manifest annotation holding a layer's uncompressed size.
 pub const UNCOMPRESSED_SIZE_ANNOTATION: &str = "io.containers.estargz.uncompressed-size";
+/// Manifest annotation telling a snapshotter how many bytes at the end of a layer's blob
+/// hold its TOC and footer (from the TOC's gzip member to the blob's end), for this layer
+/// and the next ones of the manifest: `sha256:HEX=BYTES,...`, this layer first. A lazy pull
+/// then fetches each TOC in one request of exactly its size, also for the layers it
+/// resolves ahead of their turn. Only a hint: the TOC is verified by its digest either way.
+pub const TOC_SIZES_ANNOTATION: &str = "containerd.io/snapshot/estargz/toc.sizes";
+/// Layers listed in one layer's [`TOC_SIZES_ANNOTATION`] (itself included): a snapshotter
+/// resolves only a few layers ahead, and containerd caps a label at 4 KiB.
+pub const TOC_SIZES_LISTED: usize = 8;
 
 /// Errors of an image conversion.
 #[derive(Debug, thiserror::Error)]
@@ -185,6 +194,8 @@ struct Converted {
     desc: Descriptor,
     diff_id: Digest,
     report: LayerReport,
+    /// Bytes from the TOC's gzip member to the end of the blob.
+    toc_size: u64,
 }
 
 struct Converter<'a> {
@@ -296,16 +307,12 @@ impl Converter<'_> {
             true => None,
             false => self.keep_estargz(layer, diff_id)?,
         };
-        let (desc, report, diff) = match kept {
+        let converted = match kept {
             Some(kept) => kept,
             None => self.convert_layer(layer, threads)?,
         };
-        self.events.layer_done(&report);
-        Ok(Converted {
-            desc,
-            diff_id: diff,
-            report,
-        })
+        self.events.layer_done(&converted.report);
+        Ok(converted)
     }
 
     fn index(&mut self, desc: &Descriptor) -> Result<Descriptor> {
@@ -357,11 +364,22 @@ impl Converter<'_> {
             )));
         }
         let mut layers = Vec::with_capacity(manifest.layers.len());
+        let mut toc_sizes = Vec::with_capacity(manifest.layers.len());
         let mut new_diff_ids = Vec::with_capacity(manifest.layers.len());
         for (layer, diff_id) in manifest.layers.iter().zip(diff_ids) {
-            let (new, new_diff) = self.layer(layer, diff_id)?;
-            layers.push(new);
-            new_diff_ids.push(new_diff);
+            let done = self.layer(layer, diff_id)?;
+            toc_sizes.push(format!("{}={}", done.desc.digest, done.toc_size));
+            layers.push(done.desc.clone());
+            new_diff_ids.push(done.diff_id.clone());
+        }
+        // Each layer lists its own TOC size and those of the next layers: whichever layer
+        // containerd prepares first, the snapshotter knows the TOCs it resolves ahead.
+        for (i, layer) in layers.iter_mut().enumerate() {
+            let listed = &toc_sizes[i..toc_sizes.len().min(i + TOC_SIZES_LISTED)];
+            layer
+                .annotations
+                .get_or_insert_with(BTreeMap::new)
+                .insert(TOC_SIZES_ANNOTATION.into(), listed.join(","));
         }
         config.set_diff_ids(&new_diff_ids);
         let config_desc = self.write_json(&config.to_vec(), media_types::OCI_CONFIG)?;
@@ -380,19 +398,14 @@ impl Converter<'_> {
     }
 
     /// The converted form of one layer (converted by `convert_all`).
-    fn layer(&mut self, layer: &Descriptor, _diff_id: Digest) -> Result<(Descriptor, Digest)> {
+    fn layer(&self, layer: &Descriptor, _diff_id: Digest) -> Result<&Converted> {
         self.layers
             .get(&layer.digest)
-            .map(|done| (done.desc.clone(), done.diff_id.clone()))
             .ok_or_else(|| Error::Unsupported(format!("layer {} was not converted", layer.digest)))
     }
 
     /// A layer that already is eStargz, with a TOC digest annotation that matches, is kept.
-    fn keep_estargz(
-        &self,
-        layer: &Descriptor,
-        diff_id: &Digest,
-    ) -> Result<Option<(Descriptor, LayerReport, Digest)>> {
+    fn keep_estargz(&self, layer: &Descriptor, diff_id: &Digest) -> Result<Option<Converted>> {
         let Some(annotated) = layer
             .annotations
             .as_ref()
@@ -411,9 +424,10 @@ impl Converter<'_> {
             expected_toc_digest: Some(expected),
             ..Default::default()
         };
-        if EstargzReader::open(&file, &opts).is_err() {
+        let Ok(reader) = EstargzReader::open(&file, &opts) else {
             return Ok(None);
-        }
+        };
+        let toc_size = reader.blob_size() - reader.footer().toc_offset;
         let (digest, size) = if self.src.root() == self.dst.root() {
             (layer.digest.clone(), layer.size)
         } else {
@@ -433,14 +447,15 @@ impl Converter<'_> {
             elapsed: Duration::ZERO,
             kept: true,
         };
-        Ok(Some((desc, report, diff_id.clone())))
+        Ok(Some(Converted {
+            desc,
+            diff_id: diff_id.clone(),
+            report,
+            toc_size,
+        }))
     }
 
-    fn convert_layer(
-        &self,
-        layer: &Descriptor,
-        threads: usize,
-    ) -> Result<(Descriptor, LayerReport, Digest)> {
+    fn convert_layer(&self, layer: &Descriptor, threads: usize) -> Result<Converted> {
         let start = Instant::now();
         self.events.layer_started(&layer.digest, layer.size);
         let input = self.src.open_blob(&layer.digest)?;
@@ -497,6 +512,11 @@ impl Converter<'_> {
         };
         tracing::info!(source = %layer.digest, digest = %report.digest, toc = %report.toc_digest,
             secs = report.elapsed.as_secs_f64(), "layer converted");
-        Ok((desc, report, diff))
+        Ok(Converted {
+            desc,
+            diff_id: diff,
+            report,
+            toc_size: out.blob_size - out.toc_offset,
+        })
     }
 }

@@ -33,6 +33,9 @@ pub const STARGZ_DIGEST: &str = "containerd.io/snapshot/remote/stargz.digest";
 pub const STARGZ_LAYERS: &str = "containerd.io/snapshot/remote/stargz.layers";
 /// The TOC digest (a layer annotation passed as a label).
 pub const TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
+/// The sizes of the TOCs (with footer) of this layer and the next ones, as our converter
+/// annotates them (`sha256:HEX=BYTES,...`): a hint that sizes each layer's first request.
+pub const TOC_SIZES: &str = "containerd.io/snapshot/estargz/toc.sizes";
 /// Marks snapshots this daemon mounted lazily.
 pub const REMOTE_LABEL: &str = "containerd.io/snapshot/remote";
 
@@ -86,6 +89,9 @@ pub struct LayerLabels {
     pub toc_digest: Option<Sha256Digest>,
     /// The image's other layers (malformed entries left out: they are only resolved ahead).
     pub other_layers: Vec<Digest>,
+    /// How many bytes at the end of a layer's blob hold its TOC and footer, for the layers
+    /// the image's annotation names (malformed entries left out: a hint, never trusted).
+    pub toc_sizes: HashMap<Digest, u64>,
 }
 
 impl LayerLabels {
@@ -142,11 +148,24 @@ impl LayerLabels {
                         .collect()
                 })
                 .unwrap_or_default();
+            let toc_sizes = labels
+                .get(TOC_SIZES)
+                .map(|s| {
+                    s.split(',')
+                        .take(MAX_AHEAD + 1)
+                        .filter_map(|entry| {
+                            let (d, n) = entry.trim().rsplit_once('=')?;
+                            Some((d.parse::<Digest>().ok()?, n.parse::<u64>().ok()?))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             Ok(LayerLabels {
                 reference,
                 digest,
                 toc_digest,
                 other_layers,
+                toc_sizes,
             })
         })())
     }
@@ -181,9 +200,22 @@ const BACKGROUND_RESOLUTIONS: usize = 4;
 /// in turn anyway.
 const MAX_AHEAD: usize = 64;
 
-/// The last bytes of a layer fetched first: the footer, and the whole TOC when it is
-/// small; a larger TOC costs one more request for the rest of it.
+/// The last bytes of a layer fetched first when the image does not give its TOC's size:
+/// the footer, and the whole TOC when it is small; a larger TOC costs one more request for
+/// the rest of it.
 const TOC_TAIL: u64 = 64 << 10;
+
+/// The most a TOC size hint may make the first request fetch: a hint is the image's word,
+/// and a larger TOC is still fetched whole, by a second request.
+const MAX_HINTED_TAIL: u64 = 8 << 20;
+
+/// The first request for a layer's TOC: the size the image gives, bounded, or
+/// [`TOC_TAIL`] without one.
+fn first_tail(hint: Option<u64>) -> u64 {
+    hint.map_or(TOC_TAIL, |n| {
+        n.clamp(estargz_format::FOOTER_SIZE as u64, MAX_HINTED_TAIL)
+    })
+}
 
 /// How long fetching the rest of a TOC member may take.
 const MEMBER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
@@ -223,14 +255,16 @@ impl Resolver {
         &self,
         reference: &ImageRef,
         digest: &Digest,
+        toc_size: Option<u64>,
     ) -> Result<Arc<Fetched>, (Fallback, String)> {
         let (image, blob) = (reference.clone(), digest.clone());
-        // The footer and, for a small TOC, the whole TOC in one request that also gives the
-        // blob's size.
+        // The footer and, for a small TOC or one whose size the image gives, the whole TOC
+        // in one request that also gives the blob's size.
         let started = Instant::now();
-        let (tail, size) = match self.client.fetch_tail(&image, &blob, TOC_TAIL).await {
+        let tail_len = first_tail(toc_size);
+        let (tail, size) = match self.client.fetch_tail(&image, &blob, tail_len).await {
             Ok(got) => {
-                tracing::debug!(layer = %digest,
+                tracing::debug!(layer = %digest, bytes = tail_len, hinted = toc_size.is_some(),
                     ms = started.elapsed().as_secs_f64() * 1e3, "TOC tail fetched");
                 got
             }
@@ -288,34 +322,46 @@ impl Resolver {
         .map_err(|e| (Fallback::Registry, format!("resolver task: {e}")))?
     }
 
-    /// Starts fetching the TOCs of `layers` of `reference` in the background.
-    pub fn prefetch(self: &Arc<Self>, reference: &ImageRef, layers: &[Digest]) {
+    /// Starts fetching the TOCs of `layers` of `reference` in the background, each in a
+    /// first request of the size `toc_sizes` gives for it, if any.
+    pub fn prefetch(
+        self: &Arc<Self>,
+        reference: &ImageRef,
+        layers: &[Digest],
+        toc_sizes: &HashMap<Digest, u64>,
+    ) {
         for digest in layers.iter().take(MAX_AHEAD) {
             let cell = self.cell(reference, digest);
             if cell.initialized() {
                 continue;
             }
             let (this, reference, digest) = (self.clone(), reference.clone(), digest.clone());
+            let toc_size = toc_sizes.get(&digest).copied();
             tokio::spawn(async move {
                 let Ok(_permit) = this.background.clone().acquire_owned().await else {
                     return;
                 };
                 // The layer's own Prepare may have resolved it meanwhile: then this is free.
-                let _ = cell.get_or_init(|| this.fetch(&reference, &digest)).await;
+                let _ = cell
+                    .get_or_init(|| this.fetch(&reference, &digest, toc_size))
+                    .await;
             });
         }
     }
 
-    /// The TOC of layer `digest` of `reference`, verified against `toc_digest` when given.
+    /// The TOC of layer `digest` of `reference`, verified against `toc_digest` when given;
+    /// unless resolved ahead already, fetched in a first request of `toc_size` bytes (the
+    /// image's hint), if given.
     pub async fn resolve(
         &self,
         reference: &ImageRef,
         digest: &Digest,
         toc_digest: Option<Sha256Digest>,
+        toc_size: Option<u64>,
     ) -> Result<Arc<Fetched>, (Fallback, String)> {
         let cell = self.cell(reference, digest);
         let result = cell
-            .get_or_init(|| self.fetch(reference, digest))
+            .get_or_init(|| self.fetch(reference, digest, toc_size))
             .await
             .clone();
         self.forget(reference, digest);
@@ -395,5 +441,34 @@ mod tests {
         }
         let labels = [(CRI_LAYER_DIGEST.to_string(), "not a digest".to_string())].into();
         assert_eq!(LayerLabels::raw_digest(&labels), Some("not a digest"));
+    }
+
+    #[test]
+    fn toc_sizes_are_a_bounded_hint() {
+        let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+        let (a, b) = (d('a'), d('b'));
+        let sizes = format!("{a}=40359, {b}=74478,{b}x=1,sha256:zz=5,=7,nonsense,{a}=-1");
+        let labels = [
+            (STARGZ_REF.to_string(), "r/x:y".to_string()),
+            (STARGZ_DIGEST.to_string(), a.clone()),
+            (TOC_SIZES.to_string(), sizes),
+        ]
+        .into();
+        let info = LayerLabels::from_labels(&labels).unwrap().unwrap();
+        let mut got: Vec<(String, u64)> = info
+            .toc_sizes
+            .iter()
+            .map(|(d, n)| (d.to_string(), *n))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [(a, 40359), (b, 74478)],
+            "malformed entries are left out"
+        );
+        assert_eq!(first_tail(None), TOC_TAIL);
+        assert_eq!(first_tail(Some(74478)), 74478);
+        assert_eq!(first_tail(Some(3)), estargz_format::FOOTER_SIZE as u64);
+        assert_eq!(first_tail(Some(u64::MAX)), MAX_HINTED_TAIL);
     }
 }

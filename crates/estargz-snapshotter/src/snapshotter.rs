@@ -375,13 +375,18 @@ impl Snapshotter {
             "no image reference or layer digest labels".into(),
         ))??;
         if !info.other_layers.is_empty() {
-            self.resolver.prefetch(&info.reference, &info.other_layers);
+            self.resolver
+                .prefetch(&info.reference, &info.other_layers, &info.toc_sizes);
         }
         let started = std::time::Instant::now();
         let resolved = tokio::time::timeout(
             self.config.resolve_timeout(),
-            self.resolver
-                .resolve(&info.reference, &info.digest, info.toc_digest),
+            self.resolver.resolve(
+                &info.reference,
+                &info.digest,
+                info.toc_digest,
+                info.toc_sizes.get(&info.digest).copied(),
+            ),
         )
         .await
         .map_err(|_| {

@@ -583,6 +583,13 @@ async fn sigkill_in_the_middle_of_changes_leaves_a_consistent_state() {
 
 /// Pushes `tar` as an eStargz layer; returns (digest, TOC digest).
 async fn push_layer(image: &ImageRef, tar: &[u8]) -> (Digest, String) {
+    let (digest, toc_digest, _) = push_layer_sized(image, tar).await;
+    (digest, toc_digest)
+}
+
+/// Pushes `tar` as an eStargz layer; returns (digest, TOC digest, bytes from the TOC's gzip
+/// member to the blob's end).
+async fn push_layer_sized(image: &ImageRef, tar: &[u8]) -> (Digest, String, u64) {
     let mut blob = Vec::new();
     convert(
         tar,
@@ -594,11 +601,10 @@ async fn push_layer(image: &ImageRef, tar: &[u8]) -> (Digest, String) {
         &(),
     )
     .unwrap();
-    let toc_digest = EstargzReader::open(&blob[..], &OpenOptions::default())
-        .unwrap()
-        .toc_digest()
-        .to_string();
-    (push_blob(image, &blob).await, toc_digest)
+    let reader = EstargzReader::open(&blob[..], &OpenOptions::default()).unwrap();
+    let toc_digest = reader.toc_digest().to_string();
+    let toc_size = reader.blob_size() - reader.footer().toc_offset;
+    (push_blob(image, &blob).await, toc_digest, toc_size)
 }
 
 async fn push_blob(image: &ImageRef, blob: &[u8]) -> Digest {
@@ -931,6 +937,101 @@ async fn the_other_layers_are_resolved_a_few_at_a_time() {
     // Four background resolutions and the Prepare's own.
     assert!(most <= 5, "{most} TOC requests at once");
     proxy.set_rate(None);
+}
+
+/// Makes a TOC sizes label from an image's layers (digest, TOC size) for layer `i`.
+type SizesLabel = dyn Fn(&[(Digest, u64)], usize) -> String;
+
+/// The TOC sizes our converter annotates make each layer's TOC one request of exactly its
+/// size, the layer resolved ahead included; a wrong or hostile size costs at most a bounded
+/// request and the layer still mounts lazily.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn toc_sizes_from_the_image_fetch_each_toc_in_one_request() {
+    const SIZES: &str = "containerd.io/snapshot/estargz/toc.sizes";
+    let reg = TestRegistry::start(None);
+    let proxy = estargz_testutil::FaultProxy::start(&reg.addr);
+    let direct: ImageRef = format!("{}/sized/app:v1", reg.addr).parse().unwrap();
+    let reference = format!("{}/sized/app:v1", proxy.addr);
+    let d = Daemon::start("[fetch]\nbackground = false\nprefetch = false\n");
+    let mut c = d.client().await;
+    // Prepares a base layer and an application layer whose TOC is larger than the first
+    // request made without a size (64 KiB), each with the sizes label `sizes` gives it;
+    // returns the blob requests the two resolutions made, in order of arrival.
+    let mut pull = async |n: usize, sizes: &SizesLabel| {
+        let base = estargz_testutil::one_file_tar(&format!("base{n}"), b"base\n");
+        let (base, base_toc, base_size) = push_layer_sized(&direct, &base).await;
+        let app = estargz_testutil::many_files_tar(4000 + n);
+        let (app, app_toc, app_size) = push_layer_sized(&direct, &app).await;
+        assert!(app_size > 64 << 10, "{app_size}");
+        let both = [(base.clone(), base_size), (app.clone(), app_size)];
+        let before = proxy.blob_log().len();
+        for (i, (digest, toc)) in [(&base, &base_toc), (&app, &app_toc)]
+            .into_iter()
+            .enumerate()
+        {
+            let mut l = cri_labels(
+                &format!("sha256:sized{n}-{i}"),
+                &reference,
+                &digest.to_string(),
+                // As containerd lists them: this layer and those above it.
+                &[&base, &app][i..]
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                toc,
+            );
+            l.insert(SIZES.into(), sizes(&both, i));
+            let parent = match i {
+                0 => String::new(),
+                _ => format!("sha256:sized{n}-0"),
+            };
+            prepare_lazily(&mut c, &d, &format!("k8s.io/{n}/extract-{i}"), &parent, l).await;
+        }
+        (both, proxy.blob_log().split_off(before))
+    };
+    let listed = |layers: &[(Digest, u64)], from: usize| {
+        let l: Vec<String> = layers[from..]
+            .iter()
+            .map(|(d, n)| format!("{d}={n}"))
+            .collect();
+        l.join(",")
+    };
+
+    // The sizes our converter writes: two requests in all, each exactly a TOC and footer.
+    let (layers, log) = pull(1, &listed).await;
+    let mut asked: Vec<Option<u64>> = log.iter().map(|r| r.suffix).collect();
+    asked.sort();
+    let mut want: Vec<Option<u64>> = layers.iter().map(|(_, n)| Some(*n)).collect();
+    want.sort();
+    assert_eq!(asked, want, "{log:?}");
+
+    // Sizes too small, absurdly large, malformed or of other layers: each first request is
+    // bounded (a footer at least, 8 MiB at most), the rest of a TOC comes by a second one.
+    let hostile = |layers: &[(Digest, u64)], _: usize| {
+        format!(
+            "{}=10,nonsense,sha256:zz=5,=7,{}=99999999999999,{}=12x",
+            layers[0].0, layers[1].0, layers[1].0
+        )
+    };
+    let (_, log) = pull(2, &hostile).await;
+    let first: Vec<Option<u64>> = log
+        .iter()
+        .filter(|r| r.range.is_none())
+        .map(|r| r.suffix)
+        .collect();
+    let mut first = first;
+    first.sort();
+    assert_eq!(
+        first,
+        [Some(estargz_format::FOOTER_SIZE as u64), Some(8 << 20)],
+        "{log:?}"
+    );
+    assert_eq!(
+        log.len(),
+        3,
+        "the base layer's TOC took a second request: {log:?}"
+    );
 }
 
 /// The FUSE manager's pid, from its single-instance lock file.

@@ -62,6 +62,8 @@ struct Shared {
 pub struct BlobRequest {
     /// The requested byte range (`start..end`), if a single range was asked for.
     pub range: Option<std::ops::Range<u64>>,
+    /// The requested length of the blob's end, for a suffix range (`bytes=-N`).
+    pub suffix: Option<u64>,
     /// When the request arrived.
     pub arrived: Instant,
     /// When the last byte of the answer was sent (`None` while in flight or if it failed).
@@ -237,6 +239,9 @@ fn handle(mut conn: TcpStream, s: &Shared) -> std::io::Result<()> {
         let mut log = s.log.lock().unwrap();
         log.push(BlobRequest {
             range: range.as_deref().and_then(parse_range),
+            suffix: range
+                .as_deref()
+                .and_then(|r| r.strip_prefix("bytes=-")?.trim().parse().ok()),
             arrived: Instant::now(),
             ended: None,
         });
