@@ -29,7 +29,9 @@ const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 /// A read that misses a small file's chunk fetches, in the same round trip, the small files
 /// of its directory nearest to it in blob order, up to this many compressed bytes in all: a
 /// starting process opens file after file of one directory (a language runtime's
-/// modules), and each would otherwise cost a round trip of its own.
+/// modules), and each would otherwise cost a round trip of its own. Not for a file a
+/// program maps (an executable, or a library the dependency walk found): what a program
+/// loads next is what it links, which the walk fetches, not what lies beside it.
 const NEIGHBOUR_SPAN: u64 = 256 << 10;
 /// Neighbours are looked for at most this many chunks away in blob order (entries of
 /// subdirectories sit between a directory's files in tar order, and are skipped).
@@ -1365,7 +1367,10 @@ impl Inner {
             self.fetch_claimed(&missing, For::Reader(&hot), Some(&queue_ahead))?;
         } else if let [c] = chunks {
             if !self.cache.contains(&c.digest) && self.cache.memory_get(&c.digest).is_none() {
-                let run = self.with_neighbours(ino, c);
+                let run = match self.is_mapped(ino, node) {
+                    true => vec![(ino, *c)],
+                    false => self.with_neighbours(ino, c),
+                };
                 let bytes: u64 = run.iter().map(|(_, c)| c.compressed_end - c.offset).sum();
                 tracing::debug!(file = %self.tree.path(ino), neighbours = run.len() - 1,
                     bytes, "small file missed");

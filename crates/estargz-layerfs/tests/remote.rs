@@ -1239,6 +1239,55 @@ fn an_executables_libraries_are_fetched_before_the_loader_asks() {
     low.unmount().unwrap();
 }
 
+/// A program's executable and the libraries its dependency walk finds come alone: the
+/// small files beside them in their directories are not fetched along, as a data file's
+/// are.
+#[test]
+fn programs_and_their_libraries_come_without_neighbours() {
+    let r = Remote::start();
+    let tool = elf_object(None, &["libsmall.so.1"], Some("/opt/lib"), 100);
+    let lib = elf_object(None, &[], None, 200);
+    let (execs, libs, data): (Vec<_>, Vec<_>, Vec<_>) = (
+        (0..6).map(|i| noise(5_000, 10 + i)).collect(),
+        (0..6).map(|i| noise(5_000, 20 + i)).collect(),
+        (0..6).map(|i| noise(5_000, 30 + i)).collect(),
+    );
+    let mut files: Vec<(String, u32, &[u8])> = vec![
+        ("opt/bin/tool".into(), 0o755, &tool[..]),
+        ("opt/lib/libsmall.so.1".into(), 0o644, &lib[..]),
+    ];
+    for i in 0..6 {
+        files.push((format!("opt/bin/other{i}"), 0o755, &execs[i][..]));
+        files.push((format!("opt/lib/libother{i}.so"), 0o644, &libs[i][..]));
+        files.push((format!("opt/share/data{i}"), 0o644, &data[i][..]));
+    }
+    let entries: Vec<(&str, u32, &[u8])> =
+        files.iter().map(|(n, m, c)| (n.as_str(), *m, *c)).collect();
+    let blob = r.push(&files_and_links_tar(&entries, &[]), &small_opts());
+    let cache = r.cache("cache", 1 << 30);
+    let scheduler = FetchScheduler::new(on_demand_only());
+    let m = r.mount_over(&blob, cache.clone(), "mnt", &[], scheduler);
+    let local = |f: &str| cache.contains(&m.fs().chunk_at(f, 0).unwrap().digest);
+
+    assert!(std::fs::read(m.mountpoint().join("opt/bin/tool")).unwrap() == tool);
+    wait_for("the library", || local("opt/lib/libsmall.so.1"));
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..6 {
+        assert!(
+            !local(&format!("opt/bin/other{i}")),
+            "an executable's neighbour"
+        );
+        assert!(
+            !local(&format!("opt/lib/libother{i}.so")),
+            "a library's neighbour"
+        );
+    }
+    // A data file still brings its own.
+    assert!(std::fs::read(m.mountpoint().join("opt/share/data0")).unwrap() == data[0]);
+    assert!((1..6).all(|i| local(&format!("opt/share/data{i}"))));
+    m.unmount().unwrap();
+}
+
 /// A layer without prioritized files prefetches, once mounted, the dynamic loader and C
 /// library the image has (every dynamically linked program reads them first), as the
 /// container will see them: found through symlinks, only by the layer that holds them,
