@@ -87,8 +87,8 @@ put = urllib.request.Request(f"http://{addr}/v2/e2e/manifests/notoc", data=body,
                              headers={"Content-Type": accept})
 urllib.request.urlopen(put)
 PY
-image_size=$(curl -sf -H 'Accept: application/vnd.oci.image.manifest.v1+json' "http://$addr/v2/e2e/manifests/ours" \
-    | python3 -c 'import json,sys; print(sum(l["size"] for l in json.load(sys.stdin)["layers"]))')
+ours_manifest=$(curl -sf -H 'Accept: application/vnd.oci.image.manifest.v1+json' "http://$addr/v2/e2e/manifests/ours")
+image_size=$(echo "$ours_manifest" | python3 -c 'import json,sys; print(sum(l["size"] for l in json.load(sys.stdin)["layers"]))')
 
 metrics=$(bash "$SCRIPTS_DIR/snapshotter.sh" start "$S" '[fetch]
 background = false')
@@ -110,8 +110,7 @@ reg_lines=$(wc -l < "$work/reg/registry.log")
 ctr-remote -a "$sock" -n "$NS_lazy" images rpull --plain-http --snapshotter estargz "$addr/e2e:ours" >&2
 # containerd passed each layer's TOC sizes annotation to Prepare: every TOC came in one
 # request of exactly its size, none in the 64 KiB first request made without a size.
-toc_sizes=$(curl -sf -H 'Accept: application/vnd.oci.image.manifest.v1+json' "http://$addr/v2/e2e/manifests/ours" \
-    | python3 -c 'import json,sys; a=json.load(sys.stdin)["layers"][0]["annotations"]; print(" ".join(e.rsplit("=",1)[1] for e in a["containerd.io/snapshot/estargz/toc.sizes"].split(",")))')
+toc_sizes=$(echo "$ours_manifest" | python3 -c 'import json,sys; a=json.load(sys.stdin)["layers"][0]["annotations"]; print(" ".join(e.rsplit("=",1)[1] for e in a["containerd.io/snapshot/estargz/toc.sizes"].split(",")))')
 written=" $(tail -n +$((reg_lines + 1)) "$work/reg/registry.log" | grep 'msg="response completed"' | grep -o 'http.response.written=[0-9]*' | cut -d= -f2 | tr '\n' ' ')"
 for n in $toc_sizes; do
     case "$written" in *" $n "*) ;; *) die "no response of the annotated TOC size $n during the pull (responses:$written)" ;; esac

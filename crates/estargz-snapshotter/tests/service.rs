@@ -1015,12 +1015,11 @@ async fn toc_sizes_from_the_image_fetch_each_toc_in_one_request() {
         )
     };
     let (_, log) = pull(2, &hostile).await;
-    let first: Vec<Option<u64>> = log
+    let mut first: Vec<Option<u64>> = log
         .iter()
         .filter(|r| r.range.is_none())
         .map(|r| r.suffix)
         .collect();
-    let mut first = first;
     first.sort();
     assert_eq!(
         first,
