@@ -52,7 +52,7 @@ impl ConvertFlags {
             compression_level: self.level,
             prioritized_files,
             threads: self.threads,
-            spool_dir: None,
+            ..Default::default()
         })
     }
 }

@@ -9,12 +9,14 @@
 //! - [`toc`]: the TOC's JSON form and the validated file tree ([`Toc`], [`TocEntry`]).
 //! - [`reader`]: [`EstargzReader`] over anything with random access ([`ReadAt`]).
 //! - [`writer`]: converting a tar or tar.gz stream into an eStargz blob ([`convert`]).
+//! - [`elf`]: what an ELF object loads, as the writer records it in the TOC.
 //!
 //! This crate does no network I/O and is not async: callers bring the bytes.
 
 #![warn(missing_docs)]
 
 pub mod digest;
+pub mod elf;
 pub mod error;
 pub mod footer;
 pub mod reader;

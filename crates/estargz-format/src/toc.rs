@@ -136,6 +136,11 @@ pub struct JsonEntry {
     /// sha256 of the uncompressed chunk.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub chunk_digest: String,
+    /// Our extension: what an ELF object (a regular file) loads, so that a lazy mount
+    /// can fetch its libraries at its first miss. Readers that do not know it (the
+    /// reference's, Go's `encoding/json`) skip it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elf_needs: Option<crate::elf::Needs>,
 }
 
 mod base64_map {
@@ -281,6 +286,10 @@ pub struct TocEntry {
     pub link_target: Option<usize>,
     /// Position in the TOC's entry list; `None` for directories the TOC only implies.
     pub toc_index: Option<usize>,
+    /// For an ELF object: what it loads, as the TOC records it, held to
+    /// [`Needs::bounded`](crate::elf::Needs::bounded). A hint for fetching, never trusted
+    /// for anything else.
+    pub elf_needs: Option<Box<crate::elf::Needs>>,
 }
 
 impl TocEntry {
@@ -307,6 +316,7 @@ impl TocEntry {
             children: Vec::new(),
             link_target: None,
             toc_index: None,
+            elf_needs: None,
         }
     }
 
@@ -703,6 +713,7 @@ impl Builder<'_> {
         match kind {
             EntryKind::Reg => {
                 e.size = je.size;
+                e.elf_needs = je.elf_needs.clone().and_then(|n| n.bounded()).map(Box::new);
                 if je.size > 0 {
                     if je.chunk_offset != 0 {
                         return Err(self.bad(

@@ -43,6 +43,9 @@ pub struct ConvertOptions {
     pub threads: usize,
     /// Directory for the temporary spool file (default: the system temp directory).
     pub spool_dir: Option<PathBuf>,
+    /// Record in each ELF object's TOC entry what it loads (`elfNeeds`, see [`crate::elf`]);
+    /// default true. False writes only the fields the reference's converter writes.
+    pub elf_needs: bool,
 }
 
 impl Default for ConvertOptions {
@@ -53,6 +56,7 @@ impl Default for ConvertOptions {
             prioritized_files: Vec::new(),
             threads: 0,
             spool_dir: None,
+            elf_needs: true,
         }
     }
 }
@@ -166,7 +170,10 @@ pub fn convert<R: Read, W: Write>(
     }
     .map_err(|e| Error::io("creating the spool file", e))?;
 
-    let entries = spool_and_index(input, &spool, opts.chunk_size, progress)?;
+    let mut entries = spool_and_index(input, &spool, opts.chunk_size, progress)?;
+    if opts.elf_needs {
+        record_elf_needs(&mut entries, &spool);
+    }
     let (order, prioritized, missing) = plan_order(&entries, &opts.prioritized_files);
 
     // Validate the tree with the reader's rules before spending time compressing: the writer
@@ -447,6 +454,27 @@ fn spool_and_index<R: Read>(
         }
     }
     Ok(index)
+}
+
+/// Sets `elfNeeds` on each regular file that is an ELF executable or shared object
+/// naming an interpreter or libraries, read from its spooled content. A file that cannot
+/// be parsed is only left without it: the hint is for fetching ahead, not for reading.
+fn record_elf_needs(entries: &mut [InEntry], spool: &File) {
+    for e in entries
+        .iter_mut()
+        .filter(|e| e.kind == EntryKind::Reg && e.data_len >= 64)
+    {
+        let (start, len) = (e.data_start, e.data_len);
+        let mut read = |offset: u64, want: usize| -> io::Result<Vec<u8>> {
+            let n = (want as u64).min(len.saturating_sub(offset));
+            let mut buf = vec![0; n as usize];
+            spool.read_exact_at(&mut buf, start.saturating_add(offset))?;
+            Ok(buf)
+        };
+        if let Ok(Some(needs)) = crate::elf::needs(&mut read, &mut |_| {}) {
+            e.json.elf_needs = needs.bounded();
+        }
+    }
 }
 
 fn skip_generated(norm: &str) -> bool {

@@ -569,3 +569,74 @@ fn compressed_spans_are_bounded_by_the_chunk_size() {
     let name = "last";
     decompress_chunk(&blob[last.offset as usize..end], name, &last).unwrap();
 }
+
+/// A TOC's `elfNeeds` is a hint for fetching: whatever it holds, the reader keeps at most
+/// what an object's own headers could name (an absolute interpreter, 64 distinct names
+/// without `/` of at most 255 bytes, a run path of at most 4096 bytes) and drops the rest,
+/// including needs on entries that are not regular files; the layer still opens.
+#[test]
+fn hostile_elf_needs_are_bounded() {
+    use estargz_format::elf::{Needs, MAX_NAME, MAX_NEEDED, MAX_RUNPATH};
+    let (blob, off) = good_blob();
+    let mut toc = toc_of(&blob);
+    let file = toc
+        .entries
+        .iter()
+        .position(|e| e.kind == "reg" && e.size > 0)
+        .unwrap();
+    let dir = toc.entries.iter().position(|e| e.kind == "dir").unwrap();
+    let mut needed: Vec<String> = (0..10_000).map(|i| format!("lib{i}.so")).collect();
+    needed.splice(
+        0..0,
+        [
+            "../../etc/shadow".to_string(),
+            String::new(),
+            "x".repeat(MAX_NAME + 1),
+            "nul\0.so".into(),
+            "lib5.so".into(),
+        ],
+    );
+    toc.entries[file].elf_needs = Some(Needs {
+        interp: Some("relative/ld.so".into()),
+        needed,
+        runpath: (0..5_000).map(|i| format!("/dir{i}")).collect(),
+        machine: 62,
+    });
+    toc.entries[dir].elf_needs = Some(Needs {
+        interp: Some("/lib/ld.so".into()),
+        ..Default::default()
+    });
+    let name = toc.entries[file].name.clone();
+    let json = serde_json::to_vec(&toc).unwrap();
+    let r = EstargzReader::open(
+        with_toc_json(&blob, off, &json, None),
+        &OpenOptions::default(),
+    )
+    .unwrap();
+    let t = r.toc();
+    let e = t.entry(t.lookup(&name).unwrap());
+    let n = e.elf_needs.as_deref().unwrap();
+    assert_eq!(n.interp, None);
+    assert_eq!(n.needed.len(), MAX_NEEDED);
+    assert_eq!(n.needed[..2], ["lib5.so", "lib0.so"]);
+    assert!(!n.needed[1..].contains(&"lib5.so".to_string()));
+    assert!(n.runpath.join(":").len() <= MAX_RUNPATH);
+    assert!(!n.runpath.is_empty());
+    assert!(t.entries().iter().filter(|e| e.elf_needs.is_some()).count() == 1);
+    r.verify(|_| {}).unwrap();
+
+    // Nothing left to load: no needs at all.
+    let mut toc = toc_of(&blob);
+    toc.entries[file].elf_needs = Some(Needs {
+        interp: Some("ld.so".into()),
+        needed: vec!["a/b.so".into()],
+        ..Default::default()
+    });
+    let json = serde_json::to_vec(&toc).unwrap();
+    let r = EstargzReader::open(
+        with_toc_json(&blob, off, &json, None),
+        &OpenOptions::default(),
+    )
+    .unwrap();
+    assert!(r.toc().entries().iter().all(|e| e.elf_needs.is_none()));
+}

@@ -265,3 +265,85 @@ fn toc_from_any_tail_matches_the_two_read_path() {
     let short = |_: std::ops::Range<u64>| Ok(vec![0u8; 3]);
     assert!(toc_json_from_tail(&blob[blob.len() - 51..], size, short, &limits).is_err());
 }
+
+/// The converter records what each ELF executable and shared object loads in its TOC
+/// entry (`elfNeeds`), read from the object wherever its dynamic section lies; other
+/// files, and objects that load nothing, get none; the reader gives them back as written.
+/// Without `elf_needs` the TOC has only the reference's fields.
+#[test]
+fn elf_objects_carry_what_they_load() {
+    use estargz_format::elf::Needs;
+    use estargz_testutil::{elf_object, files_and_links_tar};
+    // The executable's dynamic section lies chunks after its header.
+    let prog = elf_object(
+        Some("/lib64/ld-linux-x86-64.so.2"),
+        &["libfoo.so.1", "libc.so.6"],
+        Some("$ORIGIN/../lib"),
+        3 * SMALL_CHUNK as usize,
+    );
+    let lib = elf_object(None, &["libc.so.6"], None, 100);
+    let leaf = elf_object(None, &[], None, 100);
+    let mut relocatable = lib.clone();
+    relocatable[16] = 1; // ET_REL
+    let tar = files_and_links_tar(
+        &[
+            ("usr/bin/prog", 0o755, &prog),
+            ("usr/lib/libfoo.so.1", 0o644, &lib),
+            ("usr/lib/ld.so", 0o755, &leaf),
+            ("usr/lib/module.o", 0o644, &relocatable),
+            (
+                "usr/bin/script",
+                0o755,
+                b"#!/bin/sh\necho a script longer than a header...\n",
+            ),
+            ("usr/lib/short", 0o644, b"\x7fELF"),
+        ],
+        &[("usr/bin/prog-link", "prog")],
+    );
+    let (blob, _) = conv(&tar, &small_opts(2));
+    let r = EstargzReader::open(&blob[..], &OpenOptions::default()).unwrap();
+    let needs = |name: &str| {
+        let toc = r.toc();
+        toc.entry(toc.lookup(name).unwrap())
+            .elf_needs
+            .as_deref()
+            .cloned()
+    };
+    assert_eq!(
+        needs("usr/bin/prog"),
+        Some(Needs {
+            interp: Some("/lib64/ld-linux-x86-64.so.2".into()),
+            needed: vec!["libfoo.so.1".into(), "libc.so.6".into()],
+            runpath: vec!["$ORIGIN/../lib".into()],
+            machine: 62,
+        })
+    );
+    assert_eq!(needs("usr/lib/libfoo.so.1").unwrap().needed, ["libc.so.6"]);
+    for other in [
+        "usr/lib/ld.so",
+        "usr/lib/module.o",
+        "usr/bin/script",
+        "usr/lib/short",
+        "usr/bin/prog-link",
+    ] {
+        assert_eq!(needs(other), None, "{other}");
+    }
+    assert_matches_tar(&r, &tar);
+
+    let opts = ConvertOptions {
+        elf_needs: false,
+        ..small_opts(2)
+    };
+    let (plain, _) = conv(&tar, &opts);
+    let r = EstargzReader::open(&plain[..], &OpenOptions::default()).unwrap();
+    assert!(r.toc().entries().iter().all(|e| e.elf_needs.is_none()));
+    let json = |blob: &[u8]| {
+        let r = EstargzReader::open(blob, &OpenOptions::default()).unwrap();
+        let off = r.footer().toc_offset;
+        let member = &blob[off as usize..blob.len() - estargz_format::FOOTER_SIZE];
+        let limits = estargz_format::Limits::default();
+        String::from_utf8(estargz_format::decode_toc_member(member, off, &limits).unwrap()).unwrap()
+    };
+    assert!(json(&blob).contains("\"elfNeeds\""));
+    assert!(!json(&plain).contains("elfNeeds"));
+}

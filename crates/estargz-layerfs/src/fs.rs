@@ -1411,12 +1411,7 @@ impl Inner {
     /// or an ELF object whose libraries were looked for (the dependency walk marks each
     /// library before it reads it).
     fn is_mapped(&self, ino: u64, node: &crate::tree::Node) -> bool {
-        node.mode & 0o111 != 0
-            || self
-                .deps_seen
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&ino)
+        node.mode & 0o111 != 0 || self.looked_for(ino)
     }
 
     /// Whether this layer's prefetch, still running, covers chunk `c` (a prioritized
@@ -1611,6 +1606,9 @@ impl fuser::Filesystem for LayerFs {
             Some(n) if n.kind == NodeKind::File => {}
             Some(_) => return reply.error(Errno::EINVAL),
             None => return reply.error(Errno::ENOENT),
+        }
+        if offset == 0 {
+            self.elf_starting(ino.0);
         }
         let started = std::time::Instant::now();
         let result = {

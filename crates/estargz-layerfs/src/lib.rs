@@ -12,7 +12,6 @@
 
 #![warn(missing_docs)]
 
-mod elf;
 mod erofs;
 mod fetch;
 mod fs;

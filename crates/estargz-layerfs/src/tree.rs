@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use estargz_format::elf::Needs;
 use estargz_format::{
     Chunk, EntryKind, Sha256Digest, Toc, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK,
 };
@@ -95,6 +96,9 @@ pub(crate) struct Tree {
     /// of their content assembled as one file for passthrough (a file of one chunk has its
     /// chunk's digest).
     file_digests: HashMap<u32, Sha256Digest>,
+    /// What the ELF objects among the files load, where the TOC records it (a few
+    /// hundred entries in an image with programs; none in one converted without it).
+    elf_needs: HashMap<u32, Box<Needs>>,
     /// Compressed bytes before `.prefetch.landmark`'s content, if the layer has one.
     pub prefetch_size: Option<u64>,
     /// Sum of regular file sizes.
@@ -120,6 +124,7 @@ impl Tree {
             strings: String::new(),
             xattrs: HashMap::new(),
             file_digests: HashMap::new(),
+            elf_needs: HashMap::new(),
             prefetch_size: toc.prefetch_size(),
             total_size: 0,
         };
@@ -149,6 +154,9 @@ impl Tree {
                     tree.chunk_owner.resize(tree.chunks.len(), ino);
                     if let (true, Some(d)) = (e.chunks.len() > 1, e.digest) {
                         tree.file_digests.insert(ino, d);
+                    }
+                    if let Some(needs) = &e.elf_needs {
+                        tree.elf_needs.insert(ino, needs.clone());
                     }
                     (small(at), small(e.chunks.len()))
                 }
@@ -339,6 +347,11 @@ impl Tree {
         (self.chunk_owner[i as usize] as u64, self.chunks[i as usize])
     }
 
+    /// What regular file `ino` loads, if it is an ELF object whose TOC entry says.
+    pub fn elf_needs(&self, ino: u64) -> Option<&Needs> {
+        self.elf_needs.get(&(ino as u32)).map(|n| &**n)
+    }
+
     /// A symlink's target.
     pub fn link_target(&self, node: &Node) -> Option<&str> {
         (node.kind == NodeKind::Symlink).then(|| self.string(node.first, node.count))
@@ -379,6 +392,20 @@ impl Tree {
             + self.chunks.capacity() * std::mem::size_of::<Chunk>()
             + (self.chunk_owner.capacity() + self.blob_order.capacity()) * 4
             + self.file_digests.capacity() * (4 + 32)
+            + self
+                .elf_needs
+                .values()
+                .map(|n| {
+                    std::mem::size_of::<Needs>()
+                        + 16
+                        + n.interp.as_ref().map_or(0, |i| i.len())
+                        + n.needed
+                            .iter()
+                            .chain(&n.runpath)
+                            .map(|s| s.len() + 24)
+                            .sum::<usize>()
+                })
+                .sum::<usize>()
             + self.strings.capacity()
             + self
                 .xattrs

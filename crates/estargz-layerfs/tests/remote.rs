@@ -1134,16 +1134,31 @@ fn requests_for(proxy: &FaultProxy, m: &MountedLayer, offset: u64) -> usize {
 /// Reading the start of an executable fetches its interpreter and libraries, and theirs,
 /// as the loader would find them in the image (run path with `$ORIGIN`, the multiarch and
 /// traditional directories, symlinks, the layer below, whiteouts), before anyone reads
-/// them; nothing else is fetched.
+/// them; nothing else is fetched. Here the TOC records what each object loads, as our
+/// converter writes it.
 #[test]
 fn an_executables_libraries_are_fetched_before_the_loader_asks() {
+    libraries_fetched_before_the_loader_asks(small_opts());
+}
+
+/// The same, for layers whose TOC does not record what objects load (converted by the
+/// reference's tools): the layer reads it from each object as it arrives.
+#[test]
+fn an_executables_libraries_are_fetched_before_the_loader_asks_without_a_record() {
+    libraries_fetched_before_the_loader_asks(ConvertOptions {
+        elf_needs: false,
+        ..small_opts()
+    });
+}
+
+fn libraries_fetched_before_the_loader_asks(opts: ConvertOptions) {
     let r = Remote::start();
     // Every object spans several chunks (no small-file neighbours come along), and the
     // executable's dynamic section lies chunks after its header.
     let pad = 3 * SMALL_CHUNK as usize;
     // Padded differently: objects of one content would share their chunks.
     let obj = |needed: &[&str], n: usize| elf_object(None, needed, None, pad + n);
-    let (ld, foo, baz, gone) = (
+    let (ld, libfoo, libbaz, gone) = (
         obj(&[], 0),
         obj(&["libbaz.so.3"], 1),
         obj(&[], 2),
@@ -1153,8 +1168,8 @@ fn an_executables_libraries_are_fetched_before_the_loader_asks() {
     let lower = files_and_links_tar(
         &[
             ("lib/x86_64-linux-gnu/ld-2.36.so", 0o755, &ld),
-            ("lib/x86_64-linux-gnu/libfoo.so.1", 0o644, &foo),
-            ("usr/lib/x86_64-linux-gnu/libbaz.so.3", 0o644, &baz),
+            ("lib/x86_64-linux-gnu/libfoo.so.1", 0o644, &libfoo),
+            ("usr/lib/x86_64-linux-gnu/libbaz.so.3", 0o644, &libbaz),
             ("usr/lib/x86_64-linux-gnu/libgone.so.1", 0o644, &gone),
             ("opt/libqux.so.1", 0o644, &qux),
         ],
@@ -1169,20 +1184,20 @@ fn an_executables_libraries_are_fetched_before_the_loader_asks() {
         Some("$ORIGIN/../lib/prog"),
         4 * SMALL_CHUNK as usize,
     );
-    let (bar, other) = (obj(&[], 4), obj(&["libfoo.so.1"], 5));
+    let (libbar, other) = (obj(&[], 4), obj(&["libfoo.so.1"], 5));
     // A small executable (one chunk) whose library lies in the layer below.
     let tool = elf_object(None, &["libqux.so.1"], Some("/opt"), 200);
     let upper = files_and_links_tar(
         &[
             ("usr/bin/prog", 0o755, &prog),
-            ("usr/lib/prog/libbar.so.2", 0o644, &bar),
+            ("usr/lib/prog/libbar.so.2", 0o644, &libbar),
             ("usr/lib/x86_64-linux-gnu/.wh.libgone.so.1", 0o644, b""),
             ("usr/share/other.so", 0o644, &other),
             ("usr/sbin/tool", 0o755, &tool),
         ],
         &[],
     );
-    let (lower, upper) = (r.push(&lower, &small_opts()), r.push(&upper, &small_opts()));
+    let (lower, upper) = (r.push(&lower, &opts), r.push(&upper, &opts));
     let cache = r.cache("cache", 1 << 30);
     let scheduler = FetchScheduler::new(on_demand_only());
     let low = r.mount_over(&lower, cache.clone(), "lower", &[], scheduler.clone());
@@ -1198,9 +1213,9 @@ fn an_executables_libraries_are_fetched_before_the_loader_asks() {
     assert!(head[..] == prog[..64]);
     let wanted = [
         (&low, "lib/x86_64-linux-gnu/ld-2.36.so", &ld),
-        (&low, "lib/x86_64-linux-gnu/libfoo.so.1", &foo),
-        (&up, "usr/lib/prog/libbar.so.2", &bar),
-        (&low, "usr/lib/x86_64-linux-gnu/libbaz.so.3", &baz),
+        (&low, "lib/x86_64-linux-gnu/libfoo.so.1", &libfoo),
+        (&up, "usr/lib/prog/libbar.so.2", &libbar),
+        (&low, "usr/lib/x86_64-linux-gnu/libbaz.so.3", &libbaz),
     ];
     wait_for("the interpreter and the libraries", || {
         wanted.iter().all(|(m, f, _)| local(m, f))
@@ -1237,6 +1252,78 @@ fn an_executables_libraries_are_fetched_before_the_loader_asks() {
     );
     up.unmount().unwrap();
     low.unmount().unwrap();
+}
+
+/// When the TOC records what an executable loads, its whole library tree is requested at
+/// its first miss, beside its own fetch: with every registry answer delayed, the
+/// requests for its interpreter, its library and that library's own library are all in
+/// flight while the one for the executable's first chunk is. (Read from the objects
+/// instead, each level would wait for the one before it to arrive.)
+#[test]
+fn recorded_libraries_are_requested_beside_the_executable() {
+    let r = Remote::start();
+    let pad = 3 * SMALL_CHUNK as usize;
+    let (ld, libfoo, libbar) = (
+        elf_object(None, &[], None, pad),
+        elf_object(None, &["libbar.so.2"], None, pad + 1),
+        elf_object(None, &[], None, pad + 2),
+    );
+    let prog = elf_object(Some("/lib/ld.so"), &["libfoo.so.1"], None, pad + 3);
+    let tar = files_and_links_tar(
+        &[
+            ("usr/bin/prog", 0o755, &prog),
+            ("lib/ld.so", 0o755, &ld),
+            ("usr/lib/x86_64-linux-gnu/libfoo.so.1", 0o644, &libfoo),
+            ("usr/lib/x86_64-linux-gnu/libbar.so.2", 0o644, &libbar),
+        ],
+        &[],
+    );
+    let blob = r.push(&tar, &small_opts());
+    let cache = r.cache("cache", 1 << 30);
+    let m = r.mount(&blob, cache.clone(), "mnt");
+    r.proxy.set_latency(Some(Duration::from_millis(500)));
+    let mut head = [0u8; 64];
+    use std::io::Read;
+    std::fs::File::open(m.mountpoint().join("usr/bin/prog"))
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    let files = [
+        "lib/ld.so",
+        "usr/lib/x86_64-linux-gnu/libfoo.so.1",
+        "usr/lib/x86_64-linux-gnu/libbar.so.2",
+    ];
+    let first = |f: &str| m.fs().chunk_at(f, 0).unwrap();
+    wait_for("the libraries", || {
+        files.iter().all(|f| cache.contains(&first(f).digest))
+    });
+    r.proxy.set_latency(None);
+    let log = r.proxy.blob_log();
+    let request_for = |f: &str| {
+        let c = first(f);
+        log.iter()
+            .find(|q| {
+                q.range
+                    .as_ref()
+                    .is_some_and(|q| q.start <= c.offset && c.compressed_end <= q.end)
+            })
+            .unwrap_or_else(|| panic!("no request for {f}: {log:?}"))
+            .clone()
+    };
+    let own = request_for("usr/bin/prog");
+    for f in files {
+        assert!(
+            request_for(f).overlaps(&own),
+            "{f} was not requested while the executable was: {log:?}"
+        );
+    }
+    for (f, expected) in files.iter().zip([&ld, &libfoo, &libbar]) {
+        assert!(
+            std::fs::read(m.mountpoint().join(f)).unwrap() == *expected,
+            "{f}"
+        );
+    }
+    m.unmount().unwrap();
 }
 
 /// A program's executable and the libraries its dependency walk finds come alone: the

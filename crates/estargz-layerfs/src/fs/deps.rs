@@ -17,8 +17,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::Inner;
-use crate::elf::{self, Needs};
 use crate::tree::NodeKind;
+use estargz_format::elf::{self, Needs};
 
 /// Most dependency walks running at once on the node (each with up to [`PARALLEL`]
 /// threads); a walk asked for beyond is dropped (its libraries are then fetched as the
@@ -45,14 +45,28 @@ struct Found {
 }
 
 impl Inner {
+    /// Called before a read of the start of regular file `ino` is served: if the TOC
+    /// records what the object loads, the walk starts now, and its libraries (and theirs)
+    /// are on their way beside the object's own fetch rather than after it.
+    pub(super) fn elf_starting(&self, ino: u64) {
+        if self.tree.elf_needs(ino).is_some() {
+            self.start_walk(ino);
+        }
+    }
+
     /// Called with the first bytes of regular file `ino` that a reader got: if they start
     /// an ELF object whose libraries were not looked for yet on this mount, starts a walk
     /// that fetches them.
     pub(super) fn elf_read(&self, ino: u64, head: &[u8]) {
-        if !head.starts_with(b"\x7fELF")
-            || self.closed.load(Ordering::Relaxed)
-            || self.stack_is_local()
-        {
+        if head.starts_with(b"\x7fELF") {
+            self.start_walk(ino);
+        }
+    }
+
+    /// Starts a walk from ELF object `ino` on a thread of its own, unless its libraries
+    /// were looked for on this mount already, or there is nothing to fetch.
+    fn start_walk(&self, ino: u64) {
+        if self.looked_for(ino) || self.closed.load(Ordering::Relaxed) || self.stack_is_local() {
             return;
         }
         let walks = &self.scheduler.dependency_walks;
@@ -100,17 +114,23 @@ impl Inner {
     /// with its first bytes. Its libraries may not be local yet: it may have come as a
     /// neighbour of another file, or been prefetched without them.
     pub(super) fn elf_opened(&self, ino: u64) {
-        if self
-            .deps_seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&ino)
-        {
+        if self.looked_for(ino) {
             return;
+        }
+        if self.tree.elf_needs(ino).is_some() {
+            return self.start_walk(ino);
         }
         if let Ok(head) = self.read_file(ino, 0, 64) {
             self.elf_read(ino, &head);
         }
+    }
+
+    /// Whether the libraries of object `ino` were looked for on this mount.
+    pub(super) fn looked_for(&self, ino: u64) -> bool {
+        self.deps_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&ino)
     }
 
     /// Whether every chunk of this layer and of the layers below it is local, as far as
@@ -223,13 +243,19 @@ impl Inner {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(item.ino);
+            // What the TOC records is queued before the object is read: its libraries go
+            // out beside it.
+            let recorded = layer.tree.elf_needs(item.ino);
+            if let Some(needs) = recorded {
+                add(&item, depth, needs);
+            }
             let ok = if depth == 0 {
                 true
             } else {
                 let _reading = layer.scheduler.reading();
                 layer.read_file(item.ino, 0, HEAD).is_ok()
             };
-            if ok {
+            if ok && recorded.is_none() {
                 let mut read = |offset: u64, len: usize| {
                     let _reading = layer.scheduler.reading();
                     layer.read_file(item.ino, offset, len.min(u32::MAX as usize) as u32)
@@ -248,20 +274,23 @@ impl Inner {
             changed.notify_all();
             true
         };
-        // This thread works through the queue, and starts helpers (up to `PARALLEL`
-        // threads in all) only while objects wait in it: most objects name a few
-        // libraries, most of them already looked for.
+        // This thread only starts workers (up to `PARALLEL`), one for each object waiting
+        // beyond those being read: most objects name a few libraries, most of them
+        // already looked for, and a worker blocked on a fetch must not hold back the
+        // objects queued meanwhile (the next level of a tree the TOC records).
         std::thread::scope(|s| {
-            let mut threads = 1;
+            let mut threads = 0;
+            let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
             loop {
-                let waiting = queue.lock().unwrap_or_else(|p| p.into_inner()).todo.len();
-                while threads < PARALLEL && waiting > threads {
-                    s.spawn(|| while step() {});
-                    threads += 1;
-                }
-                if !step() {
+                if q.todo.is_empty() && (q.busy == 0 || stack[0].closed.load(Ordering::Relaxed)) {
                     break;
                 }
+                if threads < PARALLEL && threads < q.busy + q.todo.len() {
+                    s.spawn(|| while step() {});
+                    threads += 1;
+                    continue;
+                }
+                q = changed.wait(q).unwrap_or_else(|p| p.into_inner());
             }
         });
         queue

@@ -1,25 +1,31 @@
 //! What an ELF executable or shared object needs before it runs: its program interpreter
 //! (`PT_INTERP`) and the libraries it names (`DT_NEEDED`, with `DT_RUNPATH`/`DT_RPATH`),
-//! read from its program headers and dynamic section. The layer uses them to fetch an
-//! executable's libraries all at once, instead of the loader missing them one after
-//! another (see `fs/deps.rs`).
+//! read from its program headers and dynamic section.
+//!
+//! The writer records them in each ELF object's TOC entry (`elfNeeds`, an extension the
+//! reference's readers ignore), so that a lazily mounted layer can fetch an executable's
+//! whole library tree at its first miss; a layer whose TOC lacks them reads them from the
+//! object itself as it arrives.
 //!
 //! The bytes come from the image, so they are hostile input: every offset and size is
 //! checked, every count bounded, and anything unexpected ends the parse with what was
-//! found so far. Nothing here is trusted beyond choosing what to fetch.
+//! found so far. A TOC's `elfNeeds` is held to the same bounds ([`Needs::bounded`]).
+//! Nothing here is trusted beyond choosing what to fetch.
 
 use std::io;
 
+use serde::{Deserialize, Serialize};
+
 /// Most `DT_NEEDED` entries taken from one object.
-pub(crate) const MAX_NEEDED: usize = 64;
+pub const MAX_NEEDED: usize = 64;
 /// Most program headers read (real objects have about a dozen).
 const MAX_PHNUM: usize = 256;
 /// Most bytes of a dynamic section read (a few hundred in real objects).
 const MAX_DYNAMIC: usize = 32 << 10;
 /// Longest interpreter path or library name taken.
-const MAX_NAME: usize = 255;
-/// Longest `DT_RUNPATH`/`DT_RPATH` string taken.
-const MAX_RUNPATH: usize = 4096;
+pub const MAX_NAME: usize = 255;
+/// Longest `DT_RUNPATH`/`DT_RPATH` string taken (the directories joined by `:`).
+pub const MAX_RUNPATH: usize = 4096;
 
 const PT_LOAD: u32 = 1;
 const PT_DYNAMIC: u32 = 2;
@@ -39,26 +45,31 @@ const EM_AARCH64: u16 = 183;
 const EM_RISCV: u16 = 243;
 
 /// Reads up to `len` bytes at `offset` of the object (fewer at its end).
-pub(crate) type ReadAt<'a> = dyn FnMut(u64, usize) -> io::Result<Vec<u8>> + 'a;
+pub type ReadAt<'a> = dyn FnMut(u64, usize) -> io::Result<Vec<u8>> + 'a;
 
-/// What an object names, in the order the loader needs it: the interpreter first.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct Needs {
+/// What an object names, in the order the loader needs it: the interpreter first. Its
+/// JSON form is a TOC entry's `elfNeeds`.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Needs {
     /// `PT_INTERP`: an absolute path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interp: Option<String>,
     /// `DT_NEEDED` names without a `/` (those with one are relative to the process's
     /// working directory, which the layer does not know).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub needed: Vec<String>,
     /// `DT_RUNPATH` (or `DT_RPATH`) directories, `$ORIGIN` not yet substituted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub runpath: Vec<String>,
     /// `e_machine`.
+    #[serde(default)]
     pub machine: u16,
 }
 
 impl Needs {
     /// Directories the loader searches for a needed library after the run path: the
     /// multiarch directories of the object's machine, then the traditional ones.
-    pub(crate) fn default_dirs(&self) -> Vec<String> {
+    pub fn default_dirs(&self) -> Vec<String> {
         let triplet = match self.machine {
             EM_X86_64 => Some("x86_64-linux-gnu"),
             EM_AARCH64 => Some("aarch64-linux-gnu"),
@@ -76,6 +87,43 @@ impl Needs {
             dirs.push(d.to_string());
         }
         dirs
+    }
+
+    /// These needs held to what [`needs`] could have read from an object: an absolute
+    /// interpreter, at most [`MAX_NEEDED`] distinct names without `/`, each at most
+    /// [`MAX_NAME`] bytes, a run path of at most [`MAX_RUNPATH`] bytes, no NUL anywhere;
+    /// what breaks a bound is dropped. `None` if nothing is left to load.
+    pub fn bounded(self) -> Option<Needs> {
+        let fits = |s: &str, max: usize| !s.is_empty() && s.len() <= max && !s.contains('\0');
+        let interp = self
+            .interp
+            .filter(|i| i.starts_with('/') && fits(i, MAX_NAME));
+        let mut needed: Vec<String> = Vec::new();
+        for name in self.needed {
+            if needed.len() == MAX_NEEDED {
+                break;
+            }
+            if fits(&name, MAX_NAME) && !name.contains('/') && !needed.contains(&name) {
+                needed.push(name);
+            }
+        }
+        let mut runpath = Vec::new();
+        let mut joined = 0;
+        for dir in self.runpath {
+            joined += dir.len() + usize::from(!runpath.is_empty());
+            if joined > MAX_RUNPATH {
+                break;
+            }
+            if fits(&dir, MAX_RUNPATH) {
+                runpath.push(dir);
+            }
+        }
+        (interp.is_some() || !needed.is_empty()).then_some(Needs {
+            interp,
+            needed,
+            runpath,
+            machine: self.machine,
+        })
     }
 }
 
@@ -123,10 +171,7 @@ struct Phdr {
 /// The interpreter and libraries the object read through `read` names. `Ok(None)`: not
 /// an ELF executable or shared object. `found` is told each name as soon as it is known
 /// (the interpreter before the dynamic section is read, which may mean another fetch).
-pub(crate) fn needs(
-    read: &mut ReadAt<'_>,
-    found: &mut dyn FnMut(&Needs),
-) -> io::Result<Option<Needs>> {
+pub fn needs(read: &mut ReadAt<'_>, found: &mut dyn FnMut(&Needs)) -> io::Result<Option<Needs>> {
     let head = read(0, 64)?;
     if head.len() < 52 || !head.starts_with(b"\x7fELF") {
         return Ok(None);
