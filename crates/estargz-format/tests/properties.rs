@@ -93,7 +93,55 @@ fn arb_entry() -> impl Strategy<Value = JsonEntry> {
         )
 }
 
+/// Strings as a hostile TOC could hold them: empty, long, with `/`, NUL or `:`.
+fn arb_name() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[a-z./:]{0,12}",
+        "/[a-z0-9/]{0,300}",
+        "[a-z\\x00]{1,4}",
+        prop::sample::select(vec![String::new(), "x".repeat(256), "y".repeat(5000)]),
+    ]
+}
+
+fn arb_needs() -> impl Strategy<Value = estargz_format::elf::Needs> {
+    (
+        prop::option::of(arb_name()),
+        prop::collection::vec(arb_name(), 0..200),
+        prop::collection::vec(arb_name(), 0..50),
+        any::<u16>(),
+    )
+        .prop_map(
+            |(interp, needed, runpath, machine)| estargz_format::elf::Needs {
+                interp,
+                needed,
+                runpath,
+                machine,
+            },
+        )
+}
+
 proptest! {
+    /// Whatever a TOC's `elfNeeds` holds, what is kept keeps the bounds an object's own
+    /// headers would.
+    #[test]
+    fn elf_needs_are_always_bounded(needs in arb_needs()) {
+        use estargz_format::elf::{MAX_NAME, MAX_NEEDED, MAX_RUNPATH};
+        if let Some(n) = needs.bounded() {
+            prop_assert!(n.interp.is_some() || !n.needed.is_empty());
+            if let Some(i) = &n.interp {
+                prop_assert!(i.starts_with('/') && i.len() <= MAX_NAME && !i.contains('\0'));
+            }
+            prop_assert!(n.needed.len() <= MAX_NEEDED);
+            for (k, name) in n.needed.iter().enumerate() {
+                prop_assert!(!name.is_empty() && name.len() <= MAX_NAME);
+                prop_assert!(!name.contains('/') && !name.contains('\0'));
+                prop_assert!(!n.needed[..k].contains(name));
+            }
+            prop_assert!(n.runpath.join(":").len() <= MAX_RUNPATH);
+            prop_assert!(n.runpath.iter().all(|d| !d.is_empty() && !d.contains('\0')));
+        }
+    }
+
     #[test]
     fn footer_parser_never_panics(tail in prop::collection::vec(any::<u8>(), 0..80), size in any::<u64>()) {
         let _ = parse_footer(&tail, size);
