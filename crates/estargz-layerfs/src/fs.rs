@@ -285,8 +285,9 @@ pub struct Inner {
     recorder: std::sync::OnceLock<(Arc<crate::record::AccessRecorder>, usize)>,
     /// The layers below this one in the image, nearest first (see [`LayerFs::set_lowers`]).
     lowers: std::sync::OnceLock<Vec<std::sync::Weak<Inner>>>,
-    /// ELF objects of this layer whose libraries were looked for (`deps`).
-    deps_seen: Mutex<std::collections::HashSet<u64>>,
+    /// ELF objects of this layer whose libraries were looked for (`deps`), each with
+    /// whether a walk reached it as another object's library.
+    deps_seen: Mutex<HashMap<u64, bool>>,
     /// Serving the layer without FUSE once its content is local (`local`).
     local: Mutex<LocalState>,
 }
@@ -1408,10 +1409,11 @@ impl Inner {
     }
 
     /// Whether regular file `ino` is one a program maps rather than reads: executable,
-    /// or an ELF object whose libraries were looked for (the dependency walk marks each
-    /// library before it reads it).
+    /// or a library a dependency walk reached (it marks each before it reads it). A
+    /// library a program loads itself (`dlopen`, a Python extension module) is not: the
+    /// modules beside it are what the program loads next.
     fn is_mapped(&self, ino: u64, node: &crate::tree::Node) -> bool {
-        node.mode & 0o111 != 0 || self.looked_for(ino)
+        node.mode & 0o111 != 0 || self.is_library(ino)
     }
 
     /// Whether this layer's prefetch, still running, covers chunk `c` (a prioritized

@@ -1334,19 +1334,25 @@ fn programs_and_their_libraries_come_without_neighbours() {
     let r = Remote::start();
     let tool = elf_object(None, &["libsmall.so.1"], Some("/opt/lib"), 100);
     let lib = elf_object(None, &[], None, 200);
-    let (execs, libs, data): (Vec<_>, Vec<_>, Vec<_>) = (
+    let module = elf_object(None, &["libmodule.so.1"], Some("/opt/lib"), 300);
+    let module_lib = elf_object(None, &[], None, 400);
+    let (execs, libs, data, modules): (Vec<_>, Vec<_>, Vec<_>, Vec<_>) = (
         (0..6).map(|i| noise(5_000, 10 + i)).collect(),
         (0..6).map(|i| noise(5_000, 20 + i)).collect(),
         (0..6).map(|i| noise(5_000, 30 + i)).collect(),
+        (0..6).map(|i| noise(5_000, 40 + i)).collect(),
     );
     let mut files: Vec<(String, u32, &[u8])> = vec![
         ("opt/bin/tool".into(), 0o755, &tool[..]),
         ("opt/lib/libsmall.so.1".into(), 0o644, &lib[..]),
+        ("opt/lib/libmodule.so.1".into(), 0o644, &module_lib[..]),
+        ("opt/modules/mod.so".into(), 0o644, &module[..]),
     ];
     for i in 0..6 {
         files.push((format!("opt/bin/other{i}"), 0o755, &execs[i][..]));
         files.push((format!("opt/lib/libother{i}.so"), 0o644, &libs[i][..]));
         files.push((format!("opt/share/data{i}"), 0o644, &data[i][..]));
+        files.push((format!("opt/modules/other{i}.so"), 0o644, &modules[i][..]));
     }
     let entries: Vec<(&str, u32, &[u8])> =
         files.iter().map(|(n, m, c)| (n.as_str(), *m, *c)).collect();
@@ -1372,6 +1378,11 @@ fn programs_and_their_libraries_come_without_neighbours() {
     // A data file still brings its own.
     assert!(std::fs::read(m.mountpoint().join("opt/share/data0")).unwrap() == data[0]);
     assert!((1..6).all(|i| local(&format!("opt/share/data{i}"))));
+    // So does a module a program loads itself (`dlopen`): the modules beside it are what
+    // it loads next. Its own libraries come from the walk.
+    assert!(std::fs::read(m.mountpoint().join("opt/modules/mod.so")).unwrap() == module);
+    assert!((0..6).all(|i| local(&format!("opt/modules/other{i}.so"))));
+    wait_for("the module's library", || local("opt/lib/libmodule.so.1"));
     m.unmount().unwrap();
 }
 

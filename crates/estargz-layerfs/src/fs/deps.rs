@@ -75,11 +75,10 @@ impl Inner {
             walks.fetch_sub(1, Ordering::AcqRel);
             return;
         }
-        let fresh = self
-            .deps_seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(ino);
+        let fresh = {
+            let mut seen = self.deps_seen.lock().unwrap_or_else(|p| p.into_inner());
+            !seen.contains_key(&ino) && seen.insert(ino, false).is_none()
+        };
         let Some(me) = self.me.upgrade().filter(|_| fresh) else {
             walks.fetch_sub(1, Ordering::AcqRel);
             return;
@@ -126,11 +125,21 @@ impl Inner {
     }
 
     /// Whether the libraries of object `ino` were looked for on this mount.
-    pub(super) fn looked_for(&self, ino: u64) -> bool {
+    fn looked_for(&self, ino: u64) -> bool {
         self.deps_seen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(&ino)
+            .contains_key(&ino)
+    }
+
+    /// Whether a dependency walk on this mount reached object `ino` as the library of
+    /// another.
+    pub(super) fn is_library(&self, ino: u64) -> bool {
+        self.deps_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ino)
+            .is_some_and(|&library| library)
     }
 
     /// Whether every chunk of this layer and of the layers below it is local, as far as
@@ -238,11 +247,12 @@ impl Inner {
             };
             let layer = &stack[item.layer];
             // Looked for here: the loader's own read of it starts no walk of its own.
-            layer
+            *layer
                 .deps_seen
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(item.ino);
+                .entry(item.ino)
+                .or_default() |= depth > 0;
             // What the TOC records is queued before the object is read: its libraries go
             // out beside it.
             let recorded = layer.tree.elf_needs(item.ino);
