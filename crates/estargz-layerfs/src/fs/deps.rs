@@ -75,9 +75,12 @@ impl Inner {
             walks.fetch_sub(1, Ordering::AcqRel);
             return;
         }
+        // Marked as the walk's start, not as a library (unless a walk already has it).
         let fresh = {
             let mut seen = self.deps_seen.lock().unwrap_or_else(|p| p.into_inner());
-            !seen.contains_key(&ino) && seen.insert(ino, false).is_none()
+            let fresh = !seen.contains_key(&ino);
+            seen.entry(ino).or_insert(false);
+            fresh
         };
         let Some(me) = self.me.upgrade().filter(|_| fresh) else {
             walks.fetch_sub(1, Ordering::AcqRel);
