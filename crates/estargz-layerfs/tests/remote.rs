@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use estargz_cache::{CacheConfig, ChunkCache};
-use estargz_format::{convert, ConvertOptions, Limits, Sha256Digest};
+use estargz_format::{convert, Chunk, ConvertOptions, Limits, Sha256Digest};
 use estargz_layerfs::{
     load_toc, mount, FetchOptions, FetchScheduler, LayerFs, MountedLayer, RegistrySource,
     DEFAULT_READ_DEADLINE,
@@ -1123,12 +1123,14 @@ fn a_trickling_stream_fails_at_the_deadline_without_a_second_fetch() {
 /// The blob requests `proxy` saw for a range holding the chunk at `offset` of file `big`.
 fn requests_for(proxy: &FaultProxy, m: &MountedLayer, offset: u64) -> usize {
     let c = m.fs().chunk_at("big", offset).unwrap();
-    proxy
-        .blob_log()
-        .iter()
-        .filter_map(|q| q.range.clone())
-        .filter(|q| q.start <= c.offset && c.compressed_end <= q.end)
-        .count()
+    proxy.blob_log().iter().filter(|q| covers(q, &c)).count()
+}
+
+/// Whether request `q` asked for a range holding all of chunk `c`.
+fn covers(q: &BlobRequest, c: &Chunk) -> bool {
+    q.range
+        .as_ref()
+        .is_some_and(|q| q.start <= c.offset && c.compressed_end <= q.end)
 }
 
 /// Reading the start of an executable fetches its interpreter and libraries, and theirs,
@@ -1302,11 +1304,7 @@ fn recorded_libraries_are_requested_beside_the_executable() {
     let request_for = |f: &str| {
         let c = first(f);
         log.iter()
-            .find(|q| {
-                q.range
-                    .as_ref()
-                    .is_some_and(|q| q.start <= c.offset && c.compressed_end <= q.end)
-            })
+            .find(|q| covers(q, &c))
             .unwrap_or_else(|| panic!("no request for {f}: {log:?}"))
             .clone()
     };
