@@ -380,7 +380,8 @@ def compare(samples, links, workloads, modes):
                                      "ratio": median(a, "total") / median(b, "total"),
                                      "ours_bytes": median(a, "bytes"),
                                      "reference_bytes": median(b, "bytes"),
-                                     "ours_bytes_link_s": link_seconds(link, median(a, "bytes"))})
+                                     "ours_bytes_link_s": link_seconds(link, median(a, "bytes")),
+                                     "ours_pull_s": median(a, "pull")})
                 ratios = [r["ratio"] for r in rows
                           if (r["link"], r["ours"], r["reference"]) == (link, ours, theirs)]
                 label = f"{ours}/{theirs}"
@@ -408,11 +409,17 @@ def goals(rows):
         worst = max(r["ratio"] for r in cells)
         more_bytes = [f"{r['workload']} {r['ours']}" for r in cells
                       if r["ours_bytes"] > r["reference_bytes"]]
+        # How far the goal is within reach at our bytes: each cell's time if its registry
+        # bytes crossed the link at its nominal rate right after our pull and nothing else
+        # took time (the TOCs' bytes count in both), over the reference's time.
+        bound = geomean([(r["ours_bytes_link_s"] + r["ours_pull_s"]) / r["reference_s"]
+                         for r in cells])
         misses = [f"geometric mean {mean:.2f} > {GOAL:.2f}"] if mean > GOAL else []
         misses += [f"a cell at {worst:.2f}"] if worst > 1.0 else []
         misses += [f"more registry bytes: {', '.join(more_bytes)}"] if more_bytes else []
         out.append({"link": link, "geomean": mean, "worst_cell": worst, "cells": len(cells),
-                    "bytes_within_reference": not more_bytes, "met": not misses,
+                    "bytes_within_reference": not more_bytes, "link_bound": bound,
+                    "met": not misses,
                     "not_met": misses})
     return out
 
@@ -460,12 +467,18 @@ def print_tables(samples, links, workloads, modes, sizes, opened, rows, means):
     if checked:
         print(f"\nGoal per shaped link: ours/reference <= {GOAL:.2f} as a geometric mean, no "
               "cell above 1.00, registry bytes no more than the reference's:\n")
-        print("| link | geometric mean | worst cell | cells | bytes within the reference's | goal |")
-        print("|---|---|---|---|---|---|")
+        print("| link | geometric mean | worst cell | cells | bytes within the reference's | "
+              "bound at our bytes | goal |")
+        print("|---|---|---|---|---|---|---|")
         for g in checked:
             verdict = "met" if g["met"] else "**not met**: " + "; ".join(g["not_met"])
             print(f"| {g['link']} | {g['geomean']:.2f} | {g['worst_cell']:.2f} | {g['cells']} | "
-                  f"{'yes' if g['bytes_within_reference'] else 'no'} | {verdict} |")
+                  f"{'yes' if g['bytes_within_reference'] else 'no'} | {g['link_bound']:.2f} | "
+                  f"{verdict} |")
+        print("\n(Bound at our bytes: the geometric mean over the cells of (our registry bytes "
+              "at the link's nominal rate + our pull) / the reference's time, what ours would "
+              "take if nothing but those bytes took time after the pull; a goal below it needs "
+              "fewer bytes.)")
 
 
 def main():
