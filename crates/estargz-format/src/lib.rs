@@ -34,4 +34,7 @@ pub use toc::{
     normalize_name, Chunk, EntryKind, JsonEntry, JsonToc, Limits, Toc, TocEntry, MAX_PATH_LEN,
     NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME,
 };
-pub use writer::{convert, ConvertOptions, ConvertOutput, Progress, DEFAULT_LEVEL, MAX_LEVEL};
+pub use writer::{
+    convert, ConvertOptions, ConvertOutput, Progress, ARCHIVE_CHUNK_SIZE, ARCHIVE_MAGIC,
+    DEFAULT_LEVEL, MAX_LEVEL,
+};

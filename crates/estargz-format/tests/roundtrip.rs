@@ -266,6 +266,68 @@ fn toc_from_any_tail_matches_the_two_read_path() {
     assert!(toc_json_from_tail(&blob[blob.len() - 51..], size, short, &limits).is_err());
 }
 
+/// An `ar` archive (a static library) is cut in chunks of `ARCHIVE_CHUNK_SIZE` when the
+/// chunk size is larger, and of the chunk size when it is not; other files, and a file
+/// that only mentions the magic later, keep the chunk size. Everything reads back as
+/// written.
+#[test]
+fn archives_are_cut_in_small_chunks() {
+    use estargz_format::{ARCHIVE_CHUNK_SIZE, ARCHIVE_MAGIC};
+    use estargz_testutil::{files_tar, noise};
+    let mut archive = ARCHIVE_MAGIC.to_vec();
+    archive.extend(noise(1_000_000, 1));
+    let plain = noise(archive.len(), 2);
+    let mut late = noise(100, 3);
+    late.extend_from_slice(ARCHIVE_MAGIC);
+    late.extend(noise(900_000, 4));
+    let tar = files_tar(&[
+        ("usr/lib/libx.a", &archive),
+        ("usr/lib/plain", &plain),
+        ("usr/lib/late", &late),
+        ("usr/lib/tiny.a", ARCHIVE_MAGIC),
+    ]);
+    let sizes = |blob: &[u8], name: &str| -> Vec<u64> {
+        let r = EstargzReader::open(blob, &OpenOptions::default()).unwrap();
+        let toc = r.toc();
+        toc.entry(toc.lookup(name).unwrap())
+            .chunks
+            .iter()
+            .map(|c| c.size)
+            .collect()
+    };
+    let big = ConvertOptions {
+        chunk_size: 4 << 20,
+        ..small_opts(2)
+    };
+    let (blob, _) = conv(&tar, &big);
+    let cut = sizes(&blob, "usr/lib/libx.a");
+    assert_eq!(
+        cut.len(),
+        archive.len().div_ceil(ARCHIVE_CHUNK_SIZE as usize)
+    );
+    assert!(
+        cut[..cut.len() - 1]
+            .iter()
+            .all(|&s| s == ARCHIVE_CHUNK_SIZE),
+        "{cut:?}"
+    );
+    assert_eq!(cut.iter().sum::<u64>(), archive.len() as u64);
+    assert_eq!(sizes(&blob, "usr/lib/plain"), [plain.len() as u64]);
+    assert_eq!(sizes(&blob, "usr/lib/late"), [late.len() as u64]);
+    assert_eq!(sizes(&blob, "usr/lib/tiny.a"), [ARCHIVE_MAGIC.len() as u64]);
+    let r = EstargzReader::open(&blob[..], &OpenOptions::default()).unwrap();
+    assert_matches_tar(&r, &tar);
+    // A chunk size below the archive's: the chunk size.
+    let (blob, _) = conv(&tar, &small_opts(2));
+    let cut = sizes(&blob, "usr/lib/libx.a");
+    assert!(
+        cut[..cut.len() - 1].iter().all(|&s| s == SMALL_CHUNK),
+        "{cut:?}"
+    );
+    let r = EstargzReader::open(&blob[..], &OpenOptions::default()).unwrap();
+    assert_matches_tar(&r, &tar);
+}
+
 /// The converter records what each ELF executable and shared object loads in its TOC
 /// entry (`elfNeeds`), read from the object wherever its dynamic section lies; other
 /// files, and objects that load nothing, get none; the reader gives them back as written.

@@ -1324,9 +1324,17 @@ impl Inner {
             .take_while(|c| c.chunk_offset < end)
             .copied()
             .collect();
+        // A static library is read through its index and the members a link needs, not
+        // from start to end: it is not read ahead. Known by its first bytes once they are
+        // local; a first read of a file cut as our converter cuts archives (chunks of
+        // `ARCHIVE_CHUNK_SIZE`) waits for them before it reads ahead.
+        let archive = self.starts_as_archive(chunks);
         let read_ahead = chunks.len() > first + covering.len()
+            && archive != Some(true)
             && (first == 0 || self.cache.contains(&chunks[first - 1].digest))
             && covering.iter().any(|c| !self.cache.contains(&c.digest));
+        let ahead_after_head =
+            first == 0 && archive.is_none() && chunks[0].size == estargz_format::ARCHIVE_CHUNK_SIZE;
         let mapped =
             read_ahead && self.is_mapped(ino, node) && !self.prefetch_brings(&chunks[first]);
         let budget = if mapped {
@@ -1350,7 +1358,11 @@ impl Inner {
         // end (a round trip before, on a measured link), or else once it has.
         let queued = std::cell::Cell::new(false);
         let queue_ahead = || {
-            if read_ahead && first == 0 && !queued.replace(true) {
+            if read_ahead
+                && first == 0
+                && (!ahead_after_head || self.starts_as_archive(chunks) == Some(false))
+                && !queued.replace(true)
+            {
                 self.read_ahead(ino, ahead, budget);
             }
         };
@@ -1406,6 +1418,21 @@ impl Inner {
         }
         queue_ahead();
         Ok(out)
+    }
+
+    /// Whether the file of `chunks` starts as an `ar` archive does, if its first bytes are
+    /// local (in memory or on disk).
+    fn starts_as_archive(&self, chunks: &[Chunk]) -> Option<bool> {
+        let c = chunks.first()?;
+        let magic = estargz_format::ARCHIVE_MAGIC;
+        if c.size < magic.len() as u64 {
+            return Some(false);
+        }
+        let head = match self.cache.memory_get(&c.digest) {
+            Some(data) => data.get(..magic.len())?.to_vec(),
+            None => self.cache.read_verified(&c.digest, 0, magic.len())?,
+        };
+        Some(head == magic[..])
     }
 
     /// Whether regular file `ino` is one a program maps rather than reads: executable,

@@ -681,6 +681,77 @@ fn a_small_file_comes_with_its_directory_neighbours() {
     m.unmount().unwrap();
 }
 
+/// A static library (an `ar` archive, cut by the converter in chunks of
+/// `ARCHIVE_CHUNK_SIZE`) is read through its index and the members a link needs: a read of
+/// its start, or of the chunk right after a local one, fetches no chunk ahead. A file of
+/// the same chunk size that is no archive is read ahead once its first chunk is in.
+#[test]
+fn static_libraries_are_not_read_ahead() {
+    use estargz_format::{ARCHIVE_CHUNK_SIZE, ARCHIVE_MAGIC};
+    use std::os::unix::fs::FileExt;
+    let r = Remote::start();
+    let mut archive = ARCHIVE_MAGIC.to_vec();
+    archive.extend(noise(2 << 20, 1));
+    let plain = noise(2 << 20, 2);
+    let tar = files_tar(&[("usr/lib/libx.a", &archive), ("usr/lib/plain", &plain)]);
+    let read_at = |path: &Path, offset: u64, content: &[u8]| {
+        let mut buf = vec![0u8; 16 << 10];
+        let f = std::fs::File::open(path).unwrap();
+        f.read_exact_at(&mut buf, offset).unwrap();
+        assert!(buf[..] == content[offset as usize..offset as usize + buf.len()]);
+    };
+
+    // Converted with 4 MiB chunks: the archive alone is cut.
+    let opts = ConvertOptions {
+        chunk_size: 4 << 20,
+        compression_level: 1,
+        ..Default::default()
+    };
+    let blob = r.push(&tar, &opts);
+    let cache = r.cache("cache", 1 << 30);
+    let m = r.mount(&blob, cache.clone(), "mnt");
+    let local = |path: &str, chunk: u64| {
+        let c = m.fs().chunk_at(path, chunk * ARCHIVE_CHUNK_SIZE).unwrap();
+        assert_eq!(c.size, ARCHIVE_CHUNK_SIZE);
+        cache.contains(&c.digest)
+    };
+    let lib = m.mountpoint().join("usr/lib/libx.a");
+    read_at(&lib, 0, &archive);
+    assert!(local("usr/lib/libx.a", 0));
+    // Read-ahead would be on its way by now.
+    std::thread::sleep(Duration::from_millis(500));
+    for chunk in 1..8 {
+        assert!(!local("usr/lib/libx.a", chunk), "chunk {chunk} came ahead");
+    }
+    // The next chunk, right after a local one: still nothing ahead.
+    read_at(&lib, ARCHIVE_CHUNK_SIZE, &archive);
+    std::thread::sleep(Duration::from_millis(500));
+    for chunk in 2..8 {
+        assert!(!local("usr/lib/libx.a", chunk), "chunk {chunk} came ahead");
+    }
+    assert!(std::fs::read(&lib).unwrap() == archive);
+    m.unmount().unwrap();
+
+    // Converted with chunks of the archive's size: the other file is read ahead.
+    let opts = ConvertOptions {
+        chunk_size: ARCHIVE_CHUNK_SIZE,
+        ..opts
+    };
+    let blob = r.push(&tar, &opts);
+    let cache = r.cache("cache2", 1 << 30);
+    let m = r.mount(&blob, cache.clone(), "mnt2");
+    read_at(&m.mountpoint().join("usr/lib/plain"), 0, &plain);
+    let second = m
+        .fs()
+        .chunk_at("usr/lib/plain", ARCHIVE_CHUNK_SIZE)
+        .unwrap();
+    wait_for("the plain file's read-ahead", || {
+        cache.contains(&second.digest)
+    });
+    assert!(std::fs::read(m.mountpoint().join("usr/lib/plain")).unwrap() == plain);
+    m.unmount().unwrap();
+}
+
 /// Reads the 4 KiB at `offset` of file `path` (one read, as a process that wants only
 /// that page) and checks them against `content`, the whole file's.
 fn assert_page_reads(path: &Path, offset: u64, content: &[u8]) {
