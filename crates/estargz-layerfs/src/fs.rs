@@ -1328,13 +1328,19 @@ impl Inner {
         // from start to end: it is not read ahead. Known by its first bytes once they are
         // local; a first read of a file cut as our converter cuts archives (chunks of
         // `ARCHIVE_CHUNK_SIZE`) waits for them before it reads ahead.
-        let archive = self.starts_as_archive(chunks);
-        let read_ahead = chunks.len() > first + covering.len()
-            && archive != Some(true)
+        // (Looked at only when this read misses and could read ahead: not on the warm
+        // path.)
+        let could_read_ahead = chunks.len() > first + covering.len()
             && (first == 0 || self.cache.contains(&chunks[first - 1].digest))
             && covering.iter().any(|c| !self.cache.contains(&c.digest));
-        let ahead_after_head =
-            first == 0 && archive.is_none() && chunks[0].size == estargz_format::ARCHIVE_CHUNK_SIZE;
+        let archive = could_read_ahead
+            .then(|| self.starts_as_archive(chunks))
+            .flatten();
+        let read_ahead = could_read_ahead && archive != Some(true);
+        let ahead_after_head = read_ahead
+            && first == 0
+            && archive.is_none()
+            && chunks[0].size == estargz_format::ARCHIVE_CHUNK_SIZE;
         let mapped =
             read_ahead && self.is_mapped(ino, node) && !self.prefetch_brings(&chunks[first]);
         let budget = if mapped {
