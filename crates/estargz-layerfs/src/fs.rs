@@ -1434,11 +1434,10 @@ impl Inner {
         if c.size < magic.len() as u64 {
             return Some(false);
         }
-        let head = match self.cache.memory_get(&c.digest) {
-            Some(data) => data.get(..magic.len())?.to_vec(),
-            None => self.cache.read_verified(&c.digest, 0, magic.len())?,
-        };
-        Some(head == magic[..])
+        Some(match self.cache.memory_get(&c.digest) {
+            Some(data) => data.get(..magic.len())? == &magic[..],
+            None => self.cache.read_verified(&c.digest, 0, magic.len())? == magic[..],
+        })
     }
 
     /// Whether regular file `ino` is one a program maps rather than reads: executable,

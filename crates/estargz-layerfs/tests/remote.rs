@@ -688,18 +688,11 @@ fn a_small_file_comes_with_its_directory_neighbours() {
 #[test]
 fn static_libraries_are_not_read_ahead() {
     use estargz_format::{ARCHIVE_CHUNK_SIZE, ARCHIVE_MAGIC};
-    use std::os::unix::fs::FileExt;
     let r = Remote::start();
     let mut archive = ARCHIVE_MAGIC.to_vec();
     archive.extend(noise(2 << 20, 1));
     let plain = noise(2 << 20, 2);
     let tar = files_tar(&[("usr/lib/libx.a", &archive), ("usr/lib/plain", &plain)]);
-    let read_at = |path: &Path, offset: u64, content: &[u8]| {
-        let mut buf = vec![0u8; 16 << 10];
-        let f = std::fs::File::open(path).unwrap();
-        f.read_exact_at(&mut buf, offset).unwrap();
-        assert!(buf[..] == content[offset as usize..offset as usize + buf.len()]);
-    };
 
     // Converted with 4 MiB chunks: the archive alone is cut.
     let opts = ConvertOptions {
@@ -716,7 +709,7 @@ fn static_libraries_are_not_read_ahead() {
         cache.contains(&c.digest)
     };
     let lib = m.mountpoint().join("usr/lib/libx.a");
-    read_at(&lib, 0, &archive);
+    assert_page_reads(&lib, 0, &archive);
     assert!(local("usr/lib/libx.a", 0));
     // Read-ahead would be on its way by now.
     std::thread::sleep(Duration::from_millis(500));
@@ -724,7 +717,7 @@ fn static_libraries_are_not_read_ahead() {
         assert!(!local("usr/lib/libx.a", chunk), "chunk {chunk} came ahead");
     }
     // The next chunk, right after a local one: still nothing ahead.
-    read_at(&lib, ARCHIVE_CHUNK_SIZE, &archive);
+    assert_page_reads(&lib, ARCHIVE_CHUNK_SIZE, &archive);
     std::thread::sleep(Duration::from_millis(500));
     for chunk in 2..8 {
         assert!(!local("usr/lib/libx.a", chunk), "chunk {chunk} came ahead");
@@ -740,7 +733,7 @@ fn static_libraries_are_not_read_ahead() {
     let blob = r.push(&tar, &opts);
     let cache = r.cache("cache2", 1 << 30);
     let m = r.mount(&blob, cache.clone(), "mnt2");
-    read_at(&m.mountpoint().join("usr/lib/plain"), 0, &plain);
+    assert_page_reads(&m.mountpoint().join("usr/lib/plain"), 0, &plain);
     let second = m
         .fs()
         .chunk_at("usr/lib/plain", ARCHIVE_CHUNK_SIZE)
