@@ -141,6 +141,16 @@ pub struct JsonEntry {
     /// reference's, Go's `encoding/json`) skip it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub elf_needs: Option<crate::elf::Needs>,
+    /// Our extension: the file is an `ar` archive (a static library), which programs read
+    /// in pieces (its symbol index, then the members a link needs), so a lazy mount
+    /// fetches it only as it is read: never ahead, and of a prioritized one only the first
+    /// chunk. Readers that do not know it skip it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub ar_archive: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 mod base64_map {
@@ -290,6 +300,9 @@ pub struct TocEntry {
     /// [`Needs::bounded`](crate::elf::Needs::bounded). A hint for fetching, never trusted
     /// for anything else.
     pub elf_needs: Option<Box<crate::elf::Needs>>,
+    /// A regular file the TOC marks as an `ar` archive (`arArchive`): read in pieces,
+    /// not fetched ahead. A hint for fetching, never trusted for anything else.
+    pub ar_archive: bool,
 }
 
 impl TocEntry {
@@ -317,6 +330,7 @@ impl TocEntry {
             link_target: None,
             toc_index: None,
             elf_needs: None,
+            ar_archive: false,
         }
     }
 
@@ -714,6 +728,7 @@ impl Builder<'_> {
             EntryKind::Reg => {
                 e.size = je.size;
                 e.elf_needs = je.elf_needs.clone().and_then(|n| n.bounded()).map(Box::new);
+                e.ar_archive = je.ar_archive;
                 if je.size > 0 {
                     if je.chunk_offset != 0 {
                         return Err(self.bad(

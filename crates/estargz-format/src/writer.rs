@@ -639,7 +639,8 @@ fn index_entry<R: Read>(
         }
         total += n as u64;
     }
-    let chunk_size = if kind == EntryKind::Reg && head == *ARCHIVE_MAGIC {
+    let ar_archive = kind == EntryKind::Reg && head == *ARCHIVE_MAGIC;
+    let chunk_size = if ar_archive {
         chunk_size.min(ARCHIVE_CHUNK_SIZE)
     } else {
         chunk_size
@@ -692,6 +693,7 @@ fn index_entry<R: Read>(
         } else {
             String::new()
         },
+        ar_archive,
         ..Default::default()
     };
     Ok(InEntry {
@@ -877,7 +879,8 @@ pub const ARCHIVE_MAGIC: &[u8; 8] = b"!<arch>\n";
 /// The chunk size of an `ar` archive, when [`ConvertOptions::chunk_size`] is larger: a
 /// linker reads an archive's symbol index at its start and then only the members it needs
 /// (linking hello world reads 16 KiB of gcc 12's 3 MB `libgcc.a`), so whole 4 MiB chunks
-/// would fetch megabytes that nothing reads. A lazy layer does not read archives ahead.
+/// would fetch megabytes that nothing reads. The TOC marks archives (`arArchive`): a lazy
+/// layer fetches them only as they are read.
 pub const ARCHIVE_CHUNK_SIZE: u64 = 256 << 10;
 
 /// The highest compression level (libdeflate's).

@@ -317,6 +317,11 @@ fn archives_are_cut_in_small_chunks() {
     assert_eq!(sizes(&blob, "usr/lib/tiny.a"), [ARCHIVE_MAGIC.len() as u64]);
     let r = EstargzReader::open(&blob[..], &OpenOptions::default()).unwrap();
     assert_matches_tar(&r, &tar);
+    // The TOC marks the archives (`arArchive`), and only them, whatever their size.
+    let toc = r.toc();
+    let marked = |name: &str| toc.entry(toc.lookup(name).unwrap()).ar_archive;
+    assert!(marked("usr/lib/libx.a") && marked("usr/lib/tiny.a"));
+    assert!(!marked("usr/lib/plain") && !marked("usr/lib/late"));
     // A chunk size below the archive's: the chunk size.
     let (blob, _) = conv(&tar, &small_opts(2));
     let cut = sizes(&blob, "usr/lib/libx.a");

@@ -1325,24 +1325,13 @@ impl Inner {
             .copied()
             .collect();
         // A static library is read through its index and the members a link needs, not
-        // from start to end: it is not read ahead. Known by its first bytes once they are
-        // local; a first read of a file cut as our converter cuts archives (chunks of
-        // `ARCHIVE_CHUNK_SIZE`) waits for them before it reads ahead.
-        // (Looked at only when this read misses and could read ahead: not on the warm
-        // path.)
-        let could_read_ahead = chunks.len() > first + covering.len()
+        // from start to end: it is not read ahead.
+        let read_ahead = !node.ar_archive
+            && chunks.len() > first + covering.len()
             && (first == 0 || self.cache.contains(&chunks[first - 1].digest))
             && covering.iter().any(|c| !self.cache.contains(&c.digest));
-        let archive = could_read_ahead
-            .then(|| self.starts_as_archive(chunks))
-            .flatten();
-        let read_ahead = could_read_ahead && archive != Some(true);
-        let ahead_after_head = read_ahead
-            && first == 0
-            && archive.is_none()
-            && chunks[0].size == estargz_format::ARCHIVE_CHUNK_SIZE;
         let mapped =
-            read_ahead && self.is_mapped(ino, node) && !self.prefetch_brings(&chunks[first]);
+            read_ahead && self.is_mapped(ino, node) && !self.prefetch_brings(ino, &chunks[first]);
         let budget = if mapped {
             MAPPED_READ_AHEAD
         } else {
@@ -1364,11 +1353,7 @@ impl Inner {
         // end (a round trip before, on a measured link), or else once it has.
         let queued = std::cell::Cell::new(false);
         let queue_ahead = || {
-            if read_ahead
-                && first == 0
-                && (!ahead_after_head || self.starts_as_archive(chunks) == Some(false))
-                && !queued.replace(true)
-            {
+            if read_ahead && first == 0 && !queued.replace(true) {
                 self.read_ahead(ino, ahead, budget);
             }
         };
@@ -1426,20 +1411,6 @@ impl Inner {
         Ok(out)
     }
 
-    /// Whether the file of `chunks` starts as an `ar` archive does, if its first bytes are
-    /// local (in memory or on disk).
-    fn starts_as_archive(&self, chunks: &[Chunk]) -> Option<bool> {
-        let c = chunks.first()?;
-        let magic = estargz_format::ARCHIVE_MAGIC;
-        if c.size < magic.len() as u64 {
-            return Some(false);
-        }
-        Some(match self.cache.memory_get(&c.digest) {
-            Some(data) => data.get(..magic.len())? == &magic[..],
-            None => self.cache.read_verified(&c.digest, 0, magic.len())? == magic[..],
-        })
-    }
-
     /// Whether regular file `ino` is one a program maps rather than reads: executable,
     /// or a library a dependency walk reached (it marks each before it reads it). A
     /// library a program loads itself (`dlopen`, a Python extension module) is not: the
@@ -1451,8 +1422,8 @@ impl Inner {
     /// Whether this layer's prefetch, still running, covers chunk `c` (a prioritized
     /// file's): it brings the file's chunks in blob order, and read-ahead requests would
     /// race its spans for the same chunks (a span claims its chunks only once it has them).
-    fn prefetch_brings(&self, c: &Chunk) -> bool {
-        !self.is_prefetch_done() && self.tree.is_prioritized(c)
+    fn prefetch_brings(&self, ino: u64, c: &Chunk) -> bool {
+        !self.is_prefetch_done() && self.tree.is_prioritized(ino, c)
     }
 
     /// Hands the first of `next` (the following chunks of file `ino`) that are not local,

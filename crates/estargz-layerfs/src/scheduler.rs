@@ -832,8 +832,8 @@ impl Inner {
             return Vec::new();
         }
         neighbour_runs(
-            self.tree().chunks_in_blob_order().filter(|(_, c)| {
-                self.tree().is_prioritized(c) && !self.cache().contains(&c.digest)
+            self.tree().chunks_in_blob_order().filter(|(ino, c)| {
+                self.tree().is_prioritized(*ino, c) && !self.cache().contains(&c.digest)
             }),
             max,
         )

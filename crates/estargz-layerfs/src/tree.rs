@@ -67,6 +67,9 @@ pub(crate) struct Node {
     pub whiteout: bool,
     /// Whether the node has extended attributes in the side table.
     has_xattrs: bool,
+    /// A regular file the TOC marks as an `ar` archive: read in pieces, not fetched
+    /// ahead.
+    pub ar_archive: bool,
 }
 
 /// Extended attributes of one node: (name, value) pairs.
@@ -190,6 +193,7 @@ impl Tree {
                 opaque: false,
                 whiteout,
                 has_xattrs,
+                ar_archive: kind == NodeKind::File && e.ar_archive,
             });
             ino_of[i] = ino;
         }
@@ -309,11 +313,13 @@ impl Tree {
         self.file_digests.get(&(ino as u32)).copied()
     }
 
-    /// Whether chunk `c` lies before the prefetch landmark: a prioritized file's, which the
-    /// layer's prefetch brings.
-    pub fn is_prioritized(&self, c: &Chunk) -> bool {
+    /// Whether the layer's prefetch brings chunk `c` of file `ino`: it lies before the
+    /// prefetch landmark (a prioritized file's), and is not past the first chunk of an
+    /// archive (a link reads the symbol index there, then only the members it needs).
+    pub fn is_prioritized(&self, ino: u64, c: &Chunk) -> bool {
         self.prefetch_size
             .is_some_and(|end| c.compressed_end <= end)
+            && (c.chunk_offset == 0 || !self.node(ino).is_some_and(|n| n.ar_archive))
     }
 
     /// Every chunk of the layer, with its file's inode, in blob order.

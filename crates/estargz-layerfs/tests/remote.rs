@@ -682,9 +682,10 @@ fn a_small_file_comes_with_its_directory_neighbours() {
 }
 
 /// A static library (an `ar` archive, cut by the converter in chunks of
-/// `ARCHIVE_CHUNK_SIZE`) is read through its index and the members a link needs: a read of
-/// its start, or of the chunk right after a local one, fetches no chunk ahead. A file of
-/// the same chunk size that is no archive is read ahead once its first chunk is in.
+/// `ARCHIVE_CHUNK_SIZE` and marked in the TOC) is read through its index and the members a
+/// link needs: a read of its start, or of the chunk right after a local one, fetches no
+/// chunk ahead; prioritized, only its first chunk is prefetched. A file of the same chunk
+/// size that is no archive is read ahead once its first chunk is in, and prefetched whole.
 #[test]
 fn static_libraries_are_not_read_ahead() {
     use estargz_format::{ARCHIVE_CHUNK_SIZE, ARCHIVE_MAGIC};
@@ -742,6 +743,40 @@ fn static_libraries_are_not_read_ahead() {
         cache.contains(&second.digest)
     });
     assert!(std::fs::read(m.mountpoint().join("usr/lib/plain")).unwrap() == plain);
+    m.unmount().unwrap();
+
+    // Both prioritized: the archive's first chunk (its index) is prefetched, the rest of
+    // it is left to the reads; the other file comes whole.
+    let opts = ConvertOptions {
+        chunk_size: 4 << 20,
+        prioritized_files: vec!["usr/lib/libx.a".into(), "usr/lib/plain".into()],
+        ..opts
+    };
+    let blob = r.push(&tar, &opts);
+    let cache = r.cache("cache3", 1 << 30);
+    let m = r.mount_with(&blob, cache.clone(), "mnt3", &prefetch_only());
+    wait_for("the prefetch", || m.fs().is_prefetch_done());
+    let local =
+        |path: &str, offset: u64| cache.contains(&m.fs().chunk_at(path, offset).unwrap().digest);
+    assert!(
+        local("usr/lib/libx.a", 0),
+        "the archive's index was not prefetched"
+    );
+    for chunk in 1..8 {
+        assert!(
+            !local("usr/lib/libx.a", chunk * ARCHIVE_CHUNK_SIZE),
+            "chunk {chunk} was prefetched"
+        );
+    }
+    assert!(local("usr/lib/plain", 0));
+    let served = r.proxy.blob_bytes_served();
+    assert!(std::fs::read(m.mountpoint().join("usr/lib/plain")).unwrap() == plain);
+    assert_eq!(
+        r.proxy.blob_bytes_served(),
+        served,
+        "the plain file was prefetched"
+    );
+    assert!(std::fs::read(&m.mountpoint().join("usr/lib/libx.a")).unwrap() == archive);
     m.unmount().unwrap();
 }
 
