@@ -776,7 +776,7 @@ fn static_libraries_are_not_read_ahead() {
         served,
         "the plain file was prefetched"
     );
-    assert!(std::fs::read(&m.mountpoint().join("usr/lib/libx.a")).unwrap() == archive);
+    assert!(std::fs::read(m.mountpoint().join("usr/lib/libx.a")).unwrap() == archive);
     m.unmount().unwrap();
 }
 
