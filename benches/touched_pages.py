@@ -15,7 +15,9 @@ fetching the files whole. Also the share of the unwind tables (`.eh_frame_hdr`,
 whole, and what is left of them with the 512 KiB of a lazy layer's 1 MiB kernel
 read-around taken off each end (a fault next to them reads that far into them).
 
-Then the same for what our lazy layers are asked for: the workload run by `estargz optimize`
+Then the same with each touched page widened to the window a fault reads at a read-ahead
+of 128 KiB (the kernel's default) and of 1 MiB (ours), and for what our lazy layers are
+asked for: the workload run by `estargz optimize`
 in a container on the image's layers mounted lazily (the kernel's read-ahead as our layers
 set it, 1 MiB), its recorded read ranges (`--record-json`) taken as the touched pages.
 Writes OUT/touched_pages.json. Needs root.
@@ -123,6 +125,20 @@ def measure(pages):
     return row
 
 
+def widened(pages, read_ahead):
+    """PAGES with each touched page widened to the window a fault's read-around reads at a
+    read-ahead of READ_AHEAD bytes (centred on the page; sequential read-ahead, which runs
+    further, is left out)."""
+    half = read_ahead // 2 // PAGE
+    out = {}
+    for path, vec in pages.items():
+        w = [0] * len(vec)
+        for p in (i for i, t in enumerate(vec) if t):
+            w[max(0, p - half):p + half] = [1] * (min(len(vec), p + half) - max(0, p - half))
+        out[path] = w
+    return out
+
+
 def fuse_pages(work, wl, root):
     """{path under ROOT: page vector} of what our lazy layers were asked for when
     `estargz optimize` ran workload WL on its image (its recorded read ranges)."""
@@ -173,9 +189,13 @@ def main():
             run(["tar", "-xf", image_tar(work, image), "-C", root])
             drop_caches()
             run(["chroot", root] + command)
-            rows[wl] = measure(touched_files(root))
+            pages = touched_files(root)
+            rows[wl] = measure(pages)
             print(f"# {wl}: {rows[wl]['touched']:,} of {rows[wl]['opened']:,} bytes touched",
                   file=sys.stderr, flush=True)
+            for ra in (128 << 10, 1 << 20):
+                rows[f"{wl}, widened by a {ra >> 10} KiB read-around"] = measure(
+                    widened(pages, ra))
             asked = f"{wl}, asked of our layers"
             rows[asked] = measure(fuse_pages(work, wl, root))
             print(f"# {asked}: {rows[asked]['touched']:,} of {rows[asked]['opened']:,} bytes",
