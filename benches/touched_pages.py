@@ -16,10 +16,10 @@ whole, and what is left of them with the 512 KiB of a lazy layer's 1 MiB kernel
 read-around taken off each end (a fault next to them reads that far into them).
 
 Then the same with each touched page widened to the window a fault reads at a read-ahead
-of 128 KiB (the kernel's default) and of 1 MiB (ours), and for what our lazy layers are
-asked for: the workload run by `estargz optimize`
-in a container on the image's layers mounted lazily (the kernel's read-ahead as our layers
-set it, 1 MiB), its recorded read ranges (`--record-json`) taken as the touched pages.
+of 128 KiB (the kernel's default) and of 1 MiB (our layers'), and for what `estargz
+optimize` records: the workload run in a container on the image's layers mounted lazily,
+its recorded read ranges (`--record-json`; recording layers turn the kernel's read-ahead
+off) taken as the touched pages.
 Writes OUT/touched_pages.json. Needs root.
 """
 import ctypes
@@ -140,8 +140,8 @@ def widened(pages, read_ahead):
 
 
 def fuse_pages(work, wl, root):
-    """{path under ROOT: page vector} of what our lazy layers were asked for when
-    `estargz optimize` ran workload WL on its image (its recorded read ranges)."""
+    """{path under ROOT: page vector} of what `estargz optimize` recorded when it ran
+    workload WL on its image (its recorded read ranges)."""
     image, command = WORKLOADS[wl]
     layout = work / f"image-{image}"
     if not layout.exists():
@@ -196,7 +196,7 @@ def main():
             for ra in (128 << 10, 1 << 20):
                 rows[f"{wl}, widened by a {ra >> 10} KiB read-around"] = measure(
                     widened(pages, ra))
-            asked = f"{wl}, asked of our layers"
+            asked = f"{wl}, recorded by estargz optimize"
             rows[asked] = measure(fuse_pages(work, wl, root))
             print(f"# {asked}: {rows[asked]['touched']:,} of {rows[asked]['opened']:,} bytes",
                   file=sys.stderr, flush=True)

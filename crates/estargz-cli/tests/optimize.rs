@@ -21,6 +21,7 @@ fn image(dir: &Path, run_config: &str) -> String {
         ("app/a", b"first file\n"),
         ("app/b", b"second file\n"),
         ("app/c", b"never read\n"),
+        ("app/big", &[7u8; 256 << 10]),
         ("etc/debian_version", b"the application's version\n"),
     ]);
     let layout = OciLayout::create(dir.join("src")).unwrap();
@@ -148,7 +149,7 @@ fn the_files_a_container_reads_come_first_in_the_layer_it_read_them_from() {
     let src = image(
         d,
         r#"{"Env":["PATH=/usr/bin:/bin","GREETING=hi"],"WorkingDir":"/app",
-            "Cmd":["/bin/sh","-c","cat b a /etc/debian_version > /dev/null && test \"$GREETING\" = hi && test $(wc -l < /proc/net/dev) = 3"]}"#,
+            "Cmd":["/bin/sh","-c","cat b a /etc/debian_version > /dev/null && test \"$GREETING\" = hi && test $(wc -l < /proc/net/dev) = 3 && dd if=big of=/dev/null bs=4096 count=2 2>/dev/null"]}"#,
     );
     let work = work_dir(d);
     let out = optimize(&src, d, &["--work-dir", work.to_str().unwrap()]);
@@ -166,9 +167,18 @@ fn the_files_a_container_reads_come_first_in_the_layer_it_read_them_from() {
     // debian_version is the application's (overlayfs never asked the base for it).
     assert_eq!(
         recorded(&rec, 1),
-        ["app/b", "app/a", "etc/debian_version"],
+        ["app/b", "app/a", "etc/debian_version", "app/big"],
         "{rec}"
     );
+    // The pages read, not the kernel's read-ahead around them: dd read the first two of
+    // 64 (with the layers' usual 1 MiB read-ahead the kernel asked for 80 KiB).
+    let big = rec["accesses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["path"] == "app/big")
+        .unwrap();
+    assert_eq!(big["ranges"], serde_json::json!([[0, 8192]]), "{big}");
     let base = recorded(&rec, 0);
     assert!(
         base.iter().any(|p| p.ends_with("bin/cat")),
@@ -177,7 +187,7 @@ fn the_files_a_container_reads_come_first_in_the_layer_it_read_them_from() {
     assert!(!base.contains(&"etc/debian_version".to_string()));
     // Converted with exactly those first, in that order, per layer.
     let prio = prioritized_files(d);
-    assert_eq!(prio[1], ["app/b", "app/a", "etc/debian_version"]);
+    assert_eq!(prio[1], ["app/b", "app/a", "etc/debian_version", "app/big"]);
     assert_eq!(prio[0], base);
     // The list is what `convert --prioritize` reads.
     let list: Vec<String> = std::fs::read_to_string(d.join("record.txt"))
@@ -187,7 +197,7 @@ fn the_files_a_container_reads_come_first_in_the_layer_it_read_them_from() {
         .map(String::from)
         .collect();
     let mut expected = base.clone();
-    expected.extend(["app/b", "app/a", "etc/debian_version"].map(String::from));
+    expected.extend(["app/b", "app/a", "etc/debian_version", "app/big"].map(String::from));
     let mut got = list.clone();
     got.sort();
     expected.sort();

@@ -1954,9 +1954,8 @@ impl Drop for MountedLayer {
 const KERNEL_READ_AHEAD_KB: u32 = 1024;
 
 /// Sets the mount's read-ahead (its backing device info in sysfs, `MAJOR:MINOR` of the
-/// mount) to [`KERNEL_READ_AHEAD_KB`]; where that cannot be done (no sysfs, not root)
-/// reads work as before.
-fn set_kernel_read_ahead(mountpoint: &Path) {
+/// mount) to `kb` KiB; where that cannot be done (no sysfs, not root) reads work as before.
+fn set_kernel_read_ahead(mountpoint: &Path, kb: u32) {
     use std::os::unix::fs::MetadataExt;
     let Ok(dev) = std::fs::metadata(mountpoint).map(|m| m.dev()) else {
         return;
@@ -1966,7 +1965,7 @@ fn set_kernel_read_ahead(mountpoint: &Path) {
         libc::major(dev),
         libc::minor(dev)
     );
-    if let Err(e) = std::fs::write(&knob, KERNEL_READ_AHEAD_KB.to_string()) {
+    if let Err(e) = std::fs::write(&knob, kb.to_string()) {
         tracing::debug!(knob, error = %e, "cannot set the mount's read-ahead");
     }
 }
@@ -2012,7 +2011,11 @@ pub fn mount(fs: LayerFs, mountpoint: &Path) -> io::Result<MountedLayer> {
     config.n_threads = Some(4);
     config.clone_fd = true;
     let session = fuser::spawn_mount(fs, mountpoint, &config)?;
-    set_kernel_read_ahead(mountpoint);
+    // A layer that records a workload's reads asks the kernel for none ahead: the ranges it
+    // records are then the pages the workload read, not the kernel's windows around them
+    // (at 1 MiB, nearly every byte of the files a start opens).
+    let recording = handle.0.recorder.get().is_some();
+    set_kernel_read_ahead(mountpoint, if recording { 0 } else { KERNEL_READ_AHEAD_KB });
     handle.scheduler.add_layer(&handle.0);
     Ok(MountedLayer {
         session: Some(session),

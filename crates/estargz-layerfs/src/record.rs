@@ -57,8 +57,8 @@ pub struct Access {
     /// module that found another file first): its content is needed.
     pub opened: bool,
     /// Byte ranges read through FUSE, sorted and merged (at most [`MAX_RANGES`]; closer
-    /// ranges are merged beyond that). The kernel reads ahead, so these are what it asked
-    /// for, a little more than the workload did.
+    /// ranges are merged beyond that). A recording layer turns the kernel's read-ahead
+    /// off, so these are the pages the workload read.
     pub ranges: Vec<Range<u64>>,
 }
 
