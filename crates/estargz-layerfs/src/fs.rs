@@ -1326,7 +1326,7 @@ impl Inner {
             .collect();
         // A static library is read through its index and the members a link needs, not
         // from start to end: it is not read ahead.
-        let read_ahead = !node.ar_archive
+        let read_ahead = !self.tree.is_archive(ino)
             && chunks.len() > first + covering.len()
             && (first == 0 || self.cache.contains(&chunks[first - 1].digest))
             && covering.iter().any(|c| !self.cache.contains(&c.digest));

@@ -9,7 +9,7 @@
 //! is at most `u32::MAX` bytes (the format crate refuses larger ones), and every name, entry
 //! and chunk here comes from a distinct part of that text.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use estargz_format::elf::Needs;
 use estargz_format::{
@@ -67,9 +67,6 @@ pub(crate) struct Node {
     pub whiteout: bool,
     /// Whether the node has extended attributes in the side table.
     has_xattrs: bool,
-    /// A regular file the TOC marks as an `ar` archive: read in pieces, not fetched
-    /// ahead.
-    pub ar_archive: bool,
 }
 
 /// Extended attributes of one node: (name, value) pairs.
@@ -102,6 +99,9 @@ pub(crate) struct Tree {
     /// What the ELF objects among the files load, where the TOC records it (a few
     /// hundred entries in an image with programs; none in one converted without it).
     elf_needs: HashMap<u32, Box<Needs>>,
+    /// The files the TOC marks as `ar` archives (`arArchive`): read in pieces, not
+    /// fetched ahead. Few (a side table keeps them out of every node's size).
+    archives: HashSet<u32>,
     /// Compressed bytes before `.prefetch.landmark`'s content, if the layer has one.
     pub prefetch_size: Option<u64>,
     /// Sum of regular file sizes.
@@ -128,6 +128,7 @@ impl Tree {
             xattrs: HashMap::new(),
             file_digests: HashMap::new(),
             elf_needs: HashMap::new(),
+            archives: HashSet::new(),
             prefetch_size: toc.prefetch_size(),
             total_size: 0,
         };
@@ -161,6 +162,9 @@ impl Tree {
                     if let Some(needs) = &e.elf_needs {
                         tree.elf_needs.insert(ino, needs.clone());
                     }
+                    if e.ar_archive {
+                        tree.archives.insert(ino);
+                    }
                     (small(at), small(e.chunks.len()))
                 }
                 NodeKind::Symlink => tree.intern(&e.link_name),
@@ -193,7 +197,6 @@ impl Tree {
                 opaque: false,
                 whiteout,
                 has_xattrs,
-                ar_archive: kind == NodeKind::File && e.ar_archive,
             });
             ino_of[i] = ino;
         }
@@ -319,7 +322,13 @@ impl Tree {
     pub fn is_prioritized(&self, ino: u64, c: &Chunk) -> bool {
         self.prefetch_size
             .is_some_and(|end| c.compressed_end <= end)
-            && (c.chunk_offset == 0 || !self.node(ino).is_some_and(|n| n.ar_archive))
+            && (c.chunk_offset == 0 || !self.is_archive(ino))
+    }
+
+    /// Whether regular file `ino` is one the TOC marks as an `ar` archive (a static
+    /// library): read in pieces, not fetched ahead.
+    pub fn is_archive(&self, ino: u64) -> bool {
+        self.archives.contains(&(ino as u32))
     }
 
     /// Every chunk of the layer, with its file's inode, in blob order.
@@ -398,6 +407,7 @@ impl Tree {
             + self.chunks.capacity() * std::mem::size_of::<Chunk>()
             + (self.chunk_owner.capacity() + self.blob_order.capacity()) * 4
             + self.file_digests.capacity() * (4 + 32)
+            + self.archives.capacity() * 4
             + self
                 .elf_needs
                 .values()
