@@ -309,15 +309,22 @@ def identity(tar, m):
             m.devmajor, m.devminor, sorted(m.pax_headers.items()), digest)
 
 
-def push_image(link, work, image, layered=True):
-    """Pushes one of IMAGES, as an ordinary gzip image (two layers, see image_layers; one
-    with layered=False), to LINK's registry as bench/IMAGE:orig. Returns the reference and
-    the compressed size of its layers."""
+def image_layout(work, image, layered=True):
+    """One of IMAGES as an ordinary gzip image (two layers, see image_layers; one with
+    layered=False) in an OCI layout under WORK, tagged orig, built once; returns its
+    directory."""
     layers = image_layers(work, image) if layered else [image_tar(work, image)]
     layout = work / f"image-{image}-{len(layers)}"
     if not layout.exists():
         run(["bash", "-c", f'. "{SCRIPTS}/lib.sh"; make_oci_image "$@"', "-",
              layout, "orig", ""] + layers)
+    return layout
+
+
+def push_image(link, work, image, layered=True):
+    """Pushes one of IMAGES, as an ordinary gzip image (image_layout), to LINK's registry
+    as bench/IMAGE:orig. Returns the reference and the compressed size of its layers."""
+    layout = image_layout(work, image, layered)
     ref = f"{link.addr}/bench/{image}:orig"
     link.cmd(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:orig",
               f"docker://{ref}"])

@@ -23,6 +23,7 @@ off) taken as the touched pages.
 Writes OUT/touched_pages.json. Needs root.
 """
 import ctypes
+import functools
 import json
 import os
 import re
@@ -32,8 +33,8 @@ import tempfile
 import zlib
 from pathlib import Path
 
-from benchlib import (ESTARGZ, SCRIPTS, arguments, check_prerequisites, choices, drop_caches,
-                      image_layers, image_tar, run)
+from benchlib import (ESTARGZ, arguments, check_prerequisites, choices, drop_caches,
+                      image_layout, image_tar, run)
 from time_to_ready import DEFAULT_WORKLOADS, WORKLOADS
 
 PAGE = 4096
@@ -83,8 +84,10 @@ def touched_files(root):
     return out
 
 
+@functools.cache
 def unwind_range(path):
-    """The file range from the first to the end of the last unwind-table section, or None."""
+    """The file range from the first to the end of the last unwind-table section, or None
+    (once per file: every row of a workload measures the same files)."""
     text = subprocess.run(["readelf", "-SW", path], capture_output=True, text=True).stdout
     spans = []
     for line in text.splitlines():
@@ -134,7 +137,8 @@ def widened(pages, read_ahead):
     for path, vec in pages.items():
         w = [0] * len(vec)
         for p in (i for i, t in enumerate(vec) if t):
-            w[max(0, p - half):p + half] = [1] * (min(len(vec), p + half) - max(0, p - half))
+            lo, hi = max(0, p - half), min(len(vec), p + half)
+            w[lo:hi] = [1] * (hi - lo)
         out[path] = w
     return out
 
@@ -143,10 +147,7 @@ def fuse_pages(work, wl, root):
     """{path under ROOT: page vector} of what `estargz optimize` recorded when it ran
     workload WL on its image (its recorded read ranges)."""
     image, command = WORKLOADS[wl]
-    layout = work / f"image-{image}"
-    if not layout.exists():
-        run(["bash", "-c", f'. "{SCRIPTS}/lib.sh"; make_oci_image "$@"', "-", layout, "orig",
-             ""] + image_layers(work, image))
+    layout = image_layout(work, image)
     record = work / f"record-{wl}.json"
     run([ESTARGZ, "optimize", f"oci:{layout}:orig", f"oci:{work / ('opt-' + wl)}:opt",
          "--quiet", "--record-json", record, "--work-dir", work / f"optimize-{wl}", "--",
