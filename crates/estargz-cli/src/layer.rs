@@ -244,11 +244,36 @@ pub fn inspect(args: &InspectArgs) -> Result<ExitCode> {
                 toc.prefetch_size().unwrap_or(0)
             );
             for i in list {
-                println!("  {}", toc.entry(i).name);
+                let e = toc.entry(i);
+                match e.read_at_start.len() {
+                    0 => println!("  {}", e.name),
+                    n => println!(
+                        "  {} ({n} of {} chunks read at start)",
+                        e.name,
+                        e.chunks.len()
+                    ),
+                }
             }
         }
         (None, Some(_)) => println!("prioritized        none (.no.prefetch.landmark)"),
         (None, None) => println!("prioritized        no landmark"),
+    }
+    let profiled: Vec<&estargz_format::TocEntry> = toc
+        .entries()
+        .iter()
+        .filter(|e| !e.read_at_start.is_empty())
+        .collect();
+    if !profiled.is_empty() {
+        let chunks = profiled.iter().flat_map(|e| {
+            e.read_at_start
+                .iter()
+                .filter_map(|&i| e.chunks.get(i as usize))
+        });
+        let (n, bytes) = chunks.fold((0, 0), |(n, b), c| (n + 1, b + c.compressed_end - c.offset));
+        println!(
+            "read at start      {n} chunks of {} files, {bytes} compressed bytes (the prefetch of a lazy mount)",
+            profiled.len()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -10,6 +10,7 @@
 //! source is converted again with each layer's recorded files first.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -386,6 +387,9 @@ pub fn optimize(args: &OptimizeArgs, quiet: bool) -> Result<ExitCode> {
 
     // 3. Convert with each layer's files first.
     let mut by_layer: HashMap<Digest, Vec<String>> = HashMap::new();
+    // The pages each file was read at: its converted chunks holding them are marked for
+    // prefetch, the others are fetched only if read.
+    let mut ranges_by_layer: HashMap<Digest, HashMap<String, Vec<Range<u64>>>> = HashMap::new();
     let mut per_layer = vec![(0usize, 0u64); src_manifest.layers.len()];
     for a in &files {
         let Some(desc) = src_manifest.layers.get(a.layer) else {
@@ -398,6 +402,12 @@ pub fn optimize(args: &OptimizeArgs, quiet: bool) -> Result<ExitCode> {
             .entry(desc.digest.clone())
             .or_default()
             .push(a.path.clone());
+        if !a.ranges.is_empty() {
+            ranges_by_layer
+                .entry(desc.digest.clone())
+                .or_default()
+                .insert(a.path.clone(), a.ranges.clone());
+        }
         per_layer[a.layer].0 += 1;
         per_layer[a.layer].1 += a.size;
     }
@@ -460,6 +470,7 @@ pub fn optimize(args: &OptimizeArgs, quiet: bool) -> Result<ExitCode> {
             layer: args.flags.options()?,
             platforms: vec![platform],
             prioritized_by_layer: by_layer,
+            startup_ranges_by_layer: ranges_by_layer,
         },
         &ends.bars,
     )

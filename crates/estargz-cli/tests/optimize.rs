@@ -87,6 +87,19 @@ fn prioritized_files(dir: &Path) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// Of file `path` in layer `layer` of the optimized image: its number of chunks and those
+/// the TOC marks `readAtStart`.
+fn read_at_start(dir: &Path, layer: usize, path: &str) -> (usize, Vec<u32>) {
+    let layout = OciLayout::open(dir.join("dst")).unwrap();
+    let desc = layout.resolve(Some("opt")).unwrap();
+    let manifest = layout.read_manifest(&desc).unwrap();
+    let file = std::fs::File::open(layout.blob_path(&manifest.layers[layer].digest)).unwrap();
+    let r = EstargzReader::open(file, &OpenOptions::default()).unwrap();
+    let toc = r.toc();
+    let e = toc.entry(toc.lookup(path).unwrap());
+    (e.chunks.len(), e.read_at_start.clone())
+}
+
 /// Mounts under `dir` (the run's FUSE layers and overlay live in its staging directory).
 fn mounts_under(dir: &Path) -> Vec<String> {
     let prefix = dir.to_str().unwrap();
@@ -203,6 +216,9 @@ fn the_files_a_container_reads_come_first_in_the_layer_it_read_them_from() {
     expected.sort();
     assert_eq!(got, expected);
     assert!(list.iter().position(|p| p == "app/b") < list.iter().position(|p| p == "app/a"));
+    // The pages become the page profile: the 256 KiB file is cut in 64 KiB chunks, and
+    // the first, which holds the two pages dd read, is the one marked for prefetch.
+    assert_eq!(read_at_start(d, 1, "app/big"), (4, vec![0]));
     assert_clean(&work, "debian_version");
 }
 

@@ -75,6 +75,9 @@ pub struct ImageConvertOptions {
     /// `layer.prioritized_files`: what `estargz optimize` recorded in each layer. Such a
     /// layer is converted again even if it already is eStargz.
     pub prioritized_by_layer: HashMap<Digest, Vec<String>>,
+    /// Startup ranges of particular source layers (by digest), in place of
+    /// `layer.startup_ranges`: the bytes of each file that `estargz optimize` saw read.
+    pub startup_ranges_by_layer: HashMap<Digest, HashMap<String, Vec<std::ops::Range<u64>>>>,
 }
 
 /// What happened to one source layer.
@@ -302,7 +305,11 @@ impl Converter<'_> {
                 layer.digest, layer.media_type
             )));
         }
-        let reorder = self.opts.prioritized_by_layer.contains_key(&layer.digest);
+        let reorder = self.opts.prioritized_by_layer.contains_key(&layer.digest)
+            || self
+                .opts
+                .startup_ranges_by_layer
+                .contains_key(&layer.digest);
         let kept = match reorder {
             true => None,
             false => self.keep_estargz(layer, diff_id)?,
@@ -472,6 +479,9 @@ impl Converter<'_> {
             };
             if let Some(files) = self.opts.prioritized_by_layer.get(&layer.digest) {
                 options.prioritized_files = files.clone();
+            }
+            if let Some(ranges) = self.opts.startup_ranges_by_layer.get(&layer.digest) {
+                options.startup_ranges = ranges.clone();
             }
             let out = estargz_format::convert(
                 std::io::BufReader::with_capacity(1 << 20, input),

@@ -36,5 +36,5 @@ pub use toc::{
 };
 pub use writer::{
     convert, ConvertOptions, ConvertOutput, Progress, ARCHIVE_CHUNK_SIZE, ARCHIVE_MAGIC,
-    DEFAULT_LEVEL, MAX_LEVEL,
+    DEFAULT_LEVEL, MAX_LEVEL, STARTUP_CHUNK_SIZE,
 };

@@ -147,6 +147,12 @@ pub struct JsonEntry {
     /// chunk. Readers that do not know it skip it.
     #[serde(default, skip_serializing_if = "is_false")]
     pub ar_archive: bool,
+    /// Our extension, on a regular file or chunk entry: a recorded start of a workload
+    /// (`estargz optimize`) read this chunk, so a lazy mount prefetches it; the chunks of
+    /// such a file that it did not read are fetched only when read. Readers that do not
+    /// know it skip it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub read_at_start: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -303,6 +309,10 @@ pub struct TocEntry {
     /// A regular file the TOC marks as an `ar` archive (`arArchive`): read in pieces,
     /// not fetched ahead. A hint for fetching, never trusted for anything else.
     pub ar_archive: bool,
+    /// Indexes in `chunks` of the chunks the TOC marks `readAtStart` (a recorded start read
+    /// them), in file order; empty for a file without a recorded profile. A hint for
+    /// fetching, never trusted for anything else.
+    pub read_at_start: Vec<u32>,
 }
 
 impl TocEntry {
@@ -331,6 +341,7 @@ impl TocEntry {
             toc_index: None,
             elf_needs: None,
             ar_archive: false,
+            read_at_start: Vec::new(),
         }
     }
 
@@ -739,6 +750,9 @@ impl Builder<'_> {
                     }
                     let chunk = self.chunk_from(index, je, &e)?;
                     e.chunks.push(chunk);
+                    if je.read_at_start {
+                        e.read_at_start.push(0);
+                    }
                     self.open_file = Some((idx, je.chunk_size));
                 } else {
                     self.open_file = Some((idx, 0));
@@ -899,7 +913,11 @@ impl Builder<'_> {
             ));
         }
         let chunk = self.chunk_from(index, je, file)?;
-        self.toc.entries[file_idx].chunks.push(chunk);
+        let file = &mut self.toc.entries[file_idx];
+        if je.read_at_start {
+            file.read_at_start.push(file.chunks.len() as u32);
+        }
+        file.chunks.push(chunk);
         self.open_file = Some((file_idx, je.chunk_size));
         Ok(())
     }

@@ -333,6 +333,68 @@ fn archives_are_cut_in_small_chunks() {
     assert_matches_tar(&r, &tar);
 }
 
+/// A file with startup ranges (`estargz optimize`'s page profile) is cut in 64 KiB chunks,
+/// those holding a byte of the ranges marked `readAtStart` in the TOC and no others; a
+/// file without ranges keeps the chunk size; the layer reads as the tar did. Paths are
+/// matched as the layer's normalized names.
+#[test]
+fn startup_ranges_mark_the_chunks_a_start_read() {
+    use estargz_format::STARTUP_CHUNK_SIZE as CHUNK;
+    use estargz_testutil::{files_tar, noise};
+    let prog = noise(1_000_000, 1);
+    let plain = noise(1_000_000, 2);
+    let tar = files_tar(&[("usr/bin/prog", &prog), ("usr/lib/plain", &plain)]);
+    let opts = ConvertOptions {
+        chunk_size: 4 << 20,
+        prioritized_files: vec!["usr/bin/prog".into()],
+        startup_ranges: [(
+            "/usr/bin/prog".to_string(),
+            vec![10..20, 3 * CHUNK - 1..3 * CHUNK + 1, 999_000..1_000_000],
+        )]
+        .into(),
+        ..small_opts(2)
+    };
+    let (blob, _) = conv(&tar, &opts);
+    let r = EstargzReader::open(&blob[..], &OpenOptions::default()).unwrap();
+    assert_matches_tar(&r, &tar);
+    let toc = r.toc();
+    let prog_entry = toc.entry(toc.lookup("usr/bin/prog").unwrap());
+    let sizes: Vec<u64> = prog_entry.chunks.iter().map(|c| c.size).collect();
+    assert_eq!(sizes.len(), 1_000_000usize.div_ceil(CHUNK as usize));
+    assert!(
+        sizes[..sizes.len() - 1].iter().all(|&s| s == CHUNK),
+        "{sizes:?}"
+    );
+    assert_eq!(prog_entry.read_at_start, [0, 2, 3, 15]);
+    let plain_entry = toc.entry(toc.lookup("usr/lib/plain").unwrap());
+    assert_eq!(plain_entry.chunks.len(), 1);
+    assert!(plain_entry.read_at_start.is_empty());
+    // In the TOC's JSON, on the file's entry (chunk 0) and its chunk entries.
+    let off = r.footer().toc_offset;
+    let end = blob.len() - r.footer().kind.size();
+    let member = &blob[off as usize..end];
+    let json = estargz_format::decode_toc_member(member, off, &Default::default()).unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    let marked: Vec<u64> = json["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["readAtStart"] == true)
+        .map(|e| {
+            assert_eq!(e["name"], "usr/bin/prog");
+            e["chunkOffset"].as_u64().unwrap_or(0) / CHUNK
+        })
+        .collect();
+    assert_eq!(marked, [0, 2, 3, 15]);
+    // A path that is no layer path is refused, not ignored.
+    let bad = ConvertOptions {
+        startup_ranges: [("usr/../../etc".to_string(), vec![0..1])].into(),
+        ..opts
+    };
+    let err = convert(&tar[..], Vec::new(), &bad, &()).unwrap_err();
+    assert!(err.to_string().contains("startup ranges"), "{err}");
+}
+
 /// The converter records what each ELF executable and shared object loads in its TOC
 /// entry (`elfNeeds`), read from the object wherever its dynamic section lies; other
 /// files, and objects that load nothing, get none; the reader gives them back as written.

@@ -272,6 +272,9 @@ pub struct Inner {
     /// This layer, for handing work to the scheduler.
     me: std::sync::Weak<Inner>,
     prefetch_done: std::sync::atomic::AtomicBool,
+    /// The mount's kernel read-ahead setting, while it is held off until the prefetch is
+    /// done (a layer with page profiles, see [`mount`]).
+    read_ahead_held: Mutex<Option<PathBuf>>,
     background_done: std::sync::atomic::AtomicBool,
     /// The kernel agreed to FUSE passthrough at init (and the options ask for it).
     passthrough: std::sync::atomic::AtomicBool,
@@ -403,6 +406,7 @@ impl LayerFs {
             local_at_start,
             closed: Default::default(),
             prefetch_done: Default::default(),
+            read_ahead_held: Default::default(),
             background_done: Default::default(),
             passthrough: Default::default(),
             opens: Default::default(),
@@ -718,6 +722,9 @@ impl Inner {
 
     pub(crate) fn mark_prefetch_done(&self) {
         self.prefetch_done.store(true, Ordering::SeqCst);
+        if let Some(knob) = crate::scheduler::lock(&self.read_ahead_held).take() {
+            set_kernel_read_ahead(&knob, KERNEL_READ_AHEAD_KB);
+        }
     }
 
     pub(crate) fn mark_background_done(&self) {
@@ -1325,8 +1332,11 @@ impl Inner {
             .copied()
             .collect();
         // A static library is read through its index and the members a link needs, not
-        // from start to end: it is not read ahead.
+        // from start to end: it is not read ahead. Nor is a file with a page profile: its
+        // chunks that a start reads are prefetched, and the others no start was seen to
+        // read.
         let read_ahead = !self.tree.is_archive(ino)
+            && !self.tree.is_profiled(ino)
             && chunks.len() > first + covering.len()
             && (first == 0 || self.cache.contains(&chunks[first - 1].digest))
             && covering.iter().any(|c| !self.cache.contains(&c.digest));
@@ -1953,20 +1963,23 @@ impl Drop for MountedLayer {
 /// round trips through the FUSE device.
 const KERNEL_READ_AHEAD_KB: u32 = 1024;
 
-/// Sets the mount's read-ahead (its backing device info in sysfs, `MAJOR:MINOR` of the
-/// mount) to `kb` KiB; where that cannot be done (no sysfs, not root) reads work as before.
-fn set_kernel_read_ahead(mountpoint: &Path, kb: u32) {
+/// The sysfs file holding the read-ahead of the mount at `mountpoint` (its backing device
+/// info, `MAJOR:MINOR` of the mount).
+fn read_ahead_knob(mountpoint: &Path) -> Option<PathBuf> {
     use std::os::unix::fs::MetadataExt;
-    let Ok(dev) = std::fs::metadata(mountpoint).map(|m| m.dev()) else {
-        return;
-    };
-    let knob = format!(
+    let dev = std::fs::metadata(mountpoint).ok()?.dev();
+    Some(PathBuf::from(format!(
         "/sys/class/bdi/{}:{}/read_ahead_kb",
         libc::major(dev),
         libc::minor(dev)
-    );
-    if let Err(e) = std::fs::write(&knob, kb.to_string()) {
-        tracing::debug!(knob, error = %e, "cannot set the mount's read-ahead");
+    )))
+}
+
+/// Sets a mount's read-ahead (`knob`, see [`read_ahead_knob`]) to `kb` KiB; where that
+/// cannot be done (no sysfs, not root) reads work as before.
+fn set_kernel_read_ahead(knob: &Path, kb: u32) {
+    if let Err(e) = std::fs::write(knob, kb.to_string()) {
+        tracing::debug!(knob = %knob.display(), error = %e, "cannot set the mount's read-ahead");
     }
 }
 
@@ -2014,8 +2027,19 @@ pub fn mount(fs: LayerFs, mountpoint: &Path) -> io::Result<MountedLayer> {
     // A layer that records a workload's reads asks the kernel for none ahead: the ranges it
     // records are then the pages the workload read, not the kernel's windows around them
     // (at 1 MiB, nearly every byte of the files a start opens).
+    //
+    // A layer with page profiles does the same until its prefetch is done: a fault in a
+    // mapped file would otherwise ask for the 1 MiB around it, and the chunks there that
+    // no start read would cross the link with the ones it did. (Files opened before keep
+    // reading page by page: the kernel copies the setting at open.)
     let recording = handle.0.recorder.get().is_some();
-    set_kernel_read_ahead(mountpoint, if recording { 0 } else { KERNEL_READ_AHEAD_KB });
+    if let Some(knob) = read_ahead_knob(mountpoint) {
+        let hold = recording || handle.tree.has_profiles();
+        set_kernel_read_ahead(&knob, if hold { 0 } else { KERNEL_READ_AHEAD_KB });
+        if hold && !recording {
+            *crate::scheduler::lock(&handle.0.read_ahead_held) = Some(knob);
+        }
+    }
     handle.scheduler.add_layer(&handle.0);
     Ok(MountedLayer {
         session: Some(session),

@@ -62,9 +62,10 @@ pub struct Access {
     pub ranges: Vec<Range<u64>>,
 }
 
-/// Most ranges kept per file: a random reader of a large file must not grow the record
-/// without bound.
-pub const MAX_RANGES: usize = 64;
+/// Most ranges kept per file: enough that the pages a start reads of a large program
+/// stay apart (they become the chunks its converted image marks for prefetch), while a
+/// random reader of a large file does not grow the record without bound.
+pub const MAX_RANGES: usize = 4096;
 
 /// Collects [`Access`]es from the layers of one image while recording is on. Shared by all
 /// its layers, so the order is the order across layers.

@@ -42,6 +42,11 @@ use crate::fs::{For, Inner};
 /// 100 Mbit/s, 20 ms link was ready in 1.77 s instead of 1.97 s with requests of up to
 /// 8 MiB).
 pub(crate) const PREFETCH_SPAN: u64 = 1 << 20;
+/// Most runs of neighbouring chunks in one prefetch span: a span's runs are requested all
+/// at once (one round trip), so the chunks a page profile marks, scattered through a
+/// program in 64 KiB pieces, go in few round trips; the bound keeps the connections a span
+/// opens few.
+const SPAN_RUNS: usize = 8;
 /// Read-ahead and prefetch requests in flight on the node, at least: two keep the link busy
 /// across round trips while the first span, the one a starting process needs first, still
 /// arrives early.
@@ -361,7 +366,7 @@ impl Shared {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -824,6 +829,27 @@ fn neighbour_runs(
     out
 }
 
+/// `runs` (in blob order) packed into spans of at most `max` bytes (or one run) and
+/// [`SPAN_RUNS`] runs, in order.
+fn packed(runs: Vec<Vec<(u64, Chunk)>>, max: u64) -> Vec<Vec<(u64, Chunk)>> {
+    let mut out: Vec<(Vec<(u64, Chunk)>, u64, usize)> = Vec::new();
+    for run in runs {
+        let size = match (run.first(), run.last()) {
+            (Some((_, f)), Some((_, l))) => l.compressed_end - f.offset,
+            _ => continue,
+        };
+        match out.last_mut() {
+            Some((span, total, n)) if *n < SPAN_RUNS && *total + size <= max => {
+                span.extend(run);
+                *total += size;
+                *n += 1;
+            }
+            _ => out.push((run, size, 1)),
+        }
+    }
+    out.into_iter().map(|(span, _, _)| span).collect()
+}
+
 impl Inner {
     /// The prefetch spans of this layer: its missing prioritized chunks in blob order, in
     /// runs of neighbours of at most `max` bytes.
@@ -831,10 +857,13 @@ impl Inner {
         if self.tree().prefetch_size.is_none() {
             return Vec::new();
         }
-        neighbour_runs(
-            self.tree().chunks_in_blob_order().filter(|(ino, c)| {
-                self.tree().is_prioritized(*ino, c) && !self.cache().contains(&c.digest)
-            }),
+        packed(
+            neighbour_runs(
+                self.tree().chunks_in_blob_order().filter(|(ino, c)| {
+                    self.tree().is_prioritized(*ino, c) && !self.cache().contains(&c.digest)
+                }),
+                max,
+            ),
             max,
         )
     }
@@ -892,6 +921,43 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Scattered runs (a page profile's chunks) share spans up to the span's bytes and
+    /// [`SPAN_RUNS`] runs, in blob order; a run larger than a span stays one.
+    #[test]
+    fn scattered_runs_are_packed_into_spans() {
+        let run = |offset: u64, len: u64| {
+            let c = Chunk {
+                offset,
+                compressed_end: offset + len,
+                inner_offset: 0,
+                chunk_offset: 0,
+                size: len,
+                digest: estargz_format::Sha256Digest::of(&offset.to_le_bytes()),
+            };
+            vec![(1, c)]
+        };
+        let offsets = |spans: &[Vec<(u64, Chunk)>]| -> Vec<Vec<u64>> {
+            spans
+                .iter()
+                .map(|s| s.iter().map(|(_, c)| c.offset).collect())
+                .collect()
+        };
+        let small: Vec<_> = (0..10).map(|i| run(i * 100_000, 20_000)).collect();
+        let spans = packed(small, 1 << 20);
+        assert_eq!(spans.len(), 2);
+        assert_eq!(spans[0].len(), SPAN_RUNS);
+        assert_eq!(offsets(&spans)[1], [800_000, 900_000]);
+        let mixed = vec![
+            run(0, 600_000),
+            run(700_000, 600_000),
+            run(2 << 20, 3 << 20),
+        ];
+        assert_eq!(
+            offsets(&packed(mixed, 1 << 20)),
+            [vec![0], vec![700_000], vec![2 << 20]]
+        );
+    }
 
     /// Read-ahead and prefetch fill the bandwidth-delay product: two requests until the
     /// link is measured and on the benchmark's 100 and 20 Mbit/s links, more on a fast

@@ -102,6 +102,11 @@ pub(crate) struct Tree {
     /// The files the TOC marks as `ar` archives (`arArchive`): read in pieces, not
     /// fetched ahead. Few (a side table keeps them out of every node's size).
     archives: HashSet<u32>,
+    /// The chunks the TOC marks `readAtStart` (a recorded start read them), as (inode,
+    /// offset in the file), and the files that have such marks (`estargz optimize`'s
+    /// page profile; empty in other layers).
+    read_at_start: HashSet<(u32, u64)>,
+    profiled: HashSet<u32>,
     /// Compressed bytes before `.prefetch.landmark`'s content, if the layer has one.
     pub prefetch_size: Option<u64>,
     /// Sum of regular file sizes.
@@ -129,6 +134,8 @@ impl Tree {
             file_digests: HashMap::new(),
             elf_needs: HashMap::new(),
             archives: HashSet::new(),
+            read_at_start: HashSet::new(),
+            profiled: HashSet::new(),
             prefetch_size: toc.prefetch_size(),
             total_size: 0,
         };
@@ -164,6 +171,12 @@ impl Tree {
                     }
                     if e.ar_archive {
                         tree.archives.insert(ino);
+                    }
+                    for &i in &e.read_at_start {
+                        if let Some(c) = e.chunks.get(i as usize) {
+                            tree.read_at_start.insert((ino, c.chunk_offset));
+                            tree.profiled.insert(ino);
+                        }
                     }
                     (small(at), small(e.chunks.len()))
                 }
@@ -317,12 +330,30 @@ impl Tree {
     }
 
     /// Whether the layer's prefetch brings chunk `c` of file `ino`: it lies before the
-    /// prefetch landmark (a prioritized file's), and is not past the first chunk of an
-    /// archive (a link reads the symbol index there, then only the members it needs).
+    /// prefetch landmark (a prioritized file's), and, of a file with a page profile, a
+    /// recorded start read it; else of an archive, it is the first chunk (a link reads the
+    /// symbol index there, then only the members it needs).
     pub fn is_prioritized(&self, ino: u64, c: &Chunk) -> bool {
-        self.prefetch_size
-            .is_some_and(|end| c.compressed_end <= end)
-            && (c.chunk_offset == 0 || !self.is_archive(ino))
+        let before_landmark = self
+            .prefetch_size
+            .is_some_and(|end| c.compressed_end <= end);
+        before_landmark
+            && if self.is_profiled(ino) {
+                self.read_at_start.contains(&(ino as u32, c.chunk_offset))
+            } else {
+                c.chunk_offset == 0 || !self.is_archive(ino)
+            }
+    }
+
+    /// Whether regular file `ino` has a page profile: the TOC marks the chunks a recorded
+    /// start read of it (`readAtStart`), and only those are worth fetching ahead.
+    pub fn is_profiled(&self, ino: u64) -> bool {
+        self.profiled.contains(&(ino as u32))
+    }
+
+    /// Whether any file of the layer has a page profile.
+    pub fn has_profiles(&self) -> bool {
+        !self.profiled.is_empty()
     }
 
     /// Whether regular file `ino` is one the TOC marks as an `ar` archive (a static
@@ -407,7 +438,8 @@ impl Tree {
             + self.chunks.capacity() * std::mem::size_of::<Chunk>()
             + (self.chunk_owner.capacity() + self.blob_order.capacity()) * 4
             + self.file_digests.capacity() * (4 + 32)
-            + self.archives.capacity() * 4
+            + (self.archives.capacity() + self.profiled.capacity()) * 4
+            + self.read_at_start.capacity() * 16
             + self
                 .elf_needs
                 .values()

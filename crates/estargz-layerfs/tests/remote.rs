@@ -780,6 +780,127 @@ fn static_libraries_are_not_read_ahead() {
     m.unmount().unwrap();
 }
 
+/// A layer converted with a page profile (`estargz optimize`'s record of the pages a start
+/// read): the prefetch brings exactly the chunks holding those pages, the kernel reads
+/// page by page until it is done (a fault asks for no 1 MiB window around it), and the
+/// file's other chunks come only as they are read, never ahead.
+#[test]
+fn a_page_profile_prefetches_exactly_the_chunks_a_start_read() {
+    use estargz_format::STARTUP_CHUNK_SIZE as CHUNK;
+    let r = Remote::start();
+    let prog = noise(2 << 20, 1);
+    let plain = noise(1 << 20, 2);
+    let tar = files_tar(&[("usr/bin/prog", &prog), ("usr/lib/plain", &plain)]);
+    let ranges = vec![0..4096, 300_000..310_000, 24 * CHUNK..24 * CHUNK + 10];
+    let opts = ConvertOptions {
+        chunk_size: 4 << 20,
+        compression_level: 1,
+        prioritized_files: vec!["usr/bin/prog".into(), "usr/lib/plain".into()],
+        startup_ranges: [("usr/bin/prog".to_string(), ranges)].into(),
+        ..Default::default()
+    };
+    let read_at_start = [0, 4, 24];
+    let blob = r.push(&tar, &opts);
+    let cache = r.cache("cache", 1 << 30);
+    // Slow enough that the prefetch is still on its way while the file is mapped below.
+    r.proxy.set_latency(Some(Duration::from_millis(400)));
+    let m = r.mount_with(&blob, cache.clone(), "mnt", &prefetch_only());
+    let knob = read_ahead_knob(m.mountpoint());
+    assert_eq!(
+        read_to_string(&knob),
+        "0",
+        "kernel read-ahead during the prefetch"
+    );
+    let local = |n: u64| {
+        let c = m.fs().chunk_at("usr/bin/prog", n * CHUNK).unwrap();
+        assert_eq!(c.size, CHUNK);
+        cache.contains(&c.digest)
+    };
+    // A fault in a chunk no start read: that chunk alone is fetched.
+    let path = m.mountpoint().join("usr/bin/prog");
+    assert_eq!(
+        mapped_byte(&path, 10 * CHUNK + 100),
+        prog[10 * CHUNK as usize + 100]
+    );
+    assert!(local(10));
+    wait_for("the prefetch", || m.fs().is_prefetch_done());
+    assert_eq!(
+        read_to_string(&knob),
+        "1024",
+        "kernel read-ahead after the prefetch"
+    );
+    r.proxy.set_latency(None);
+    std::thread::sleep(Duration::from_millis(500));
+    for n in 0..32 {
+        let expected = read_at_start.contains(&n) || n == 10;
+        assert_eq!(local(n), expected, "chunk {n} local");
+    }
+    let plain_first = m.fs().chunk_at("usr/lib/plain", 0).unwrap();
+    assert!(
+        cache.contains(&plain_first.digest),
+        "the plain file was not prefetched"
+    );
+    // A read of the chunk after a local one, where a reader of another file gets the
+    // next chunks fetched ahead: this one alone.
+    assert_page_reads(&path, 11 * CHUNK, &prog);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(local(11));
+    assert!(!local(12), "chunk 12 came ahead");
+    assert!(std::fs::read(&path).unwrap() == prog);
+    m.unmount().unwrap();
+
+    // The same layer without a profile mounts with the kernel's 1 MiB read-ahead.
+    let blob = r.push(
+        &tar,
+        &ConvertOptions {
+            startup_ranges: Default::default(),
+            ..opts
+        },
+    );
+    let m = r.mount_with(&blob, r.cache("cache2", 1 << 30), "mnt2", &prefetch_only());
+    assert_eq!(read_to_string(&read_ahead_knob(m.mountpoint())), "1024");
+    m.unmount().unwrap();
+}
+
+/// The sysfs file of the kernel's read-ahead for the mount at `dir`.
+fn read_ahead_knob(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(dir).unwrap().dev();
+    PathBuf::from(format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    ))
+}
+
+fn read_to_string(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap().trim().to_string()
+}
+
+/// The byte at `offset` of file `path`, read by touching it in a shared read-only mapping
+/// (a page fault, as a program's code is read).
+fn mapped_byte(path: &Path, offset: u64) -> u8 {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    // SAFETY: a read-only shared mapping of a file opened here, unmapped before returning;
+    // the byte read lies within the file's length.
+    unsafe {
+        let at = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(at, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+        let b = std::ptr::read_volatile((at as *const u8).add(offset as usize));
+        libc::munmap(at, len);
+        b
+    }
+}
+
 /// Reads the 4 KiB at `offset` of file `path` (one read, as a process that wants only
 /// that page) and checks them against `content`, the whole file's.
 fn assert_page_reads(path: &Path, offset: u64, content: &[u8]) {
