@@ -271,7 +271,7 @@ pub fn inspect(args: &InspectArgs) -> Result<ExitCode> {
         });
         let (n, bytes) = chunks.fold((0, 0), |(n, b), c| (n + 1, b + c.compressed_end - c.offset));
         println!(
-            "read at start      {n} chunks of {} files, {bytes} compressed bytes (the prefetch of a lazy mount)",
+            "read at start      {n} chunks of {} files, {bytes} compressed bytes (prefetched first by a lazy mount)",
             profiled.len()
         );
     }

@@ -43,7 +43,9 @@ pub struct ConvertOptions {
     /// The byte ranges a recorded start read of some files (by path; `estargz optimize`'s
     /// record): each such regular file is cut in [`STARTUP_CHUNK_SIZE`] chunks, and those
     /// holding a byte of its ranges are marked `readAtStart` in the TOC, for a lazy mount to
-    /// prefetch exactly them. Files not named are cut as usual.
+    /// prefetch them first; unless that leaves less than [`STARTUP_MIN_SAVING`] bytes
+    /// unmarked (a file read whole), which is cut as usual. Files not named are cut as
+    /// usual.
     pub startup_ranges: HashMap<String, Vec<Range<u64>>>,
     /// Compression threads; 0 means one per available core. Does not change the output.
     pub threads: usize,
@@ -664,7 +666,7 @@ fn index_entry<R: Read>(
     let ar_archive = kind == EntryKind::Reg && head == *ARCHIVE_MAGIC;
     let startup = startup
         .get(norm.as_str())
-        .filter(|_| kind == EntryKind::Reg && data_len > 0);
+        .filter(|r| kind == EntryKind::Reg && profile_saves(r, data_len, chunk_size));
     let chunk_size = if startup.is_some() {
         chunk_size.min(STARTUP_CHUNK_SIZE)
     } else if ar_archive {
@@ -920,6 +922,26 @@ pub const ARCHIVE_MAGIC: &[u8; 8] = b"!<arch>\n";
 /// would fetch megabytes that nothing reads. The TOC marks archives (`arArchive`): a lazy
 /// layer fetches them only as they are read.
 pub const ARCHIVE_CHUNK_SIZE: u64 = 256 << 10;
+
+/// Whether cutting a file of `len` bytes (usually cut in `chunk_size` chunks) in
+/// [`STARTUP_CHUNK_SIZE`] chunks for its startup `ranges` leaves at least
+/// [`STARTUP_MIN_SAVING`] bytes in chunks no start reads. A file a start reads whole (a
+/// Python module's source) gains nothing from it and keeps one chunk: a lazy layer then
+/// prefetches it whole and serves it as a local file.
+fn profile_saves(ranges: &[Range<u64>], len: u64, chunk_size: u64) -> bool {
+    let chunk = chunk_size.min(STARTUP_CHUNK_SIZE);
+    let touched = (0..len.div_ceil(chunk))
+        .filter(|i| {
+            let c = i * chunk..((i + 1) * chunk).min(len);
+            ranges.iter().any(|r| r.start < c.end && c.start < r.end)
+        })
+        .count() as u64;
+    len.saturating_sub(touched * chunk) >= STARTUP_MIN_SAVING
+}
+
+/// Least a page profile must leave unread in a file for the file to be cut for it
+/// ([`profile_saves`]).
+pub const STARTUP_MIN_SAVING: u64 = 256 << 10;
 
 /// The chunk size of a file with startup ranges ([`ConvertOptions::startup_ranges`]), when
 /// [`ConvertOptions::chunk_size`] is larger: a start touches 28-54 % of the bytes of the

@@ -335,7 +335,7 @@ fn archives_are_cut_in_small_chunks() {
 
 /// A file with startup ranges (`estargz optimize`'s page profile) is cut in 64 KiB chunks,
 /// those holding a byte of the ranges marked `readAtStart` in the TOC and no others; a
-/// file without ranges keeps the chunk size; the layer reads as the tar did. Paths are
+/// file read whole keeps the chunk size; the layer reads as the tar did. Paths are
 /// matched as the layer's normalized names.
 #[test]
 fn startup_ranges_mark_the_chunks_a_start_read() {
@@ -347,10 +347,16 @@ fn startup_ranges_mark_the_chunks_a_start_read() {
     let opts = ConvertOptions {
         chunk_size: 4 << 20,
         prioritized_files: vec!["usr/bin/prog".into()],
-        startup_ranges: [(
-            "/usr/bin/prog".to_string(),
-            vec![10..20, 3 * CHUNK - 1..3 * CHUNK + 1, 999_000..1_000_000],
-        )]
+        startup_ranges: [
+            (
+                "/usr/bin/prog".to_string(),
+                vec![10..20, 3 * CHUNK - 1..3 * CHUNK + 1, 999_000..1_000_000],
+            ),
+            (
+                "usr/lib/plain".to_string(),
+                std::iter::once(0..1_000_000).collect(),
+            ),
+        ]
         .into(),
         ..small_opts(2)
     };
@@ -388,7 +394,7 @@ fn startup_ranges_mark_the_chunks_a_start_read() {
     assert_eq!(marked, [0, 2, 3, 15]);
     // A path that is no layer path is refused, not ignored.
     let bad = ConvertOptions {
-        startup_ranges: [("usr/../../etc".to_string(), vec![0..1])].into(),
+        startup_ranges: [("usr/../../etc".to_string(), std::iter::once(0..1).collect())].into(),
         ..opts
     };
     let err = convert(&tar[..], Vec::new(), &bad, &()).unwrap_err();

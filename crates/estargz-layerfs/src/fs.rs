@@ -272,8 +272,8 @@ pub struct Inner {
     /// This layer, for handing work to the scheduler.
     me: std::sync::Weak<Inner>,
     prefetch_done: std::sync::atomic::AtomicBool,
-    /// The mount's kernel read-ahead setting, while it is held off until the prefetch is
-    /// done (a layer with page profiles, see [`mount`]).
+    /// The mount's kernel read-ahead setting, while it is held off until the background
+    /// fetch has brought the whole layer (a layer with page profiles, see [`mount`]).
     read_ahead_held: Mutex<Option<PathBuf>>,
     background_done: std::sync::atomic::AtomicBool,
     /// The kernel agreed to FUSE passthrough at init (and the options ask for it).
@@ -722,6 +722,7 @@ impl Inner {
 
     pub(crate) fn mark_prefetch_done(&self) {
         self.prefetch_done.store(true, Ordering::SeqCst);
+        // The files with a page profile are whole now: a fault's window waits for nothing.
         if let Some(knob) = crate::scheduler::lock(&self.read_ahead_held).take() {
             set_kernel_read_ahead(&knob, KERNEL_READ_AHEAD_KB);
         }
@@ -1378,6 +1379,10 @@ impl Inner {
                 .map(|c| (ino, *c))
                 .collect();
             let hot: Vec<Sha256Digest> = missing.iter().map(|(_, c)| c.digest).collect();
+            if missing.iter().any(|(_, c)| !self.cache.contains(&c.digest)) {
+                tracing::debug!(file = %self.tree.path(ino), offset, size, chunks = missing.len(),
+                    "chunks missed");
+            }
             self.fetch_claimed(&missing, For::Reader(&hot), Some(&queue_ahead))?;
         } else if let [c] = chunks {
             if !self.cache.contains(&c.digest) && self.cache.memory_get(&c.digest).is_none() {
@@ -2028,10 +2033,11 @@ pub fn mount(fs: LayerFs, mountpoint: &Path) -> io::Result<MountedLayer> {
     // records are then the pages the workload read, not the kernel's windows around them
     // (at 1 MiB, nearly every byte of the files a start opens).
     //
-    // A layer with page profiles does the same until its prefetch is done: a fault in a
-    // mapped file would otherwise ask for the 1 MiB around it, and the chunks there that
-    // no start read would cross the link with the ones it did. (Files opened before keep
-    // reading page by page: the kernel copies the setting at open.)
+    // A layer with page profiles does the same until its background fetch has brought all
+    // of it: a fault in a mapped file would otherwise ask for the 1 MiB around it, and the
+    // reader would wait for the chunks there that no start read. Until then reads cost
+    // more FUSE requests, not bytes. (Files opened before keep reading page by page: the
+    // kernel copies the setting at open.)
     let recording = handle.0.recorder.get().is_some();
     if let Some(knob) = read_ahead_knob(mountpoint) {
         let hold = recording || handle.tree.has_profiles();

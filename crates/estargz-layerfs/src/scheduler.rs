@@ -278,6 +278,9 @@ struct PrefetchJob {
     id: u64,
     layer: Weak<Inner>,
     spans: Vec<Vec<(u64, Chunk)>>,
+    /// `spans[..first]` bring what a start reads; the rest complete the files of a page
+    /// profile, and wait until no layer has spans of the first kind left.
+    first: usize,
     next: usize,
     running: usize,
 }
@@ -542,13 +545,22 @@ impl FetchScheduler {
     /// about to start reading).
     pub(crate) fn add_layer(&self, layer: &Arc<Inner>) {
         let o = &self.shared.options;
-        let spans = match o.prefetch {
+        let (spans, first) = match o.prefetch {
             // No prioritized files: the loader and C library are what the first container
             // reads first (they would otherwise be its second and third round trips), and
             // they are fetched while containerd is still creating it.
-            true if layer.tree().prefetch_size.is_none() => layer.loader_spans(PREFETCH_SPAN),
-            true => layer.prefetch_spans(PREFETCH_SPAN),
-            false => Vec::new(),
+            true if layer.tree().prefetch_size.is_none() => {
+                let spans = layer.loader_spans(PREFETCH_SPAN);
+                let n = spans.len();
+                (spans, n)
+            }
+            true => {
+                let mut spans = layer.prefetch_spans(PREFETCH_SPAN);
+                let n = spans.len();
+                spans.extend(layer.profile_rest_spans(PREFETCH_SPAN));
+                (spans, n)
+            }
+            false => (Vec::new(), 0),
         };
         let mut st = lock(&self.shared.state);
         st.last_activity = Instant::now();
@@ -566,6 +578,7 @@ impl FetchScheduler {
                 id,
                 layer: Arc::downgrade(layer),
                 spans,
+                first,
                 next: 0,
                 running: 0,
             });
@@ -635,11 +648,18 @@ fn prefetch_worker(shared: &Shared) {
                         break Work::ReadAhead(layer, chunks);
                     }
                     // Layers take turns: a process reads from all of its image's layers.
+                    // What a start reads goes first, in every layer.
                     let jobs = st.prefetch.len();
                     let turn = st.prefetch_turn;
-                    let next = (0..jobs)
-                        .map(|i| (turn + i) % jobs)
-                        .find(|&i| st.prefetch[i].next < st.prefetch[i].spans.len());
+                    let order = (0..jobs).map(|i| (turn + i) % jobs);
+                    let next = order
+                        .clone()
+                        .find(|&i| st.prefetch[i].next < st.prefetch[i].first)
+                        .or_else(|| {
+                            order
+                                .clone()
+                                .find(|&i| st.prefetch[i].next < st.prefetch[i].spans.len())
+                        });
                     if let Some(i) = next {
                         st.prefetch_turn = i + 1;
                         st.ahead_running += 1;
@@ -832,22 +852,27 @@ fn neighbour_runs(
 /// `runs` (in blob order) packed into spans of at most `max` bytes (or one run) and
 /// [`SPAN_RUNS`] runs, in order.
 fn packed(runs: Vec<Vec<(u64, Chunk)>>, max: u64) -> Vec<Vec<(u64, Chunk)>> {
-    let mut out: Vec<(Vec<(u64, Chunk)>, u64, usize)> = Vec::new();
+    let mut out: Vec<Vec<(u64, Chunk)>> = Vec::new();
+    // The last span's bytes and runs.
+    let (mut total, mut n) = (0u64, 0usize);
     for run in runs {
         let size = match (run.first(), run.last()) {
             (Some((_, f)), Some((_, l))) => l.compressed_end - f.offset,
             _ => continue,
         };
         match out.last_mut() {
-            Some((span, total, n)) if *n < SPAN_RUNS && *total + size <= max => {
+            Some(span) if n < SPAN_RUNS && total + size <= max => {
                 span.extend(run);
-                *total += size;
-                *n += 1;
+                total += size;
+                n += 1;
             }
-            _ => out.push((run, size, 1)),
+            _ => {
+                out.push(run);
+                (total, n) = (size, 1);
+            }
         }
     }
-    out.into_iter().map(|(span, _, _)| span).collect()
+    out
 }
 
 impl Inner {
@@ -861,6 +886,27 @@ impl Inner {
             neighbour_runs(
                 self.tree().chunks_in_blob_order().filter(|(ino, c)| {
                     self.tree().is_prioritized(*ino, c) && !self.cache().contains(&c.digest)
+                }),
+                max,
+            ),
+            max,
+        )
+    }
+
+    /// The rest of the files with a page profile (their chunks no recorded start read),
+    /// as prefetch spans: fetched after what starts read, so that each such file is soon
+    /// whole and the reads after that are served from local files, not page by page.
+    fn profile_rest_spans(&self, max: u64) -> Vec<Vec<(u64, Chunk)>> {
+        let tree = self.tree();
+        if !tree.has_profiles() {
+            return Vec::new();
+        }
+        packed(
+            neighbour_runs(
+                tree.chunks_in_blob_order().filter(|(ino, c)| {
+                    tree.is_profiled(*ino)
+                        && !tree.is_prioritized(*ino, c)
+                        && !self.cache().contains(&c.digest)
                 }),
                 max,
             ),
