@@ -148,9 +148,9 @@ pub struct JsonEntry {
     #[serde(default, skip_serializing_if = "is_false")]
     pub ar_archive: bool,
     /// Our extension, on a regular file or chunk entry: a recorded start of a workload
-    /// (`estargz optimize`) read this chunk, so a lazy mount prefetches it; the chunks of
-    /// such a file that it did not read are fetched only when read. Readers that do not
-    /// know it skip it.
+    /// (`estargz optimize`) read this chunk, so a lazy mount prefetches it first; the
+    /// chunks of such a file that it did not read come after what starts read in every
+    /// layer. Readers that do not know it skip it.
     #[serde(default, skip_serializing_if = "is_false")]
     pub read_at_start: bool,
 }

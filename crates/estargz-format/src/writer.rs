@@ -664,10 +664,22 @@ fn index_entry<R: Read>(
         total += n as u64;
     }
     let ar_archive = kind == EntryKind::Reg && head == *ARCHIVE_MAGIC;
-    let startup = startup
-        .get(norm.as_str())
-        .filter(|r| kind == EntryKind::Reg && profile_saves(r, data_len, chunk_size));
-    let chunk_size = if startup.is_some() {
+    let read_at_start = match startup.get(norm.as_str()) {
+        Some(ranges) if kind == EntryKind::Reg => {
+            let marks = touched_chunks(ranges, data_len, chunk_size.min(STARTUP_CHUNK_SIZE));
+            let unread = marks.iter().filter(|&&m| !m).count() as u64;
+            // A file a start reads whole (a Python module's source) gains nothing from
+            // being cut: it keeps one chunk, which a lazy layer serves as a local file.
+            let saves = unread * chunk_size.min(STARTUP_CHUNK_SIZE) >= STARTUP_MIN_SAVING;
+            if saves {
+                marks
+            } else {
+                Vec::new()
+            }
+        }
+        _ => Vec::new(),
+    };
+    let chunk_size = if !read_at_start.is_empty() {
         chunk_size.min(STARTUP_CHUNK_SIZE)
     } else if ar_archive {
         chunk_size.min(ARCHIVE_CHUNK_SIZE)
@@ -733,17 +745,7 @@ fn index_entry<R: Read>(
         norm,
         kind,
         json,
-        read_at_start: match startup {
-            Some(ranges) => (0..chunk_digests.len() as u64)
-                .map(|i| {
-                    let chunk = i * chunk_size..((i + 1) * chunk_size).min(data_len);
-                    ranges
-                        .iter()
-                        .any(|r| r.start < chunk.end && chunk.start < r.end)
-                })
-                .collect(),
-            None => Vec::new(),
-        },
+        read_at_start,
         chunk_digests: if is_reg { chunk_digests } else { Vec::new() },
         chunk_size,
         link_norm,
@@ -923,24 +925,19 @@ pub const ARCHIVE_MAGIC: &[u8; 8] = b"!<arch>\n";
 /// layer fetches them only as they are read.
 pub const ARCHIVE_CHUNK_SIZE: u64 = 256 << 10;
 
-/// Whether cutting a file of `len` bytes (usually cut in `chunk_size` chunks) in
-/// [`STARTUP_CHUNK_SIZE`] chunks for its startup `ranges` leaves at least
-/// [`STARTUP_MIN_SAVING`] bytes in chunks no start reads. A file a start reads whole (a
-/// Python module's source) gains nothing from it and keeps one chunk: a lazy layer then
-/// prefetches it whole and serves it as a local file.
-fn profile_saves(ranges: &[Range<u64>], len: u64, chunk_size: u64) -> bool {
-    let chunk = chunk_size.min(STARTUP_CHUNK_SIZE);
-    let touched = (0..len.div_ceil(chunk))
-        .filter(|i| {
-            let c = i * chunk..((i + 1) * chunk).min(len);
-            ranges.iter().any(|r| r.start < c.end && c.start < r.end)
-        })
-        .count() as u64;
-    len.saturating_sub(touched * chunk) >= STARTUP_MIN_SAVING
+/// For a file of `len` bytes cut in `chunk` byte chunks: whether each chunk holds a byte
+/// of `ranges` (in any order; parts past the end are ignored).
+fn touched_chunks(ranges: &[Range<u64>], len: u64, chunk: u64) -> Vec<bool> {
+    let mut marks = vec![false; len.div_ceil(chunk) as usize];
+    for r in ranges.iter().filter(|r| r.start < r.end.min(len)) {
+        let (first, last) = (r.start / chunk, (r.end.min(len) - 1) / chunk);
+        marks[first as usize..=last as usize].fill(true);
+    }
+    marks
 }
 
-/// Least a page profile must leave unread in a file for the file to be cut for it
-/// ([`profile_saves`]).
+/// Least a page profile must leave unread in a file for the file to be cut for it: the
+/// chunks no start reads must hold at least this many bytes.
 pub const STARTUP_MIN_SAVING: u64 = 256 << 10;
 
 /// The chunk size of a file with startup ranges ([`ConvertOptions::startup_ranges`]), when

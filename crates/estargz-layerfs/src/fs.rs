@@ -272,8 +272,8 @@ pub struct Inner {
     /// This layer, for handing work to the scheduler.
     me: std::sync::Weak<Inner>,
     prefetch_done: std::sync::atomic::AtomicBool,
-    /// The mount's kernel read-ahead setting, while it is held off until the background
-    /// fetch has brought the whole layer (a layer with page profiles, see [`mount`]).
+    /// The mount's kernel read-ahead setting, while it is held off until the prefetch is
+    /// done (a layer with page profiles, see [`mount`]).
     read_ahead_held: Mutex<Option<PathBuf>>,
     background_done: std::sync::atomic::AtomicBool,
     /// The kernel agreed to FUSE passthrough at init (and the options ask for it).
@@ -2033,11 +2033,10 @@ pub fn mount(fs: LayerFs, mountpoint: &Path) -> io::Result<MountedLayer> {
     // records are then the pages the workload read, not the kernel's windows around them
     // (at 1 MiB, nearly every byte of the files a start opens).
     //
-    // A layer with page profiles does the same until its background fetch has brought all
-    // of it: a fault in a mapped file would otherwise ask for the 1 MiB around it, and the
-    // reader would wait for the chunks there that no start read. Until then reads cost
-    // more FUSE requests, not bytes. (Files opened before keep reading page by page: the
-    // kernel copies the setting at open.)
+    // A layer with page profiles does the same until its prefetch is done, by when the
+    // files it profiles are whole: a fault in a mapped file would otherwise ask for the
+    // 1 MiB around it, and the reader would wait for chunks no start read. (Files opened
+    // before keep reading page by page: the kernel copies the setting at open.)
     let recording = handle.0.recorder.get().is_some();
     if let Some(knob) = read_ahead_knob(mountpoint) {
         let hold = recording || handle.tree.has_profiles();
