@@ -329,10 +329,11 @@ impl Tree {
         self.file_digests.get(&(ino as u32)).copied()
     }
 
-    /// Whether the layer's prefetch brings chunk `c` of file `ino`: it lies before the
-    /// prefetch landmark (a prioritized file's), and, of a file with a page profile, a
-    /// recorded start read it; else of an archive, it is the first chunk (a link reads the
-    /// symbol index there, then only the members it needs).
+    /// Whether the layer's prefetch brings chunk `c` of file `ino` with what starts read:
+    /// it lies before the prefetch landmark (a prioritized file's), and, of a file with a
+    /// page profile, a recorded start read it (the rest of such a file comes after, see
+    /// the scheduler's `profile_rest_spans`); else of an archive, it is the first chunk (a
+    /// link reads the symbol index there, then only the members it needs).
     pub fn is_prioritized(&self, ino: u64, c: &Chunk) -> bool {
         let before_landmark = self
             .prefetch_size
