@@ -387,8 +387,8 @@ pub fn optimize(args: &OptimizeArgs, quiet: bool) -> Result<ExitCode> {
 
     // 3. Convert with each layer's files first.
     let mut by_layer: HashMap<Digest, Vec<String>> = HashMap::new();
-    // The pages each file was read at: its converted chunks holding them are marked for
-    // prefetch, the others are fetched only if read.
+    // The pages each file was read at: its converted chunks holding them are marked, for a
+    // lazy layer to prefetch them before the rest.
     let mut ranges_by_layer: HashMap<Digest, HashMap<String, Vec<Range<u64>>>> = HashMap::new();
     let mut per_layer = vec![(0usize, 0u64); src_manifest.layers.len()];
     for a in &files {

@@ -664,14 +664,14 @@ fn index_entry<R: Read>(
         total += n as u64;
     }
     let ar_archive = kind == EntryKind::Reg && head == *ARCHIVE_MAGIC;
+    let startup_chunk = chunk_size.min(STARTUP_CHUNK_SIZE);
     let read_at_start = match startup.get(norm.as_str()) {
         Some(ranges) if kind == EntryKind::Reg => {
-            let marks = touched_chunks(ranges, data_len, chunk_size.min(STARTUP_CHUNK_SIZE));
+            let marks = touched_chunks(ranges, data_len, startup_chunk);
             let unread = marks.iter().filter(|&&m| !m).count() as u64;
             // A file a start reads whole (a Python module's source) gains nothing from
             // being cut: it keeps one chunk, which a lazy layer serves as a local file.
-            let saves = unread * chunk_size.min(STARTUP_CHUNK_SIZE) >= STARTUP_MIN_SAVING;
-            if saves {
+            if unread * startup_chunk >= STARTUP_MIN_SAVING {
                 marks
             } else {
                 Vec::new()
@@ -680,7 +680,7 @@ fn index_entry<R: Read>(
         _ => Vec::new(),
     };
     let chunk_size = if !read_at_start.is_empty() {
-        chunk_size.min(STARTUP_CHUNK_SIZE)
+        startup_chunk
     } else if ar_archive {
         chunk_size.min(ARCHIVE_CHUNK_SIZE)
     } else {

@@ -1333,9 +1333,8 @@ impl Inner {
             .copied()
             .collect();
         // A static library is read through its index and the members a link needs, not
-        // from start to end: it is not read ahead. Nor is a file with a page profile: its
-        // chunks that a start reads are prefetched, and the others no start was seen to
-        // read.
+        // from start to end: it is not read ahead. Nor is a file with a page profile: the
+        // prefetch brings its chunks, those a start reads first.
         let read_ahead = !self.tree.is_archive(ino)
             && !self.tree.is_profiled(ino)
             && chunks.len() > first + covering.len()
@@ -1379,7 +1378,10 @@ impl Inner {
                 .map(|c| (ino, *c))
                 .collect();
             let hot: Vec<Sha256Digest> = missing.iter().map(|(_, c)| c.digest).collect();
-            if missing.iter().any(|(_, c)| !self.cache.contains(&c.digest)) {
+            // (Only when logged: the check looks in the cache's index once more per chunk.)
+            if tracing::enabled!(tracing::Level::DEBUG)
+                && missing.iter().any(|(_, c)| !self.cache.contains(&c.digest))
+            {
                 tracing::debug!(file = %self.tree.path(ino), offset, size, chunks = missing.len(),
                     "chunks missed");
             }

@@ -882,15 +882,7 @@ impl Inner {
         if self.tree().prefetch_size.is_none() {
             return Vec::new();
         }
-        packed(
-            neighbour_runs(
-                self.tree().chunks_in_blob_order().filter(|(ino, c)| {
-                    self.tree().is_prioritized(*ino, c) && !self.cache().contains(&c.digest)
-                }),
-                max,
-            ),
-            max,
-        )
+        self.missing_spans(max, |ino, c| self.tree().is_prioritized(ino, c))
     }
 
     /// The rest of the files with a page profile (their chunks no recorded start read),
@@ -901,13 +893,23 @@ impl Inner {
         if !tree.has_profiles() {
             return Vec::new();
         }
+        self.missing_spans(max, |ino, c| {
+            tree.is_profiled(ino) && !tree.is_prioritized(ino, c)
+        })
+    }
+
+    /// The layer's chunks that `wanted` picks and the cache lacks, in blob order, in runs
+    /// of neighbours packed into spans of at most `max` bytes.
+    fn missing_spans(
+        &self,
+        max: u64,
+        wanted: impl Fn(u64, &Chunk) -> bool,
+    ) -> Vec<Vec<(u64, Chunk)>> {
         packed(
             neighbour_runs(
-                tree.chunks_in_blob_order().filter(|(ino, c)| {
-                    tree.is_profiled(*ino)
-                        && !tree.is_prioritized(*ino, c)
-                        && !self.cache().contains(&c.digest)
-                }),
+                self.tree()
+                    .chunks_in_blob_order()
+                    .filter(|(ino, c)| wanted(*ino, c) && !self.cache().contains(&c.digest)),
                 max,
             ),
             max,

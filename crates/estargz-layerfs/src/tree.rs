@@ -102,11 +102,10 @@ pub(crate) struct Tree {
     /// The files the TOC marks as `ar` archives (`arArchive`): read in pieces, not
     /// fetched ahead. Few (a side table keeps them out of every node's size).
     archives: HashSet<u32>,
-    /// The chunks the TOC marks `readAtStart` (a recorded start read them), as (inode,
-    /// offset in the file), and the files that have such marks (`estargz optimize`'s
-    /// page profile; empty in other layers).
-    read_at_start: HashSet<(u32, u64)>,
-    profiled: HashSet<u32>,
+    /// Of each file with a page profile (`estargz optimize`'s; none in other layers): the
+    /// offsets in the file of the chunks the TOC marks `readAtStart` (a recorded start read
+    /// them), ascending.
+    read_at_start: HashMap<u32, Box<[u64]>>,
     /// Compressed bytes before `.prefetch.landmark`'s content, if the layer has one.
     pub prefetch_size: Option<u64>,
     /// Sum of regular file sizes.
@@ -134,8 +133,7 @@ impl Tree {
             file_digests: HashMap::new(),
             elf_needs: HashMap::new(),
             archives: HashSet::new(),
-            read_at_start: HashSet::new(),
-            profiled: HashSet::new(),
+            read_at_start: HashMap::new(),
             prefetch_size: toc.prefetch_size(),
             total_size: 0,
         };
@@ -172,11 +170,13 @@ impl Tree {
                     if e.ar_archive {
                         tree.archives.insert(ino);
                     }
-                    for &i in &e.read_at_start {
-                        if let Some(c) = e.chunks.get(i as usize) {
-                            tree.read_at_start.insert((ino, c.chunk_offset));
-                            tree.profiled.insert(ino);
-                        }
+                    let marked: Box<[u64]> = e
+                        .read_at_start
+                        .iter()
+                        .filter_map(|&i| e.chunks.get(i as usize).map(|c| c.chunk_offset))
+                        .collect();
+                    if !marked.is_empty() {
+                        tree.read_at_start.insert(ino, marked);
                     }
                     (small(at), small(e.chunks.len()))
                 }
@@ -339,22 +339,21 @@ impl Tree {
             .prefetch_size
             .is_some_and(|end| c.compressed_end <= end);
         before_landmark
-            && if self.is_profiled(ino) {
-                self.read_at_start.contains(&(ino as u32, c.chunk_offset))
-            } else {
-                c.chunk_offset == 0 || !self.is_archive(ino)
+            && match self.read_at_start.get(&(ino as u32)) {
+                Some(marked) => marked.binary_search(&c.chunk_offset).is_ok(),
+                None => c.chunk_offset == 0 || !self.is_archive(ino),
             }
     }
 
     /// Whether regular file `ino` has a page profile: the TOC marks the chunks a recorded
-    /// start read of it (`readAtStart`), and only those are worth fetching ahead.
+    /// start read of it (`readAtStart`); they are fetched first, the rest after.
     pub fn is_profiled(&self, ino: u64) -> bool {
-        self.profiled.contains(&(ino as u32))
+        self.read_at_start.contains_key(&(ino as u32))
     }
 
     /// Whether any file of the layer has a page profile.
     pub fn has_profiles(&self) -> bool {
-        !self.profiled.is_empty()
+        !self.read_at_start.is_empty()
     }
 
     /// Whether regular file `ino` is one the TOC marks as an `ar` archive (a static
@@ -439,8 +438,12 @@ impl Tree {
             + self.chunks.capacity() * std::mem::size_of::<Chunk>()
             + (self.chunk_owner.capacity() + self.blob_order.capacity()) * 4
             + self.file_digests.capacity() * (4 + 32)
-            + (self.archives.capacity() + self.profiled.capacity()) * 4
-            + self.read_at_start.capacity() * 16
+            + self.archives.capacity() * 4
+            + self
+                .read_at_start
+                .values()
+                .map(|m| 4 + 16 + m.len() * 8)
+                .sum::<usize>()
             + self
                 .elf_needs
                 .values()

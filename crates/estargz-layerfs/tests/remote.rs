@@ -794,10 +794,8 @@ fn a_page_profile_prefetches_the_chunks_a_start_read_first() {
     let ranges = vec![0..4096, 300_000..310_000, 24 * CHUNK..24 * CHUNK + 10];
     let opts = ConvertOptions {
         chunk_size: 4 << 20,
-        compression_level: 1,
-        prioritized_files: vec!["usr/bin/prog".into(), "usr/lib/plain".into()],
         startup_ranges: [("usr/bin/prog".to_string(), ranges)].into(),
-        ..Default::default()
+        ..prioritizing(&["usr/bin/prog", "usr/lib/plain"])
     };
     let read_at_start = [0, 4, 24];
     let blob = r.push(&tar, &opts);
