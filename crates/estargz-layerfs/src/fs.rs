@@ -272,9 +272,10 @@ pub struct Inner {
     /// This layer, for handing work to the scheduler.
     me: std::sync::Weak<Inner>,
     prefetch_done: std::sync::atomic::AtomicBool,
-    /// The mount's kernel read-ahead setting, while it is held off until the prefetch is
-    /// done (a layer with page profiles, see [`mount`]).
-    read_ahead_held: Mutex<Option<PathBuf>>,
+    /// The mount's kernel read-ahead setting and the value last written to it, for a
+    /// layer with page profiles: set at each open until the prefetch is done (see
+    /// [`Inner::read_ahead_at_open`]).
+    read_ahead_knob: Mutex<Option<(PathBuf, u32)>>,
     background_done: std::sync::atomic::AtomicBool,
     /// The kernel agreed to FUSE passthrough at init (and the options ask for it).
     passthrough: std::sync::atomic::AtomicBool,
@@ -406,7 +407,7 @@ impl LayerFs {
             local_at_start,
             closed: Default::default(),
             prefetch_done: Default::default(),
-            read_ahead_held: Default::default(),
+            read_ahead_knob: Default::default(),
             background_done: Default::default(),
             passthrough: Default::default(),
             opens: Default::default(),
@@ -723,8 +724,44 @@ impl Inner {
     pub(crate) fn mark_prefetch_done(&self) {
         self.prefetch_done.store(true, Ordering::SeqCst);
         // The files with a page profile are whole now: a fault's window waits for nothing.
-        if let Some(knob) = crate::scheduler::lock(&self.read_ahead_held).take() {
-            set_kernel_read_ahead(&knob, KERNEL_READ_AHEAD_KB);
+        if let Some((knob, kb)) = crate::scheduler::lock(&self.read_ahead_knob).take() {
+            if kb != KERNEL_READ_AHEAD_KB {
+                set_kernel_read_ahead(&knob, KERNEL_READ_AHEAD_KB);
+            }
+        }
+    }
+
+    /// The kernel read-ahead for a file of this layer opened now, in KiB: none while the
+    /// prefetch of a layer with page profiles runs, unless the registry is on the local
+    /// network ([`LinkEstimate::is_local_network`]). A fault in a page no start read
+    /// would ask for the 1 MiB around it, and the reader would wait for chunks no start
+    /// read either, instead of one 64 KiB chunk; from a local registry 1 MiB comes about
+    /// as soon, and a program opened while the prefetch runs is read through FUSE a page
+    /// at a time for its life (the kernel copies the setting into the file at open).
+    ///
+    /// [`LinkEstimate::is_local_network`]: crate::scheduler::LinkEstimate::is_local_network
+    fn read_ahead_at_open(&self) -> u32 {
+        if self.is_prefetch_done() || self.scheduler.link().is_local_network() {
+            KERNEL_READ_AHEAD_KB
+        } else {
+            0
+        }
+    }
+
+    /// Sets the mount's read-ahead for a file being opened, on a layer with page profiles
+    /// whose prefetch runs. The kernel copies the mount's setting into the file
+    /// right after the open's answer; the lock keeps two opens here from interleaving
+    /// their writes, though an open answered just before another's write may still get
+    /// the other's value (it then reads ahead, or not, for its life: a matter of speed
+    /// only).
+    fn set_read_ahead_for_open(&self) {
+        let mut knob = crate::scheduler::lock(&self.read_ahead_knob);
+        if let Some((path, kb)) = knob.as_mut() {
+            let wanted = self.read_ahead_at_open();
+            if *kb != wanted {
+                set_kernel_read_ahead(path, wanted);
+                *kb = wanted;
+            }
         }
     }
 
@@ -1592,6 +1629,7 @@ impl fuser::Filesystem for LayerFs {
         match self.tree.node(ino.0) {
             Some(n) if n.kind == NodeKind::File => {
                 self.touch(ino.0, AccessOp::Open, None, None);
+                self.set_read_ahead_for_open();
                 if let Some(id) = self.passthrough_open(ino.0, n, &reply) {
                     self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
                     // No FOPEN_KEEP_CACHE: the kernel refuses it with passthrough (EIO); the
@@ -2051,16 +2089,14 @@ pub fn mount(fs: LayerFs, mountpoint: &Path) -> io::Result<MountedLayer> {
     // records are then the pages the workload read, not the kernel's windows around them
     // (at 1 MiB, nearly every byte of the files a start opens).
     //
-    // A layer with page profiles does the same until its prefetch is done, by when the
-    // files it profiles are whole: a fault in a mapped file would otherwise ask for the
-    // 1 MiB around it, and the reader would wait for chunks no start read. (Files opened
-    // before keep reading page by page: the kernel copies the setting at open.)
+    // A layer with page profiles chooses at each open until its prefetch is done
+    // (`Inner::read_ahead_at_open`): the kernel copies the setting into a file at open.
     let recording = handle.0.recorder.get().is_some();
     if let Some(knob) = read_ahead_knob(mountpoint) {
-        let hold = recording || handle.tree.has_profiles();
-        set_kernel_read_ahead(&knob, if hold { 0 } else { KERNEL_READ_AHEAD_KB });
-        if hold && !recording {
-            *crate::scheduler::lock(&handle.0.read_ahead_held) = Some(knob);
+        let kb = if recording { 0 } else { KERNEL_READ_AHEAD_KB };
+        set_kernel_read_ahead(&knob, kb);
+        if !recording && handle.tree.has_profiles() {
+            *crate::scheduler::lock(&handle.0.read_ahead_knob) = Some((knob, kb));
         }
     }
     handle.scheduler.add_layer(&handle.0);

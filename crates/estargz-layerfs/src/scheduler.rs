@@ -183,6 +183,28 @@ impl LinkEstimate {
     }
 }
 
+impl LinkEstimate {
+    /// Whether the registry is on the node's local network: a round trip of at most
+    /// [`NEGLIGIBLE_DELAY`], and a 1 MiB request (a read-ahead window, a prefetch span)
+    /// that takes at most [`LOCAL_MIB`]. Both measured, the round trip by a small request:
+    /// a fit to prefetch spans alone can be far off over a shaped link. There a reader
+    /// waits about as long for 1 MiB as for one chunk of it; beyond it (1 Gbit/s with 50
+    /// ms, 100 Mbit/s with 20 ms) what a start reads goes first and pages are read one
+    /// at a time.
+    pub fn is_local_network(&self) -> bool {
+        match (self.rtt, self.bulk_throughput) {
+            (Some(rtt), Some(thr)) if thr > 0.0 => {
+                rtt <= NEGLIGIBLE_DELAY && (1u64 << 20) as f64 / thr <= LOCAL_MIB.as_secs_f64()
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The most time a 1 MiB request takes on the node's local network (50 MB/s: loopback
+/// with a busy CPU measured 140 MB/s).
+pub const LOCAL_MIB: Duration = Duration::from_millis(20);
+
 /// A delay of an on-demand read by background bytes too small to matter.
 pub const NEGLIGIBLE_DELAY: Duration = Duration::from_millis(5);
 
@@ -279,10 +301,66 @@ struct PrefetchJob {
     layer: Weak<Inner>,
     spans: Vec<Vec<(u64, Chunk)>>,
     /// `spans[..first]` bring what a start reads; the rest complete the files of a page
-    /// profile, and wait until no layer has spans of the first kind left.
+    /// profile, and wait until no layer has spans of the first kind left, unless the link
+    /// is local (see [`PrefetchJob::take`]). Each part is in blob order.
     first: usize,
+    /// The next span to take of the first part, and of the rest.
     next: usize,
+    rest: usize,
     running: usize,
+}
+
+impl PrefetchJob {
+    fn new(id: u64, layer: &Arc<Inner>, spans: Vec<Vec<(u64, Chunk)>>, first: usize) -> Self {
+        PrefetchJob {
+            id,
+            layer: Arc::downgrade(layer),
+            spans,
+            first,
+            next: 0,
+            rest: first,
+            running: 0,
+        }
+    }
+
+    /// Spans of the first part left to take.
+    fn has_first(&self) -> bool {
+        self.next < self.first
+    }
+
+    /// Spans left to take.
+    fn has_any(&self) -> bool {
+        self.has_first() || self.rest < self.spans.len()
+    }
+
+    /// Takes the next span: of the first part while it lasts, or, when `blob_order`,
+    /// whichever comes first in the blob. From a registry on the local network
+    /// ([`LinkEstimate::is_local_network`]) a start waits less for the pages it reads
+    /// than for files it opens before they are whole (read through FUSE, instead of
+    /// served from a local file, and with the CPU busy with the prefetch): there the
+    /// files of a page profile come whole, in blob order, as prioritized files without
+    /// one do.
+    fn take(&mut self, blob_order: bool) -> Vec<(u64, Chunk)> {
+        let offset = |s: &[(u64, Chunk)]| s.first().map_or(u64::MAX, |(_, c)| c.offset);
+        let first_next = self.has_first()
+            && (!blob_order
+                || self.rest == self.spans.len()
+                || offset(&self.spans[self.next]) <= offset(&self.spans[self.rest]));
+        let i = if first_next {
+            self.next += 1;
+            self.next - 1
+        } else {
+            self.rest += 1;
+            self.rest - 1
+        };
+        std::mem::take(&mut self.spans[i])
+    }
+
+    /// Takes no more spans (after a failure).
+    fn abandon(&mut self) {
+        self.next = self.first;
+        self.rest = self.spans.len();
+    }
 }
 
 struct BackgroundJob {
@@ -574,14 +652,8 @@ impl FetchScheduler {
                 st.background.push_front(BackgroundJob::new(id, layer));
             }
         } else {
-            st.prefetch.push_back(PrefetchJob {
-                id,
-                layer: Arc::downgrade(layer),
-                spans,
-                first,
-                next: 0,
-                running: 0,
-            });
+            st.prefetch
+                .push_back(PrefetchJob::new(id, layer, spans, first));
             // The newest layer goes next: containerd mounts an image's layers bottom up,
             // and a container starts with its entrypoint, usually in the top layer.
             st.prefetch_turn = st.prefetch.len() - 1;
@@ -640,7 +712,8 @@ fn prefetch_worker(shared: &Shared) {
                 }
                 // As many requests in flight as the link carries per round trip; the
                 // estimate changes as requests complete, which wakes the workers.
-                let allowed = lock(&shared.link).estimate().ahead_in_flight();
+                let link = lock(&shared.link).estimate();
+                let allowed = link.ahead_in_flight();
                 if st.ahead_running < allowed {
                     if let Some((layer, chunks)) = st.read_ahead.pop_front() {
                         st.reading_ahead += 1;
@@ -648,25 +721,22 @@ fn prefetch_worker(shared: &Shared) {
                         break Work::ReadAhead(layer, chunks);
                     }
                     // Layers take turns: a process reads from all of its image's layers.
-                    // What a start reads goes first, in every layer.
+                    // What a start reads goes first, in every layer, unless the registry
+                    // is on the local network (`PrefetchJob::take`).
+                    let blob_order = link.is_local_network();
                     let jobs = st.prefetch.len();
                     let turn = st.prefetch_turn;
                     let order = (0..jobs).map(|i| (turn + i) % jobs);
                     let next = order
                         .clone()
-                        .find(|&i| st.prefetch[i].next < st.prefetch[i].first)
-                        .or_else(|| {
-                            order
-                                .clone()
-                                .find(|&i| st.prefetch[i].next < st.prefetch[i].spans.len())
-                        });
+                        .find(|&i| !blob_order && st.prefetch[i].has_first())
+                        .or_else(|| order.clone().find(|&i| st.prefetch[i].has_any()));
                     if let Some(i) = next {
                         st.prefetch_turn = i + 1;
                         st.ahead_running += 1;
                         let job = &mut st.prefetch[i];
-                        job.next += 1;
                         job.running += 1;
-                        let span = std::mem::take(&mut job.spans[job.next - 1]);
+                        let span = job.take(blob_order);
                         break Work::Prefetch(job.id, job.layer.clone(), span);
                     }
                 }
@@ -712,9 +782,9 @@ fn prefetched(shared: &Shared, id: u64, layer: &Weak<Inner>, span: &[(u64, Chunk
     let job = &mut st.prefetch[at];
     job.running -= 1;
     if failed {
-        job.next = job.spans.len();
+        job.abandon();
     }
-    if job.next == job.spans.len() && job.running == 0 {
+    if !job.has_any() && job.running == 0 {
         let job = st.prefetch.remove(at).unwrap_or_else(|| unreachable!());
         if let Some(l) = &layer {
             l.mark_prefetch_done();
@@ -1007,6 +1077,52 @@ mod tests {
         );
     }
 
+    /// A page profile's prefetch takes what a start reads first, or, from a registry on
+    /// the local network, whole files in blob order; a failure leaves nothing to take.
+    #[test]
+    fn a_prefetch_job_takes_its_spans_in_profile_or_blob_order() {
+        let span = |offset: u64| {
+            let c = Chunk {
+                offset,
+                compressed_end: offset + 10,
+                inner_offset: 0,
+                chunk_offset: 0,
+                size: 10,
+                digest: estargz_format::Sha256Digest::of(&offset.to_le_bytes()),
+            };
+            vec![(1, c)]
+        };
+        // Read at start: 0 and 300; the rest of the files: 100, 200 and 400.
+        let job = || PrefetchJob {
+            id: 1,
+            layer: Weak::new(),
+            spans: [0, 300, 100, 200, 400].map(span).to_vec(),
+            first: 2,
+            next: 0,
+            rest: 2,
+            running: 0,
+        };
+        let taken = |blob_order: bool| {
+            let mut j = job();
+            let mut order = Vec::new();
+            while j.has_any() {
+                order.push(j.take(blob_order)[0].1.offset);
+            }
+            order
+        };
+        assert_eq!(taken(false), [0, 300, 100, 200, 400]);
+        assert_eq!(taken(true), [0, 100, 200, 300, 400]);
+        // The order may change between spans, as the link is measured.
+        let mut j = job();
+        assert_eq!(j.take(false)[0].1.offset, 0);
+        assert!(j.has_first());
+        assert_eq!(j.take(true)[0].1.offset, 100);
+        assert_eq!(j.take(false)[0].1.offset, 300);
+        assert!(!j.has_first() && j.has_any());
+        j.abandon();
+        assert!(!j.has_any());
+    }
+
     /// Read-ahead and prefetch fill the bandwidth-delay product: two requests until the
     /// link is measured and on the benchmark's 100 and 20 Mbit/s links, more on a fast
     /// link with a long round trip; a burst that makes a small request look instantaneous
@@ -1191,6 +1307,32 @@ mod tests {
             s.record(1 << 10, ms(50));
         }
         assert_eq!(s.estimate().rtt, Some(ms(50)));
+    }
+
+    #[test]
+    fn only_a_short_round_trip_and_a_fast_mib_make_a_local_network() {
+        let link = |rtt_us: u64, bytes_per_sec: f64| LinkEstimate {
+            rtt: Some(Duration::from_micros(rtt_us)),
+            throughput: Some(bytes_per_sec),
+            bulk_throughput: Some(bytes_per_sec),
+            spans_fit: None,
+        };
+        // Loopback with a busy CPU (140 MB/s); a 1 Gbit/s LAN.
+        assert!(link(300, 1.4e8).is_local_network());
+        assert!(link(500, 1.25e8).is_local_network());
+        // 1 Gbit/s with 50 ms; 100 Mbit/s with 20 ms; 20 Mbit/s with 50 ms; a slow LAN.
+        assert!(!link(50_000, 1.25e8).is_local_network());
+        assert!(!link(20_000, 1.25e7).is_local_network());
+        assert!(!link(50_000, 2.5e6).is_local_network());
+        assert!(!link(500, 1.25e7).is_local_network());
+        // Not measured by a small request: a fit to prefetch spans does not count.
+        let fitted = LinkEstimate {
+            rtt: None,
+            throughput: None,
+            bulk_throughput: None,
+            spans_fit: Some((Duration::from_micros(300), 1.4e8)),
+        };
+        assert!(!fitted.is_local_network());
     }
 
     #[test]
