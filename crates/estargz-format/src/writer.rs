@@ -193,6 +193,7 @@ pub fn convert<R: Read, W: Write>(
         startup.insert(norm, ranges);
     }
     let mut entries = spool_and_index(input, &spool, opts.chunk_size, &startup, progress)?;
+    profile_hardlink_targets(&mut entries, &spool, &startup, opts.chunk_size)?;
     if opts.elf_needs {
         record_elf_needs(&mut entries, &spool);
     }
@@ -487,6 +488,90 @@ fn spool_and_index<R: Read>(
     Ok(index)
 }
 
+/// The chunks of a file of `len` bytes cut in `chunk`s that hold a byte of `ranges`, or
+/// none (the file keeps its usual chunks) when the unread ones would come to less than
+/// [`STARTUP_MIN_SAVING`]: a file a start reads whole (a Python module's source) gains
+/// nothing from being cut; it keeps one chunk, which a lazy layer serves as a local file.
+fn startup_marks(ranges: &[Range<u64>], len: u64, chunk: u64) -> Vec<bool> {
+    let marks = touched_chunks(ranges, len, chunk);
+    let unread = marks.iter().filter(|&&m| !m).count() as u64;
+    if unread * chunk >= STARTUP_MIN_SAVING {
+        marks
+    } else {
+        Vec::new()
+    }
+}
+
+/// Startup ranges recorded under a hard link's name belong to the file it links to: a lazy
+/// layer serves both names as one file, and a recorder sees the name the workload opened
+/// (`python3` for `python3.11`, say). The file holding the content, indexed before its
+/// links, is cut and marked again from its spooled content with the ranges of all its
+/// names.
+fn profile_hardlink_targets(
+    entries: &mut [InEntry],
+    spool: &File,
+    startup: &HashMap<String, &[Range<u64>]>,
+    chunk_size: u64,
+) -> Result<()> {
+    let mut by_target: HashMap<&str, Vec<Range<u64>>> = HashMap::new();
+    for e in entries.iter().filter(|e| e.kind == EntryKind::Hardlink) {
+        if let (Some(target), Some(ranges)) = (&e.link_norm, startup.get(e.norm.as_str())) {
+            by_target
+                .entry(target.as_str())
+                .or_default()
+                .extend(ranges.iter().cloned());
+        }
+    }
+    if by_target.is_empty() {
+        return Ok(());
+    }
+    let by_target: HashMap<String, Vec<Range<u64>>> = by_target
+        .into_iter()
+        .map(|(t, r)| (t.to_string(), r))
+        .collect();
+    let startup_chunk = chunk_size.min(STARTUP_CHUNK_SIZE);
+    for e in entries.iter_mut().filter(|e| e.kind == EntryKind::Reg) {
+        let Some(linked) = by_target.get(e.norm.as_str()) else {
+            continue;
+        };
+        let mut ranges = linked.clone();
+        ranges.extend(
+            startup
+                .get(e.norm.as_str())
+                .into_iter()
+                .flat_map(|r| r.iter().cloned()),
+        );
+        let marks = startup_marks(&ranges, e.data_len, startup_chunk);
+        if marks.is_empty() || marks == e.read_at_start {
+            continue;
+        }
+        e.chunk_digests = chunk_digests_in(spool, e.data_start, e.data_len, startup_chunk)
+            .map_err(|err| Error::io("reading the spool file", err))?;
+        e.chunk_size = startup_chunk;
+        e.read_at_start = marks;
+    }
+    Ok(())
+}
+
+/// The digests of the `chunk`-sized pieces of the `len` bytes at `start` of `spool`.
+fn chunk_digests_in(
+    spool: &File,
+    start: u64,
+    len: u64,
+    chunk: u64,
+) -> io::Result<Vec<Sha256Digest>> {
+    let mut digests = Vec::with_capacity(len.div_ceil(chunk) as usize);
+    let mut buf = vec![0u8; chunk as usize];
+    let mut at = 0;
+    while at < len {
+        let n = chunk.min(len - at) as usize;
+        spool.read_exact_at(&mut buf[..n], start + at)?;
+        digests.push(Sha256Digest::from(Sha256::new_with_prefix(&buf[..n])));
+        at += n as u64;
+    }
+    Ok(digests)
+}
+
 /// Sets `elfNeeds` on each regular file that is an ELF executable or shared object
 /// naming an interpreter or libraries, read from its spooled content. A file that cannot
 /// be parsed is only left without it: the hint is for fetching ahead, not for reading.
@@ -666,17 +751,7 @@ fn index_entry<R: Read>(
     let ar_archive = kind == EntryKind::Reg && head == *ARCHIVE_MAGIC;
     let startup_chunk = chunk_size.min(STARTUP_CHUNK_SIZE);
     let read_at_start = match startup.get(norm.as_str()) {
-        Some(ranges) if kind == EntryKind::Reg => {
-            let marks = touched_chunks(ranges, data_len, startup_chunk);
-            let unread = marks.iter().filter(|&&m| !m).count() as u64;
-            // A file a start reads whole (a Python module's source) gains nothing from
-            // being cut: it keeps one chunk, which a lazy layer serves as a local file.
-            if unread * startup_chunk >= STARTUP_MIN_SAVING {
-                marks
-            } else {
-                Vec::new()
-            }
-        }
+        Some(ranges) if kind == EntryKind::Reg => startup_marks(ranges, data_len, startup_chunk),
         _ => Vec::new(),
     };
     let chunk_size = if !read_at_start.is_empty() {

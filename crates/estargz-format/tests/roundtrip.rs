@@ -401,6 +401,67 @@ fn startup_ranges_mark_the_chunks_a_start_read() {
     assert!(err.to_string().contains("startup ranges"), "{err}");
 }
 
+/// Ranges recorded under a hard link's name (the name the workload opened) cut and mark
+/// the file holding the content, merged with those recorded under its own name.
+#[test]
+fn startup_ranges_of_a_hard_link_mark_its_target() {
+    use estargz_format::STARTUP_CHUNK_SIZE as CHUNK;
+    let prog = estargz_testutil::noise(1_000_000, 1);
+    let mut b = tar::Builder::new(Vec::new());
+    estargz_testutil::append_file(&mut b, "usr/bin/python3.11", &prog);
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Link);
+    h.set_size(0);
+    h.set_mode(0o755);
+    h.set_link_name("usr/bin/python3.11").unwrap();
+    h.set_cksum();
+    b.append_data(&mut h, "usr/bin/python3", &[][..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    let opts = |ranges: Vec<(&str, Vec<std::ops::Range<u64>>)>| ConvertOptions {
+        chunk_size: 4 << 20,
+        prioritized_files: vec!["usr/bin/python3".into()],
+        startup_ranges: ranges
+            .into_iter()
+            .map(|(p, r)| (p.to_string(), r))
+            .collect(),
+        ..small_opts(2)
+    };
+    let marked = |opts: &ConvertOptions| {
+        let (blob, _) = conv(&tar, opts);
+        let r = EstargzReader::open(&blob[..], &OpenOptions::default()).unwrap();
+        assert_matches_tar(&r, &tar);
+        let toc = r.toc();
+        let e = toc.entry(toc.lookup("usr/bin/python3.11").unwrap());
+        (e.chunks.len(), e.read_at_start.clone())
+    };
+    let chunks = 1_000_000usize.div_ceil(CHUNK as usize);
+    assert_eq!(
+        marked(&opts(vec![(
+            "usr/bin/python3",
+            vec![0..10, 5 * CHUNK..5 * CHUNK + 1]
+        )])),
+        (chunks, vec![0, 5])
+    );
+    assert_eq!(
+        marked(&opts(vec![
+            ("usr/bin/python3", std::iter::once(0..10).collect()),
+            (
+                "usr/bin/python3.11",
+                std::iter::once(7 * CHUNK..7 * CHUNK + 1).collect()
+            ),
+        ])),
+        (chunks, vec![0, 7])
+    );
+    // Read nearly whole under the link's name: one chunk, unmarked, as any such file.
+    assert_eq!(
+        marked(&opts(vec![(
+            "usr/bin/python3",
+            std::iter::once(0..999_000).collect()
+        )])),
+        (1, vec![])
+    );
+}
+
 /// The converter records what each ELF executable and shared object loads in its TOC
 /// entry (`elfNeeds`), read from the object wherever its dynamic section lies; other
 /// files, and objects that load nothing, get none; the reader gives them back as written.
