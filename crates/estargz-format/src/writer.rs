@@ -513,11 +513,11 @@ fn profile_hardlink_targets(
     startup: &HashMap<String, &[Range<u64>]>,
     chunk_size: u64,
 ) -> Result<()> {
-    let mut by_target: HashMap<&str, Vec<Range<u64>>> = HashMap::new();
+    let mut by_target: HashMap<String, Vec<Range<u64>>> = HashMap::new();
     for e in entries.iter().filter(|e| e.kind == EntryKind::Hardlink) {
         if let (Some(target), Some(ranges)) = (&e.link_norm, startup.get(e.norm.as_str())) {
             by_target
-                .entry(target.as_str())
+                .entry(target.clone())
                 .or_default()
                 .extend(ranges.iter().cloned());
         }
@@ -525,10 +525,6 @@ fn profile_hardlink_targets(
     if by_target.is_empty() {
         return Ok(());
     }
-    let by_target: HashMap<String, Vec<Range<u64>>> = by_target
-        .into_iter()
-        .map(|(t, r)| (t.to_string(), r))
-        .collect();
     let startup_chunk = chunk_size.min(STARTUP_CHUNK_SIZE);
     for e in entries.iter_mut().filter(|e| e.kind == EntryKind::Reg) {
         let Some(linked) = by_target.get(e.norm.as_str()) else {
