@@ -562,7 +562,7 @@ fn chunk_digests_in(
     while at < len {
         let n = chunk.min(len - at) as usize;
         spool.read_exact_at(&mut buf[..n], start + at)?;
-        digests.push(Sha256Digest::from(Sha256::new_with_prefix(&buf[..n])));
+        digests.push(Sha256Digest::of(&buf[..n]));
         at += n as u64;
     }
     Ok(digests)

@@ -311,10 +311,10 @@ struct PrefetchJob {
 }
 
 impl PrefetchJob {
-    fn new(id: u64, layer: &Arc<Inner>, spans: Vec<Vec<(u64, Chunk)>>, first: usize) -> Self {
+    fn new(id: u64, layer: Weak<Inner>, spans: Vec<Vec<(u64, Chunk)>>, first: usize) -> Self {
         PrefetchJob {
             id,
-            layer: Arc::downgrade(layer),
+            layer,
             spans,
             first,
             next: 0,
@@ -653,7 +653,7 @@ impl FetchScheduler {
             }
         } else {
             st.prefetch
-                .push_back(PrefetchJob::new(id, layer, spans, first));
+                .push_back(PrefetchJob::new(id, Arc::downgrade(layer), spans, first));
             // The newest layer goes next: containerd mounts an image's layers bottom up,
             // and a container starts with its entrypoint, usually in the top layer.
             st.prefetch_turn = st.prefetch.len() - 1;
@@ -1093,14 +1093,13 @@ mod tests {
             vec![(1, c)]
         };
         // Read at start: 0 and 300; the rest of the files: 100, 200 and 400.
-        let job = || PrefetchJob {
-            id: 1,
-            layer: Weak::new(),
-            spans: [0, 300, 100, 200, 400].map(span).to_vec(),
-            first: 2,
-            next: 0,
-            rest: 2,
-            running: 0,
+        let job = || {
+            PrefetchJob::new(
+                1,
+                Weak::new(),
+                [0, 300, 100, 200, 400].map(span).to_vec(),
+                2,
+            )
         };
         let taken = |blob_order: bool| {
             let mut j = job();

@@ -805,7 +805,11 @@ fn a_page_profile_prefetches_the_chunks_a_start_read_first() {
     r.proxy.set_latency(Some(Duration::from_millis(400)));
     let m = r.mount_with(&blob, cache.clone(), "mnt", &prefetch_only());
     let knob = read_ahead_knob(m.mountpoint());
-    let chunk = |n: u64| m.fs().chunk_at("usr/bin/prog", n * CHUNK).unwrap();
+    let chunk = |n: u64| {
+        let c = m.fs().chunk_at("usr/bin/prog", n * CHUNK).unwrap();
+        assert_eq!(c.size, CHUNK);
+        c
+    };
     let local = |n: u64| cache.contains(&chunk(n).digest);
     // A fault in a chunk no start read: that chunk alone is fetched.
     let path = m.mountpoint().join("usr/bin/prog");
