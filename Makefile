@@ -81,7 +81,7 @@ bench-venv:
 
 bench: deps build bench-venv
 	mkdir -p benches/results
-	bash benches/link_throughput.sh | tee benches/results/link_throughput_1gbit.md
+	python3 benches/link_throughput.py --links 1gbit | tee benches/results/link_throughput_1gbit.md
 	python3 benches/time_to_ready.py --samples 5 --out benches/results | tee benches/results/time_to_ready.md
 	$(BENCH_PY) benches/plot.py benches/results/time_to_ready.json benches/results/time_to_ready.png
 	python3 benches/reads.py --samples 3 --out benches/results | tee benches/results/reads.md
