@@ -506,7 +506,8 @@ fn startup_marks(ranges: &[Range<u64>], len: u64, chunk: u64) -> Vec<bool> {
 /// layer serves both names as one file, and a recorder sees the name the workload opened
 /// (`python3` for `python3.11`, say). The file holding the content, indexed before its
 /// links, is cut and marked again from its spooled content with the ranges of all its
-/// names.
+/// names; if all of them together read it nearly whole, it goes back to the chunks of a
+/// file without ranges, unmarked, even when its own name's ranges alone had marked it.
 fn profile_hardlink_targets(
     entries: &mut [InEntry],
     spool: &File,
@@ -538,15 +539,39 @@ fn profile_hardlink_targets(
                 .flat_map(|r| r.iter().cloned()),
         );
         let marks = startup_marks(&ranges, e.data_len, startup_chunk);
-        if marks.is_empty() || marks == e.read_at_start {
+        if marks == e.read_at_start {
             continue;
         }
-        e.chunk_digests = chunk_digests_in(spool, e.data_start, e.data_len, startup_chunk)
-            .map_err(|err| Error::io("reading the spool file", err))?;
-        e.chunk_size = startup_chunk;
+        let chunk = if marks.is_empty() {
+            let mut head = [0u8; ARCHIVE_MAGIC.len()];
+            let ar_archive = e.data_len >= head.len() as u64 && {
+                spool
+                    .read_exact_at(&mut head, e.data_start)
+                    .map_err(|err| Error::io("reading the spool file", err))?;
+                head == *ARCHIVE_MAGIC
+            };
+            unprofiled_chunk_size(chunk_size, ar_archive)
+        } else {
+            startup_chunk
+        };
+        if chunk != e.chunk_size {
+            e.chunk_digests = chunk_digests_in(spool, e.data_start, e.data_len, chunk)
+                .map_err(|err| Error::io("reading the spool file", err))?;
+            e.chunk_size = chunk;
+        }
         e.read_at_start = marks;
     }
     Ok(())
+}
+
+/// The chunk size of a regular file without startup ranges: an `ar` archive (a static
+/// library, read member by member) is cut finer than other files.
+fn unprofiled_chunk_size(chunk_size: u64, ar_archive: bool) -> u64 {
+    if ar_archive {
+        chunk_size.min(ARCHIVE_CHUNK_SIZE)
+    } else {
+        chunk_size
+    }
 }
 
 /// The digests of the `chunk`-sized pieces of the `len` bytes at `start` of `spool`.
@@ -750,12 +775,10 @@ fn index_entry<R: Read>(
         Some(ranges) if kind == EntryKind::Reg => startup_marks(ranges, data_len, startup_chunk),
         _ => Vec::new(),
     };
-    let chunk_size = if !read_at_start.is_empty() {
-        startup_chunk
-    } else if ar_archive {
-        chunk_size.min(ARCHIVE_CHUNK_SIZE)
+    let chunk_size = if read_at_start.is_empty() {
+        unprofiled_chunk_size(chunk_size, ar_archive)
     } else {
-        chunk_size
+        startup_chunk
     };
     file_hash.update(&head[..total as usize]);
     chunk_hash.update(&head[..total as usize]);

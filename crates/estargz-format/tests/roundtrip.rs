@@ -460,6 +460,15 @@ fn startup_ranges_of_a_hard_link_mark_its_target() {
         )])),
         (1, vec![])
     );
+    // Marked by its own name's ranges, read nearly whole with its link's: unmarked again,
+    // one chunk.
+    assert_eq!(
+        marked(&opts(vec![
+            ("usr/bin/python3.11", std::iter::once(0..10).collect()),
+            ("usr/bin/python3", std::iter::once(10..999_000).collect()),
+        ])),
+        (1, vec![])
+    );
 }
 
 /// The converter records what each ELF executable and shared object loads in its TOC
