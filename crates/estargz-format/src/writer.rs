@@ -543,14 +543,7 @@ fn profile_hardlink_targets(
             continue;
         }
         let chunk = if marks.is_empty() {
-            let mut head = [0u8; ARCHIVE_MAGIC.len()];
-            let ar_archive = e.data_len >= head.len() as u64 && {
-                spool
-                    .read_exact_at(&mut head, e.data_start)
-                    .map_err(|err| Error::io("reading the spool file", err))?;
-                head == *ARCHIVE_MAGIC
-            };
-            unprofiled_chunk_size(chunk_size, ar_archive)
+            unprofiled_chunk_size(chunk_size, e.json.ar_archive)
         } else {
             startup_chunk
         };
