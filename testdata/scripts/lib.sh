@@ -91,3 +91,18 @@ start_private_containerd() {
     bash "$SCRIPTS_DIR/containerd.sh" start "$_work_to_clean/c" >&2
     sock="$_work_to_clean/c/containerd.sock"
 }
+
+# push_private NS REF: pushes REF from the private containerd (plain HTTP). ctr's push
+# sometimes fails on its own content stream ("failed to copy: rpc error: code = Internal
+# desc = unexpected EOF", containerd/nerdctl#984), so a failed push is logged with
+# containerd's last log lines and tried again; a push is idempotent. Three failures fail.
+push_private() {
+    local ns=$1 ref=$2 attempt
+    for attempt in 1 2 3; do
+        ctr -a "$sock" -n "$ns" images push --plain-http "$ref" >&2 && return 0
+        log "push of $ref failed (attempt $attempt of 3); containerd's last log lines:"
+        tail -n 20 "$_work_to_clean/c/containerd.log" >&2 || true
+        sleep 1
+    done
+    die "could not push $ref from the private containerd"
+}

@@ -19,5 +19,5 @@ start=$(date +%s.%N)
 # shellcheck disable=SC2086
 ctr-remote -a "$sock" -n "$ns" image convert --estargz --oci ${EXTRA_CONVERT_ARGS:-} "$1" "$2" >&2
 end=$(date +%s.%N)
-ctr -a "$sock" -n "$ns" images push --plain-http "$2" >&2
+push_private "$ns" "$2"
 python3 -c "print(f'{$end - $start:.3f}')"

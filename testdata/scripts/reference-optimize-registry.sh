@@ -23,6 +23,6 @@ ctr -a "$sock" -n "$ns" images pull --plain-http "$src" >&2
 # shellcheck disable=SC2086
 ctr-remote -a "$sock" -n "$ns" image optimize --oci ${EXTRA_OPTIMIZE_ARGS:-} \
     --entrypoint "$(json "$1")" --args "$(json "${@:2}")" "$src" "$dst" >&2
-ctr -a "$sock" -n "$ns" images push --plain-http "$dst" >&2
+push_private "$ns" "$dst"
 end=$(date +%s.%N)
 python3 -c "print(f'{$end - $start:.3f}')"

@@ -1118,14 +1118,13 @@ fn prefetch_makes_way_for_on_demand_reads() {
     let blob = r.push(&tar, &opts);
     // 4 MB/s for all connections together: the prefetch takes about 1.6 s.
     r.proxy.set_rate(Some(4e6));
-    let fetch = prefetch_only();
+    let scheduler = FetchScheduler::new(prefetch_only());
     let before = r.proxy.blob_log().len();
-    let m = r.mount_with(&blob, r.cache("c", 1 << 30), "mnt", &fetch);
+    let m = r.mount_on(&blob, r.cache("c", 1 << 30), "mnt", scheduler.clone());
     let toc_requests = 2;
-    // The read starts while both prefetch workers are in the middle of a request: then
-    // neither is between its make-way check and sending its request (a request that
-    // passed the check just before the read's fetch began may still reach the registry
-    // after the read's; it was already on its way, and made this test fail now and then).
+    // The read starts while both prefetch slots have a request in flight, half way through
+    // them (each takes about 0.5 s): they end while the read's request is in flight, and
+    // without making way the workers would send the next ones then.
     wait_for("two prefetch requests in flight", || {
         r.proxy.blob_log()[before + toc_requests..]
             .iter()
@@ -1133,22 +1132,36 @@ fn prefetch_makes_way_for_on_demand_reads() {
             .count()
             >= 2
     });
-    // Half way through them (each takes about 0.5 s): they end while the read's request
-    // is in flight, and without making way the workers would send the next ones then.
     std::thread::sleep(Duration::from_millis(250));
+    // Prefetch requests the scheduler keeps in flight at most, as it has measured the link.
+    let slots = scheduler.link().ahead_in_flight();
     let (log, read) = read_logged(&r, &m, before + toc_requests, "z/small", &small);
-    // Each request opens a connection of its own: one that passed the make-way check just
-    // before the read's fetch began can still reach the registry a little after the read's
-    // (on a loaded machine, tens of milliseconds). A worker that did not make way would
-    // send its next request when one in flight ends, a few hundred milliseconds in.
-    let on_its_way = Duration::from_millis(100);
+    let slots = slots.max(scheduler.link().ahead_in_flight());
+    let read_arrived = log[read].arrived;
+    // A prefetch request may reach the registry during the read's and still have made
+    // way: it passed the make-way check before the read's fetch began, and was on its way
+    // (a new connection, a loaded machine: that took over 100 ms once). Only a slot whose
+    // request had ended by then can have one on its way; a slot whose request was still
+    // in flight when the read's arrived sends its next one after that, so it must wait
+    // until the read's has ended.
+    let in_flight_at_read = log
+        .iter()
+        .enumerate()
+        .filter(|&(i, q)| {
+            i != read && q.arrived < read_arrived && q.ended.is_none_or(|e| e > read_arrived)
+        })
+        .count();
+    let on_its_way = slots.saturating_sub(in_flight_at_read);
     let started_during: Vec<_> = log
         .iter()
-        .filter(|q| q.arrived > log[read].arrived + on_its_way && Some(q.arrived) < log[read].ended)
+        .filter(|q| q.arrived > read_arrived && Some(q.arrived) < log[read].ended)
         .collect();
     assert!(
-        started_during.is_empty(),
-        "prefetch requests started while the read's was in flight: {started_during:?}"
+        started_during.len() <= on_its_way,
+        "{} prefetch requests started while the read's was in flight, but {in_flight_at_read} \
+         of the {slots} prefetch slots still had a request in flight when it arrived: \
+         {started_during:?}",
+        started_during.len()
     );
     wait_for("the prefetch", || m.fs().is_prefetch_done());
     m.unmount().unwrap();
