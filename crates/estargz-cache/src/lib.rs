@@ -356,6 +356,17 @@ impl ChunkCache {
         lock(&self.index).lru.contains(digest)
     }
 
+    /// Whether the chunk is indexed with `size` bytes. A TOC names a chunk by digest and
+    /// claims its size; the cache is shared by every layer, so a chunk another layer
+    /// stored under that digest is this one only if the sizes agree (a hostile TOC can pair
+    /// a cached digest with any size).
+    pub fn holds(&self, digest: &Sha256Digest, size: u64) -> bool {
+        lock(&self.index)
+            .lru
+            .peek(digest)
+            .is_some_and(|e| e.size == size)
+    }
+
     /// The chunk's file, opened, and whether it can be read without hashing it: this
     /// process verified it, or it carries this boot's mark (then remembered; the mark is
     /// read from the open file, so the path is walked once). `None` if the chunk is not
@@ -549,16 +560,21 @@ impl ChunkCache {
                     if n == 0 {
                         break;
                     }
+                    size += n as u64;
+                    // The same few chunks can be listed any number of times: stop before
+                    // a file the cache could not hold fills its disk.
+                    if size > self.max_bytes {
+                        return Ok(false);
+                    }
                     hash.update(&buf[..n]);
                     out.write_all(&buf[..n])?;
-                    size += n as u64;
                 }
             }
             if Sha256Digest::from(hash) != *digest {
                 tracing::warn!(file = %digest, "a file's chunks do not hash to the digest its TOC gives; it is read through FUSE");
                 return Ok(false);
             }
-            Ok(size <= self.max_bytes)
+            Ok(true)
         });
         if !matches!(written, Ok(true)) {
             return None;

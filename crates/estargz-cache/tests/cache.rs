@@ -616,3 +616,33 @@ fn files_linked_by_a_mounted_layer_are_kept_and_counted() {
     assert!(s.usage_bytes <= 2500, "{s:?}");
     assert!(cache.contains(&d) && cache.contains(&e));
 }
+
+/// Bytes this process has passed to `write` and its kin so far.
+fn bytes_written() -> u64 {
+    let io = std::fs::read_to_string("/proc/self/io").unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("wchar: "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("wchar in /proc/self/io")
+}
+
+/// A hostile TOC can list one cached chunk any number of times (a file of terabytes from
+/// one chunk): assembling it stops once it has written what the cache holds. A chunk is
+/// held only with the size it has: another TOC can misstate it.
+#[test]
+fn assembling_stops_at_what_the_cache_holds_and_a_chunk_is_held_at_its_own_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 20);
+    let (a, da) = chunk(1, 3000);
+    cache.insert(&a, &da);
+    assert!(cache.holds(&a, 3000));
+    assert!(!cache.holds(&a, 3001) && !cache.holds(&a, 2999));
+    let parts = vec![a; 100_000];
+    let before = bytes_written();
+    let claimed = Sha256Digest::of(b"whatever the TOC says");
+    assert!(cache.assemble(&claimed, &parts).is_none());
+    let wrote = bytes_written() - before;
+    assert!(wrote < 4 << 20, "wrote {wrote} bytes of a 300 MB file");
+    assert!(!cache.contains(&claimed));
+    assert!(cache.stats().usage_bytes <= 1 << 20);
+}

@@ -490,13 +490,10 @@ impl Inner {
         match self.local_digest(ino, node)? {
             (digest, None) => self.cache.open_verified(&digest),
             (digest, Some(parts)) => {
-                if node.size <= MAX_ASSEMBLED || self.cache.contains(&digest) {
+                if node.size <= MAX_ASSEMBLED || self.cache.holds(&digest, node.size) {
                     return self.cache.assemble(&digest, &parts);
                 }
-                // A file that would take more than half the cache twice over stays chunks.
-                if node.size <= self.cache.max_bytes() / 2 {
-                    self.assemble_in_background(digest, parts);
-                }
+                self.assemble_in_background(digest, parts);
                 None
             }
         }
@@ -511,9 +508,10 @@ impl Inner {
         node: &crate::tree::Node,
     ) -> Option<(Sha256Digest, Option<Vec<Sha256Digest>>)> {
         match self.tree.chunks(node) {
-            [c] if c.chunk_offset == 0 && c.size == node.size => {
-                self.cache.contains(&c.digest).then_some((c.digest, None))
-            }
+            [c] if c.chunk_offset == 0 && c.size == node.size => self
+                .cache
+                .holds(&c.digest, c.size)
+                .then_some((c.digest, None)),
             [] | [_] => None,
             chunks => {
                 let digest = self.tree.file_digest(ino)?;
@@ -527,7 +525,12 @@ impl Inner {
                     at = next.unwrap_or(u64::MAX);
                     next.is_some()
                 }) && at == node.size;
-                if !tiled || !chunks.iter().all(|c| self.cache.contains(&c.digest)) {
+                // Nor can a file be one the cache could not hold: a hostile TOC can list
+                // one cached chunk a million times, a file of terabytes to write out.
+                if !tiled
+                    || node.size > self.cache.max_bytes() / 2
+                    || !chunks.iter().all(|c| self.cache.holds(&c.digest, c.size))
+                {
                     return None;
                 }
                 Some((digest, Some(chunks.iter().map(|c| c.digest).collect())))
@@ -1451,7 +1454,10 @@ impl Inner {
                 None => {
                     // Part of a chunk already verified on disk: read just that part.
                     let len = (to - from) as usize;
-                    if let Some(part) = self.cache.read_verified(&c.digest, from, len) {
+                    let part = (self.cache.holds(&c.digest, c.size))
+                        .then(|| self.cache.read_verified(&c.digest, from, len))
+                        .flatten();
+                    if let Some(part) = part {
                         out.extend_from_slice(&part);
                         continue;
                     }
@@ -1459,6 +1465,14 @@ impl Inner {
                     self.chunk_data(ino, c, last.then_some(&queue_ahead as &dyn Fn()))?
                 }
             };
+            // The cache is the node's: a chunk another layer stored under this digest has
+            // the size that digest's content has, which a hostile TOC can misstate.
+            if data.len() as u64 != c.size {
+                tracing::warn!(file = %self.tree.path(ino), chunk = %c.digest,
+                    claimed = c.size, cached = data.len(),
+                    "the TOC gives a chunk a size its digest's content does not have");
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
             out.extend_from_slice(&data[from as usize..to as usize]);
         }
         queue_ahead();

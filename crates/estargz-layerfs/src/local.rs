@@ -369,7 +369,7 @@ impl Inner {
             .all(|n| {
                 tree.chunks(n)
                     .iter()
-                    .all(|c| self.cache().contains(&c.digest))
+                    .all(|c| self.cache().holds(&c.digest, c.size))
             })
     }
 

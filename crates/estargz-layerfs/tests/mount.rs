@@ -1007,3 +1007,67 @@ fn a_local_layer_keeps_names_that_sort_around_dots_and_fill_blocks() {
     assert_eq!(std::fs::read(&outside).unwrap(), vec![b'o'; 3000]);
     layer.mounted.take().unwrap().unmount().unwrap();
 }
+
+/// The blob of `tar` whose TOC has `edit` applied to its JSON text.
+fn blob_with_toc_edited(tar: &[u8], edit: impl Fn(String) -> String) -> Vec<u8> {
+    let mut blob = Vec::new();
+    convert(tar, &mut blob, &ConvertOptions::default(), &()).unwrap();
+    let r = EstargzReader::open(&blob[..], &OpenOptions::default()).unwrap();
+    let off = r.footer().toc_offset;
+    let member = &blob[off as usize..blob.len() - estargz_format::FOOTER_SIZE];
+    let json = estargz_format::decode_toc_member(member, off, &Default::default()).unwrap();
+    let edited = edit(String::from_utf8(json).unwrap());
+    let mut out = blob[..off as usize].to_vec();
+    out.extend_from_slice(&estargz_testutil::toc_tail(off, edited.as_bytes(), None));
+    out
+}
+
+/// The node's chunk cache is keyed by digest and shared by every layer. A TOC that gives
+/// a chunk another layer cached a size its content does not have gets EIO for that file
+/// (it was a panic of a FUSE thread, and with passthrough the cached file of the wrong
+/// length), and the mount keeps serving its other files.
+#[test]
+fn a_toc_misstating_the_size_of_a_cached_chunk_reads_eio_and_the_mount_keeps_serving() {
+    let genuine = estargz_testutil::noise(100, 1);
+    let mut a = mount_layer_with(
+        estargz_testutil::one_file_tar("a", &genuine),
+        &ConvertOptions::default(),
+        &on_demand_only(true),
+    );
+    assert_eq!(std::fs::read(a.mountpoint().join("a")).unwrap(), genuine);
+    let cached = estargz_format::Sha256Digest::of(&genuine);
+    assert!(a.cache.contains(&cached));
+    let claimed = estargz_testutil::noise(200, 2);
+    let tar = estargz_testutil::files_tar(&[("b", &claimed), ("c", b"still served")]);
+    let own = estargz_format::Sha256Digest::of(&claimed).to_string();
+    let lying = blob_with_toc_edited(&tar, |json| {
+        assert!(json.contains(&own));
+        json.replace(&own, &cached.to_string())
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let blob_path = dir.path().join("lying.esgz");
+    std::fs::write(&blob_path, &lying).unwrap();
+    let toc = EstargzReader::open(&lying[..], &OpenOptions::default())
+        .unwrap()
+        .toc()
+        .clone();
+    for passthrough in [true, false] {
+        let fs = LayerFs::new(
+            &toc,
+            Arc::new(FileSource::open(&blob_path).unwrap()),
+            a.cache.clone(),
+            FetchScheduler::new(on_demand_only(passthrough)),
+        );
+        let mnt = dir.path().join(format!("mnt-{passthrough}"));
+        std::fs::create_dir(&mnt).unwrap();
+        let m = mount(fs, &mnt).unwrap();
+        for _ in 0..2 {
+            let err = std::fs::read(mnt.join("b")).expect_err("a chunk of the wrong size");
+            assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+            assert_eq!(std::fs::read(mnt.join("c")).unwrap(), b"still served");
+        }
+        assert_eq!(std::fs::metadata(mnt.join("b")).unwrap().len(), 200);
+        m.unmount().unwrap();
+    }
+    a.mounted.take().unwrap().unmount().unwrap();
+}
