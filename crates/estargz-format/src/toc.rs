@@ -165,7 +165,7 @@ mod base64_map {
     use base64::engine::general_purpose::STANDARD;
     use base64::Engine;
     use serde::de::Error as _;
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::{Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(
         map: &BTreeMap<String, Vec<u8>>,
@@ -174,21 +174,73 @@ mod base64_map {
         s.collect_map(map.iter().map(|(k, v)| (k, STANDARD.encode(v))))
     }
 
+    /// Longest attribute name Linux takes (`XATTR_NAME_MAX`).
+    const NAME_MAX: usize = 255;
+    /// Largest attribute value Linux takes (`XATTR_SIZE_MAX`).
+    const VALUE_MAX: usize = 64 << 10;
+    /// Most bytes of names, each with its NUL, one inode can list (`XATTR_LIST_MAX`).
+    const LIST_MAX: usize = 64 << 10;
+
+    /// The attributes of one entry, within what Linux lets one inode hold: a tar from a
+    /// real file system never holds more, and a hostile TOC's attributes would otherwise
+    /// be bounded only by its size (a million tiny ones in one entry).
     pub fn deserialize<'de, D: Deserializer<'de>>(
         d: D,
     ) -> Result<BTreeMap<String, Vec<u8>>, D::Error> {
-        let raw: Option<BTreeMap<String, Option<String>>> = Option::deserialize(d)?;
-        let mut out = BTreeMap::new();
-        for (k, v) in raw.unwrap_or_default() {
-            let bytes = match v {
-                Some(v) => STANDARD
-                    .decode(v.as_bytes())
-                    .map_err(|e| D::Error::custom(format!("xattr {k:?} is not base64: {e}")))?,
-                None => Vec::new(),
-            };
-            out.insert(k, bytes);
+        d.deserialize_option(OptionalMap)
+    }
+
+    struct OptionalMap;
+
+    impl<'de> serde::de::Visitor<'de> for OptionalMap {
+        type Value = BTreeMap<String, Vec<u8>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map of extended attributes to base64 values")
         }
-        Ok(out)
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(BTreeMap::new())
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(BTreeMap::new())
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            let mut listed = 0;
+            while let Some((k, v)) = map.next_entry::<String, Option<String>>()? {
+                if k.len() > NAME_MAX {
+                    return Err(A::Error::custom(format!(
+                        "xattr name of {} bytes is longer than {NAME_MAX}",
+                        k.len()
+                    )));
+                }
+                listed += k.len() + 1;
+                if listed > LIST_MAX {
+                    return Err(A::Error::custom(format!(
+                        "xattr names take more than the {LIST_MAX} bytes one file may list"
+                    )));
+                }
+                let bytes = match v {
+                    Some(v) => STANDARD
+                        .decode(v.as_bytes())
+                        .map_err(|e| A::Error::custom(format!("xattr {k:?} is not base64: {e}")))?,
+                    None => Vec::new(),
+                };
+                if bytes.len() > VALUE_MAX {
+                    return Err(A::Error::custom(format!(
+                        "xattr {k:?} has a value of {} bytes, more than {VALUE_MAX}",
+                        bytes.len()
+                    )));
+                }
+                out.insert(k, bytes);
+            }
+            Ok(out)
+        }
     }
 }
 
@@ -501,10 +553,20 @@ impl<'de> serde::de::Visitor<'de> for BoundedEntries<'_> {
         mut seq: A,
     ) -> std::result::Result<Vec<JsonEntry>, A::Error> {
         let mut entries = Vec::new();
+        // Each entry's attributes are bounded by what one file may hold; all of them by
+        // the entry limit too, or a TOC's size alone would bound them.
+        let mut xattrs = 0usize;
         while let Some(e) = seq.next_element::<JsonEntry>()? {
             if entries.len() == self.0.max {
                 self.0.overflow.set(true);
                 return Err(serde::de::Error::custom("too many entries"));
+            }
+            xattrs += e.xattrs.len();
+            if xattrs > self.0.max {
+                return Err(serde::de::Error::custom(format!(
+                    "more than {} extended attributes in all",
+                    self.0.max
+                )));
             }
             entries.push(e);
         }
@@ -788,6 +850,18 @@ impl Builder<'_> {
             EntryKind::Symlink => {
                 if je.link_name.is_empty() || je.link_name.contains('\0') {
                     return Err(self.bad(index, &je.name, "symlink with an empty or NUL target"));
+                }
+                // Linux's bound, as for names: resolving a longer target, component by
+                // component, took memory its length times the links followed.
+                if je.link_name.len() > MAX_PATH_LEN {
+                    return Err(self.bad(
+                        index,
+                        &je.name,
+                        format!(
+                            "symlink target of {} bytes is longer than {MAX_PATH_LEN}",
+                            je.link_name.len()
+                        ),
+                    ));
                 }
             }
             EntryKind::Char | EntryKind::Block => {

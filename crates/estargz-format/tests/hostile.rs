@@ -640,3 +640,80 @@ fn hostile_elf_needs_are_bounded() {
     .unwrap();
     assert!(r.toc().entries().iter().all(|e| e.elf_needs.is_none()));
 }
+
+/// Symlink targets and extended attributes are held to what Linux lets a file have: a
+/// hostile TOC's would otherwise be bounded only by its size (resolving a target of
+/// megabytes, component by component, through forty links took gigabytes; a million tiny
+/// attributes in one entry as much).
+#[test]
+fn symlink_targets_and_xattrs_are_held_to_what_linux_allows() {
+    let parse = |entries: serde_json::Value, limits: &Limits| {
+        let json = serde_json::json!({"version": 1, "entries": entries});
+        Toc::parse(json.to_string().as_bytes(), 1 << 20, limits)
+    };
+    let symlink =
+        |target: String| serde_json::json!([{"name": "l", "type": "symlink", "linkName": target}]);
+    let with_xattrs = |xattrs: serde_json::Value| serde_json::json!([{"name": "f", "type": "reg", "xattrs": xattrs}]);
+    let b64 = |len: usize| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(vec![7u8; len])
+    };
+    let fine = Limits::default();
+    parse(symlink("a/".repeat(2047)), &fine).unwrap();
+    let e = parse(symlink("a/".repeat(2048)), &fine).unwrap_err();
+    assert!(
+        e.to_string().contains("symlink target of 4096 bytes"),
+        "{e}"
+    );
+
+    let many = |n: usize, name_len: usize| -> serde_json::Value {
+        (0..n)
+            .map(|i| {
+                (
+                    format!("user.{i:0>w$}", w = name_len - 5),
+                    serde_json::Value::from(""),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    let toc = parse(
+        with_xattrs(serde_json::json!({"user.big": b64(64 << 10), "security.capability": null})),
+        &fine,
+    )
+    .unwrap();
+    assert_eq!(
+        toc.entry(toc.lookup("f").unwrap()).xattrs["user.big"].len(),
+        64 << 10
+    );
+    // 256 names of 255 bytes, each with its NUL: exactly 64 KiB.
+    parse(with_xattrs(many(256, 255)), &fine).unwrap();
+    for (xattrs, says) in [
+        (
+            serde_json::json!({"user.big": b64((64 << 10) + 1)}),
+            "more than 65536",
+        ),
+        (many(1, 256), "longer than 255"),
+        (many(257, 255), "more than the 65536 bytes"),
+    ] {
+        let e = parse(with_xattrs(xattrs), &fine).unwrap_err();
+        assert!(e.to_string().contains(says), "{says}: {e}");
+    }
+    // All entries' attributes together are bounded like the entries.
+    let limits = Limits {
+        max_entries: 1000,
+        ..Default::default()
+    };
+    let spread = |files: usize| -> serde_json::Value {
+        (0..files)
+            .map(|f| serde_json::json!({"name": format!("f{f}"), "type": "reg", "xattrs": many(100, 10)}))
+            .collect::<Vec<_>>()
+            .into()
+    };
+    parse(spread(10), &limits).unwrap();
+    let e = parse(spread(11), &limits).unwrap_err();
+    assert!(
+        e.to_string().contains("more than 1000 extended attributes"),
+        "{e}"
+    );
+}

@@ -74,6 +74,9 @@ pub(crate) enum ImageError {
     /// An extended attribute EROFS cannot store (namespace, or size).
     #[error("extended attribute {0:?} cannot be stored in EROFS")]
     Xattr(String),
+    /// Extended attributes of one inode taking more room than EROFS can count.
+    #[error("extended attributes of {0} bytes are more than EROFS can hold for one inode")]
+    Xattrs(usize),
     /// A name longer than EROFS allows.
     #[error("a name of {0} bytes is longer than EROFS allows (255)")]
     Name(usize),
@@ -116,6 +119,12 @@ fn xattr_area(xattrs: &[(String, Vec<u8>)]) -> Result<Vec<u8>, ImageError> {
         out.extend_from_slice(suffix.as_bytes());
         out.extend_from_slice(value);
         out.resize(out.len().next_multiple_of(4), 0);
+    }
+    // `i_xattr_icount` counts the area in 4-byte units in 16 bits: a larger area (five
+    // values of 60 KiB) would wrap it, and the kernel would take attribute bytes for the
+    // overlay redirect that follows.
+    if (out.len() - 12) / 4 + 1 > u16::MAX as usize {
+        return Err(ImageError::Xattrs(out.len()));
     }
     Ok(out)
 }
@@ -368,6 +377,15 @@ mod tests {
         assert_eq!(&area[12..16], &[1, 1, 1, 0]);
         assert_eq!(xattr_icount(area.len()), 3);
         assert!(xattr_area(&[("system.other".into(), vec![])]).is_err());
+        // Four values of 60 KiB fit the 16-bit count of 4-byte units; five do not.
+        let values = |n: usize| -> Vec<(String, Vec<u8>)> {
+            (0..n)
+                .map(|i| (format!("user.{i}"), vec![0; 60 << 10]))
+                .collect()
+        };
+        let four = xattr_area(&values(4)).unwrap();
+        assert_eq!(xattr_icount(four.len()) as usize, (four.len() - 12) / 4 + 1);
+        assert!(matches!(xattr_area(&values(5)), Err(ImageError::Xattrs(_))));
         assert_eq!(xattr_name("system.posix_acl_access"), Some((2, "")));
         assert_eq!(xattr_name("security.capability"), Some((6, "capability")));
     }
