@@ -346,7 +346,10 @@ impl RegistryClient {
                 }
             }
             let status = resp.status();
-            if status == StatusCode::UNAUTHORIZED && !challenged {
+            // A redirect target's challenge is its own: the registry's credentials answer
+            // only the registry's (a CDN naming a token server would get them).
+            let from_host = same_origin(resp.url(), &ctx.host.base);
+            if status == StatusCode::UNAUTHORIZED && !challenged && from_host {
                 challenged = true;
                 let challenge = resp
                     .headers()
@@ -382,12 +385,18 @@ impl RegistryClient {
                 continue;
             }
             if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-                self.tokens.forget(&authority, scope).await;
+                if from_host {
+                    self.tokens.forget(&authority, scope).await;
+                }
+                let from = match from_host {
+                    true => String::new(),
+                    false => format!(" from {}", resp.url()),
+                };
                 let message = error_text(resp).await;
                 return Err(Error::Unauthorized {
                     target: target.to_string(),
                     detail: format!(
-                        "{status}{}",
+                        "{status}{from}{}",
                         if message.is_empty() {
                             String::new()
                         } else {
@@ -718,7 +727,7 @@ impl RegistryClient {
                             .ok_or_else(|| bad("206 without a usable Content-Range".into()))?;
                         let total = total
                             .ok_or_else(|| bad("Content-Range without the blob size".into()))?;
-                        if e + 1 != total || e - s + 1 != len.min(total) {
+                        if e.checked_add(1) != Some(total) || e - s + 1 != len.min(total) {
                             return Err(bad(format!(
                                 "Content-Range bytes {s}-{e}/{total} is not the last {len} bytes"
                             )));

@@ -331,3 +331,20 @@ async fn hostile_token_servers_end_in_errors_not_panics() {
     assert!(matches!(e, Error::Unauthorized { .. }), "{e}");
     assert!(e.to_string().contains("limit"), "{e}");
 }
+
+#[tokio::test]
+async fn content_ranges_at_the_edge_of_u64_are_refused_not_overflowed() {
+    for range in [
+        "bytes 0-18446744073709551615/0",
+        "bytes 18446744073709551615-18446744073709551615/18446744073709551615",
+    ] {
+        let header = format!("Content-Range: {range}\r\n");
+        let s = StubServer::start(move |_, _| StubAnswer::new(206, &header, "x"));
+        let image: ImageRef = format!("{}/app/x:v1", s.addr).parse().unwrap();
+        let e = client()
+            .fetch_tail(&image, &Digest::sha256_of(b"x"), 10)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::BadResponse { .. }), "{range}: {e}");
+    }
+}

@@ -155,3 +155,39 @@ async fn token_servers_on_plain_http_elsewhere_are_refused() {
         assert!(e.to_string().contains("plain HTTP"), "{e}");
     }
 }
+
+#[tokio::test]
+async fn a_redirect_targets_challenge_gets_none_of_the_registrys_credentials() {
+    // A token server the storage names: it must never be asked, with the registry's
+    // password or without.
+    let tokens = StubServer::start(|_, _| StubAnswer::new(200, "", r#"{"token":"t"}"#));
+    let realm = format!("http://{}/token", tokens.addr);
+    let storage = StubServer::start(move |_, _| {
+        StubAnswer::new(
+            401,
+            &format!("WWW-Authenticate: Bearer realm=\"{realm}\",service=\"cdn\"\r\n"),
+            "",
+        )
+    });
+    let target = format!("http://{}/blob", storage.addr);
+    // The registry lets anyone read, and has the client's password all the same.
+    let registry =
+        StubServer::start(move |_, _| StubAnswer::new(307, &format!("Location: {target}\r\n"), ""));
+    let mut creds = Credentials::none();
+    creds.insert(&registry.addr, basic("user", "registry-password"));
+    let image: ImageRef = format!("{}/app/x:v1", registry.addr).parse().unwrap();
+    let e = client(creds, None)
+        .fetch_range(&image, &digest(), 0..10)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Unauthorized { .. }), "{e}");
+    assert!(
+        e.to_string().contains(&storage.addr),
+        "says who refused: {e}"
+    );
+    assert!(tokens.requests().is_empty(), "{:?}", tokens.requests());
+    assert!(storage
+        .requests()
+        .iter()
+        .all(|r| r.header("authorization").is_none()));
+}
